@@ -1,0 +1,43 @@
+"""A GPT-2-small-shaped random checkpoint and synthetic IOI-like pairs, for benchmarks.
+
+12 layers, 768 wide, 50257 vocab (`GPT2Config()`); the tokenizer is the tiny example one,
+since benchmark pairs are made of token ids directly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from examples.tiny_gpt2 import EOS, build_tokenizer, corpus
+from worker.pairs import Pair
+
+
+def build_gpt2_small(out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        return out_dir
+    tokenizer = build_tokenizer(corpus())
+    eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(bos_token_id=eos_id, eos_token_id=eos_id)).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def synthetic_pairs(n: int, n_tokens: int = 16, vocab: int = 300, seed: int = 0) -> list[Pair]:
+    """Pairs whose clean and corrupted prompts differ at one position near the end, as in IOI."""
+    generator = torch.Generator().manual_seed(seed)
+    pairs = []
+    for i in range(n):
+        clean = torch.randint(0, vocab, (n_tokens,), generator=generator).tolist()
+        corrupted = list(clean)
+        corrupted[n_tokens - 3] = (clean[n_tokens - 3] + 1) % vocab
+        pairs.append(Pair(
+            pair_id=str(i), clean="", corrupted="", correct="", incorrect="",
+            clean_ids=tuple(clean), corrupted_ids=tuple(corrupted),
+            correct_id=clean[n_tokens - 3], incorrect_id=corrupted[n_tokens - 3],
+            tokens=tuple(map(str, clean)),
+        ))
+    return pairs

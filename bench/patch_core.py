@@ -1,0 +1,47 @@
+"""Time the worker's patching core alone (no Ray): seconds per pair on one process.
+
+    python -m bench.patch_core --pairs 8 --components resid
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+
+import torch
+
+from bench.gpt2_small import build_gpt2_small, synthetic_pairs
+from worker import load_model, patch_batch
+from worker.patching import DEFAULT_MAX_BATCH_TOKENS
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--components", default="resid")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS)
+    parser.add_argument("--model-dir", default=f"{tempfile.gettempdir()}/patchsweep-gpt2-small")
+    args = parser.parse_args()
+
+    model = load_model(str(build_gpt2_small(args.model_dir)), args.device, args.dtype)
+    components = args.components.split(",")
+    pairs = synthetic_pairs(args.pairs, args.tokens)
+    patch_batch(model, pairs[:1], components, max_batch_tokens=args.max_batch_tokens)  # warm-up
+    start = time.perf_counter()
+    result = patch_batch(model, pairs, components, max_batch_tokens=args.max_batch_tokens)
+    seconds = time.perf_counter() - start
+    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"device={model.device} dtype={args.dtype} threads={torch.get_num_threads()} "
+          f"pairs={len(pairs)} tokens={args.tokens} components={args.components} "
+          f"max_batch_tokens={args.max_batch_tokens}")
+    print(f"effects rows={result.effects.num_rows} seconds={seconds:.2f} "
+          f"s/pair={seconds / len(pairs):.3f} pairs/s={len(pairs) / seconds:.2f} "
+          f"peak_rss={peak_rss_gb:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

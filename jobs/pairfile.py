@@ -1,0 +1,157 @@
+"""The pair file (JSONL): reading it and validating every line against the model's tokenizer.
+
+Every problem is collected, not raised, so a user sees all bad lines at once as
+`FILE:LINE: reason`, and `--skip-invalid` can set them aside with their reasons.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from worker.pairs import Pair
+from worker.tables import EFFECTS_SCHEMA, PAIR_COLUMNS
+
+REQUIRED = ("clean", "corrupted", "correct", "incorrect")
+RESERVED = {name for name, _ in PAIR_COLUMNS} | set(EFFECTS_SCHEMA.names)
+
+
+class PairFileError(ValueError):
+    """The file itself cannot be read (missing, a directory, ...)."""
+
+
+class BadPair(ValueError):
+    """One line's problem; the message is the reason shown to the user."""
+
+
+@dataclass(frozen=True)
+class InvalidLine:
+    path: str
+    line: int
+    text: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class PairFile:
+    pairs: list[Pair]
+    invalid: list[InvalidLine]
+
+
+def answer_token(tokenizer: PreTrainedTokenizerBase, key: str, value: Any) -> tuple[str, int]:
+    """An answer as (text, token id); given either as a one-token string or as a token id."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise BadPair(f"{key!r} must be a string or a token id, got {type(value).__name__}")
+    if isinstance(value, int):
+        if not 0 <= value < len(tokenizer):
+            raise BadPair(f"{key!r} token id {value} is outside the vocabulary (0..{len(tokenizer) - 1})")
+        return tokenizer.decode([value]), value
+    ids = tokenizer(value, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise BadPair(
+            f"{key!r} answer {value!r} is {len(ids)} tokens {pieces}, must be exactly one "
+            "(a leading space is often part of the token, e.g. \" John\")"
+        )
+    return value, ids[0]
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, key: str, value: Any) -> list[int]:
+    if not isinstance(value, str) or not value:
+        raise BadPair(f"{key!r} must be a non-empty string")
+    return tokenizer(value).input_ids
+
+
+def parse_record(
+    record: Any, default_id: str, tokenizer: PreTrainedTokenizerBase, n_ctx: int
+) -> Pair:
+    """Validate one decoded JSON line and turn it into a tokenized `Pair`."""
+    if not isinstance(record, dict):
+        raise BadPair(f"a line must be a JSON object, got {type(record).__name__}")
+    missing = [key for key in REQUIRED if key not in record]
+    if missing:
+        raise BadPair(f"missing key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}")
+    clean_ids = prompt_ids(tokenizer, "clean", record["clean"])
+    corrupted_ids = prompt_ids(tokenizer, "corrupted", record["corrupted"])
+    if len(clean_ids) != len(corrupted_ids):
+        raise BadPair(
+            f"clean and corrupted must tokenize to the same length: lengths {len(clean_ids)} vs {len(corrupted_ids)}"
+        )
+    if len(clean_ids) > n_ctx:
+        raise BadPair(f"prompt is {len(clean_ids)} tokens, longer than the model's context of {n_ctx}")
+    if clean_ids == corrupted_ids:
+        raise BadPair("clean and corrupted tokenize identically, so there is nothing to patch")
+    correct, correct_id = answer_token(tokenizer, "correct", record["correct"])
+    incorrect, incorrect_id = answer_token(tokenizer, "incorrect", record["incorrect"])
+    if correct_id == incorrect_id:
+        raise BadPair("correct and incorrect are the same token")
+    pair_id = record.get("id", default_id)
+    if isinstance(pair_id, bool) or not isinstance(pair_id, (str, int)):
+        raise BadPair(f"'id' must be a string, got {type(pair_id).__name__}")
+    labels = record.get("labels")
+    if labels is not None:
+        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+            raise BadPair("'labels' must be a list of strings, one per token")
+        if len(labels) != len(clean_ids):
+            raise BadPair(f"'labels' has {len(labels)} entries but the prompt has {len(clean_ids)} tokens")
+    metadata = {k: v for k, v in record.items() if k not in (*REQUIRED, "id", "labels")}
+    for key, value in metadata.items():
+        if key in RESERVED:
+            raise BadPair(f"metadata key {key!r} clashes with an output column; rename it")
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise BadPair(f"metadata {key!r} must be a scalar (string, number, bool or null)")
+    return Pair(
+        pair_id=str(pair_id),
+        clean=record["clean"],
+        corrupted=record["corrupted"],
+        correct=correct,
+        incorrect=incorrect,
+        clean_ids=tuple(clean_ids),
+        corrupted_ids=tuple(corrupted_ids),
+        correct_id=correct_id,
+        incorrect_id=incorrect_id,
+        tokens=tuple(tokenizer.convert_ids_to_tokens(clean_ids)),
+        labels=tuple(labels) if labels is not None else None,
+        metadata=metadata,
+    )
+
+
+def read_lines(path: str | Path) -> list[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) of every non-blank line."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise PairFileError(f"{path}: cannot read pair file: {error.strerror or error}") from error
+    return [(number, raw) for number, raw in enumerate(data.splitlines(), start=1) if raw.strip()]
+
+
+def decode_line(raw: bytes) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise BadPair(f"not UTF-8 text (byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise BadPair(f"not JSON: {error.msg} (column {error.colno})") from None
+
+
+def read_pairs(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int) -> PairFile:
+    """Validate every line of `path`; good lines become pairs, bad ones `InvalidLine`s."""
+    pairs, invalid, first_line_of = [], [], {}
+    for number, raw in read_lines(path):
+        try:
+            pair = parse_record(decode_line(raw), str(number - 1), tokenizer, n_ctx)
+            if pair.pair_id in first_line_of:
+                raise BadPair(f"duplicate id {pair.pair_id!r} (first on line {first_line_of[pair.pair_id]})")
+        except BadPair as error:
+            text = raw.decode("utf-8", errors="replace")
+            invalid.append(InvalidLine(str(path), number, text, str(error)))
+            continue
+        first_line_of[pair.pair_id] = number
+        pairs.append(pair)
+    return PairFile(pairs, invalid)

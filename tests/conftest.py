@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny random GPT-2 with its own BPE tokenizer, built once per session."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from examples.tiny_gpt2 import build_tiny_gpt2
+from jobs.pairfile import parse_record
+from worker import load_model, load_tokenizer
+
+IOI_LINES = [
+    ("When John and Mary went to the store, Mary gave a drink to",
+     "When John and Mary went to the store, John gave a drink to", " John", " Mary"),
+    ("When Tom and Anna went to the school, Anna gave a ring to",
+     "When Tom and Anna went to the school, Tom gave a ring to", " Tom", " Anna"),
+    ("After the lunch, Lisa and Paul went to the garden. Paul gave a drink to",
+     "After the lunch, Lisa and Paul went to the garden. Lisa gave a drink to", " Lisa", " Paul"),
+    ("Then, Kate and David had a lot of fun at the office. David gave the ring to",
+     "Then, Kate and David had a lot of fun at the office. Kate gave the ring to", " Kate", " David"),
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    return load_model(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_and_ctx(tiny_model_dir):
+    return load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def ioi_pairs(tokenizer_and_ctx):
+    """Four pairs of three different token lengths."""
+    tokenizer, n_ctx = tokenizer_and_ctx
+    records = [dict(zip(("clean", "corrupted", "correct", "incorrect"), line)) for line in IOI_LINES]
+    return [parse_record(r, str(i), tokenizer, n_ctx) for i, r in enumerate(records)]
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path

@@ -1,0 +1,94 @@
+"""Pair file validation: every rule of DESIGN.md, reported as FILE:LINE: reason."""
+from __future__ import annotations
+
+import pytest
+
+from jobs.pairfile import PairFileError, read_pairs
+from tests.conftest import IOI_LINES, write_jsonl
+
+CLEAN, CORRUPTED, CORRECT, INCORRECT = IOI_LINES[0]
+GOOD = {"clean": CLEAN, "corrupted": CORRUPTED, "correct": CORRECT, "incorrect": INCORRECT}
+
+
+def validate(tmp_path, tokenizer_and_ctx, records):
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    return path, read_pairs(path, *tokenizer_and_ctx)
+
+
+def test_good_lines_become_pairs_with_metadata(tmp_path, tokenizer_and_ctx):
+    tokenizer, _ = tokenizer_and_ctx
+    john = tokenizer(" John").input_ids[0]
+    records = [
+        {**GOOD, "template": "t0", "weight": 2},
+        "",
+        {**GOOD, "id": "b", "correct": john, "incorrect": " Mary"},
+    ]
+    _, result = validate(tmp_path, tokenizer_and_ctx, records)
+    assert result.invalid == []
+    first, second = result.pairs
+    assert first.pair_id == "0" and first.metadata == {"template": "t0", "weight": 2}
+    assert second.pair_id == "b" and second.correct_id == john and second.correct == " John"
+    assert first.n_tokens == len(tokenizer(CLEAN).input_ids)
+    assert first.tokens[1] == "ĠJohn"
+
+
+@pytest.mark.parametrize("record, reason", [
+    ('{"clean": "x",', "not JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    ({"clean": CLEAN, "corrupted": CORRUPTED}, "missing keys 'correct', 'incorrect'"),
+    ({**GOOD, "correct": " John Mary"}, "is 2 tokens"),
+    ({**GOOD, "correct": ""}, "is 0 tokens"),
+    ({**GOOD, "incorrect": 10**9}, "outside the vocabulary"),
+    ({**GOOD, "incorrect": 1.5}, "must be a string or a token id"),
+    ({**GOOD, "corrupted": CORRUPTED + " Mary"}, "lengths 14 vs 15"),
+    ({**GOOD, "corrupted": CLEAN}, "tokenize identically"),
+    ({**GOOD, "clean": ""}, "'clean' must be a non-empty string"),
+    ({**GOOD, "incorrect": " John"}, "same token"),
+    ({**GOOD, "labels": ["a", "b"]}, "'labels' has 2 entries but the prompt has 14 tokens"),
+    ({**GOOD, "labels": "S1"}, "list of strings"),
+    ({**GOOD, "id": [1]}, "'id' must be a string"),
+    ({**GOOD, "template": {"a": 1}}, "must be a scalar"),
+    ({**GOOD, "tokens": "x"}, "clashes with an output column"),
+])
+def test_each_bad_rule_names_file_and_line(tmp_path, tokenizer_and_ctx, record, reason):
+    path, result = validate(tmp_path, tokenizer_and_ctx, [GOOD, GOOD | {"id": "x"}, record])
+    assert len(result.pairs) == 2
+    (bad,) = result.invalid
+    assert str(bad).startswith(f"{path}:3: ")
+    assert reason in str(bad)
+    assert "\n" not in str(bad)
+
+
+def test_prompt_longer_than_context(tmp_path, tokenizer_and_ctx):
+    tokenizer, _ = tokenizer_and_ctx
+    path = write_jsonl(tmp_path / "p.jsonl", [GOOD])
+    (bad,) = read_pairs(path, tokenizer, n_ctx=10).invalid
+    assert str(bad) == f"{path}:1: prompt is 14 tokens, longer than the model's context of 10"
+
+
+def test_duplicate_ids_including_default_ids(tmp_path, tokenizer_and_ctx):
+    records = [GOOD, {**GOOD, "id": "0"}, {**GOOD, "id": "k"}, "", {**GOOD, "id": "k"}]
+    path, result = validate(tmp_path, tokenizer_and_ctx, records)
+    assert [str(e) for e in result.invalid] == [
+        f"{path}:2: duplicate id '0' (first on line 1)",
+        f"{path}:5: duplicate id 'k' (first on line 3)",
+    ]
+
+
+def test_all_bad_lines_are_reported_with_their_text(tmp_path, tokenizer_and_ctx):
+    records = ["nope", GOOD, {**GOOD, "correct": " John Mary"}]
+    _, result = validate(tmp_path, tokenizer_and_ctx, records)
+    assert [(e.line, e.text) for e in result.invalid][0] == (1, "nope")
+    assert [e.line for e in result.invalid] == [1, 3]
+
+
+def test_non_utf8_line(tmp_path, tokenizer_and_ctx):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"clean": "\xff"}\n')
+    (bad,) = read_pairs(path, *tokenizer_and_ctx).invalid
+    assert str(bad).startswith(f"{path}:1: not UTF-8")
+
+
+def test_missing_file_is_one_line_error(tmp_path, tokenizer_and_ctx):
+    with pytest.raises(PairFileError, match="cannot read pair file"):
+        read_pairs(tmp_path / "absent.jsonl", *tokenizer_and_ctx)

@@ -1,0 +1,109 @@
+"""The nnsight patching core against an independent plain-PyTorch hook reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from tests.reference import reference_patching
+from worker import COMPONENTS, patch_batch
+from worker.patching import split_into_traces
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model_dir):
+    return GPT2LMHeadModel.from_pretrained(tiny_model_dir).eval()
+
+
+def by_cell(effects, column):
+    rows = effects.to_pylist()
+    return {(r["pair_id"], r["component"], r["layer"], r["position"]): r[column] for r in rows}
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_matches_hook_reference_for_every_cell(tiny_model, hf_model, ioi_pairs, direction):
+    # A small token budget forces several traces per length group and pairs split across traces.
+    result = patch_batch(tiny_model, ioi_pairs, COMPONENTS, direction, max_batch_tokens=40 * 16)
+    logit_diffs, scores = by_cell(result.effects, "logit_diff"), by_cell(result.effects, "score")
+    baselines = {r["pair_id"]: r for r in result.pairs.to_pylist()}
+    assert len({p.n_tokens for p in ioi_pairs}) == 3
+    for pair in ioi_pairs:
+        expected = reference_patching(hf_model, pair, COMPONENTS, direction)
+        clean, corrupted = expected["clean"], expected["corrupted"]
+        assert abs(clean - corrupted) > 0.05, "test pair too weak to normalise"
+        assert baselines[pair.pair_id]["clean_logit_diff"] == pytest.approx(clean, abs=TOL)
+        assert baselines[pair.pair_id]["corrupted_logit_diff"] == pytest.approx(corrupted, abs=TOL)
+        source, target = (clean, corrupted) if direction == "denoise" else (corrupted, clean)
+        for component in COMPONENTS:
+            for layer in range(hf_model.config.n_layer):
+                for position in range(pair.n_tokens):
+                    key = (pair.pair_id, component, layer, position)
+                    want = expected[(component, layer, position)]
+                    assert logit_diffs[key] == pytest.approx(want, abs=TOL), key
+                    want_score = (want - target) / (source - target)
+                    assert scores[key] == pytest.approx(want_score, abs=TOL), key
+
+
+def test_table_shapes_and_direction(tiny_model, ioi_pairs):
+    result = patch_batch(tiny_model, ioi_pairs, ["resid", "mlp"], "noise")
+    n_layers = len(tiny_model.transformer.h)
+    assert result.effects.num_rows == sum(2 * n_layers * p.n_tokens for p in ioi_pairs)
+    assert set(result.effects.column("component").to_pylist()) == {"resid", "mlp"}
+    assert result.effects.column("head").null_count == result.effects.num_rows
+    assert result.pairs.column("pair_id").to_pylist() == [p.pair_id for p in ioi_pairs]
+    for table in (result.effects, result.pairs):
+        assert table.schema.metadata[b"patchsweep.direction"] == b"noise"
+    assert result.pairs.column("tokens").to_pylist()[0] == list(ioi_pairs[0].tokens)
+
+
+def test_last_layer_resid_at_last_position_restores_donor(tiny_model, ioi_pairs):
+    result = patch_batch(tiny_model, ioi_pairs, ["resid"])
+    last_layer = len(tiny_model.transformer.h) - 1
+    for row in result.effects.to_pylist():
+        pair = next(p for p in ioi_pairs if p.pair_id == row["pair_id"])
+        if row["layer"] == last_layer and row["position"] == pair.n_tokens - 1:
+            assert row["score"] == pytest.approx(1.0, abs=TOL)
+
+
+def test_positions_before_first_difference_score_zero_at_layer_zero(tiny_model, ioi_pairs):
+    result = patch_batch(tiny_model, ioi_pairs, COMPONENTS)
+    first_diff = {
+        p.pair_id: next(i for i, (a, b) in enumerate(zip(p.clean_ids, p.corrupted_ids)) if a != b)
+        for p in ioi_pairs
+    }
+    checked = 0
+    for row in result.effects.to_pylist():
+        if row["layer"] == 0 and row["position"] < first_diff[row["pair_id"]]:
+            assert row["score"] == pytest.approx(0.0, abs=TOL)
+            checked += 1
+    assert checked > 0
+
+
+def test_padding_free_grouping_equals_solo_runs(tiny_model, ioi_pairs):
+    together = by_cell(patch_batch(tiny_model, ioi_pairs, ["attn"]).effects, "logit_diff")
+    for pair in ioi_pairs:
+        alone = by_cell(patch_batch(tiny_model, [pair], ["attn"]).effects, "logit_diff")
+        for key, value in alone.items():
+            assert together[key] == pytest.approx(value, abs=TOL)
+
+
+def test_trace_split_respects_row_budget_and_covers_all_work():
+    chunks = split_into_traces(n_pairs=5, n_cells=7, max_rows=10)
+    work = [item for chunk in chunks for item in chunk]
+    assert sorted(work) == [(p, c) for p in range(5) for c in range(7)]
+    for chunk in chunks:
+        assert len(chunk) + 2 * len({p for p, _ in chunk}) <= 10
+
+
+def test_rejects_unknown_component_and_direction(tiny_model, ioi_pairs):
+    with pytest.raises(ValueError, match="components"):
+        patch_batch(tiny_model, ioi_pairs, ["heads"])
+    with pytest.raises(ValueError, match="direction"):
+        patch_batch(tiny_model, ioi_pairs, ["resid"], direction="sideways")
+
+
+def test_empty_input_gives_empty_tables(tiny_model):
+    result = patch_batch(tiny_model, [])
+    assert result.effects.num_rows == 0 and result.pairs.num_rows == 0

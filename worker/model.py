@@ -1,0 +1,106 @@
+"""Loading a GPT-2-family checkpoint into nnsight, from a hub id or a local directory.
+
+Both sources go through the same `TransformersModel` call; every way loading can fail
+(no network, bad path, not a GPT-2-style causal LM) becomes one `ModelLoadError` line.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from nnsight import TransformersModel
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+
+DEFAULT_MODEL = "openai-community/gpt2"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer that cannot be loaded; the message is one line for the user."""
+
+
+def resolve_device(device: str = "auto") -> str:
+    """`auto` means the first GPU when there is one, else the CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device} asked for, but no CUDA GPU is visible")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dtype == "float16" and not device.startswith("cuda"):
+        raise ModelLoadError("float16 needs a GPU; use float32 (or bfloat16) on the CPU")
+    return DTYPES[dtype]
+
+
+def _looks_like_path(source: str) -> bool:
+    """Hub ids are `name` or `namespace/name`; anything else is meant as a directory."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or os.path.exists(source)
+
+
+def _resolve_source(source: str) -> str:
+    """Expand `~`; refuse a path that is not a directory before the hub is ever asked."""
+    if not _looks_like_path(source):
+        return source
+    path = os.path.expanduser(source)
+    if not os.path.isdir(path):
+        raise ModelLoadError(
+            f"cannot load model {source!r}: no such directory "
+            "(pass --model PATH to a local GPT-2 checkpoint directory, or a hub id)"
+        )
+    return path
+
+
+def _explain(source: str, error: Exception) -> ModelLoadError:
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    where = "local directory" if os.path.isdir(source) else "model id or path"
+    return ModelLoadError(
+        f"cannot load {where} {source!r}: {first_line} "
+        "(no network here? pass --model PATH to a local GPT-2 checkpoint directory)"
+    )
+
+
+def _check_gpt2_like(source: str, module: Any) -> None:
+    transformer = getattr(module, "transformer", None)
+    if transformer is None or not hasattr(transformer, "h") or not hasattr(module, "lm_head"):
+        raise ModelLoadError(
+            f"{source!r} is a {type(module).__name__}, not a GPT-2-style causal LM "
+            "with transformer.h blocks and an lm_head; pass --model PATH to a GPT-2 checkpoint"
+        )
+
+
+def load_model(
+    source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32"
+) -> TransformersModel:
+    """Load `source` (hub id or local directory) as an nnsight model ready for patching."""
+    source = _resolve_source(source)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    try:
+        model = TransformersModel(
+            source, task="text-generation", dispatch=True, device=device, dtype=torch_dtype
+        )
+    except Exception as error:  # transformers/hub raise many unrelated types for one cause
+        raise _explain(source, error) from error
+    _check_gpt2_like(source, model._module)
+    model._module.eval()
+    return model
+
+
+def load_tokenizer(source: str = DEFAULT_MODEL) -> tuple[PreTrainedTokenizerBase, int]:
+    """The tokenizer and context length of `source`, without loading any weights.
+
+    The driver validates pairs with these, so it never needs the model itself.
+    """
+    source = _resolve_source(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source)
+    except Exception as error:
+        raise _explain(source, error) from error
+    n_ctx = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings")
+    return tokenizer, int(n_ctx)

@@ -1,0 +1,25 @@
+"""A validated, tokenized clean/corrupted pair: what the driver hands to an actor."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Pair:
+    pair_id: str
+    clean: str
+    corrupted: str
+    correct: str
+    incorrect: str
+    clean_ids: tuple[int, ...]
+    corrupted_ids: tuple[int, ...]
+    correct_id: int
+    incorrect_id: int
+    tokens: tuple[str, ...]
+    labels: tuple[str, ...] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.clean_ids)

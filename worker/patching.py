@@ -1,0 +1,230 @@
+"""One-pass activation patching with nnsight.
+
+A trace's batch holds, for each pair it touches, a clean row and a corrupted row (the
+baselines and the donors), then one row per patched cell. Walking the layers in forward
+order, each (component, layer) gets one row-indexed write that copies the donor rows'
+activations at each row's position into the receiving rows, so clean, corrupted and every
+patched run come out of a single batched forward. Only the last position's logits are
+computed, and only the two answer columns are read.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+import torch
+from nnsight import TransformersModel
+
+from worker.pairs import Pair
+from worker.tables import effects_table, empty_effects, pairs_table
+
+COMPONENTS = ("resid", "attn", "mlp")
+FORWARD_ORDER = ("attn", "mlp", "resid")
+DIRECTIONS = ("denoise", "noise")
+DEFAULT_MAX_BATCH_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class Cell:
+    component: str
+    layer: int
+    position: int
+
+
+@dataclass(frozen=True)
+class Write:
+    """Copy `donors[i]`'s activation at `positions[i]` into row `rows[i]`."""
+    rows: torch.Tensor
+    positions: torch.Tensor
+    donors: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TracePlan:
+    pair_indices: list[int]
+    input_ids: torch.Tensor
+    correct_ids: torch.Tensor
+    incorrect_ids: torch.Tensor
+    writes: dict[tuple[str, int], Write]
+    patched: list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class PatchResult:
+    effects: pa.Table
+    pairs: pa.Table
+
+
+def check_options(components: Sequence[str], direction: str) -> None:
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown or not components:
+        raise ValueError(f"components must be a non-empty subset of {COMPONENTS}, got {list(components)}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+
+
+def patch_cells(components: Sequence[str], n_layers: int, n_tokens: int) -> list[Cell]:
+    """Every (component, layer, position) of a prompt, in the order results are reported."""
+    return [
+        Cell(c, layer, position)
+        for c in components for layer in range(n_layers) for position in range(n_tokens)
+    ]
+
+
+def split_into_traces(n_pairs: int, n_cells: int, max_rows: int) -> list[list[tuple[int, int]]]:
+    """Cut the (pair, cell) work list, pair-major, into traces of at most `max_rows` rows.
+
+    Each trace also carries two baseline rows per pair it touches, counted in the budget.
+    """
+    max_rows = max(max_rows, 3)
+    chunks, chunk, rows, last_pair = [], [], 0, None
+    for pair in range(n_pairs):
+        for cell in range(n_cells):
+            cost = 1 + (2 if pair != last_pair else 0)
+            if rows + cost > max_rows:
+                chunks.append(chunk)
+                chunk, rows, last_pair = [], 0, None
+                cost = 3
+            chunk.append((pair, cell))
+            rows += cost
+            last_pair = pair
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
+def plan_trace(
+    pairs: Sequence[Pair], cells: Sequence[Cell], work: Sequence[tuple[int, int]], direction: str
+) -> TracePlan:
+    """Lay out one trace's rows: [clean, corrupted] per touched pair, then the patched rows."""
+    pair_indices = sorted({pair for pair, _ in work})
+    clean_row = {p: 2 * i for i, p in enumerate(pair_indices)}
+    ids, answer_rows = [], []
+    for p in pair_indices:
+        ids += [pairs[p].clean_ids, pairs[p].corrupted_ids]
+        answer_rows += [p, p]
+    by_site: dict[tuple[str, int], list[tuple[int, int, int]]] = defaultdict(list)
+    for pair, cell_index in work:
+        cell = cells[cell_index]
+        donor = clean_row[pair] + (0 if direction == "denoise" else 1)
+        receiver = pairs[pair].corrupted_ids if direction == "denoise" else pairs[pair].clean_ids
+        by_site[(cell.component, cell.layer)].append((len(ids), cell.position, donor))
+        ids.append(receiver)
+        answer_rows.append(pair)
+    writes = {
+        site: Write(*(torch.tensor(column) for column in zip(*entries)))
+        for site, entries in by_site.items()
+    }
+    return TracePlan(
+        pair_indices=pair_indices,
+        input_ids=torch.tensor(ids),
+        correct_ids=torch.tensor([pairs[p].correct_id for p in answer_rows]),
+        incorrect_ids=torch.tensor([pairs[p].incorrect_id for p in answer_rows]),
+        writes=writes,
+        patched=list(work),
+    )
+
+
+def component_output(model: TransformersModel, component: str, layer: int) -> torch.Tensor:
+    """The activation patched for `component`: block output, attention output or MLP output.
+
+    Blocks and attention return tuples on some transformers versions; element 0 is the
+    hidden state, while indexing a plain tensor with [0] would select batch row 0.
+    """
+    block = model.transformer.h[layer]
+    output = {"resid": block, "attn": block.attn, "mlp": block.mlp}[component].output
+    return output[0] if isinstance(output, tuple) else output
+
+
+def run_trace(model: TransformersModel, plan: TracePlan) -> torch.Tensor:
+    """Logit difference (correct minus incorrect, last position) of every row of `plan`."""
+    device = model.device
+    input_ids = plan.input_ids.to(device)
+    writes = {site: Write(*(t.to(device) for t in (w.rows, w.positions, w.donors)))
+              for site, w in plan.writes.items()}
+    answers = torch.stack([plan.correct_ids, plan.incorrect_ids], dim=1).to(device)
+    n_layers = len(model.transformer.h)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    with torch.inference_mode(), model.trace(inputs, logits_to_keep=1):
+        for layer in range(n_layers):
+            for component in FORWARD_ORDER:
+                write = writes.get((component, layer))
+                if write is not None:
+                    act = component_output(model, component, layer)
+                    act[write.rows, write.positions] = act[write.donors, write.positions]
+        answer_logits = model.lm_head.output[:, -1, :].gather(1, answers).float()
+        logit_diff = (answer_logits[:, 0] - answer_logits[:, 1]).save()
+    return logit_diff.cpu()
+
+
+def normalized_score(logit_diff: torch.Tensor, clean: torch.Tensor, corrupted: torch.Tensor,
+                     direction: str) -> torch.Tensor:
+    """0 = the receiving run's own behaviour, 1 = fully moved to the donor's."""
+    if direction == "denoise":
+        return (logit_diff - corrupted) / (clean - corrupted)
+    return (logit_diff - clean) / (corrupted - clean)
+
+
+def patch_group(
+    model: TransformersModel,
+    pairs: Sequence[Pair],
+    components: Sequence[str],
+    direction: str,
+    max_batch_tokens: int,
+) -> tuple[dict[str, list], torch.Tensor, torch.Tensor]:
+    """Patch pairs that share one token length; returns effect columns and both baselines."""
+    n_tokens = pairs[0].n_tokens
+    assert all(p.n_tokens == n_tokens for p in pairs), "patch_group needs equal-length pairs"
+    cells = patch_cells(components, len(model.transformer.h), n_tokens)
+    clean = torch.full((len(pairs),), float("nan"))
+    corrupted = torch.full((len(pairs),), float("nan"))
+    patched = torch.empty(len(pairs), len(cells))
+    for work in split_into_traces(len(pairs), len(cells), max_batch_tokens // n_tokens):
+        plan = plan_trace(pairs, cells, work, direction)
+        logit_diff = run_trace(model, plan)
+        n_base = 2 * len(plan.pair_indices)
+        index = torch.tensor(plan.pair_indices)
+        clean[index] = logit_diff[0:n_base:2]
+        corrupted[index] = logit_diff[1:n_base:2]
+        pair_idx, cell_idx = (torch.tensor(column) for column in zip(*plan.patched))
+        patched[pair_idx, cell_idx] = logit_diff[n_base:]
+    scores = normalized_score(patched, clean[:, None], corrupted[:, None], direction)
+    columns = {
+        "pair_id": [p.pair_id for p in pairs for _ in cells],
+        "component": [c.component for _ in pairs for c in cells],
+        "layer": [c.layer for _ in pairs for c in cells],
+        "position": [c.position for _ in pairs for c in cells],
+        "logit_diff": patched.flatten().numpy(),
+        "score": scores.flatten().numpy(),
+    }
+    return columns, clean, corrupted
+
+
+def patch_batch(
+    model: TransformersModel,
+    pairs: Sequence[Pair],
+    components: Sequence[str] = COMPONENTS,
+    direction: str = "denoise",
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+) -> PatchResult:
+    """Patch every (component, layer, position) of every pair; the `effects` and `pairs` tables.
+
+    Pairs of different token lengths are patched in separate equal-length groups, so
+    padding never shifts a position. `max_batch_tokens` bounds rows x tokens per forward,
+    which bounds activation memory for long prompts and deep models.
+    """
+    check_options(components, direction)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for index, pair in enumerate(pairs):
+        groups[pair.n_tokens].append(index)
+    effect_parts, clean_ld, corrupted_ld = [], [0.0] * len(pairs), [0.0] * len(pairs)
+    for indices in groups.values():
+        group = [pairs[i] for i in indices]
+        columns, clean, corrupted = patch_group(model, group, components, direction, max_batch_tokens)
+        effect_parts.append(effects_table(columns, direction))
+        for i, c, k in zip(indices, clean.tolist(), corrupted.tolist()):
+            clean_ld[i], corrupted_ld[i] = c, k
+    effects = pa.concat_tables(effect_parts) if effect_parts else empty_effects(direction)
+    return PatchResult(effects, pairs_table(pairs, clean_ld, corrupted_ld, direction))
