@@ -1,0 +1,176 @@
+"""Running one job: validate, shard, dispatch to actors, write each shard as it returns.
+
+At most `IN_FLIGHT_PER_ACTOR` shards per actor are outstanding at once, so the driver holds
+a bounded number of results however large the dataset; each is written the moment it
+arrives, so an interrupted or failed run keeps every finished shard for the next run.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import ray
+from tqdm import tqdm
+
+from jobs.cluster import connect, pool_shape, start_actors
+from jobs.pairfile import InvalidLine, read_pairs
+from jobs.shards import Shard, plan_shards
+from jobs.spec import JobSpec, config_hash, versions
+from jobs.store import Store
+from worker.model import load_tokenizer
+from worker.pairs import Pair
+
+IN_FLIGHT_PER_ACTOR = 2
+EXIT_OK, EXIT_FAILED_SHARDS, EXIT_INTERRUPTED = 0, 1, 130
+
+
+class JobError(RuntimeError):
+    """A problem the user must fix; the message is printed as it is (may span several lines)."""
+
+
+@dataclass
+class ShardLog:
+    """What happened to each shard: finished (in this run or an earlier one), failed, timings."""
+    finished: set[str]
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    nodes: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def resumed(cls, finished: set[str], previous: dict | None) -> "ShardLog":
+        """Finished shards keep the timings and nodes an earlier run recorded for them."""
+        log = cls(finished)
+        for entry in (previous or {}).get("shards", []):
+            if entry["name"] in finished:
+                log.seconds[entry["name"]] = entry.get("seconds")
+                log.nodes[entry["name"]] = entry.get("node")
+        return log
+
+    def status(self, name: str) -> str:
+        if name in self.failed:
+            return "failed"
+        return "done" if name in self.finished else "pending"
+
+
+def validated_pairs(spec: JobSpec) -> tuple[list[Pair], list[InvalidLine]]:
+    tokenizer, n_ctx = load_tokenizer(spec.model)
+    pair_file = read_pairs(spec.pairs, tokenizer, n_ctx)
+    if pair_file.invalid and not spec.skip_invalid:
+        lines = "\n".join(map(str, pair_file.invalid))
+        raise JobError(f"{lines}\n{len(pair_file.invalid)} invalid line(s) in {spec.pairs}; "
+                       "fix them or pass --skip-invalid to run the valid ones")
+    if not pair_file.pairs:
+        raise JobError(f"{spec.pairs}: no valid pairs to run")
+    return pair_file.pairs, pair_file.invalid
+
+
+def actor_nodes(actors: list) -> list[str]:
+    """Wait until every actor has loaded its model; the node each one runs on."""
+    for reason in ray.get([actor.ready.remote() for actor in actors]):
+        if reason is not None:
+            raise JobError(reason)
+    return ray.get([actor.node.remote() for actor in actors])
+
+
+def short_error(error: Exception) -> str:
+    """The last non-empty line of a remote traceback: the exception itself."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def dispatch(spec: JobSpec, shards: list[Shard], actors: list, store: Store, log: ShardLog) -> None:
+    """Keep every actor busy, write each shard as it returns, record failures by shard."""
+    nodes = actor_nodes(actors)
+    queue = list(reversed(shards))
+    in_flight: dict = {}
+
+    def submit(actor: int) -> None:
+        if queue:
+            shard = queue.pop()
+            ref = actors[actor].run_shard.remote(shard.pairs, spec.components, spec.direction,
+                                                 spec.max_batch_tokens)
+            in_flight[ref] = (shard, actor, time.perf_counter())
+
+    for actor in range(len(actors)):
+        for _ in range(IN_FLIGHT_PER_ACTOR):
+            submit(actor)
+    with tqdm(total=sum(len(s.pairs) for s in shards), unit="pair", file=sys.stderr,
+              desc="patching", dynamic_ncols=True, mininterval=1.0) as progress:
+        while in_flight:
+            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+            shard, actor, started = in_flight.pop(ref)
+            try:
+                effects, pairs = ray.get(ref)
+                store.write_shard(shard.name, effects, pairs)
+                log.finished.add(shard.name)
+                log.seconds[shard.name] = round(time.perf_counter() - started, 3)
+                log.nodes[shard.name] = nodes[actor]
+            except ray.exceptions.RayError as error:
+                log.failed[shard.name] = short_error(error)
+                progress.write(f"shard {shard.name} failed: {log.failed[shard.name]}", file=sys.stderr)
+            progress.update(len(shard.pairs))
+            submit(actor)
+
+
+def manifest(spec: JobSpec, config: dict, shards: list[Shard], log: ShardLog, n_invalid: int,
+             started: float, status: str) -> dict:
+    return {
+        "status": status,
+        "config_hash": config_hash(config),
+        "config": config,
+        "model": spec.model,
+        "components": list(spec.components),
+        "direction": spec.direction,
+        "pairs_file": spec.pairs,
+        "pair_count": sum(len(s.pairs) for s in shards),
+        "invalid_count": n_invalid,
+        "versions": versions(),
+        "shards": [
+            {"name": s.name, "pairs": len(s.pairs), "n_tokens": s.n_tokens,
+             "status": log.status(s.name), "seconds": log.seconds.get(s.name),
+             "node": log.nodes.get(s.name), "error": log.failed.get(s.name)}
+            for s in shards
+        ],
+        "timings": {"started_unix": round(started, 3), "wall_seconds": round(time.time() - started, 3)},
+    }
+
+
+def compute(spec: JobSpec, todo: list[Shard], store: Store, log: ShardLog) -> None:
+    connect(spec.address)
+    try:
+        shape = pool_shape(spec.workers, spec.device)
+        actors = start_actors(shape, spec.model, spec.device, spec.dtype)
+        dispatch(spec, todo, actors, store, log)
+    finally:
+        ray.shutdown()
+
+
+def run_job(spec: JobSpec) -> int:
+    """Run (or resume) `spec`; returns the process exit code."""
+    started = time.time()
+    pairs, invalid = validated_pairs(spec)
+    config = spec.config()
+    shards = plan_shards(pairs, spec.batch_pairs)
+    store = Store(spec.out)
+    previous = store.prepare(config_hash(config), spec.overwrite)
+    if invalid:
+        store.write_invalid(invalid)
+    log = ShardLog.resumed(store.finished_shards() & {s.name for s in shards}, previous)
+    todo = [s for s in shards if s.name not in log.finished]
+    store.write_manifest(manifest(spec, config, shards, log, len(invalid), started, "running"))
+    status = "done"
+    try:
+        if todo:
+            compute(spec, todo, store, log)
+    except KeyboardInterrupt:
+        status = "interrupted"
+    if log.failed:
+        status = "failed"
+    n_pairs = store.write_pairs_table(log.finished)
+    store.write_manifest(manifest(spec, config, shards, log, len(invalid), started, status))
+    print(f"{status}: {n_pairs} of {sum(len(s.pairs) for s in shards)} pairs in "
+          f"{len(log.finished)} of {len(shards)} shards ({len(shards) - len(todo)} already done, "
+          f"{len(log.failed)} failed, {len(invalid)} invalid lines skipped), "
+          f"{time.time() - started:.1f} s -> {store.uri}", file=sys.stderr)
+    return {"done": EXIT_OK, "failed": EXIT_FAILED_SHARDS}.get(status, EXIT_INTERRUPTED)

@@ -1,0 +1,67 @@
+"""What a run is: the options that decide its results, and a hash that identifies them.
+
+Two runs into the same output directory must agree on this hash; that is the check that
+lets a re-run resume safely and refuses to mix results of different configurations.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from worker.patching import DEFAULT_MAX_BATCH_TOKENS
+
+DEFAULT_BATCH_PAIRS = 32
+RESULT_DECIDING = ("model", "components", "direction", "dtype", "batch_pairs", "max_batch_tokens",
+                   "skip_invalid")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    pairs: str
+    out: str
+    model: str
+    components: tuple[str, ...]
+    direction: str = "denoise"
+    dtype: str = "float32"
+    device: str = "auto"
+    address: str | None = None
+    workers: int | None = None
+    batch_pairs: int = DEFAULT_BATCH_PAIRS
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    skip_invalid: bool = False
+    overwrite: bool = False
+
+    def config(self) -> dict:
+        """The result-deciding options plus the pair file's content hash."""
+        fields = asdict(self)
+        config = {key: fields[key] for key in RESULT_DECIDING}
+        config["components"] = list(self.components)
+        config["pairs_sha256"] = file_sha256(self.pairs)
+        return config
+
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in ("patchsweep", "torch", "transformers", "nnsight", "ray", "pyarrow"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found

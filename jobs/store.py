@@ -1,0 +1,119 @@
+"""The output directory (local path or any URI pyarrow.fs understands, e.g. s3://bucket/run).
+
+Layout (DESIGN.md): effects/part-*.parquet, pairs.parquet, manifest.json, invalid.jsonl.
+A shard's pairs rows go to _pairs/part-*.parquet first and its effects part last, each to a
+temporary name then renamed, so a shard whose effects part exists is whole; pairs.parquet is
+rebuilt from the _pairs parts at the end of every run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterable
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from jobs.pairfile import InvalidLine
+
+EFFECTS_DIR, PAIR_PARTS_DIR = "effects", "_pairs"
+MANIFEST, PAIRS_FILE, INVALID_FILE = "manifest.json", "pairs.parquet", "invalid.jsonl"
+
+
+class OutputConflict(RuntimeError):
+    """The output directory holds a run with a different configuration."""
+
+
+class Store:
+    def __init__(self, uri: str) -> None:
+        if "://" in uri:
+            self.fs, self.root = pafs.FileSystem.from_uri(uri)
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)
+        self.uri = uri
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def read_manifest(self) -> dict | None:
+        if not self.exists(MANIFEST):
+            return None
+        with self.fs.open_input_stream(self.path(MANIFEST)) as stream:
+            return json.loads(stream.read())
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        """Write to a temporary name, then rename: readers see the whole file or none."""
+        final = self.path(*parts)
+        temporary = f"{final}.tmp-{uuid.uuid4().hex}"
+        with self.fs.open_output_stream(temporary) as stream:
+            stream.write(data)
+        self.fs.move(temporary, final)
+
+    def write_table(self, table: pa.Table, *parts: str) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self.write_bytes(sink.getvalue().to_pybytes(), *parts)
+
+    def write_manifest(self, manifest: dict) -> None:
+        self.write_bytes(json.dumps(manifest, indent=2).encode(), MANIFEST)
+
+    def prepare(self, config_hash: str, overwrite: bool) -> dict | None:
+        """Create the layout; refuse a directory written with another config unless overwriting.
+
+        Returns the manifest of the run being resumed, if any.
+        """
+        manifest = self.read_manifest()
+        if manifest is not None and manifest.get("config_hash") != config_hash:
+            if not overwrite:
+                raise OutputConflict(
+                    f"{self.uri} holds a run with a different configuration "
+                    f"(model {manifest.get('config', {}).get('model')!r}, hash {manifest.get('config_hash')}); "
+                    "pass --overwrite to replace it, or choose another --out"
+                )
+        if overwrite:
+            self.clear()
+            manifest = None
+        for directory in (EFFECTS_DIR, PAIR_PARTS_DIR):
+            self.fs.create_dir(self.path(directory), recursive=True)
+        return manifest
+
+    def clear(self) -> None:
+        for directory in (EFFECTS_DIR, PAIR_PARTS_DIR):
+            if self.exists(directory):
+                self.fs.delete_dir(self.path(directory))
+        for name in (MANIFEST, PAIRS_FILE, INVALID_FILE):
+            if self.exists(name):
+                self.fs.delete_file(self.path(name))
+
+    def finished_shards(self) -> set[str]:
+        """Names (part-00000) of shards whose effects part is in place."""
+        selector = pafs.FileSelector(self.path(EFFECTS_DIR), allow_not_found=True)
+        return {
+            info.base_name.removesuffix(".parquet")
+            for info in self.fs.get_file_info(selector)
+            if info.base_name.endswith(".parquet")
+        }
+
+    def write_shard(self, name: str, effects: pa.Table, pairs: pa.Table) -> None:
+        self.write_table(pairs, PAIR_PARTS_DIR, f"{name}.parquet")
+        self.write_table(effects, EFFECTS_DIR, f"{name}.parquet")
+
+    def write_pairs_table(self, shard_names: Iterable[str]) -> int:
+        """Gather the finished shards' pairs rows into pairs.parquet; returns the row count."""
+        parts = [pq.read_table(self.path(PAIR_PARTS_DIR, f"{name}.parquet"), filesystem=self.fs)
+                 for name in sorted(shard_names)]
+        if not parts:
+            return 0
+        table = pa.concat_tables(parts, promote_options="permissive")
+        self.write_table(table, PAIRS_FILE)
+        return table.num_rows
+
+    def write_invalid(self, invalid: list[InvalidLine]) -> None:
+        lines = [json.dumps({"line": bad.line, "reason": bad.reason, "text": bad.text}) + "\n"
+                 for bad in invalid]
+        self.write_bytes("".join(lines).encode(), INVALID_FILE)

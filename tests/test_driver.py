@@ -1,0 +1,188 @@
+"""The driver end to end, in subprocesses: results, resume, crash recovery, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.pairfile import read_pairs
+from tests.conftest import write_jsonl
+from worker import patch_batch
+from worker.actor import CRASH_ONCE_ENV
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE_PAIRS = REPO / "examples" / "pairs.jsonl"
+TOL = 1e-4
+
+
+def driver_command(*args) -> list[str]:
+    return [sys.executable, str(REPO / "driver.py"), *map(str, args)]
+
+
+def run_driver(*args, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run(driver_command(*args), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def effects_by_key(out: Path) -> dict:
+    rows = pq.read_table(out / "effects").to_pylist()
+    keys = [(r["pair_id"], r["component"], r["layer"], r["position"]) for r in rows]
+    assert len(keys) == len(set(keys)), "duplicate effect rows"
+    return {k: (r["logit_diff"], r["score"]) for k, r in zip(keys, rows)}
+
+
+def assert_same_effects(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for key, (logit_diff, score) in expected.items():
+        assert actual[key][0] == pytest.approx(logit_diff, abs=TOL), key
+        assert actual[key][1] == pytest.approx(score, abs=TOL), key
+
+
+@pytest.fixture(scope="module")
+def many_pairs(tmp_path_factory) -> Path:
+    """48 pairs (the 12 examples, four times over with fresh ids), three token lengths."""
+    records = [json.loads(line) for line in EXAMPLE_PAIRS.read_text().splitlines()]
+    copies = [{**r, "id": f"{r['id']}-{k}"} for k in range(4) for r in records]
+    return write_jsonl(tmp_path_factory.mktemp("pairs") / "many.jsonl", copies)
+
+
+@pytest.fixture(scope="module")
+def core_effects(tiny_model, tokenizer_and_ctx, many_pairs) -> dict:
+    """The single-process patching core on the same pairs: what every driver run must match."""
+    pairs = read_pairs(many_pairs, *tokenizer_and_ctx).pairs
+    result = patch_batch(tiny_model, pairs, ["resid", "mlp"])
+    rows = result.effects.to_pylist()
+    return {(r["pair_id"], r["component"], r["layer"], r["position"]): (r["logit_diff"], r["score"])
+            for r in rows}
+
+
+def test_end_to_end_matches_core_and_writes_the_tables(tmp_path, tiny_model_dir, many_pairs, core_effects):
+    out = tmp_path / "run"
+    done = run_driver("--pairs", many_pairs, "--model", tiny_model_dir, "--out", out,
+                      "--components", "resid,mlp", "--batch-pairs", 5, "--workers", 2)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert_same_effects(effects_by_key(out), core_effects)
+    pairs = pq.read_table(out / "pairs.parquet")
+    assert sorted(pairs.column("pair_id").to_pylist()) == sorted({k[0] for k in core_effects})
+    assert {"template", "order", "labels", "clean_logit_diff"} <= set(pairs.column_names)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "done" and manifest["pair_count"] == 48
+    assert {s["status"] for s in manifest["shards"]} == {"done"}
+    assert len(manifest["shards"]) == len(list((out / "effects").glob("part-*.parquet")))
+    assert manifest["versions"]["nnsight"] == "0.8.1"
+    assert "done: 48 of 48 pairs" in done.stderr
+
+
+def test_resume_after_the_driver_is_killed(tmp_path, tiny_model_dir, many_pairs, core_effects):
+    out = tmp_path / "run"
+    args = ("--pairs", many_pairs, "--model", tiny_model_dir, "--out", out,
+            "--components", "resid,mlp", "--batch-pairs", 1)
+    process = subprocess.Popen(driver_command(*args), cwd=REPO, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list(out.glob("effects/part-*.parquet"))) < 3 and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished_before = len(list(out.glob("effects/part-*.parquet")))
+    assert finished_before >= 3
+
+    resumed = run_driver(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"({finished_before} already done" in resumed.stderr
+    assert_same_effects(effects_by_key(out), core_effects)
+    assert pq.read_table(out / "pairs.parquet").num_rows == 48
+
+    again = run_driver(*args)
+    assert again.returncode == 0 and "(48 already done" in again.stderr
+
+
+def test_missing_shards_are_recomputed_and_nothing_else(tmp_path, tiny_model_dir, many_pairs, core_effects):
+    out = tmp_path / "run"
+    args = ("--pairs", many_pairs, "--model", tiny_model_dir, "--out", out,
+            "--components", "resid,mlp", "--batch-pairs", 8)
+    assert run_driver(*args).returncode == 0
+    kept = out / "effects" / "part-00000.parquet"
+    kept_mtime = kept.stat().st_mtime_ns
+    (out / "effects" / "part-00003.parquet").unlink()
+    resumed = run_driver(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "(5 already done" in resumed.stderr
+    assert kept.stat().st_mtime_ns == kept_mtime
+    assert_same_effects(effects_by_key(out), core_effects)
+
+
+def test_actor_crash_is_retried_and_the_result_is_complete(tmp_path, tiny_model_dir, many_pairs, core_effects):
+    out, marker = tmp_path / "run", tmp_path / "crashed"
+    done = run_driver("--pairs", many_pairs, "--model", tiny_model_dir, "--out", out,
+                      "--components", "resid,mlp", "--batch-pairs", 12,
+                      env_extra={CRASH_ONCE_ENV: str(marker)})
+    assert marker.exists(), "the fault-injection hook never fired"
+    assert done.returncode == 0, done.stderr
+    assert_same_effects(effects_by_key(out), core_effects)
+
+
+def test_different_config_is_refused_unless_overwrite(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    base = ("--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", out)
+    assert run_driver(*base, "--components", "resid").returncode == 0
+    refused = run_driver(*base, "--components", "attn")
+    assert refused.returncode == 2
+    assert "different configuration" in refused.stderr and "Traceback" not in refused.stderr
+    replaced = run_driver(*base, "--components", "attn", "--overwrite")
+    assert replaced.returncode == 0
+    components = set(pq.read_table(out / "effects").column("component").to_pylist())
+    assert components == {"attn"}
+
+
+def test_bad_lines_are_listed_and_nothing_runs(tmp_path, tiny_model_dir):
+    good = json.loads(EXAMPLE_PAIRS.read_text().splitlines()[0])
+    path = write_jsonl(tmp_path / "bad.jsonl", [
+        good,
+        "{not json",
+        {"clean": good["clean"], "corrupted": good["corrupted"], "correct": " John"},
+        {**good, "id": "x", "correct": " John Mary"},
+        {**good, "id": "y", "corrupted": good["corrupted"] + " Mary"},
+        {**good},
+    ])
+    failed = run_driver("--pairs", path, "--model", tiny_model_dir, "--out", tmp_path / "run")
+    assert failed.returncode == 2
+    assert "Traceback" not in failed.stderr
+    for line, reason in [(2, "not JSON"), (3, "missing key 'incorrect'"), (4, "is 2 tokens"),
+                         (5, "lengths"), (6, "duplicate id 'ex0'")]:
+        assert f"{path}:{line}: " in failed.stderr and reason in failed.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_skip_invalid_runs_the_good_lines(tmp_path, tiny_model_dir):
+    good = json.loads(EXAMPLE_PAIRS.read_text().splitlines()[0])
+    path = write_jsonl(tmp_path / "mixed.jsonl", [good, "{not json"])
+    out = tmp_path / "run"
+    done = run_driver("--pairs", path, "--model", tiny_model_dir, "--out", out,
+                      "--components", "resid", "--skip-invalid")
+    assert done.returncode == 0, done.stderr
+    (invalid,) = [json.loads(line) for line in (out / "invalid.jsonl").read_text().splitlines()]
+    assert invalid["line"] == 2 and invalid["text"] == "{not json" and "not JSON" in invalid["reason"]
+    assert pq.read_table(out / "pairs.parquet").column("pair_id").to_pylist() == ["ex0"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/no/such/model"], "no such directory"),
+    (["--pairs", "/no/such/file.jsonl"], "cannot read pair file"),
+    (["--components", "resid,heads"], "components must be"),
+])
+def test_usage_errors_are_one_line(tmp_path, tiny_model_dir, args, message):
+    options = {"--pairs": str(EXAMPLE_PAIRS), "--model": str(tiny_model_dir), "--out": str(tmp_path / "o")}
+    options.update(dict(zip(args[::2], args[1::2])))
+    failed = run_driver(*[x for item in options.items() for x in item])
+    assert failed.returncode == 2
+    assert message in failed.stderr and "Traceback" not in failed.stderr
