@@ -30,18 +30,24 @@ def connect(address: str | None) -> None:
     if address is not None or "RAY_ADDRESS" in os.environ:
         ray.init(address=address, logging_level="WARNING")
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+        # "local" starts a fresh Ray even where a stale `ray start` left its address behind.
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                 logging_level="WARNING")
 
 
 def pool_shape(workers: int | None, device: str) -> PoolShape:
-    """How many actors, and what each asks of the cluster."""
+    """How many actors, and what each asks of the cluster.
+
+    `--device cuda` asks for GPU actors even before any GPU node exists, so an autoscaling
+    cluster grows to fit them; `auto` uses GPUs only where the cluster already has some.
+    """
     resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 1)
-    if gpus and device != "cpu":
-        n_actors = min(workers or gpus, gpus)
+    gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 0)
+    if device == "cuda" or (device == "auto" and gpus):
+        n_actors = workers or max(gpus, 1)
         return PoolShape(n_actors, num_cpus=1, num_gpus=1, threads=1)
     n_actors = workers or 1
-    share = cpus / n_actors
+    share = cpus / n_actors if cpus else 1
     return PoolShape(n_actors, num_cpus=share, num_gpus=0, threads=max(1, int(share)))
 
 

@@ -15,7 +15,7 @@ import pytest
 from jobs.pairfile import read_pairs
 from tests.conftest import write_jsonl
 from worker import patch_batch
-from worker.actor import CRASH_ONCE_ENV
+from worker.actor import TEST_FAULT_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_PAIRS = REPO / "examples" / "pairs.jsonl"
@@ -125,10 +125,53 @@ def test_actor_crash_is_retried_and_the_result_is_complete(tmp_path, tiny_model_
     out, marker = tmp_path / "run", tmp_path / "crashed"
     done = run_driver("--pairs", many_pairs, "--model", tiny_model_dir, "--out", out,
                       "--components", "resid,mlp", "--batch-pairs", 12,
-                      env_extra={CRASH_ONCE_ENV: str(marker)})
+                      env_extra={TEST_FAULT_ENV: f"crash-once:{marker}"})
     assert marker.exists(), "the fault-injection hook never fired"
     assert done.returncode == 0, done.stderr
     assert_same_effects(effects_by_key(out), core_effects)
+
+
+@pytest.mark.parametrize("fault, reason", [
+    ("raise-on:ex3-1", "RuntimeError: injected test fault on pair ex3-1"),
+    ("crash-on:ex3-1", "actor"),
+])
+def test_a_failing_shard_is_reported_and_the_rest_lands(tmp_path, tiny_model_dir, many_pairs,
+                                                          core_effects, fault, reason):
+    out = tmp_path / "run"
+    args = ("--pairs", many_pairs, "--model", tiny_model_dir, "--out", out,
+            "--components", "resid,mlp", "--batch-pairs", 6)
+    failed = run_driver(*args, env_extra={TEST_FAULT_ENV: fault})
+    assert failed.returncode == 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    (bad,) = [s for s in manifest["shards"] if s["status"] == "failed"]
+    assert reason in bad["error"] and "failed: " in failed.stderr
+    assert sum(s["status"] == "done" for s in manifest["shards"]) == len(manifest["shards"]) - 1
+
+    fixed = run_driver(*args)
+    assert fixed.returncode == 0, fixed.stderr
+    assert_same_effects(effects_by_key(out), core_effects)
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_finished_shards(tmp_path, tiny_model_dir, many_pairs):
+    out = tmp_path / "run"
+    args = ("--pairs", many_pairs, "--model", tiny_model_dir, "--out", out,
+            "--components", "resid", "--batch-pairs", 4)
+    process = subprocess.Popen(driver_command(*args), cwd=REPO, start_new_session=True,
+                               env={**os.environ, TEST_FAULT_ENV: "slow:0.5"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(out.glob("effects/part-*.parquet")) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    finished = [s["name"] for s in manifest["shards"] if s["status"] == "done"]
+    assert manifest["status"] == "interrupted" and 0 < len(finished) < 12
+    assert sorted(p.stem for p in out.glob("effects/part-*.parquet")) == sorted(finished)
+    assert pq.read_table(out / "pairs.parquet").num_rows == 4 * len(finished)
 
 
 def test_different_config_is_refused_unless_overwrite(tmp_path, tiny_model_dir):

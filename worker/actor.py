@@ -7,6 +7,7 @@ user their one-line message instead of an actor-death traceback.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 
 import pyarrow as pa
@@ -18,18 +19,28 @@ from worker.model import ModelLoadError, load_model
 from worker.pairs import Pair
 from worker.patching import patch_batch
 
-CRASH_ONCE_ENV = "PATCHSWEEP_TEST_CRASH_ONCE"
+TEST_FAULT_ENV = "PATCHSWEEP_TEST_FAULT"
 
 
-def crash_once_for_tests() -> None:
-    """Fault injection: if the env var names a marker file that does not exist yet, create it and die.
+def inject_test_fault(pairs: Sequence[Pair]) -> None:
+    """Fault injection for the driver's tests, set by `PATCHSWEEP_TEST_FAULT=KIND:ARG`.
 
-    Exits the process abruptly (as an OOM kill would), so Ray restarts the actor and retries.
+    crash-once:MARKER  exit abruptly (as an OOM kill would) if MARKER does not exist, creating it
+    crash-on:PAIR_ID   exit abruptly whenever the shard holds PAIR_ID
+    raise-on:PAIR_ID   raise an ordinary exception whenever the shard holds PAIR_ID
+    slow:SECONDS       sleep before every shard
     """
-    marker = os.environ.get(CRASH_ONCE_ENV)
-    if marker and not os.path.exists(marker):
-        open(marker, "w").close()
+    kind, _, arg = os.environ.get(TEST_FAULT_ENV, "").partition(":")
+    in_shard = any(pair.pair_id == arg for pair in pairs)
+    if kind == "crash-once" and not os.path.exists(arg):
+        open(arg, "w").close()
         os._exit(1)
+    if kind == "crash-on" and in_shard:
+        os._exit(1)
+    if kind == "raise-on" and in_shard:
+        raise RuntimeError(f"injected test fault on pair {arg}")
+    if kind == "slow":
+        time.sleep(float(arg))
 
 
 class PatchWorker:
@@ -57,6 +68,6 @@ class PatchWorker:
         direction: str,
         max_batch_tokens: int,
     ) -> tuple[pa.Table, pa.Table]:
-        crash_once_for_tests()
+        inject_test_fault(pairs)
         result = patch_batch(self.model, pairs, components, direction, max_batch_tokens)
         return result.effects, result.pairs

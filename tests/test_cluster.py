@@ -1,0 +1,110 @@
+"""Running on real Ray clusters: several nodes, `ray job submit`, and the launcher config."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import yaml
+from ray.cluster_utils import Cluster
+
+from jobs.run import run_job
+from jobs.spec import JobSpec
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE_PAIRS = REPO / "examples" / "pairs.jsonl"
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_share_the_shards(tmp_path, tiny_model_dir):
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    try:
+        spec = JobSpec(pairs=str(EXAMPLE_PAIRS), out=str(tmp_path / "run"), model=str(tiny_model_dir),
+                       components=("resid",), address=cluster.address, workers=2, batch_pairs=2)
+        assert run_job(spec) == 0
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert {s["status"] for s in manifest["shards"]} == {"done"}
+    assert len({s["node"] for s in manifest["shards"]}) == 2
+    assert pq.read_table(tmp_path / "run" / "pairs.parquet").num_rows == 12
+
+
+def wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert head.poll() is None, "ray start --head exited"
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # answering, only asking for the token
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"no Ray dashboard at {url}")
+
+
+def stop_head(head: subprocess.Popen, gcs_port: int) -> None:
+    """End the head's process group, and forget its address as `ray stop` would have."""
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+    current = Path("/tmp/ray/ray_current_cluster")
+    if current.exists() and current.read_text().strip().endswith(f":{gcs_port}"):
+        current.unlink()
+
+
+def test_ray_job_submit_runs_the_driver(tmp_path, tiny_model_dir):
+    dashboard, gcs_port = free_port(), free_port()
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs_port),
+         "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+         "--dashboard-port", str(dashboard), "--disable-usage-stats"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url, out = f"http://127.0.0.1:{dashboard}", tmp_path / "run"
+    try:
+        wait_for_dashboard(url, head)
+        submitted = subprocess.run(
+            [RAY, "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
+             sys.executable, "driver.py", "--pairs", "examples/pairs.jsonl",
+             "--model", str(tiny_model_dir), "--out", str(out), "--components", "resid"],
+            env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=300,
+        )
+    finally:
+        stop_head(head, gcs_port)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    assert "succeeded" in submitted.stdout
+    assert json.loads((out / "manifest.json").read_text())["status"] == "done"
+    assert pq.read_table(out / "pairs.parquet").num_rows == 12
+
+
+def test_cluster_yaml_passes_rays_validator():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    validate_config(prepare_config(config))
+    docker_image = config["docker"]["image"]
+    assert docker_image.startswith(f"rayproject/ray:{ray.__version__}")
+    setup = " ".join(config["setup_commands"])
+    assert "pip install" in setup and "patchsweep" in setup
