@@ -6,19 +6,35 @@ message on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
+from jobs.aggregate import DEFAULT_MIN_GAP
+from jobs.ioi import CORRUPTIONS, generate_ioi, write_jsonl
 from jobs.pairfile import PairFileError
 from jobs.run import JobError, run_job
 from jobs.spec import DEFAULT_BATCH_PAIRS, JobSpec
-from jobs.store import OutputConflict
-from worker.model import DEFAULT_MODEL, DTYPES, ModelLoadError
+from jobs.report import DRILL_DOWN_PAIRS, build_report
+from jobs.store import OutputConflict, Store
+from jobs.tables import QueryError, format_table, query
+from worker.model import DEFAULT_MODEL, DTYPES, ModelLoadError, load_tokenizer
 from worker.patching import COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, DIRECTIONS, check_options
 
 EXIT_USAGE = 2
-USER_ERRORS = (JobError, ModelLoadError, OutputConflict, PairFileError, ValueError)
+USER_ERRORS = (JobError, ModelLoadError, OutputConflict, PairFileError, QueryError, ValueError)
+
+
+@contextmanager
+def user_errors_reported() -> Iterator[None]:
+    """Expected failures become `error: ...` on stderr and exit code 2, never a traceback."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_USAGE)
 
 
 def parse_components(ctx, param, value: str) -> tuple[str, ...]:
@@ -61,12 +77,53 @@ def cli(ctx: click.Context, pairs: str | None, out: str | None, **options) -> No
     if pairs is None:
         raise click.UsageError("--pairs FILE is required (or give a subcommand)")
     spec = JobSpec(pairs=pairs, out=out or str(Path("runs") / Path(pairs).stem), **options)
-    try:
+    with user_errors_reported():
         code = run_job(spec)
-    except USER_ERRORS as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(EXIT_USAGE)
     sys.exit(code)
+
+
+@cli.command("make-ioi")
+@click.option("--n", "n_pairs", type=click.IntRange(min=1), default=200, show_default=True, help="Number of pairs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same file.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Tokenizer source: names that are not one token for it are dropped.")
+@click.option("--corruption", type=click.Choice(CORRUPTIONS), default="swap", show_default=True,
+              help="swap: S2 replaced by IO (the answer flips); abc: IO, S1 and S2 replaced by three unrelated names.")
+def make_ioi(n_pairs: int, seed: int, out: str, model: str, corruption: str) -> None:
+    """Write IOI pairs (Wang et al. 2022 templates, both orders) with role labels."""
+    with user_errors_reported():
+        tokenizer, _ = load_tokenizer(model)
+        records = generate_ioi(n_pairs, seed, tokenizer, corruption)
+        write_jsonl(records, out)
+    click.echo(f"wrote {len(records)} {corruption} pairs to {out}", err=True)
+
+
+@cli.command()
+@click.argument("out")
+@click.option("--group-by", help="Also split the heatmaps by this pairs column (e.g. template).")
+@click.option("--min-gap", type=float, default=DEFAULT_MIN_GAP, show_default=True,
+              help="Leave pairs with |clean - corrupted logit diff| below this out of score means.")
+@click.option("--drill-down", type=click.IntRange(min=0), default=DRILL_DOWN_PAIRS, show_default=True,
+              help="How many individual pairs to show with their tokens.")
+@click.option("--png", is_flag=True, help="Also write each heatmap as OUT/png/*.png (needs Chromium).")
+def report(out: str, group_by: str | None, min_gap: float, drill_down: int, png: bool) -> None:
+    """Rebuild OUT/aggregate.parquet and OUT/report.html from a run's tables."""
+    with user_errors_reported():
+        click.echo(build_report(Store(out), group_by, min_gap, drill_down, png), err=True)
+
+
+@cli.command("query")
+@click.argument("out")
+@click.argument("sql")
+@click.option("--format", "output_format", type=click.Choice(["table", "csv", "json"]), default="table",
+              show_default=True)
+def query_command(out: str, sql: str, output_format: str) -> None:
+    """Run SQL over the views effects, pairs and aggregate of the run in OUT.
+
+    Example: python driver.py query runs/ioi "SELECT layer, avg(score) FROM effects GROUP BY 1 ORDER BY 1"
+    """
+    with user_errors_reported():
+        click.echo(format_table(query(out, sql), output_format))
 
 
 if __name__ == "__main__":

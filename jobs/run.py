@@ -1,8 +1,9 @@
 """Running one job: validate, shard, dispatch to actors, write each shard as it returns.
 
-At most `IN_FLIGHT_PER_ACTOR` shards per actor are outstanding at once, so the driver holds
-a bounded number of results however large the dataset; each is written the moment it
-arrives, so an interrupted or failed run keeps every finished shard for the next run.
+Each actor has one shard in flight at a time, so the driver holds a bounded number of
+results however large the dataset, and a shard that kills its actor takes no innocent
+queued shard down with it (Ray retries only the task that was running). Each result is
+written the moment it arrives, so an interrupted or failed run keeps every finished shard.
 """
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ from tqdm import tqdm
 
 from jobs.cluster import connect, pool_shape, start_actors
 from jobs.pairfile import InvalidLine, read_pairs
+from jobs.report import build_report
 from jobs.shards import Shard, plan_shards
 from jobs.spec import JobSpec, config_hash, versions
 from jobs.store import Store
 from worker.model import load_tokenizer
 from worker.pairs import Pair
 
-IN_FLIGHT_PER_ACTOR = 2
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_INTERRUPTED = 0, 1, 130
 
 
@@ -93,8 +94,7 @@ def dispatch(spec: JobSpec, shards: list[Shard], actors: list, store: Store, log
             in_flight[ref] = (shard, actor, time.perf_counter())
 
     for actor in range(len(actors)):
-        for _ in range(IN_FLIGHT_PER_ACTOR):
-            submit(actor)
+        submit(actor)
     with tqdm(total=sum(len(s.pairs) for s in shards), unit="pair", file=sys.stderr,
               desc="patching", dynamic_ncols=True, mininterval=1.0) as progress:
         while in_flight:
@@ -169,6 +169,8 @@ def run_job(spec: JobSpec) -> int:
         status = "failed"
     n_pairs = store.write_pairs_table(log.finished)
     store.write_manifest(manifest(spec, config, shards, log, len(invalid), started, status))
+    if n_pairs:
+        print(build_report(store), file=sys.stderr)
     print(f"{status}: {n_pairs} of {sum(len(s.pairs) for s in shards)} pairs in "
           f"{len(log.finished)} of {len(shards)} shards ({len(shards) - len(todo)} already done, "
           f"{len(log.failed)} failed, {len(invalid)} invalid lines skipped), "

@@ -20,6 +20,7 @@ from jobs.pairfile import InvalidLine
 
 EFFECTS_DIR, PAIR_PARTS_DIR = "effects", "_pairs"
 MANIFEST, PAIRS_FILE, INVALID_FILE = "manifest.json", "pairs.parquet", "invalid.jsonl"
+AGGREGATE_FILE, REPORT_FILE = "aggregate.parquet", "report.html"
 
 
 class OutputConflict(RuntimeError):
@@ -86,7 +87,7 @@ class Store:
         for directory in (EFFECTS_DIR, PAIR_PARTS_DIR):
             if self.exists(directory):
                 self.fs.delete_dir(self.path(directory))
-        for name in (MANIFEST, PAIRS_FILE, INVALID_FILE):
+        for name in (MANIFEST, PAIRS_FILE, INVALID_FILE, AGGREGATE_FILE, REPORT_FILE):
             if self.exists(name):
                 self.fs.delete_file(self.path(name))
 

@@ -74,6 +74,17 @@ def stop_head(head: subprocess.Popen, gcs_port: int) -> None:
         current.unlink()
 
 
+def submit_until_an_agent_answers(command: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """The dashboard answers before its job agent is up; until then submission is refused."""
+    deadline = time.time() + timeout
+    while True:
+        submitted = subprocess.run(command, env={**os.environ, "RAY_AUTH_MODE": "token"},
+                                   capture_output=True, text=True, timeout=300)
+        if "No available agent" not in submitted.stderr or time.time() > deadline:
+            return submitted
+        time.sleep(2)
+
+
 def test_ray_job_submit_runs_the_driver(tmp_path, tiny_model_dir):
     dashboard, gcs_port = free_port(), free_port()
     head = subprocess.Popen(
@@ -85,12 +96,10 @@ def test_ray_job_submit_runs_the_driver(tmp_path, tiny_model_dir):
     url, out = f"http://127.0.0.1:{dashboard}", tmp_path / "run"
     try:
         wait_for_dashboard(url, head)
-        submitted = subprocess.run(
+        submitted = submit_until_an_agent_answers(
             [RAY, "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
              sys.executable, "driver.py", "--pairs", "examples/pairs.jsonl",
-             "--model", str(tiny_model_dir), "--out", str(out), "--components", "resid"],
-            env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=300,
-        )
+             "--model", str(tiny_model_dir), "--out", str(out), "--components", "resid"])
     finally:
         stop_head(head, gcs_port)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr

@@ -174,6 +174,15 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_shards(tmp_path, tiny_model_dir
     assert pq.read_table(out / "pairs.parquet").num_rows == 4 * len(finished)
 
 
+def test_out_may_be_a_filesystem_uri(tmp_path, tiny_model_dir):
+    out = tmp_path / "uri-run"
+    done = run_driver("--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", out.as_uri(),
+                      "--components", "resid")
+    assert done.returncode == 0, done.stderr
+    assert pq.read_table(out / "pairs.parquet").num_rows == 12
+    assert (out / "report.html").exists() and (out / "aggregate.parquet").exists()
+
+
 def test_different_config_is_refused_unless_overwrite(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     base = ("--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", out)

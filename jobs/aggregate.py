@@ -1,0 +1,71 @@
+"""Dataset-level heatmap values, computed after the per-pair results (never instead of them).
+
+Rows of aggregate.parquet are (component, layer, position label[, group]). Labels come
+from the pair file's `labels`; unlabelled pairs are aligned by position index and kept
+apart by token length (`n_tokens` is set for them), so no cell mixes unaligned positions.
+Pairs whose clean and corrupted logit differences are closer than `min_gap` would make
+the per-pair score explode: they are left out of the score statistics and counted in
+`excluded_pairs`, while the dataset-level `normalized_effect` (the TransformerLens-style
+ratio of means) uses every pair.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from jobs.store import AGGREGATE_FILE, Store
+from jobs.tables import QueryError, connect_tables
+
+DEFAULT_MIN_GAP = 0.1
+
+AGGREGATE_SQL = """
+WITH p AS (
+    SELECT pair_id, n_tokens, labels, clean_logit_diff AS clean, corrupted_logit_diff AS corrupted,
+           {group} AS "group",
+           abs(clean_logit_diff - corrupted_logit_diff) < {min_gap} AS excluded
+    FROM pairs
+), cells AS (
+    SELECT e.component, e.layer, e.position, e.score, e.logit_diff, p.*,
+           coalesce(p.labels[e.position + 1], CAST(e.position AS VARCHAR)) AS label,
+           CASE WHEN p.labels IS NULL THEN p.n_tokens END AS length_group
+    FROM effects e JOIN p USING (pair_id)
+)
+SELECT component, CAST(layer AS SMALLINT) AS layer, label, "group",
+       CAST(length_group AS SMALLINT) AS n_tokens,
+       count(DISTINCT pair_id) FILTER (WHERE NOT excluded) AS pairs,
+       count(DISTINCT pair_id) FILTER (WHERE excluded) AS excluded_pairs,
+       count(*) FILTER (WHERE NOT excluded) AS count,
+       avg(score) FILTER (WHERE NOT excluded) AS mean_score,
+       stddev_samp(score) FILTER (WHERE NOT excluded) AS std_score,
+       avg(logit_diff) AS mean_logit_diff,
+       avg(clean) AS mean_clean_logit_diff,
+       avg(corrupted) AS mean_corrupted_logit_diff,
+       CASE WHEN {noise}
+            THEN (avg(logit_diff) - avg(clean)) / (avg(corrupted) - avg(clean))
+            ELSE (avg(logit_diff) - avg(corrupted)) / (avg(clean) - avg(corrupted)) END
+           AS normalized_effect,
+       avg(position) AS mean_position
+FROM cells
+GROUP BY ALL
+ORDER BY component, "group" NULLS FIRST, n_tokens NULLS FIRST, layer, mean_position
+"""
+
+
+def quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def aggregate(store: Store, direction: str, group_by: str | None = None,
+              min_gap: float = DEFAULT_MIN_GAP) -> pa.Table:
+    """Compute the aggregate table of the run in `store` and write aggregate.parquet."""
+    connection = connect_tables(store)
+    columns = [row[0] for row in connection.execute("DESCRIBE pairs").fetchall()]
+    if group_by is not None and group_by not in columns:
+        raise QueryError(f"cannot group by {group_by!r}: pairs has no such column ({', '.join(columns)})")
+    sql = AGGREGATE_SQL.format(
+        group="CAST(" + quote_identifier(group_by) + " AS VARCHAR)" if group_by else "NULL::VARCHAR",
+        min_gap=float(min_gap),
+        noise="true" if direction == "noise" else "false",
+    )
+    table = connection.sql(sql).to_arrow_table()
+    store.write_table(table, AGGREGATE_FILE)
+    return table

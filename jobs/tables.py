@@ -1,0 +1,64 @@
+"""SQL over a run's tables: DuckDB views `effects`, `pairs` and `aggregate`.
+
+The views scan Arrow datasets, so the partitioned effects/ directory is streamed from
+its Parquet parts (local or any pyarrow URI) instead of being loaded into memory.
+"""
+from __future__ import annotations
+
+import io
+import json
+
+import duckdb
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.dataset as ds
+
+from jobs.store import AGGREGATE_FILE, EFFECTS_DIR, PAIRS_FILE, Store
+
+
+class QueryError(ValueError):
+    """Bad SQL or a missing table; the message is one line."""
+
+
+def connect_tables(store: Store) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with a view for every table the run has written so far."""
+    if not store.exists(EFFECTS_DIR):
+        raise QueryError(f"{store.uri}: no effects/ here; is this a patchsweep output directory?")
+    connection = duckdb.connect()
+    sources = {"effects": EFFECTS_DIR, "pairs": PAIRS_FILE, "aggregate": AGGREGATE_FILE}
+    for view, name in sources.items():
+        if store.exists(name):
+            dataset = ds.dataset(store.path(name), filesystem=store.fs, format="parquet")
+            connection.register(f"_{view}_dataset", dataset)
+            connection.execute(f"CREATE VIEW {view} AS SELECT * FROM _{view}_dataset")
+    return connection
+
+
+def one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def query(out: str, sql: str) -> pa.Table:
+    """Run `sql` over the run in `out`; the result as an Arrow table."""
+    connection = connect_tables(Store(out))
+    try:
+        return connection.sql(sql).to_arrow_table()
+    except duckdb.Error as error:
+        raise QueryError(f"SQL error: {one_line(error)}") from None
+
+
+def format_table(table: pa.Table, output_format: str) -> str:
+    """Render a query result as an aligned text table, CSV or JSON lines."""
+    rows = table.to_pylist()
+    if output_format == "json":
+        return "\n".join(json.dumps(row, default=str) for row in rows)
+    if output_format == "csv":
+        sink = io.BytesIO()
+        pacsv.write_csv(table, sink)
+        return sink.getvalue().decode().rstrip("\n")
+    cells = [table.column_names] + [["" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
+                                     for v in row.values()] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(table.column_names))]
+    lines = ["  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines + [f"({len(rows)} rows)"])

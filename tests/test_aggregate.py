@@ -1,0 +1,135 @@
+"""Aggregation and SQL queries against a by-hand pandas computation on a known result set."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from jobs.aggregate import aggregate
+from jobs.store import Store
+from jobs.tables import QueryError, query
+from worker.tables import EFFECTS_SCHEMA, PAIR_COLUMNS
+
+RNG = np.random.default_rng(0)
+
+
+def pair_row(pair_id, n_tokens, labels, clean, corrupted, template):
+    return {"pair_id": pair_id, "clean": "c", "corrupted": "k", "correct": " A", "incorrect": " B",
+            "correct_id": 1, "incorrect_id": 2, "n_tokens": n_tokens,
+            "tokens": [f"t{i}" for i in range(n_tokens)], "labels": labels,
+            "clean_logit_diff": clean, "corrupted_logit_diff": corrupted, "template": template}
+
+
+@pytest.fixture
+def known_run(tmp_path):
+    """Two labelled pairs of different lengths, two unlabelled ones, one with a near-zero gap."""
+    pairs = [
+        pair_row("a", 3, ["S1", "S2", "END"], 3.0, -1.0, "t0"),
+        pair_row("b", 4, ["S1", "x", "S2", "END"], 2.0, 0.0, "t1"),
+        pair_row("c", 3, None, 1.5, -0.5, "t0"),
+        pair_row("d", 3, None, 1.0, 0.99, "t1"),   # gap 0.01: excluded from scores
+    ]
+    rows = []
+    for p in pairs:
+        for component in ("resid", "mlp"):
+            for layer in range(2):
+                for position in range(p["n_tokens"]):
+                    logit_diff = float(RNG.normal())
+                    score = (logit_diff - p["corrupted_logit_diff"]) / (p["clean_logit_diff"] - p["corrupted_logit_diff"])
+                    rows.append({"pair_id": p["pair_id"], "component": component, "layer": layer,
+                                 "position": position, "head": None, "logit_diff": logit_diff, "score": score})
+    store = Store(str(tmp_path / "run"))
+    store.prepare("hash", overwrite=False)
+    pair_schema = pa.schema(PAIR_COLUMNS + [("template", pa.string())])
+    store.write_table(pa.Table.from_pylist(pairs, schema=pair_schema), "pairs.parquet")
+    store.write_table(pa.Table.from_pylist(rows[:30], schema=EFFECTS_SCHEMA), "effects", "part-00000.parquet")
+    store.write_table(pa.Table.from_pylist(rows[30:], schema=EFFECTS_SCHEMA), "effects", "part-00001.parquet")
+    return store, pd.DataFrame(pairs), pd.DataFrame(rows)
+
+
+def by_hand(pairs: pd.DataFrame, effects: pd.DataFrame, min_gap: float) -> pd.DataFrame:
+    cells = effects.merge(pairs, on="pair_id")
+    cells["label"] = [lab[pos] if lab is not None else str(pos) for lab, pos in zip(cells["labels"], cells["position"])]
+    cells["n_group"] = [np.nan if lab is not None else n for lab, n in zip(cells["labels"], cells["n_tokens"])]
+    cells["excluded"] = (cells["clean_logit_diff"] - cells["corrupted_logit_diff"]).abs() < min_gap
+    expected = {}
+    for key, group in cells.groupby(["component", "layer", "label", "n_group"], dropna=False):
+        kept = group[~group["excluded"]]
+        expected[key[:3] + (None if np.isnan(key[3]) else int(key[3]),)] = {
+            "count": len(kept),
+            "excluded_pairs": group.loc[group["excluded"], "pair_id"].nunique(),
+            "mean_score": kept["score"].mean() if len(kept) else None,
+            "std_score": kept["score"].std() if len(kept) > 1 else None,
+            "mean_logit_diff": group["logit_diff"].mean(),
+            "normalized_effect": (group["logit_diff"].mean() - group["corrupted_logit_diff"].mean())
+            / (group["clean_logit_diff"].mean() - group["corrupted_logit_diff"].mean()),
+        }
+    return expected
+
+
+def test_aggregate_equals_pandas_by_hand(known_run):
+    store, pairs, effects = known_run
+    table = aggregate(store, "denoise", min_gap=0.1)
+    expected = by_hand(pairs, effects, 0.1)
+    rows = table.to_pylist()
+    assert len(rows) == len(expected)
+    for row in rows:
+        want = expected[(row["component"], row["layer"], row["label"], row["n_tokens"])]
+        assert row["count"] == want["count"] and row["excluded_pairs"] == want["excluded_pairs"]
+        for column in ("mean_score", "std_score", "mean_logit_diff", "normalized_effect"):
+            if want[column] is None or pd.isna(want[column]):
+                assert row[column] is None, column
+            else:
+                assert row[column] == pytest.approx(want[column], abs=1e-5), column
+    assert store.exists("aggregate.parquet")
+    labelled = [r for r in rows if r["component"] == "resid" and r["layer"] == 0 and r["n_tokens"] is None]
+    assert [r["label"] for r in labelled] == ["S1", "x", "S2", "END"]
+    assert {r["n_tokens"] for r in rows} == {None, 3}
+    s2 = next(r for r in labelled if r["label"] == "S2")
+    assert s2["pairs"] == 2
+
+
+def test_group_by_metadata_column(known_run):
+    store, _, _ = known_run
+    table = aggregate(store, "denoise", group_by="template")
+    assert set(table.column("group").to_pylist()) == {"t0", "t1"}
+    with pytest.raises(QueryError, match="no such column"):
+        aggregate(store, "denoise", group_by="nope")
+
+
+def test_query_counts_and_errors(known_run):
+    store, pairs, effects = known_run
+    aggregate(store, "denoise")
+    assert query(store.uri, "SELECT count(*) AS n FROM effects").column("n")[0].as_py() == len(effects)
+    assert query(store.uri, "SELECT count(*) AS n FROM pairs WHERE template = 't0'").column("n")[0].as_py() == 2
+    n = query(store.uri, "SELECT count(DISTINCT component) AS n FROM aggregate").column("n")[0].as_py()
+    assert n == 2
+    joined = query(store.uri, "SELECT p.template, count(*) AS n FROM effects e JOIN pairs p USING (pair_id) "
+                              "GROUP BY ALL ORDER BY 1")
+    assert joined.to_pylist() == [{"template": "t0", "n": 24}, {"template": "t1", "n": 28}]
+    with pytest.raises(QueryError, match="SQL error") as info:
+        query(store.uri, "SELEC nonsense")
+    assert "\n" not in str(info.value)
+    with pytest.raises(QueryError, match="no effects"):
+        query(str(store.path("nowhere")), "SELECT 1")
+
+
+def test_query_command_prints_a_table_and_refuses_bad_sql_in_one_line(known_run):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    store, _, effects = known_run
+    driver = str(Path(__file__).resolve().parent.parent / "driver.py")
+    shown = subprocess.run([sys.executable, driver, "query", store.uri,
+                            "SELECT component, count(*) AS n FROM effects GROUP BY 1 ORDER BY 1"],
+                           capture_output=True, text=True)
+    assert shown.returncode == 0
+    assert shown.stdout.splitlines()[0].split() == ["component", "n"]
+    assert "mlp        26" in shown.stdout and "(2 rows)" in shown.stdout
+    as_json = subprocess.run([sys.executable, driver, "query", store.uri, "SELECT count(*) AS n FROM effects",
+                              "--format", "json"], capture_output=True, text=True)
+    assert as_json.stdout.strip() == f'{{"n": {len(effects)}}}'
+    bad = subprocess.run([sys.executable, driver, "query", store.uri, "SELEC 1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: SQL error")
