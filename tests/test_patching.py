@@ -7,7 +7,7 @@ from transformers import GPT2LMHeadModel
 
 from tests.reference import reference_patching
 from worker import COMPONENTS, patch_batch
-from worker.patching import split_into_traces
+from worker.patching import cells_to_run, first_difference, patch_cells, split_into_traces
 
 TOL = 1e-4
 
@@ -90,11 +90,20 @@ def test_padding_free_grouping_equals_solo_runs(tiny_model, ioi_pairs):
 
 
 def test_trace_split_respects_row_budget_and_covers_all_work():
-    chunks = split_into_traces(n_pairs=5, n_cells=7, max_rows=10)
-    work = [item for chunk in chunks for item in chunk]
-    assert sorted(work) == [(p, c) for p in range(5) for c in range(7)]
+    work = [(p, c) for p in range(5) for c in range(7)]
+    chunks = split_into_traces(work, max_rows=10)
+    assert [item for chunk in chunks for item in chunk] == work
     for chunk in chunks:
         assert len(chunk) + 2 * len({p for p, _ in chunk}) <= 10
+
+
+def test_cells_before_the_first_difference_need_no_forward_pass(ioi_pairs):
+    cells = patch_cells(COMPONENTS, 3, ioi_pairs[0].n_tokens)
+    work = cells_to_run(ioi_pairs[:1], cells)
+    start = first_difference(ioi_pairs[0])
+    assert 0 < start < ioi_pairs[0].n_tokens
+    assert {cells[c].position for _, c in work} == set(range(start, ioi_pairs[0].n_tokens))
+    assert len(work) == 3 * 3 * (ioi_pairs[0].n_tokens - start)
 
 
 def test_rejects_unknown_component_and_direction(tiny_model, ioi_pairs):

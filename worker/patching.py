@@ -73,23 +73,42 @@ def patch_cells(components: Sequence[str], n_layers: int, n_tokens: int) -> list
     ]
 
 
-def split_into_traces(n_pairs: int, n_cells: int, max_rows: int) -> list[list[tuple[int, int]]]:
-    """Cut the (pair, cell) work list, pair-major, into traces of at most `max_rows` rows.
+def first_difference(pair: Pair) -> int:
+    """The first position where clean and corrupted differ (the last one if they never do)."""
+    differing = (i for i, (a, b) in enumerate(zip(pair.clean_ids, pair.corrupted_ids)) if a != b)
+    return next(differing, pair.n_tokens - 1)
+
+
+def cells_to_run(pairs: Sequence[Pair], cells: Sequence[Cell]) -> list[tuple[int, int]]:
+    """The (pair, cell) work that needs a forward pass, pair-major.
+
+    Before a pair's first differing token, clean and corrupted activations are identical at
+    every layer (attention is causal), so patching there changes nothing: the patched run is
+    the receiving run and the score is exactly 0, with no forward pass needed.
+    """
+    work = []
+    for pair_index, pair in enumerate(pairs):
+        start = first_difference(pair)
+        work += [(pair_index, c) for c, cell in enumerate(cells) if cell.position >= start]
+    return work
+
+
+def split_into_traces(work: Sequence[tuple[int, int]], max_rows: int) -> list[list[tuple[int, int]]]:
+    """Cut the pair-major (pair, cell) work list into traces of at most `max_rows` rows.
 
     Each trace also carries two baseline rows per pair it touches, counted in the budget.
     """
     max_rows = max(max_rows, 3)
     chunks, chunk, rows, last_pair = [], [], 0, None
-    for pair in range(n_pairs):
-        for cell in range(n_cells):
-            cost = 1 + (2 if pair != last_pair else 0)
-            if rows + cost > max_rows:
-                chunks.append(chunk)
-                chunk, rows, last_pair = [], 0, None
-                cost = 3
-            chunk.append((pair, cell))
-            rows += cost
-            last_pair = pair
+    for pair, cell in work:
+        cost = 1 + (2 if pair != last_pair else 0)
+        if rows + cost > max_rows:
+            chunks.append(chunk)
+            chunk, rows, last_pair = [], 0, None
+            cost = 3
+        chunk.append((pair, cell))
+        rows += cost
+        last_pair = pair
     if chunk:
         chunks.append(chunk)
     return chunks
@@ -181,7 +200,8 @@ def patch_group(
     clean = torch.full((len(pairs),), float("nan"))
     corrupted = torch.full((len(pairs),), float("nan"))
     patched = torch.empty(len(pairs), len(cells))
-    for work in split_into_traces(len(pairs), len(cells), max_batch_tokens // n_tokens):
+    ran = torch.zeros(len(pairs), len(cells), dtype=torch.bool)
+    for work in split_into_traces(cells_to_run(pairs, cells), max_batch_tokens // n_tokens):
         plan = plan_trace(pairs, cells, work, direction)
         logit_diff = run_trace(model, plan)
         n_base = 2 * len(plan.pair_indices)
@@ -190,6 +210,9 @@ def patch_group(
         corrupted[index] = logit_diff[1:n_base:2]
         pair_idx, cell_idx = (torch.tensor(column) for column in zip(*plan.patched))
         patched[pair_idx, cell_idx] = logit_diff[n_base:]
+        ran[pair_idx, cell_idx] = True
+    receiver = corrupted if direction == "denoise" else clean
+    patched = torch.where(ran, patched, receiver[:, None])
     scores = normalized_score(patched, clean[:, None], corrupted[:, None], direction)
     columns = {
         "pair_id": [p.pair_id for p in pairs for _ in cells],
