@@ -39,7 +39,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         model = args.model
         if model == "gpt2-small":
-            model = str(build_gpt2_small(Path(tempfile.gettempdir()) / "patchsweep-gpt2-small"))
+            model = str(build_gpt2_small(Path(tempfile.gettempdir()) / "patchsweep-gpt2-12x768"))
         pairs_file = Path(scratch) / "pairs.jsonl"
         n_pairs = repeated_pairs(Path(args.pairs), args.repeat, pairs_file)
         print(f"model={args.model} pairs={n_pairs} components={args.components} batch_pairs={args.batch_pairs}")

@@ -14,14 +14,16 @@ from examples.tiny_gpt2 import EOS, build_tokenizer, corpus
 from worker.pairs import Pair
 
 
-def build_gpt2_small(out_dir: str | Path) -> Path:
+def build_gpt2_small(out_dir: str | Path, **shape) -> Path:
+    """`GPT2Config()` by default; `shape` overrides fields (n_layer, n_embd, n_positions, ...)."""
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         return out_dir
     tokenizer = build_tokenizer(corpus())
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(bos_token_id=eos_id, eos_token_id=eos_id)).save_pretrained(out_dir)
+    config = GPT2Config(bos_token_id=eos_id, eos_token_id=eos_id, **shape)
+    GPT2LMHeadModel(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

@@ -24,20 +24,25 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS)
-    parser.add_argument("--model-dir", default=f"{tempfile.gettempdir()}/patchsweep-gpt2-small")
+    parser.add_argument("--method", default="auto", choices=["auto", "trace", "reuse"])
+    parser.add_argument("--n-layer", type=int, default=12)
+    parser.add_argument("--n-embd", type=int, default=768)
     args = parser.parse_args()
 
-    model = load_model(str(build_gpt2_small(args.model_dir)), args.device, args.dtype)
+    shape = {"n_layer": args.n_layer, "n_embd": args.n_embd, "n_positions": max(1024, args.tokens)}
+    model_dir = f"{tempfile.gettempdir()}/patchsweep-gpt2-{args.n_layer}x{args.n_embd}"
+    model = load_model(str(build_gpt2_small(model_dir, **shape)), args.device, args.dtype)
     components = args.components.split(",")
     pairs = synthetic_pairs(args.pairs, args.tokens)
-    patch_batch(model, pairs[:1], components, max_batch_tokens=args.max_batch_tokens)  # warm-up
+    options = {"max_batch_tokens": args.max_batch_tokens, "method": args.method}
+    patch_batch(model, pairs[:1], components, **options)  # warm-up
     start = time.perf_counter()
-    result = patch_batch(model, pairs, components, max_batch_tokens=args.max_batch_tokens)
+    result = patch_batch(model, pairs, components, **options)
     seconds = time.perf_counter() - start
     peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"device={model.device} dtype={args.dtype} threads={torch.get_num_threads()} "
+    print(f"model={args.n_layer} layers x {args.n_embd} wide, device={model.device} dtype={args.dtype} threads={torch.get_num_threads()} "
           f"pairs={len(pairs)} tokens={args.tokens} components={args.components} "
-          f"max_batch_tokens={args.max_batch_tokens}")
+          f"max_batch_tokens={args.max_batch_tokens} method={args.method}")
     print(f"effects rows={result.effects.num_rows} seconds={seconds:.2f} "
           f"s/pair={seconds / len(pairs):.3f} pairs/s={len(pairs) / seconds:.2f} "
           f"peak_rss={peak_rss_gb:.2f} GiB")

@@ -22,10 +22,11 @@ def by_cell(effects, column):
     return {(r["pair_id"], r["component"], r["layer"], r["position"]): r[column] for r in rows}
 
 
+@pytest.mark.parametrize("method", ["trace", "reuse"])
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-def test_matches_hook_reference_for_every_cell(tiny_model, hf_model, ioi_pairs, direction):
-    # A small token budget forces several traces per length group and pairs split across traces.
-    result = patch_batch(tiny_model, ioi_pairs, COMPONENTS, direction, max_batch_tokens=40 * 16)
+def test_matches_hook_reference_for_every_cell(tiny_model, hf_model, ioi_pairs, direction, method):
+    # A small token budget forces several traces (or pair groups and row chunks) per length group.
+    result = patch_batch(tiny_model, ioi_pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, method=method)
     logit_diffs, scores = by_cell(result.effects, "logit_diff"), by_cell(result.effects, "score")
     baselines = {r["pair_id"]: r for r in result.pairs.to_pylist()}
     assert len({p.n_tokens for p in ioi_pairs}) == 3
@@ -79,6 +80,24 @@ def test_positions_before_first_difference_score_zero_at_layer_zero(tiny_model, 
             assert row["score"] == pytest.approx(0.0, abs=TOL)
             checked += 1
     assert checked > 0
+
+
+def test_reuse_and_trace_agree_in_bfloat16_too(tiny_model_dir, ioi_pairs):
+    from worker import load_model
+
+    model = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    trace = by_cell(patch_batch(model, ioi_pairs, COMPONENTS, method="trace").effects, "logit_diff")
+    reuse = by_cell(patch_batch(model, ioi_pairs, COMPONENTS, method="reuse").effects, "logit_diff")
+    assert trace.keys() == reuse.keys()
+    assert max(abs(trace[k] - reuse[k]) for k in trace) < 0.25   # bfloat16 keeps ~3 significant digits
+
+
+def test_auto_method_picks_reuse_for_gpt2_and_rejects_unknown(tiny_model, ioi_pairs):
+    from worker.reuse import resolve_method
+
+    assert resolve_method(tiny_model, "auto") == "reuse"
+    with pytest.raises(ValueError, match="method"):
+        patch_batch(tiny_model, ioi_pairs, ["resid"], method="fastest")
 
 
 def test_padding_free_grouping_equals_solo_runs(tiny_model, ioi_pairs):

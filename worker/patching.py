@@ -5,7 +5,8 @@ baselines and the donors), then one row per patched cell. Walking the layers in 
 order, each (component, layer) gets one row-indexed write that copies the donor rows'
 activations at each row's position into the receiving rows, so clean, corrupted and every
 patched run come out of a single batched forward. Only the last position's logits are
-computed, and only the two answer columns are read.
+computed, and only the two answer columns are read. Cells before a pair's first differing
+token are never run: their activations are identical in both prompts, so the score is 0.
 """
 from __future__ import annotations
 
@@ -18,19 +19,12 @@ import torch
 from nnsight import TransformersModel
 
 from worker.pairs import Pair
+from worker.reuse import resolve_method, reuse_logit_diffs
+from worker.sites import COMPONENTS, FORWARD_ORDER, Cell, component_output
 from worker.tables import effects_table, empty_effects, pairs_table
 
-COMPONENTS = ("resid", "attn", "mlp")
-FORWARD_ORDER = ("attn", "mlp", "resid")
 DIRECTIONS = ("denoise", "noise")
 DEFAULT_MAX_BATCH_TOKENS = 4096
-
-
-@dataclass(frozen=True)
-class Cell:
-    component: str
-    layer: int
-    position: int
 
 
 @dataclass(frozen=True)
@@ -146,17 +140,6 @@ def plan_trace(
     )
 
 
-def component_output(model: TransformersModel, component: str, layer: int) -> torch.Tensor:
-    """The activation patched for `component`: block output, attention output or MLP output.
-
-    Blocks and attention return tuples on some transformers versions; element 0 is the
-    hidden state, while indexing a plain tensor with [0] would select batch row 0.
-    """
-    block = model.transformer.h[layer]
-    output = {"resid": block, "attn": block.attn, "mlp": block.mlp}[component].output
-    return output[0] if isinstance(output, tuple) else output
-
-
 def run_trace(model: TransformersModel, plan: TracePlan) -> torch.Tensor:
     """Logit difference (correct minus incorrect, last position) of every row of `plan`."""
     device = model.device
@@ -186,33 +169,48 @@ def normalized_score(logit_diff: torch.Tensor, clean: torch.Tensor, corrupted: t
     return (logit_diff - clean) / (corrupted - clean)
 
 
+def trace_logit_diffs(
+    model: TransformersModel,
+    pairs: Sequence[Pair],
+    cells: Sequence[Cell],
+    work: Sequence[tuple[int, int]],
+    direction: str,
+    max_batch_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clean and corrupted logit diffs per pair, and the patched one per `work` item, by nnsight traces."""
+    clean = torch.full((len(pairs),), float("nan"))
+    corrupted = torch.full((len(pairs),), float("nan"))
+    values = []
+    for chunk in split_into_traces(work, max_batch_tokens // pairs[0].n_tokens):
+        plan = plan_trace(pairs, cells, chunk, direction)
+        logit_diff = run_trace(model, plan)
+        n_base = 2 * len(plan.pair_indices)
+        index = torch.tensor(plan.pair_indices)
+        clean[index] = logit_diff[0:n_base:2]
+        corrupted[index] = logit_diff[1:n_base:2]
+        values.append(logit_diff[n_base:])
+    return clean, corrupted, torch.cat(values)
+
+
 def patch_group(
     model: TransformersModel,
     pairs: Sequence[Pair],
     components: Sequence[str],
     direction: str,
     max_batch_tokens: int,
+    method: str,
 ) -> tuple[dict[str, list], torch.Tensor, torch.Tensor]:
     """Patch pairs that share one token length; returns effect columns and both baselines."""
     n_tokens = pairs[0].n_tokens
     assert all(p.n_tokens == n_tokens for p in pairs), "patch_group needs equal-length pairs"
     cells = patch_cells(components, len(model.transformer.h), n_tokens)
-    clean = torch.full((len(pairs),), float("nan"))
-    corrupted = torch.full((len(pairs),), float("nan"))
-    patched = torch.empty(len(pairs), len(cells))
-    ran = torch.zeros(len(pairs), len(cells), dtype=torch.bool)
-    for work in split_into_traces(cells_to_run(pairs, cells), max_batch_tokens // n_tokens):
-        plan = plan_trace(pairs, cells, work, direction)
-        logit_diff = run_trace(model, plan)
-        n_base = 2 * len(plan.pair_indices)
-        index = torch.tensor(plan.pair_indices)
-        clean[index] = logit_diff[0:n_base:2]
-        corrupted[index] = logit_diff[1:n_base:2]
-        pair_idx, cell_idx = (torch.tensor(column) for column in zip(*plan.patched))
-        patched[pair_idx, cell_idx] = logit_diff[n_base:]
-        ran[pair_idx, cell_idx] = True
+    work = cells_to_run(pairs, cells)
+    compute = reuse_logit_diffs if method == "reuse" else trace_logit_diffs
+    clean, corrupted, values = compute(model, pairs, cells, work, direction, max_batch_tokens)
     receiver = corrupted if direction == "denoise" else clean
-    patched = torch.where(ran, patched, receiver[:, None])
+    patched = receiver[:, None].repeat(1, len(cells))
+    pair_idx, cell_idx = (torch.tensor(column) for column in zip(*work))
+    patched[pair_idx, cell_idx] = values
     scores = normalized_score(patched, clean[:, None], corrupted[:, None], direction)
     columns = {
         "pair_id": [p.pair_id for p in pairs for _ in cells],
@@ -231,21 +229,26 @@ def patch_batch(
     components: Sequence[str] = COMPONENTS,
     direction: str = "denoise",
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    method: str = "auto",
 ) -> PatchResult:
     """Patch every (component, layer, position) of every pair; the `effects` and `pairs` tables.
 
     Pairs of different token lengths are patched in separate equal-length groups, so
     padding never shifts a position. `max_batch_tokens` bounds rows x tokens per forward,
-    which bounds activation memory for long prompts and deep models.
+    which bounds activation memory for long prompts and deep models. `method="trace"` runs
+    every patch inside one nnsight trace per batch; `"reuse"` reads the clean and corrupted
+    activations with nnsight and recomputes only what a patch changes (worker/reuse.py);
+    `"auto"` takes `reuse` where the model supports it.
     """
     check_options(components, direction)
+    method = resolve_method(model, method)
     groups: dict[int, list[int]] = defaultdict(list)
     for index, pair in enumerate(pairs):
         groups[pair.n_tokens].append(index)
     effect_parts, clean_ld, corrupted_ld = [], [0.0] * len(pairs), [0.0] * len(pairs)
     for indices in groups.values():
         group = [pairs[i] for i in indices]
-        columns, clean, corrupted = patch_group(model, group, components, direction, max_batch_tokens)
+        columns, clean, corrupted = patch_group(model, group, components, direction, max_batch_tokens, method)
         effect_parts.append(effects_table(columns, direction))
         for i, c, k in zip(indices, clean.tolist(), corrupted.tolist()):
             clean_ld[i], corrupted_ld[i] = c, k

@@ -1,0 +1,180 @@
+"""Patching by recomputing only what a patch changes (below nnsight, checked against it).
+
+A patch at (layer l, position t) leaves every layer below l and every position before t
+exactly as in the receiving run. So one nnsight trace reads the clean and corrupted
+activations of each pair (block inputs, attention and MLP outputs), and each patched run
+is rebuilt from there: the receiver's layer-l output on positions t..T-1 with position t
+patched, then blocks l+1..L-1 on those positions only, attending to the receiver's cached
+keys and values for positions before t. That costs about (L-l)(T-t) token-layers instead
+of L*T. Rows that share t are batched; rows join the batch at the layer they patch.
+Only the last position's final hidden state is unembedded, on the two answer columns.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import nnsight
+import torch
+import torch.nn.functional as F
+from nnsight import TransformersModel
+from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+from worker.pairs import Pair
+from worker.sites import Cell, component_output
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Of 2P rows (clean, corrupted per pair): block inputs for layers 0..L (the last is the
+    final block's output), attention and MLP outputs per layer, and the logit differences."""
+    resid: list[torch.Tensor]
+    attn: list[torch.Tensor]
+    mlp: list[torch.Tensor]
+    logit_diff: torch.Tensor
+
+
+def resolve_method(model: TransformersModel, method: str) -> str:
+    if method not in ("auto", "trace", "reuse"):
+        raise ValueError(f"method must be auto, trace or reuse, got {method!r}")
+    supported = all(isinstance(block, GPT2Block) for block in model._module.transformer.h)
+    if method == "reuse" and not supported:
+        raise ValueError("method='reuse' needs GPT2Block layers; use method='trace'")
+    return "reuse" if method == "auto" and supported else ("trace" if method == "auto" else method)
+
+
+def baseline_rows(pairs: Sequence[Pair]) -> torch.Tensor:
+    return torch.tensor([ids for pair in pairs for ids in (pair.clean_ids, pair.corrupted_ids)])
+
+
+def read_activations(model: TransformersModel, pairs: Sequence[Pair]) -> Activations:
+    """One nnsight trace over the clean and corrupted prompts, saving every activation a patch needs."""
+    device = model.device
+    input_ids = baseline_rows(pairs).to(device)
+    answers = torch.tensor([[p.correct_id, p.incorrect_id] for p in pairs for _ in range(2)], device=device)
+    n_layers = len(model.transformer.h)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    with torch.inference_mode(), model.trace(inputs, logits_to_keep=1):
+        saved = nnsight.save({"resid": [model.transformer.drop.output], "attn": [], "mlp": []})
+        for layer in range(n_layers):
+            saved["attn"].append(component_output(model, "attn", layer))
+            saved["mlp"].append(component_output(model, "mlp", layer))
+            saved["resid"].append(component_output(model, "resid", layer))
+        answer_logits = model.lm_head.output[:, -1, :].gather(1, answers).float()
+        logit_diff = (answer_logits[:, 0] - answer_logits[:, 1]).save()
+    return Activations(saved["resid"], saved["attn"], saved["mlp"], logit_diff.cpu())
+
+
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return x.view(*x.shape[:-1], -1, head_dim).transpose(1, 2)
+
+
+def keys_and_values(block: GPT2Block, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    attn = block.attn
+    _, keys, values = attn.c_attn(block.ln_1(hidden)).split(attn.split_size, dim=2)
+    return split_heads(keys, attn.head_dim), split_heads(values, attn.head_dim)
+
+
+def block_on_suffix(block: GPT2Block, hidden: torch.Tensor, prefix_keys: torch.Tensor,
+                    prefix_values: torch.Tensor) -> torch.Tensor:
+    """A GPT-2 block on positions t..T-1 of each row, given the keys and values of positions 0..t-1."""
+    attn, start, length = block.attn, prefix_keys.shape[2], hidden.shape[1]
+    queries, keys, values = attn.c_attn(block.ln_1(hidden)).split(attn.split_size, dim=2)
+    queries, keys, values = (split_heads(x, attn.head_dim) for x in (queries, keys, values))
+    keys, values = torch.cat([prefix_keys, keys], dim=2), torch.cat([prefix_values, values], dim=2)
+    causal = (torch.arange(length, device=hidden.device)[:, None] + start
+              >= torch.arange(start + length, device=hidden.device)[None, :])
+    mixed = F.scaled_dot_product_attention(queries, keys, values, attn_mask=causal, scale=attn.scaling)
+    hidden = hidden + attn.c_proj(mixed.transpose(1, 2).reshape(*hidden.shape[:2], -1))
+    return hidden + block.mlp(block.ln_2(hidden))
+
+
+def patched_layer_output(block: GPT2Block, acts: Activations, component: str, layer: int, start: int,
+                         receivers: torch.Tensor, donors: torch.Tensor) -> torch.Tensor:
+    """Layer `layer`'s output on positions start..T-1 of each receiver row, patched at `start`."""
+    suffix = acts.resid[layer + 1][receivers, start:].clone()
+    if component == "resid":
+        suffix[:, 0] = acts.resid[layer + 1][donors, start]
+    elif component == "mlp":
+        suffix[:, 0] += acts.mlp[layer][donors, start] - acts.mlp[layer][receivers, start]
+    else:
+        middle = acts.resid[layer][receivers, start] + acts.attn[layer][donors, start]
+        suffix[:, 0] = middle + block.mlp(block.ln_2(middle))
+    return suffix
+
+
+def answer_logit_diff(model: TransformersModel, hidden_last: torch.Tensor,
+                      answers: torch.Tensor) -> torch.Tensor:
+    """Correct minus incorrect logit from final hidden states, reading only the two answer columns."""
+    module = model._module
+    final = module.transformer.ln_f(hidden_last)
+    weight = module.lm_head.weight[answers]                       # [rows, 2, d_model]
+    logits = torch.einsum("rd,rkd->rk", final, weight).float()
+    if module.lm_head.bias is not None:
+        logits = logits + module.lm_head.bias[answers].float()
+    return logits[:, 0] - logits[:, 1]
+
+
+def run_rows(model: TransformersModel, acts: Activations, prefix: list[tuple[torch.Tensor, torch.Tensor]],
+             rows: list[tuple[int, Cell]], start: int, direction: str, answers: torch.Tensor) -> torch.Tensor:
+    """Patched logit diffs of rows (pair index, cell) that all patch position `start`."""
+    blocks = model._module.transformer.h
+    device = acts.resid[0].device
+    shift = 1 if direction == "denoise" else 0
+    hidden, order = None, []
+    for layer, block in enumerate(blocks):
+        if hidden is not None:
+            pair_rows = torch.tensor([pair for pair, _ in order], device=device)
+            keys, values = prefix[layer]
+            hidden = block_on_suffix(block, hidden, keys[pair_rows, :, :start], values[pair_rows, :, :start])
+        for component in ("resid", "attn", "mlp"):
+            joining = [(pair, cell) for pair, cell in rows if cell.layer == layer and cell.component == component]
+            if not joining:
+                continue
+            pairs = torch.tensor([pair for pair, _ in joining], device=device)
+            new = patched_layer_output(block, acts, component, layer, start,
+                                       receivers=2 * pairs + shift, donors=2 * pairs + 1 - shift)
+            hidden = new if hidden is None else torch.cat([hidden, new])
+            order += joining
+    pair_rows = torch.tensor([pair for pair, _ in order], device=device)
+    values = answer_logit_diff(model, hidden[:, -1], answers[pair_rows]).cpu()
+    position_of = {(pair, cell): i for i, (pair, cell) in enumerate(order)}
+    return values[torch.tensor([position_of[row] for row in rows])]
+
+
+def reuse_logit_diffs(
+    model: TransformersModel,
+    pairs: Sequence[Pair],
+    cells: Sequence[Cell],
+    work: Sequence[tuple[int, int]],
+    direction: str,
+    max_batch_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same contract as the trace path: baselines per pair and one patched logit diff per work item.
+
+    Pairs are taken in groups whose clean and corrupted prompts fit `max_batch_tokens`, and
+    each group's rows are run in chunks of at most `max_batch_tokens // T` rows.
+    """
+    n_tokens = pairs[0].n_tokens
+    pairs_per_group = max(1, max_batch_tokens // (2 * n_tokens))
+    rows_per_chunk = max(1, max_batch_tokens // n_tokens)
+    values = torch.empty(len(work))
+    logit_diffs = []
+    with torch.inference_mode():
+        for first in range(0, len(pairs), pairs_per_group):
+            group = pairs[first:first + pairs_per_group]
+            acts = read_activations(model, group)
+            logit_diffs.append(acts.logit_diff)
+            receivers = slice(1, None, 2) if direction == "denoise" else slice(0, None, 2)
+            prefix = [keys_and_values(block, acts.resid[layer][receivers])
+                      for layer, block in enumerate(model._module.transformer.h)]
+            answers = torch.tensor([[p.correct_id, p.incorrect_id] for p in group], device=acts.resid[0].device)
+            mine = [i for i, (pair, _) in enumerate(work) if first <= pair < first + len(group)]
+            for start in sorted({cells[work[i][1]].position for i in mine}):
+                at_start = [i for i in mine if cells[work[i][1]].position == start]
+                for chunk in range(0, len(at_start), rows_per_chunk):
+                    indices = at_start[chunk:chunk + rows_per_chunk]
+                    rows = [(work[i][0] - first, cells[work[i][1]]) for i in indices]
+                    values[torch.tensor(indices)] = run_rows(model, acts, prefix, rows, start, direction, answers)
+    logit_diff = torch.cat(logit_diffs)
+    return logit_diff[0::2], logit_diff[1::2], values

@@ -1,0 +1,28 @@
+"""Where patches go: the patchable components of a GPT-2 block and how to reach them in nnsight."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from nnsight import TransformersModel
+
+COMPONENTS = ("resid", "attn", "mlp")
+FORWARD_ORDER = ("attn", "mlp", "resid")
+
+
+@dataclass(frozen=True)
+class Cell:
+    component: str
+    layer: int
+    position: int
+
+
+def component_output(model: TransformersModel, component: str, layer: int) -> torch.Tensor:
+    """The activation patched for `component`: block output, attention output or MLP output.
+
+    Blocks and attention return tuples on some transformers versions; element 0 is the
+    hidden state, while indexing a plain tensor with [0] would select batch row 0.
+    """
+    block = model.transformer.h[layer]
+    output = {"resid": block, "attn": block.attn, "mlp": block.mlp}[component].output
+    return output[0] if isinstance(output, tuple) else output
