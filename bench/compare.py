@@ -11,7 +11,6 @@ block outputs). Every method's logit differences are compared with the worker's.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import subprocess
 import sys

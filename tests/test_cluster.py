@@ -13,7 +13,6 @@ import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 import ray
 import yaml
 from ray.cluster_utils import Cluster

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from transformers import GPT2LMHeadModel
 
 from tests.reference import reference_patching

@@ -1,7 +1,6 @@
 """report.html: one inlined plotly.js, a heatmap per component, rendered by headless Chromium."""
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 
