@@ -47,8 +47,11 @@ def baseline_rows(pairs: Sequence[Pair]) -> torch.Tensor:
     return torch.tensor([ids for pair in pairs for ids in (pair.clean_ids, pair.corrupted_ids)])
 
 
-def read_activations(model: TransformersModel, pairs: Sequence[Pair]) -> Activations:
-    """One nnsight trace over the clean and corrupted prompts, saving every activation a patch needs."""
+def read_activations(model: TransformersModel, pairs: Sequence[Pair], components: set[str]) -> Activations:
+    """One nnsight trace over the clean and corrupted prompts, saving every activation a patch needs.
+
+    Attention and MLP outputs are kept only for the components being patched.
+    """
     device = model.device
     input_ids = baseline_rows(pairs).to(device)
     answers = torch.tensor([[p.correct_id, p.incorrect_id] for p in pairs for _ in range(2)], device=device)
@@ -57,8 +60,9 @@ def read_activations(model: TransformersModel, pairs: Sequence[Pair]) -> Activat
     with torch.inference_mode(), model.trace(inputs, logits_to_keep=1):
         saved = nnsight.save({"resid": [model.transformer.drop.output], "attn": [], "mlp": []})
         for layer in range(n_layers):
-            saved["attn"].append(component_output(model, "attn", layer))
-            saved["mlp"].append(component_output(model, "mlp", layer))
+            for component in ("attn", "mlp"):
+                if component in components:
+                    saved[component].append(component_output(model, component, layer))
             saved["resid"].append(component_output(model, "resid", layer))
         answer_logits = model.lm_head.output[:, -1, :].gather(1, answers).float()
         logit_diff = (answer_logits[:, 0] - answer_logits[:, 1]).save()
@@ -163,7 +167,7 @@ def reuse_logit_diffs(
     with torch.inference_mode():
         for first in range(0, len(pairs), pairs_per_group):
             group = pairs[first:first + pairs_per_group]
-            acts = read_activations(model, group)
+            acts = read_activations(model, group, {cell.component for cell in cells})
             logit_diffs.append(acts.logit_diff)
             receivers = slice(1, None, 2) if direction == "denoise" else slice(0, None, 2)
             prefix = [keys_and_values(block, acts.resid[layer][receivers])
