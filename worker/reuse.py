@@ -21,7 +21,7 @@ from nnsight import TransformersModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from worker.pairs import Pair
-from worker.sites import Cell, component_output
+from worker.sites import COMPONENTS, Cell, component_output
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def run_rows(model: TransformersModel, acts: Activations, prefix: list[tuple[tor
             pair_rows = torch.tensor([pair for pair, _ in order], device=device)
             keys, values = prefix[layer]
             hidden = block_on_suffix(block, hidden, keys[pair_rows, :, :start], values[pair_rows, :, :start])
-        for component in ("resid", "attn", "mlp"):
+        for component in COMPONENTS:
             joining = [(pair, cell) for pair, cell in rows if cell.layer == layer and cell.component == component]
             if not joining:
                 continue
