@@ -20,7 +20,7 @@ from nnsight import TransformersModel
 
 from worker.pairs import Pair
 from worker.reuse import resolve_method, reuse_logit_diffs
-from worker.sites import COMPONENTS, FORWARD_ORDER, Cell, component_output
+from worker.sites import COMPONENTS, FORWARD_ORDER, Cell, component_output, traced_logit_diff
 from worker.tables import effects_table, empty_effects, pairs_table
 
 DIRECTIONS = ("denoise", "noise")
@@ -42,7 +42,6 @@ class TracePlan:
     correct_ids: torch.Tensor
     incorrect_ids: torch.Tensor
     writes: dict[tuple[str, int], Write]
-    patched: list[tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -136,7 +135,6 @@ def plan_trace(
         correct_ids=torch.tensor([pairs[p].correct_id for p in answer_rows]),
         incorrect_ids=torch.tensor([pairs[p].incorrect_id for p in answer_rows]),
         writes=writes,
-        patched=list(work),
     )
 
 
@@ -156,8 +154,7 @@ def run_trace(model: TransformersModel, plan: TracePlan) -> torch.Tensor:
                 if write is not None:
                     act = component_output(model, component, layer)
                     act[write.rows, write.positions] = act[write.donors, write.positions]
-        answer_logits = model.lm_head.output[:, -1, :].gather(1, answers).float()
-        logit_diff = (answer_logits[:, 0] - answer_logits[:, 1]).save()
+        logit_diff = traced_logit_diff(model, answers).save()
     return logit_diff.cpu()
 
 

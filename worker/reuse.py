@@ -21,7 +21,7 @@ from nnsight import TransformersModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from worker.pairs import Pair
-from worker.sites import COMPONENTS, Cell, component_output
+from worker.sites import COMPONENTS, Cell, component_output, traced_logit_diff
 
 
 @dataclass(frozen=True)
@@ -47,14 +47,15 @@ def baseline_rows(pairs: Sequence[Pair]) -> torch.Tensor:
     return torch.tensor([ids for pair in pairs for ids in (pair.clean_ids, pair.corrupted_ids)])
 
 
-def read_activations(model: TransformersModel, pairs: Sequence[Pair], components: set[str]) -> Activations:
+def read_activations(model: TransformersModel, pairs: Sequence[Pair], answers: torch.Tensor,
+                     components: set[str]) -> Activations:
     """One nnsight trace over the clean and corrupted prompts, saving every activation a patch needs.
 
     Attention and MLP outputs are kept only for the components being patched.
     """
     device = model.device
     input_ids = baseline_rows(pairs).to(device)
-    answers = torch.tensor([[p.correct_id, p.incorrect_id] for p in pairs for _ in range(2)], device=device)
+    row_answers = answers.repeat_interleave(2, dim=0)
     n_layers = len(model.transformer.h)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     with torch.inference_mode(), model.trace(inputs, logits_to_keep=1):
@@ -64,8 +65,7 @@ def read_activations(model: TransformersModel, pairs: Sequence[Pair], components
                 if component in components:
                     saved[component].append(component_output(model, component, layer))
             saved["resid"].append(component_output(model, "resid", layer))
-        answer_logits = model.lm_head.output[:, -1, :].gather(1, answers).float()
-        logit_diff = (answer_logits[:, 0] - answer_logits[:, 1]).save()
+        logit_diff = traced_logit_diff(model, row_answers).save()
     return Activations(saved["resid"], saved["attn"], saved["mlp"], logit_diff.cpu())
 
 
@@ -167,12 +167,12 @@ def reuse_logit_diffs(
     with torch.inference_mode():
         for first in range(0, len(pairs), pairs_per_group):
             group = pairs[first:first + pairs_per_group]
-            acts = read_activations(model, group, {cell.component for cell in cells})
+            answers = torch.tensor([[p.correct_id, p.incorrect_id] for p in group], device=model.device)
+            acts = read_activations(model, group, answers, {cell.component for cell in cells})
             logit_diffs.append(acts.logit_diff)
             receivers = slice(1, None, 2) if direction == "denoise" else slice(0, None, 2)
             prefix = [keys_and_values(block, acts.resid[layer][receivers])
                       for layer, block in enumerate(model._module.transformer.h)]
-            answers = torch.tensor([[p.correct_id, p.incorrect_id] for p in group], device=acts.resid[0].device)
             mine = [i for i, (pair, _) in enumerate(work) if first <= pair < first + len(group)]
             for start in sorted({cells[work[i][1]].position for i in mine}):
                 at_start = [i for i in mine if cells[work[i][1]].position == start]
