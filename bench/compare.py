@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 from transformers import GPT2LMHeadModel
 
-from bench.driver_throughput import repeated_pairs
+from bench.driver_throughput import repeated_pairs, run_driver
 from bench.gpt2_small import build_gpt2_small
 from bench.seed_shape import seed_shape_patching
 from jobs.pairfile import read_pairs
@@ -41,11 +39,8 @@ def by_key(rows: list[dict]) -> dict:
 
 
 def driver_run(pairs_file: Path, model_dir: str, workers: int, out: Path) -> tuple[float, dict]:
-    start = time.perf_counter()
-    subprocess.run([sys.executable, str(REPO / "driver.py"), "--pairs", str(pairs_file), "--model", model_dir,
-                    "--out", str(out), "--components", "resid", "--workers", str(workers), "--device", "cpu"],
-                   check=True, capture_output=True)
-    return time.perf_counter() - start, by_key(pq.read_table(out / "effects").to_pylist())
+    seconds = run_driver(pairs_file, model_dir, workers, out)
+    return seconds, by_key(pq.read_table(out / "effects").to_pylist())
 
 
 def main() -> None:

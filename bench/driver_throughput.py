@@ -26,6 +26,17 @@ def repeated_pairs(source: Path, repeat: int, target: Path) -> int:
     return len(copies)
 
 
+def run_driver(pairs_file: Path, model: str, workers: int, out: Path, components: str = "resid",
+               batch_pairs: int = 32) -> float:
+    """Run the driver end to end on CPU actors; its wall time in seconds."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(REPO / "driver.py"), "--pairs", str(pairs_file), "--model", model,
+                    "--out", str(out), "--components", components, "--workers", str(workers),
+                    "--device", "cpu", "--batch-pairs", str(batch_pairs)],
+                   check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="examples/tiny-gpt2")
@@ -45,13 +56,7 @@ def main() -> None:
         print(f"model={args.model} pairs={n_pairs} components={args.components} batch_pairs={args.batch_pairs}")
         for workers in args.workers:
             out = Path(scratch) / f"run-{workers}"
-            start = time.perf_counter()
-            subprocess.run([sys.executable, str(REPO / "driver.py"), "--pairs", str(pairs_file),
-                            "--model", model, "--out", str(out), "--components", args.components,
-                            "--workers", str(workers), "--device", "cpu",
-                            "--batch-pairs", str(args.batch_pairs)],
-                           check=True, capture_output=True)
-            wall = time.perf_counter() - start
+            wall = run_driver(pairs_file, model, workers, out, args.components, args.batch_pairs)
             shard_seconds = sum(s["seconds"] for s in json.loads((out / "manifest.json").read_text())["shards"])
             print(f"workers={workers} wall={wall:.1f}s pairs/s={n_pairs / wall:.2f} "
                   f"(shard compute {shard_seconds:.1f}s summed over shards)")

@@ -10,6 +10,9 @@ from examples.tiny_gpt2 import build_tiny_gpt2
 from jobs.pairfile import parse_record
 from worker import load_model, load_tokenizer
 
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE_PAIRS = REPO / "examples" / "pairs.jsonl"
+
 IOI_LINES = [
     ("When John and Mary went to the store, Mary gave a drink to",
      "When John and Mary went to the store, John gave a drink to", " John", " Mary"),

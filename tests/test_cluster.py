@@ -19,9 +19,8 @@ from ray.cluster_utils import Cluster
 
 from jobs.run import run_job
 from jobs.spec import JobSpec
+from tests.conftest import EXAMPLE_PAIRS, REPO
 
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLE_PAIRS = REPO / "examples" / "pairs.jsonl"
 RAY = str(Path(sys.executable).parent / "ray")
 
 

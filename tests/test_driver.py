@@ -13,12 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.pairfile import read_pairs
-from tests.conftest import write_jsonl
+from tests.conftest import EXAMPLE_PAIRS, REPO, write_jsonl
 from worker import patch_batch
 from worker.actor import TEST_FAULT_ENV
 
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLE_PAIRS = REPO / "examples" / "pairs.jsonl"
 TOL = 1e-4
 
 

@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from jobs.ioi import BABA_TEMPLATES, generate_ioi, single_token_names, templates
 from jobs.pairfile import read_pairs
-from tests.conftest import write_jsonl
+from tests.conftest import REPO, write_jsonl
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_fifteen_templates_in_both_orders():

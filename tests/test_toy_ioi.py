@@ -11,8 +11,8 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from examples.toy_ioi.train import HELD_OUT_TEMPLATES, evaluate
 from jobs.tables import query
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 TOY_MODEL = REPO / "examples" / "toy-ioi-gpt2"
 IOI_PAIRS = REPO / "examples" / "ioi_pairs.jsonl"
 
