@@ -6,6 +6,7 @@ Every problem is collected, not raised, so a user sees all bad lines at once as
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,15 +45,40 @@ class PairFile:
     invalid: list[InvalidLine]
 
 
-def answer_token(tokenizer: PreTrainedTokenizerBase, key: str, value: Any) -> tuple[str, int]:
+class Encoder:
+    """A tokenizer with a memory of the strings it has encoded.
+
+    `encode_all` tokenizes many strings in one batched call, which a fast tokenizer runs
+    in parallel: validating 20,000 pairs takes a fraction of the time of four calls a line.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.known: dict[tuple[str, bool], list[int]] = {}
+
+    def encode_all(self, texts: Iterable[Any], special_tokens: bool) -> None:
+        """Encode every string among `texts` (other values are left to validation)."""
+        todo = list({t for t in texts if isinstance(t, str) and (t, special_tokens) not in self.known})
+        if todo:
+            encoded = self.tokenizer(todo, add_special_tokens=special_tokens).input_ids
+            self.known.update(((text, special_tokens), ids) for text, ids in zip(todo, encoded))
+
+    def __call__(self, text: str, special_tokens: bool) -> list[int]:
+        if (text, special_tokens) not in self.known:
+            self.encode_all([text], special_tokens)
+        return self.known[(text, special_tokens)]
+
+
+def answer_token(encoder: Encoder, key: str, value: Any) -> tuple[str, int]:
     """An answer as (text, token id); given either as a one-token string or as a token id."""
+    tokenizer = encoder.tokenizer
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise BadPair(f"{key!r} must be a string or a token id, got {type(value).__name__}")
     if isinstance(value, int):
         if not 0 <= value < len(tokenizer):
             raise BadPair(f"{key!r} token id {value} is outside the vocabulary (0..{len(tokenizer) - 1})")
         return tokenizer.decode([value]), value
-    ids = tokenizer(value, add_special_tokens=False).input_ids
+    ids = encoder(value, special_tokens=False)
     if len(ids) != 1:
         pieces = tokenizer.convert_ids_to_tokens(ids)
         raise BadPair(
@@ -62,23 +88,21 @@ def answer_token(tokenizer: PreTrainedTokenizerBase, key: str, value: Any) -> tu
     return value, ids[0]
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, key: str, value: Any) -> list[int]:
+def prompt_ids(encoder: Encoder, key: str, value: Any) -> list[int]:
     if not isinstance(value, str) or not value:
         raise BadPair(f"{key!r} must be a non-empty string")
-    return tokenizer(value).input_ids
+    return encoder(value, special_tokens=True)
 
 
-def parse_record(
-    record: Any, default_id: str, tokenizer: PreTrainedTokenizerBase, n_ctx: int
-) -> Pair:
+def parse_record(record: Any, default_id: str, encoder: Encoder, n_ctx: int) -> Pair:
     """Validate one decoded JSON line and turn it into a tokenized `Pair`."""
     if not isinstance(record, dict):
         raise BadPair(f"a line must be a JSON object, got {type(record).__name__}")
     missing = [key for key in REQUIRED if key not in record]
     if missing:
         raise BadPair(f"missing key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}")
-    clean_ids = prompt_ids(tokenizer, "clean", record["clean"])
-    corrupted_ids = prompt_ids(tokenizer, "corrupted", record["corrupted"])
+    clean_ids = prompt_ids(encoder, "clean", record["clean"])
+    corrupted_ids = prompt_ids(encoder, "corrupted", record["corrupted"])
     if len(clean_ids) != len(corrupted_ids):
         raise BadPair(
             f"clean and corrupted must tokenize to the same length: lengths {len(clean_ids)} vs {len(corrupted_ids)}"
@@ -87,8 +111,8 @@ def parse_record(
         raise BadPair(f"prompt is {len(clean_ids)} tokens, longer than the model's context of {n_ctx}")
     if clean_ids == corrupted_ids:
         raise BadPair("clean and corrupted tokenize identically, so there is nothing to patch")
-    correct, correct_id = answer_token(tokenizer, "correct", record["correct"])
-    incorrect, incorrect_id = answer_token(tokenizer, "incorrect", record["incorrect"])
+    correct, correct_id = answer_token(encoder, "correct", record["correct"])
+    incorrect, incorrect_id = answer_token(encoder, "incorrect", record["incorrect"])
     if correct_id == incorrect_id:
         raise BadPair("correct and incorrect are the same token")
     pair_id = record.get("id", default_id)
@@ -116,7 +140,7 @@ def parse_record(
         corrupted_ids=tuple(corrupted_ids),
         correct_id=correct_id,
         incorrect_id=incorrect_id,
-        tokens=tuple(tokenizer.convert_ids_to_tokens(clean_ids)),
+        tokens=tuple(encoder.tokenizer.convert_ids_to_tokens(clean_ids)),
         labels=tuple(labels) if labels is not None else None,
         metadata=metadata,
     )
@@ -140,12 +164,36 @@ def decode_line(raw: bytes) -> Any:
         raise BadPair(f"not JSON: {error.msg} (column {error.colno})") from None
 
 
-def read_pairs(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int) -> PairFile:
-    """Validate every line of `path`; good lines become pairs, bad ones `InvalidLine`s."""
-    pairs, invalid, first_line_of = [], [], {}
+def decoded_lines(path: str | Path) -> list[tuple[int, bytes, Any]]:
+    """(line number, raw bytes, the decoded JSON or the `BadPair` saying why it is not)."""
+    lines = []
     for number, raw in read_lines(path):
         try:
-            pair = parse_record(decode_line(raw), str(number - 1), tokenizer, n_ctx)
+            lines.append((number, raw, decode_line(raw)))
+        except BadPair as error:
+            lines.append((number, raw, error))
+    return lines
+
+
+def encoder_for(tokenizer: PreTrainedTokenizerBase, records: list[Any]) -> Encoder:
+    """An encoder that already knows every prompt and answer string of `records`."""
+    objects = [r for r in records if isinstance(r, dict)]
+    encoder = Encoder(tokenizer)
+    encoder.encode_all((r.get(key) for r in objects for key in ("clean", "corrupted")), special_tokens=True)
+    encoder.encode_all((r.get(key) for r in objects for key in ("correct", "incorrect")), special_tokens=False)
+    return encoder
+
+
+def read_pairs(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int) -> PairFile:
+    """Validate every line of `path`; good lines become pairs, bad ones `InvalidLine`s."""
+    lines = decoded_lines(path)
+    encoder = encoder_for(tokenizer, [record for _, _, record in lines])
+    pairs, invalid, first_line_of = [], [], {}
+    for number, raw, record in lines:
+        try:
+            if isinstance(record, BadPair):
+                raise record
+            pair = parse_record(record, str(number - 1), encoder, n_ctx)
             if pair.pair_id in first_line_of:
                 raise BadPair(f"duplicate id {pair.pair_id!r} (first on line {first_line_of[pair.pair_id]})")
         except BadPair as error:

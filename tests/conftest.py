@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from examples.tiny_gpt2 import build_tiny_gpt2
-from jobs.pairfile import parse_record
+from jobs.pairfile import encoder_for, parse_record
 from worker import load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,7 +45,8 @@ def ioi_pairs(tokenizer_and_ctx):
     """Four pairs of three different token lengths."""
     tokenizer, n_ctx = tokenizer_and_ctx
     records = [dict(zip(("clean", "corrupted", "correct", "incorrect"), line)) for line in IOI_LINES]
-    return [parse_record(r, str(i), tokenizer, n_ctx) for i, r in enumerate(records)]
+    encoder = encoder_for(tokenizer, records)
+    return [parse_record(r, str(i), encoder, n_ctx) for i, r in enumerate(records)]
 
 
 def write_jsonl(path: Path, records: list) -> Path:

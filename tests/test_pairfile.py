@@ -32,6 +32,17 @@ def test_good_lines_become_pairs_with_metadata(tmp_path, tokenizer_and_ctx):
     assert first.tokens[1] == "ĠJohn"
 
 
+def test_batched_encoding_equals_one_call_per_string(tmp_path, tokenizer_and_ctx):
+    tokenizer, _ = tokenizer_and_ctx
+    records = [dict(zip(("clean", "corrupted", "correct", "incorrect"), line)) for line in IOI_LINES]
+    _, result = validate(tmp_path, tokenizer_and_ctx, records)
+    for pair, (clean, corrupted, correct, incorrect) in zip(result.pairs, IOI_LINES, strict=True):
+        assert list(pair.clean_ids) == tokenizer(clean).input_ids
+        assert list(pair.corrupted_ids) == tokenizer(corrupted).input_ids
+        assert [pair.correct_id, pair.incorrect_id] == [tokenizer(correct, add_special_tokens=False).input_ids[0],
+                                                       tokenizer(incorrect, add_special_tokens=False).input_ids[0]]
+
+
 @pytest.mark.parametrize("record, reason", [
     ('{"clean": "x",', "not JSON"),
     ("[1, 2]", "must be a JSON object"),

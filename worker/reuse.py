@@ -13,15 +13,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import nnsight
 import torch
 import torch.nn.functional as F
 from nnsight import TransformersModel
-from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from worker.pairs import Pair
 from worker.sites import COMPONENTS, Cell, component_output, traced_logit_diff
+
+if TYPE_CHECKING:  # importing GPT-2's modeling code costs the driver 2 s; a loaded model has it already
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class Activations:
 def resolve_method(model: TransformersModel, method: str) -> str:
     if method not in ("auto", "trace", "reuse"):
         raise ValueError(f"method must be auto, trace or reuse, got {method!r}")
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
     supported = all(isinstance(block, GPT2Block) for block in model._module.transformer.h)
     if method == "reuse" and not supported:
         raise ValueError("method='reuse' needs GPT2Block layers; use method='trace'")

@@ -91,7 +91,7 @@ def evaluate(model, tokenizer, template_indices: list[int], n: int = 600, seed: 
 def patching_signature(model, tokenizer, n: int = 60) -> dict:
     """Mean resid patching score at S2 and END per layer (swap corruption): the IOI shape."""
     from jobs.ioi import generate_ioi
-    from jobs.pairfile import parse_record
+    from jobs.pairfile import encoder_for, parse_record
     from worker.model import load_model
     from worker.patching import patch_batch
 
@@ -99,7 +99,8 @@ def patching_signature(model, tokenizer, n: int = 60) -> dict:
         model.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
         records = generate_ioi(n, seed=123, tokenizer=tokenizer)
-        pairs = [parse_record(r, r["id"], tokenizer, 64) for r in records]
+        encoder = encoder_for(tokenizer, records)
+        pairs = [parse_record(r, r["id"], encoder, 64) for r in records]
         effects = patch_batch(load_model(scratch, device="cpu"), pairs, ["resid"]).effects.to_pylist()
     label_of = {(r["id"], i): label for r in records for i, label in enumerate(r["labels"])}
     signature = {}
