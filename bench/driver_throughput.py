@@ -1,4 +1,5 @@
-"""Pairs per second of the whole driver (Ray start and model load included) for 1..N CPU actors.
+"""Pairs per second of the whole driver (Ray start and model load included) for 1..N CPU actors,
+and of its patch phase alone (first shard sent to last shard written; the part actors scale).
 
     python -m bench.driver_throughput --model examples/tiny-gpt2 --pairs examples/pairs.jsonl --repeat 8
     python -m bench.driver_throughput --model gpt2-small --pairs examples/pairs.jsonl --repeat 2
@@ -57,9 +58,10 @@ def main() -> None:
         for workers in args.workers:
             out = Path(scratch) / f"run-{workers}"
             wall = run_driver(pairs_file, model, workers, out, args.components, args.batch_pairs)
-            shard_seconds = sum(s["seconds"] for s in json.loads((out / "manifest.json").read_text())["shards"])
+            phases = json.loads((out / "manifest.json").read_text())["timings"]["phase_seconds"]
             print(f"workers={workers} wall={wall:.1f}s pairs/s={n_pairs / wall:.2f} "
-                  f"(shard compute {shard_seconds:.1f}s summed over shards)")
+                  f"patch phase {phases['patch']:.1f}s = {n_pairs / phases['patch']:.2f} pairs/s; "
+                  + " ".join(f"{name}={seconds:.1f}s" for name, seconds in phases.items()))
 
 
 if __name__ == "__main__":

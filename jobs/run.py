@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import ray
@@ -54,6 +56,20 @@ class ShardLog:
         return "done" if name in self.finished else "pending"
 
 
+@dataclass
+class Phases:
+    """Wall seconds of each phase of a run, kept in the manifest to show where the time went."""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
 def validated_pairs(spec: JobSpec) -> tuple[list[Pair], list[InvalidLine]]:
     tokenizer, n_ctx = load_tokenizer(spec.model)
     pair_file = read_pairs(spec.pairs, tokenizer, n_ctx)
@@ -80,9 +96,9 @@ def short_error(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def dispatch(spec: JobSpec, shards: list[Shard], actors: list, store: Store, log: ShardLog) -> None:
+def dispatch(spec: JobSpec, shards: list[Shard], actors: list, nodes: list[str], store: Store,
+             log: ShardLog) -> None:
     """Keep every actor busy, write each shard as it returns, record failures by shard."""
-    nodes = actor_nodes(actors)
     queue = list(reversed(shards))
     in_flight: dict = {}
 
@@ -100,21 +116,22 @@ def dispatch(spec: JobSpec, shards: list[Shard], actors: list, store: Store, log
         while in_flight:
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
             shard, actor, started = in_flight.pop(ref)
+            seconds = round(time.perf_counter() - started, 3)
+            submit(actor)  # the actor works on its next shard while this one is written
             try:
                 effects, pairs = ray.get(ref)
                 store.write_shard(shard.name, effects, pairs)
                 log.finished.add(shard.name)
-                log.seconds[shard.name] = round(time.perf_counter() - started, 3)
+                log.seconds[shard.name] = seconds
                 log.nodes[shard.name] = nodes[actor]
             except ray.exceptions.RayError as error:
                 log.failed[shard.name] = short_error(error)
                 progress.write(f"shard {shard.name} failed: {log.failed[shard.name]}", file=sys.stderr)
             progress.update(len(shard.pairs))
-            submit(actor)
 
 
 def manifest(spec: JobSpec, config: dict, shards: list[Shard], log: ShardLog, n_invalid: int,
-             started: float, status: str) -> dict:
+             started: float, phases: Phases, status: str) -> dict:
     return {
         "status": status,
         "config_hash": config_hash(config),
@@ -132,24 +149,30 @@ def manifest(spec: JobSpec, config: dict, shards: list[Shard], log: ShardLog, n_
              "node": log.nodes.get(s.name), "error": log.failed.get(s.name)}
             for s in shards
         ],
-        "timings": {"started_unix": round(started, 3), "wall_seconds": round(time.time() - started, 3)},
+        "timings": {"started_unix": round(started, 3), "wall_seconds": round(time.time() - started, 3),
+                    "phase_seconds": phases.seconds},
     }
 
 
-def compute(spec: JobSpec, todo: list[Shard], store: Store, log: ShardLog) -> None:
-    connect(spec.address)
+def compute(spec: JobSpec, todo: list[Shard], store: Store, log: ShardLog, phases: Phases) -> None:
+    with phases.timed("start_ray"):
+        connect(spec.address)
     try:
-        shape = pool_shape(spec.workers, spec.device)
-        actors = start_actors(shape, spec.model, spec.device, spec.dtype)
-        dispatch(spec, todo, actors, store, log)
+        with phases.timed("start_actors"):
+            actors = start_actors(pool_shape(spec.workers, spec.device), spec.model, spec.device, spec.dtype)
+            nodes = actor_nodes(actors)
+        with phases.timed("patch"):
+            dispatch(spec, todo, actors, nodes, store, log)
     finally:
-        ray.shutdown()
+        with phases.timed("stop_ray"):
+            ray.shutdown()
 
 
 def run_job(spec: JobSpec) -> int:
     """Run (or resume) `spec`; returns the process exit code."""
-    started = time.time()
-    pairs, invalid = validated_pairs(spec)
+    started, phases = time.time(), Phases()
+    with phases.timed("validate"):
+        pairs, invalid = validated_pairs(spec)
     config = spec.config()
     shards = plan_shards(pairs, spec.batch_pairs)
     store = Store(spec.out)
@@ -158,17 +181,18 @@ def run_job(spec: JobSpec) -> int:
         store.write_invalid(invalid)
     log = ShardLog.resumed(store.finished_shards() & {s.name for s in shards}, previous)
     todo = [s for s in shards if s.name not in log.finished]
-    store.write_manifest(manifest(spec, config, shards, log, len(invalid), started, "running"))
+    store.write_manifest(manifest(spec, config, shards, log, len(invalid), started, phases, "running"))
     status = "done"
     try:
         if todo:
-            compute(spec, todo, store, log)
+            compute(spec, todo, store, log, phases)
     except KeyboardInterrupt:
         status = "interrupted"
     if log.failed:
         status = "failed"
-    n_pairs = store.write_pairs_table(log.finished)
-    store.write_manifest(manifest(spec, config, shards, log, len(invalid), started, status))
+    with phases.timed("pairs_table"):
+        n_pairs = store.write_pairs_table(log.finished)
+    store.write_manifest(manifest(spec, config, shards, log, len(invalid), started, phases, status))
     if n_pairs:
         print(build_report(store), file=sys.stderr)
     print(f"{status}: {n_pairs} of {sum(len(s.pairs) for s in shards)} pairs in "

@@ -44,7 +44,6 @@ class JobSpec:
         return config
 
 
-
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -77,6 +77,10 @@ def test_end_to_end_matches_core_and_writes_the_tables(tmp_path, tiny_model_dir,
     assert {s["status"] for s in manifest["shards"]} == {"done"}
     assert len(manifest["shards"]) == len(list((out / "effects").glob("part-*.parquet")))
     assert manifest["versions"]["nnsight"] == "0.8.1"
+    phases = manifest["timings"]["phase_seconds"]
+    assert list(phases) == ["validate", "start_ray", "start_actors", "patch", "stop_ray", "pairs_table"]
+    assert all(seconds >= 0 for seconds in phases.values())
+    assert sum(phases.values()) <= manifest["timings"]["wall_seconds"]
     assert "done: 48 of 48 pairs" in done.stderr
 
 
