@@ -5,6 +5,7 @@ message on stderr and a non-zero exit, never a traceback.
 """
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,8 +21,8 @@ from jobs.spec import DEFAULT_BATCH_PAIRS, JobSpec
 from jobs.report import DRILL_DOWN_PAIRS, build_report
 from jobs.store import OutputConflict, Store
 from jobs.tables import QueryError, format_table, query
-from worker.model import DEFAULT_MODEL, DTYPES, ModelLoadError, load_tokenizer
-from worker.patching import COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, DIRECTIONS, check_options
+from worker.options import (COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MODEL, DIRECTIONS, DTYPE_NAMES,
+                            ModelLoadError, check_options)
 
 EXIT_USAGE = 2
 USER_ERRORS = (JobError, ModelLoadError, OutputConflict, PairFileError, QueryError, ValueError)
@@ -57,7 +58,7 @@ def parse_components(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--address", help="Join a running Ray cluster (auto or HOST:PORT). Default: start a local Ray for this run.")
 @click.option("--workers", type=click.IntRange(min=1), help="Number of actors. Default: one per GPU, or 1 CPU actor.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True, help="Model weights dtype (half types on GPU only).")
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="float32", show_default=True, help="Model weights dtype (half types on GPU only).")
 @click.option("--batch-pairs", type=click.IntRange(min=1), default=DEFAULT_BATCH_PAIRS, show_default=True,
               help="Pairs per shard (the unit of dispatch, output file and resume).")
 @click.option("--max-batch-tokens", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH_TOKENS, show_default=True,
@@ -72,6 +73,7 @@ def cli(ctx: click.Context, pairs: str | None, out: str | None, **options) -> No
     MODEL on a pool of Ray actors, and writes OUT/effects/part-*.parquet (one row per pair and
     cell), OUT/pairs.parquet and OUT/manifest.json. Re-running the same command resumes.
     """
+    gc.freeze()  # the imported libraries live until exit: the collector need not scan them, nor shutdown free them
     if ctx.invoked_subcommand is not None:
         return
     if pairs is None:
@@ -91,6 +93,8 @@ def cli(ctx: click.Context, pairs: str | None, out: str | None, **options) -> No
               help="swap: S2 replaced by IO (the answer flips); abc: IO, S1 and S2 replaced by three unrelated names.")
 def make_ioi(n_pairs: int, seed: int, out: str, model: str, corruption: str) -> None:
     """Write IOI pairs (Wang et al. 2022 templates, both orders) with role labels."""
+    from worker.model import load_tokenizer  # torch and transformers: only the commands that need them load them
+
     with user_errors_reported():
         tokenizer, _ = load_tokenizer(model)
         records = generate_ioi(n_pairs, seed, tokenizer, corruption)

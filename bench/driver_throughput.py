@@ -28,12 +28,12 @@ def repeated_pairs(source: Path, repeat: int, target: Path) -> int:
 
 
 def run_driver(pairs_file: Path, model: str, workers: int, out: Path, components: str = "resid",
-               batch_pairs: int = 32) -> float:
-    """Run the driver end to end on CPU actors; its wall time in seconds."""
+               batch_pairs: int = 32, device: str = "cpu") -> float:
+    """Run the driver end to end (`workers` CPU actors, or GPU actors with device cuda); its wall seconds."""
     start = time.perf_counter()
     subprocess.run([sys.executable, str(REPO / "driver.py"), "--pairs", str(pairs_file), "--model", model,
                     "--out", str(out), "--components", components, "--workers", str(workers),
-                    "--device", "cpu", "--batch-pairs", str(batch_pairs)],
+                    "--device", device, "--batch-pairs", str(batch_pairs)],
                    check=True, capture_output=True)
     return time.perf_counter() - start
 

@@ -12,8 +12,9 @@ import time
 import torch
 
 from bench.gpt2_small import build_gpt2_small, synthetic_pairs
-from worker import load_model, patch_batch
-from worker.patching import DEFAULT_MAX_BATCH_TOKENS
+from worker.model import load_model
+from worker.patching import patch_batch
+from worker.options import DEFAULT_MAX_BATCH_TOKENS
 
 
 def main() -> None:

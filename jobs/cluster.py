@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import ray
 
-from worker.actor import PatchWorker
-
 MAX_RESTARTS = -1       # a dead actor (process exit, OOM kill) always comes back ...
 MAX_TASK_RETRIES = 2    # ... but a shard that keeps killing it is given up and reported
 
@@ -30,9 +28,10 @@ def connect(address: str | None) -> None:
     if address is not None or "RAY_ADDRESS" in os.environ:
         ray.init(address=address, logging_level="WARNING")
     else:
-        # "local" starts a fresh Ray even where a stale `ray start` left its address behind.
+        # "local" starts a fresh Ray even where a stale `ray start` left its address behind;
+        # its warnings are about a cluster the user never asked for (e.g. token auth), so quiet.
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                 logging_level="WARNING")
+                 logging_level="ERROR")
 
 
 def pool_shape(workers: int | None, device: str) -> PoolShape:
@@ -52,6 +51,8 @@ def pool_shape(workers: int | None, device: str) -> PoolShape:
 
 
 def start_actors(shape: PoolShape, model: str, device: str, dtype: str) -> list:
+    from worker.actor import PatchWorker  # torch and nnsight: kept out of the driver's start-up
+
     actor_class = ray.remote(PatchWorker).options(
         num_cpus=shape.num_cpus, num_gpus=shape.num_gpus,
         max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES,

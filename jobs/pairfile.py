@@ -9,12 +9,13 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from worker.pairs import Pair
 from worker.tables import EFFECTS_SCHEMA, PAIR_COLUMNS
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 REQUIRED = ("clean", "corrupted", "correct", "incorrect")
 RESERVED = {name for name, _ in PAIR_COLUMNS} | set(EFFECTS_SCHEMA.names)

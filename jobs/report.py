@@ -20,7 +20,7 @@ import plotly.offline
 from jobs.aggregate import DEFAULT_MIN_GAP, aggregate
 from jobs.store import REPORT_FILE, Store
 from jobs.tables import connect_tables
-from worker.patching import COMPONENTS
+from worker.options import COMPONENTS
 
 DRILL_DOWN_PAIRS = 3
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")

@@ -1,5 +1,7 @@
 """Running one job: validate, shard, dispatch to actors, write each shard as it returns.
 
+The pair file is validated in a thread while Ray starts: loading torch, transformers and
+the tokenizer is most of the driver's start-up, and Ray's start is mostly waiting.
 Each actor has one shard in flight at a time, so the driver holds a bounded number of
 results however large the dataset, and a shard that kills its actor takes no innocent
 queued shard down with it (Ray retries only the task that was running). Each result is
@@ -10,6 +12,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -22,7 +25,6 @@ from jobs.report import build_report
 from jobs.shards import Shard, plan_shards
 from jobs.spec import JobSpec, config_hash, versions
 from jobs.store import Store
-from worker.model import load_tokenizer
 from worker.pairs import Pair
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_INTERRUPTED = 0, 1, 130
@@ -58,21 +60,29 @@ class ShardLog:
 
 @dataclass
 class Phases:
-    """Wall seconds of each phase of a run, kept in the manifest to show where the time went."""
-    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall seconds of each phase of a run, kept in the manifest to show where the time went.
+
+    Phases are listed in the order they began (validation overlaps Ray's start); a phase
+    still under way has no seconds yet.
+    """
+    seconds: dict[str, float | None] = field(default_factory=dict)
 
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
+        self.seconds[name] = None
         try:
             yield
         finally:
             self.seconds[name] = round(time.perf_counter() - start, 3)
 
 
-def validated_pairs(spec: JobSpec) -> tuple[list[Pair], list[InvalidLine]]:
-    tokenizer, n_ctx = load_tokenizer(spec.model)
-    pair_file = read_pairs(spec.pairs, tokenizer, n_ctx)
+def validated_pairs(spec: JobSpec, phases: Phases) -> tuple[list[Pair], list[InvalidLine]]:
+    with phases.timed("validate"):
+        from worker.model import load_tokenizer  # here, in the validation thread: torch loads while Ray starts
+
+        tokenizer, n_ctx = load_tokenizer(spec.model)
+        pair_file = read_pairs(spec.pairs, tokenizer, n_ctx)
     if pair_file.invalid and not spec.skip_invalid:
         lines = "\n".join(map(str, pair_file.invalid))
         raise JobError(f"{lines}\n{len(pair_file.invalid)} invalid line(s) in {spec.pairs}; "
@@ -130,49 +140,51 @@ def dispatch(spec: JobSpec, shards: list[Shard], actors: list, nodes: list[str],
             progress.update(len(shard.pairs))
 
 
-def manifest(spec: JobSpec, config: dict, shards: list[Shard], log: ShardLog, n_invalid: int,
-             started: float, phases: Phases, status: str) -> dict:
-    return {
-        "status": status,
-        "config_hash": config_hash(config),
-        "config": config,
-        "model": spec.model,
-        "components": list(spec.components),
-        "direction": spec.direction,
-        "pairs_file": spec.pairs,
-        "pair_count": sum(len(s.pairs) for s in shards),
-        "invalid_count": n_invalid,
-        "versions": versions(),
-        "shards": [
-            {"name": s.name, "pairs": len(s.pairs), "n_tokens": s.n_tokens,
-             "status": log.status(s.name), "seconds": log.seconds.get(s.name),
-             "node": log.nodes.get(s.name), "error": log.failed.get(s.name)}
-            for s in shards
-        ],
-        "timings": {"started_unix": round(started, 3), "wall_seconds": round(time.time() - started, 3),
-                    "phase_seconds": phases.seconds},
-    }
+@dataclass
+class Job:
+    """One run's state as the manifest reports it."""
+    spec: JobSpec
+    config: dict
+    shards: list[Shard]
+    store: Store
+    log: ShardLog
+    n_invalid: int
+    n_resumed: int
+    started: float
+    phases: Phases
+
+    @property
+    def todo(self) -> list[Shard]:
+        return [s for s in self.shards if s.name not in self.log.finished]
+
+    def manifest(self, status: str) -> dict:
+        spec, log = self.spec, self.log
+        return {
+            "status": status,
+            "config_hash": config_hash(self.config),
+            "config": self.config,
+            "model": spec.model,
+            "components": list(spec.components),
+            "direction": spec.direction,
+            "pairs_file": spec.pairs,
+            "pair_count": sum(len(s.pairs) for s in self.shards),
+            "invalid_count": self.n_invalid,
+            "versions": versions(),
+            "shards": [
+                {"name": s.name, "pairs": len(s.pairs), "n_tokens": s.n_tokens,
+                 "status": log.status(s.name), "seconds": log.seconds.get(s.name),
+                 "node": log.nodes.get(s.name), "error": log.failed.get(s.name)}
+                for s in self.shards
+            ],
+            "timings": {"started_unix": round(self.started, 3),
+                        "wall_seconds": round(time.time() - self.started, 3),
+                        "phase_seconds": self.phases.seconds},
+        }
 
 
-def compute(spec: JobSpec, todo: list[Shard], store: Store, log: ShardLog, phases: Phases) -> None:
-    with phases.timed("start_ray"):
-        connect(spec.address)
-    try:
-        with phases.timed("start_actors"):
-            actors = start_actors(pool_shape(spec.workers, spec.device), spec.model, spec.device, spec.dtype)
-            nodes = actor_nodes(actors)
-        with phases.timed("patch"):
-            dispatch(spec, todo, actors, nodes, store, log)
-    finally:
-        with phases.timed("stop_ray"):
-            ray.shutdown()
-
-
-def run_job(spec: JobSpec) -> int:
-    """Run (or resume) `spec`; returns the process exit code."""
-    started, phases = time.time(), Phases()
-    with phases.timed("validate"):
-        pairs, invalid = validated_pairs(spec)
+def prepare_job(spec: JobSpec, pairs: list[Pair], invalid: list[InvalidLine], started: float,
+                phases: Phases) -> Job:
+    """Plan the shards and open the output; finished shards of an earlier run count as done."""
     config = spec.config()
     shards = plan_shards(pairs, spec.batch_pairs)
     store = Store(spec.out)
@@ -180,23 +192,58 @@ def run_job(spec: JobSpec) -> int:
     if invalid:
         store.write_invalid(invalid)
     log = ShardLog.resumed(store.finished_shards() & {s.name for s in shards}, previous)
-    todo = [s for s in shards if s.name not in log.finished]
-    store.write_manifest(manifest(spec, config, shards, log, len(invalid), started, phases, "running"))
-    status = "done"
+    job = Job(spec, config, shards, store, log, len(invalid), len(log.finished), started, phases)
+    store.write_manifest(job.manifest("running"))
+    return job
+
+
+@contextmanager
+def ray_running(address: str | None, phases: Phases) -> Iterator[None]:
+    with phases.timed("start_ray"):
+        connect(address)
     try:
-        if todo:
-            compute(spec, todo, store, log, phases)
+        yield
+    finally:
+        with phases.timed("stop_ray"):
+            ray.shutdown()
+
+
+def compute(job: Job) -> str:
+    """Patch the job's unfinished shards; "done", or "interrupted" on Ctrl-C."""
+    spec, phases = job.spec, job.phases
+    try:
+        with phases.timed("start_actors"):
+            actors = start_actors(pool_shape(spec.workers, spec.device), spec.model, spec.device, spec.dtype)
+            nodes = actor_nodes(actors)
+        with phases.timed("patch"):
+            dispatch(spec, job.todo, actors, nodes, job.store, job.log)
     except KeyboardInterrupt:
-        status = "interrupted"
-    if log.failed:
+        return "interrupted"
+    return "done"
+
+
+def finish(job: Job, status: str) -> int:
+    """Write the pairs table, the final manifest and the report; the process exit code."""
+    if job.log.failed:
         status = "failed"
-    with phases.timed("pairs_table"):
-        n_pairs = store.write_pairs_table(log.finished)
-    store.write_manifest(manifest(spec, config, shards, log, len(invalid), started, phases, status))
+    with job.phases.timed("pairs_table"):
+        n_pairs = job.store.write_pairs_table(job.log.finished)
+    job.store.write_manifest(job.manifest(status))
     if n_pairs:
-        print(build_report(store), file=sys.stderr)
-    print(f"{status}: {n_pairs} of {sum(len(s.pairs) for s in shards)} pairs in "
-          f"{len(log.finished)} of {len(shards)} shards ({len(shards) - len(todo)} already done, "
-          f"{len(log.failed)} failed, {len(invalid)} invalid lines skipped), "
-          f"{time.time() - started:.1f} s -> {store.uri}", file=sys.stderr)
+        print(build_report(job.store), file=sys.stderr)
+    print(f"{status}: {n_pairs} of {sum(len(s.pairs) for s in job.shards)} pairs in "
+          f"{len(job.log.finished)} of {len(job.shards)} shards ({job.n_resumed} already done, "
+          f"{len(job.log.failed)} failed, {job.n_invalid} invalid lines skipped), "
+          f"{time.time() - job.started:.1f} s -> {job.store.uri}", file=sys.stderr)
     return {"done": EXIT_OK, "failed": EXIT_FAILED_SHARDS}.get(status, EXIT_INTERRUPTED)
+
+
+def run_job(spec: JobSpec) -> int:
+    """Run (or resume) `spec`; returns the process exit code."""
+    started, phases = time.time(), Phases()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        validation = pool.submit(validated_pairs, spec, phases)
+        with ray_running(spec.address, phases):
+            job = prepare_job(spec, *validation.result(), started, phases)
+            status = compute(job) if job.todo else "done"
+    return finish(job, status)

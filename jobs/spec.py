@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from worker.patching import DEFAULT_MAX_BATCH_TOKENS
+from worker.options import DEFAULT_MAX_BATCH_TOKENS
 
 DEFAULT_BATCH_PAIRS = 32
 RESULT_DECIDING = ("model", "components", "direction", "dtype", "batch_pairs", "max_batch_tokens",

@@ -8,7 +8,7 @@ import pytest
 
 from examples.tiny_gpt2 import build_tiny_gpt2
 from jobs.pairfile import encoder_for, parse_record
-from worker import load_model, load_tokenizer
+from worker.model import load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_PAIRS = REPO / "examples" / "pairs.jsonl"

@@ -14,7 +14,7 @@ import pytest
 
 from jobs.pairfile import read_pairs
 from tests.conftest import EXAMPLE_PAIRS, REPO, write_jsonl
-from worker import patch_batch
+from worker.patching import patch_batch
 from worker.actor import TEST_FAULT_ENV
 
 TOL = 1e-4
@@ -80,7 +80,8 @@ def test_end_to_end_matches_core_and_writes_the_tables(tmp_path, tiny_model_dir,
     phases = manifest["timings"]["phase_seconds"]
     assert list(phases) == ["validate", "start_ray", "start_actors", "patch", "stop_ray", "pairs_table"]
     assert all(seconds >= 0 for seconds in phases.values())
-    assert sum(phases.values()) <= manifest["timings"]["wall_seconds"]
+    sequential = ("start_ray", "start_actors", "patch", "stop_ray", "pairs_table")  # validation overlaps Ray's start
+    assert sum(phases[name] for name in sequential) <= manifest["timings"]["wall_seconds"] + 0.01
     assert "done: 48 of 48 pairs" in done.stderr
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from worker import ModelLoadError, load_model, load_tokenizer
+from worker.model import load_model, load_tokenizer
+from worker.options import ModelLoadError
 
 
 def test_local_directory_loads_on_cpu(tiny_model, tiny_model_dir):

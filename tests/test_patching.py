@@ -5,8 +5,8 @@ import pytest
 from transformers import GPT2LMHeadModel
 
 from tests.reference import reference_patching
-from worker import COMPONENTS, patch_batch
-from worker.patching import cells_to_run, first_difference, patch_cells, split_into_traces
+from worker.options import COMPONENTS
+from worker.patching import cells_to_run, first_difference, patch_batch, patch_cells, split_into_traces
 
 TOL = 1e-4
 
@@ -82,7 +82,7 @@ def test_positions_before_first_difference_score_zero_at_layer_zero(tiny_model, 
 
 
 def test_reuse_and_trace_agree_in_bfloat16_too(tiny_model_dir, ioi_pairs):
-    from worker import load_model
+    from worker.model import load_model
 
     model = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16")
     trace = by_cell(patch_batch(model, ioi_pairs, COMPONENTS, method="trace").effects, "logit_diff")

@@ -12,7 +12,8 @@ from jobs.report import CHROMIUM_FLAGS, aggregate_figures, build_report, find_ch
 from jobs.store import Store
 from jobs.tables import query
 from tests.conftest import write_jsonl
-from worker import COMPONENTS, patch_batch
+from worker.options import COMPONENTS
+from worker.patching import patch_batch
 
 
 @pytest.fixture(scope="module")

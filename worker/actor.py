@@ -15,7 +15,8 @@ import ray
 import torch
 import transformers
 
-from worker.model import ModelLoadError, load_model
+from worker.model import load_model
+from worker.options import ModelLoadError
 from worker.pairs import Pair
 from worker.patching import patch_batch
 

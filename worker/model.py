@@ -12,12 +12,7 @@ import torch
 from nnsight import TransformersModel
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-DEFAULT_MODEL = "openai-community/gpt2"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(RuntimeError):
-    """A model or tokenizer that cannot be loaded; the message is one line for the user."""
+from worker.options import DEFAULT_MODEL, DTYPE_NAMES, ModelLoadError
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -30,11 +25,11 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dtype not in DTYPE_NAMES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
     if dtype == "float16" and not device.startswith("cuda"):
         raise ModelLoadError("float16 needs a GPU; use float32 (or bfloat16) on the CPU")
-    return DTYPES[dtype]
+    return getattr(torch, dtype)
 
 
 def _looks_like_path(source: str) -> bool:

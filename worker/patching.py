@@ -18,13 +18,11 @@ import pyarrow as pa
 import torch
 from nnsight import TransformersModel
 
+from worker.options import COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, check_options
 from worker.pairs import Pair
 from worker.reuse import resolve_method, reuse_logit_diffs
-from worker.sites import COMPONENTS, FORWARD_ORDER, Cell, component_output, traced_logit_diff
+from worker.sites import FORWARD_ORDER, Cell, component_output, traced_logit_diff
 from worker.tables import effects_table, empty_effects, pairs_table
-
-DIRECTIONS = ("denoise", "noise")
-DEFAULT_MAX_BATCH_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -48,14 +46,6 @@ class TracePlan:
 class PatchResult:
     effects: pa.Table
     pairs: pa.Table
-
-
-def check_options(components: Sequence[str], direction: str) -> None:
-    unknown = [c for c in components if c not in COMPONENTS]
-    if unknown or not components:
-        raise ValueError(f"components must be a non-empty subset of {COMPONENTS}, got {list(components)}")
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
 
 
 def patch_cells(components: Sequence[str], n_layers: int, n_tokens: int) -> list[Cell]:

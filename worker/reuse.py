@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from nnsight import TransformersModel
 
 from worker.pairs import Pair
-from worker.sites import COMPONENTS, Cell, component_output, traced_logit_diff
+from worker.options import COMPONENTS
+from worker.sites import Cell, component_output, traced_logit_diff
 
 if TYPE_CHECKING:  # importing GPT-2's modeling code costs the driver 2 s; a loaded model has it already
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block

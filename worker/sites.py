@@ -6,7 +6,6 @@ from dataclasses import dataclass
 import torch
 from nnsight import TransformersModel
 
-COMPONENTS = ("resid", "attn", "mlp")
 FORWARD_ORDER = ("attn", "mlp", "resid")
 
 

@@ -1,0 +1,26 @@
+"""What a job may ask of a worker, and how a worker refuses: names and defaults only.
+
+Free of torch and transformers on purpose, so the driver can check options, answer
+`--help` and run queries without loading either (about 3 s on a small machine).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+DEFAULT_MODEL = "openai-community/gpt2"
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+COMPONENTS = ("resid", "attn", "mlp")
+DIRECTIONS = ("denoise", "noise")
+DEFAULT_MAX_BATCH_TOKENS = 4096
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer that cannot be loaded; the message is one line for the user."""
+
+
+def check_options(components: Sequence[str], direction: str) -> None:
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown or not components:
+        raise ValueError(f"components must be a non-empty subset of {COMPONENTS}, got {list(components)}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
