@@ -241,3 +241,12 @@ def test_usage_errors_are_one_line(tmp_path, tiny_model_dir, args, message):
     failed = run_driver(*[x for item in options.items() for x in item])
     assert failed.returncode == 2
     assert message in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_the_driver_starts_without_torch_or_transformers():
+    """Queries, reports and --help stay fast: only validation (in a thread) and actors load them."""
+    probe = ("import sys, driver; "
+             "print(sorted(m for m in ('torch', 'transformers', 'nnsight') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "[]"
