@@ -2,14 +2,15 @@
 
 The views scan Arrow datasets, so the partitioned effects/ directory is streamed from
 its Parquet parts (local or any pyarrow URI) instead of being loaded into memory. DuckDB
-is held to `DUCKDB_SETTINGS["memory_limit"]` and spills beyond it: its default (80% of RAM)
-let the aggregation of 100,000 pairs take 1.4 GB, now about 0.5 GB at the same speed.
+is held to `DUCKDB_MEMORY_LIMIT` and spills beyond it: its default (80% of RAM) let the
+aggregation of 100,000 pairs take 1.4 GB, now about 0.5 GB at the same speed.
 """
 from __future__ import annotations
 
 import io
 import json
 import tempfile
+import uuid
 
 import duckdb
 import pyarrow as pa
@@ -19,7 +20,7 @@ import pyarrow.dataset as ds
 from jobs.store import AGGREGATE_FILE, EFFECTS_DIR, PAIRS_FILE, Store
 
 
-DUCKDB_SETTINGS = {"memory_limit": "512MB", "temp_directory": f"{tempfile.gettempdir()}/patchsweep-duckdb"}
+DUCKDB_MEMORY_LIMIT = "512MB"
 
 
 class QueryError(ValueError):
@@ -30,7 +31,9 @@ def connect_tables(store: Store) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with a view for every table the run has written so far."""
     if not store.exists(EFFECTS_DIR):
         raise QueryError(f"{store.uri}: no effects/ here; is this a patchsweep output directory?")
-    connection = duckdb.connect(config=DUCKDB_SETTINGS)
+    # A spill directory of its own: DuckDB instances sharing one overwrite each other's files.
+    spill = f"{tempfile.gettempdir()}/patchsweep-duckdb-{uuid.uuid4().hex}"
+    connection = duckdb.connect(config={"memory_limit": DUCKDB_MEMORY_LIMIT, "temp_directory": spill})
     connection.execute("SET enable_progress_bar = false")  # it would cut into the driver's stderr lines
     sources = {"effects": EFFECTS_DIR, "pairs": PAIRS_FILE, "aggregate": AGGREGATE_FILE}
     for view, name in sources.items():
