@@ -6,7 +6,8 @@ Every problem is collected, not raised, so a user sees all bad lines at once as
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,7 +48,7 @@ class PairFile:
 
 
 class Encoder:
-    """A tokenizer with a memory of the strings it has encoded.
+    """A tokenizer with a memory of the strings it has encoded and the tokens it has named.
 
     `encode_all` tokenizes many strings in one batched call, which a fast tokenizer runs
     in parallel: 20,000 IOI pairs validate in 2.0 s instead of 3.6 s with four calls a line.
@@ -56,6 +57,7 @@ class Encoder:
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
         self.known: dict[tuple[str, bool], list[int]] = {}
+        self.token_of: dict[int, str] = {}
 
     def encode_all(self, texts: Iterable[Any], special_tokens: bool) -> None:
         """Encode every string among `texts` (other values are left to validation)."""
@@ -68,6 +70,12 @@ class Encoder:
         if (text, special_tokens) not in self.known:
             self.encode_all([text], special_tokens)
         return self.known[(text, special_tokens)]
+
+    def tokens(self, ids: Sequence[int]) -> tuple[str, ...]:
+        """The token strings of `ids`, one shared string per vocabulary entry rather than per pair."""
+        missing = list({i for i in ids if i not in self.token_of})
+        self.token_of.update(zip(missing, self.tokenizer.convert_ids_to_tokens(missing)))
+        return tuple(self.token_of[i] for i in ids)
 
 
 def answer_token(encoder: Encoder, key: str, value: Any) -> tuple[str, int]:
@@ -141,8 +149,8 @@ def parse_record(record: Any, default_id: str, encoder: Encoder, n_ctx: int) -> 
         corrupted_ids=tuple(corrupted_ids),
         correct_id=correct_id,
         incorrect_id=incorrect_id,
-        tokens=tuple(encoder.tokenizer.convert_ids_to_tokens(clean_ids)),
-        labels=tuple(labels) if labels is not None else None,
+        tokens=encoder.tokens(clean_ids),
+        labels=tuple(map(sys.intern, labels)) if labels is not None else None,  # a few distinct labels
         metadata=metadata,
     )
 
