@@ -157,6 +157,10 @@ class Job:
     def todo(self) -> list[Shard]:
         return [s for s in self.shards if s.name not in self.log.finished]
 
+    @property
+    def pair_count(self) -> int:
+        return sum(len(s.pairs) for s in self.shards)
+
     def manifest(self, status: str) -> dict:
         spec, log = self.spec, self.log
         return {
@@ -167,7 +171,7 @@ class Job:
             "components": list(spec.components),
             "direction": spec.direction,
             "pairs_file": spec.pairs,
-            "pair_count": sum(len(s.pairs) for s in self.shards),
+            "pair_count": self.pair_count,
             "invalid_count": self.n_invalid,
             "versions": versions(),
             "shards": [
@@ -231,7 +235,7 @@ def finish(job: Job, status: str) -> int:
     job.store.write_manifest(job.manifest(status))
     if n_pairs:
         print(build_report(job.store), file=sys.stderr)
-    print(f"{status}: {n_pairs} of {sum(len(s.pairs) for s in job.shards)} pairs in "
+    print(f"{status}: {n_pairs} of {job.pair_count} pairs in "
           f"{len(job.log.finished)} of {len(job.shards)} shards ({job.n_resumed} already done, "
           f"{len(job.log.failed)} failed, {job.n_invalid} invalid lines skipped), "
           f"{time.time() - job.started:.1f} s -> {job.store.uri}", file=sys.stderr)
