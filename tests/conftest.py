@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,17 @@ from worker.model import load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_PAIRS = REPO / "examples" / "pairs.jsonl"
+TOL = 1e-4  # on logit differences, absolute
+
+
+def score_tolerance(score: float, clean: float, corrupted: float) -> float:
+    """How far a score may move when each logit difference in it moves by up to TOL.
+
+    score = (patched - base) / (clean - corrupted): errors in the numerator's two terms and
+    in the gap's two terms are divided by the gap, so a pair with a small gap amplifies
+    float noise (a different thread count is enough); the tolerance grows the same way.
+    """
+    return TOL * (2 + 2 * abs(score)) / max(abs(clean - corrupted), TOL)
 
 IOI_LINES = [
     ("When John and Mary went to the store, Mary gave a drink to",
@@ -47,6 +59,13 @@ def ioi_pairs(tokenizer_and_ctx):
     records = [dict(zip(("clean", "corrupted", "correct", "incorrect"), line)) for line in IOI_LINES]
     encoder = encoder_for(tokenizer, records)
     return [parse_record(r, str(i), encoder, n_ctx) for i, r in enumerate(records)]
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (it was free a moment ago)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_jsonl(path: Path, records: list) -> Path:

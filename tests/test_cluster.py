@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,19 +14,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import ray
 import yaml
+from ray._common.utils import get_default_ray_temp_dir
 from ray.cluster_utils import Cluster
 
 from jobs.run import run_job
 from jobs.spec import JobSpec
-from tests.conftest import EXAMPLE_PAIRS, REPO
+from tests.conftest import EXAMPLE_PAIRS, REPO, free_port
 
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_nodes_share_the_shards(tmp_path, tiny_model_dir):
@@ -67,37 +61,59 @@ def stop_head(head: subprocess.Popen, gcs_port: int) -> None:
         head.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
-    current = Path("/tmp/ray/ray_current_cluster")
+    current = Path(get_default_ray_temp_dir()) / "ray_current_cluster"   # honours RAY_TMPDIR
     if current.exists() and current.read_text().strip().endswith(f":{gcs_port}"):
         current.unlink()
 
 
-def submit_until_an_agent_answers(command: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+def submit_until_an_agent_answers(command: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
     """The dashboard answers before its job agent is up; until then submission is refused."""
     deadline = time.time() + timeout
     while True:
-        submitted = subprocess.run(command, env={**os.environ, "RAY_AUTH_MODE": "token"},
-                                   capture_output=True, text=True, timeout=300)
+        submitted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         if "No available agent" not in submitted.stderr or time.time() > deadline:
             return submitted
         time.sleep(2)
 
 
+def generate_token(home: Path) -> Path:
+    """What the README tells a user to run once: `ray get-auth-token --generate` (in a fresh HOME)."""
+    home.mkdir()
+    generated = subprocess.run([RAY, "get-auth-token", "--generate"], env={**os.environ, "HOME": str(home)},
+                               capture_output=True, text=True, timeout=60)
+    assert generated.returncode == 0, generated.stderr
+    token = home / ".ray" / "auth_token"
+    assert token.read_text().strip() in generated.stdout
+    return token
+
+
 def test_ray_job_submit_runs_the_driver(tmp_path, tiny_model_dir):
+    """Token authentication as on a real cluster: the test brings its own token, nothing from ~/.ray.
+
+    The head gets the token file by RAY_AUTH_TOKEN_PATH (as cluster.yaml's file mount puts it on
+    every node); the submitting client finds it in its HOME, as the README's commands leave it.
+    """
+    home = tmp_path / "home"
+    token = generate_token(home)
     dashboard, gcs_port = free_port(), free_port()
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs_port),
          "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
          "--dashboard-port", str(dashboard), "--disable-usage-stats"],
+        env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)},
         start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url, out = f"http://127.0.0.1:{dashboard}", tmp_path / "run"
+    command = [RAY, "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
+               sys.executable, "driver.py", "--pairs", "examples/pairs.jsonl",
+               "--model", str(tiny_model_dir), "--out", str(out), "--components", "resid"]
+    client = {key: value for key, value in os.environ.items() if not key.startswith("RAY_AUTH_TOKEN")}
     try:
         wait_for_dashboard(url, head)
-        submitted = submit_until_an_agent_answers(
-            [RAY, "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
-             sys.executable, "driver.py", "--pairs", "examples/pairs.jsonl",
-             "--model", str(tiny_model_dir), "--out", str(out), "--components", "resid"])
+        tokenless = subprocess.run(command, env={**client, "HOME": str(tmp_path), "RAY_AUTH_MODE": "token"},
+                                   capture_output=True, text=True, timeout=120)
+        assert tokenless.returncode != 0 and "authentication token" in tokenless.stderr
+        submitted = submit_until_an_agent_answers(command, {**client, "HOME": str(home), "RAY_AUTH_MODE": "token"})
     finally:
         stop_head(head, gcs_port)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr

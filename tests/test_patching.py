@@ -4,11 +4,10 @@ from __future__ import annotations
 import pytest
 from transformers import GPT2LMHeadModel
 
+from tests.conftest import TOL, score_tolerance
 from tests.reference import reference_patching
 from worker.options import COMPONENTS
 from worker.patching import cells_to_run, first_difference, patch_batch, patch_cells, split_into_traces
-
-TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +42,7 @@ def test_matches_hook_reference_for_every_cell(tiny_model, hf_model, ioi_pairs, 
                     want = expected[(component, layer, position)]
                     assert logit_diffs[key] == pytest.approx(want, abs=TOL), key
                     want_score = (want - target) / (source - target)
-                    assert scores[key] == pytest.approx(want_score, abs=TOL), key
+                    assert scores[key] == pytest.approx(want_score, abs=score_tolerance(want_score, clean, corrupted)), key
 
 
 def test_table_shapes_and_direction(tiny_model, ioi_pairs):
