@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from jobs.aggregate import DEFAULT_MIN_GAP
+from jobs.cluster import NoCluster
 from jobs.ioi import CORRUPTIONS, generate_ioi, write_jsonl
 from jobs.pairfile import PairFileError
 from jobs.run import JobError, run_job
@@ -25,7 +26,7 @@ from worker.options import (COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MODEL,
                             ModelLoadError, check_options)
 
 EXIT_USAGE = 2
-USER_ERRORS = (JobError, ModelLoadError, OutputConflict, PairFileError, QueryError, ValueError)
+USER_ERRORS = (JobError, ModelLoadError, NoCluster, OutputConflict, PairFileError, QueryError, ValueError)
 
 
 @contextmanager

@@ -8,12 +8,24 @@ makes the plain init attach. One actor per GPU when the cluster has GPUs, else
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import ray
+from ray._private.services import canonicalize_bootstrap_address_or_die
+
 
 MAX_RESTARTS = -1       # a dead actor (process exit, OOM kill) always comes back ...
 MAX_TASK_RETRIES = 2    # ... but a shard that keeps killing it is given up and reported
+PROBE_SECONDS = 5       # how long an address may take to accept a connection before it counts as down
+
+
+class NoCluster(ConnectionError):
+    """No Ray cluster answers at the address asked for; the message is one line for the user."""
+
+    def __init__(self, address: str, why: str = "") -> None:
+        super().__init__(f"no running Ray cluster at {address}{why}; start one with ray start --head, "
+                         "or leave out --address")
 
 
 @dataclass(frozen=True)
@@ -24,9 +36,34 @@ class PoolShape:
     threads: int
 
 
+def probe(address: str) -> None:
+    """Fail fast where nothing listens: `ray.init` would retry a dead address for two minutes.
+
+    `auto` is resolved the way `ray.init` resolves it (the last `ray start`, or a running GCS);
+    HOST:PORT is tried as given. Addresses of other schemes (ray://) are left to Ray.
+    """
+    if "://" in address:
+        return
+    try:
+        bootstrap = canonicalize_bootstrap_address_or_die(address) if address == "auto" else address
+    except ConnectionError:
+        raise NoCluster(address) from None
+    host, _, port = bootstrap.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_SECONDS).close()
+    except (OSError, ValueError) as error:
+        found = f" (found {bootstrap})" if bootstrap != address else ""
+        raise NoCluster(address, f"{found}: {getattr(error, 'strerror', None) or error}") from None
+
+
 def connect(address: str | None) -> None:
-    if address is not None or "RAY_ADDRESS" in os.environ:
-        ray.init(address=address, logging_level="WARNING")
+    if address is not None or os.environ.get("RAY_ADDRESS"):
+        shown = address or f"{os.environ['RAY_ADDRESS']} (from RAY_ADDRESS)"
+        probe(address or os.environ["RAY_ADDRESS"])
+        try:
+            ray.init(address=address, logging_level="WARNING")
+        except ConnectionError:
+            raise NoCluster(shown) from None
     else:
         # "local" starts a fresh Ray even where a stale `ray start` left its address behind;
         # its warnings are about a cluster the user never asked for (e.g. token auth), so quiet.

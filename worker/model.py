@@ -2,10 +2,14 @@
 
 Both sources go through the same `TransformersModel` call; every way loading can fail
 (no network, bad path, not a GPT-2-style causal LM) becomes one `ModelLoadError` line.
+A hub that cannot be reached is noticed in seconds and the hub client put in offline mode
+(cached files only), instead of retrying every file for most of a minute.
 """
 from __future__ import annotations
 
 import os
+import socket
+import urllib.parse
 from typing import Any
 
 import torch
@@ -32,6 +36,28 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+HUB_PROBE_SECONDS = 3
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _go_offline_if_hub_unreachable() -> None:
+    """Put the hub client in offline mode when its endpoint does not accept a connection.
+
+    Offline mode still loads what the local cache holds, and fails at once for the rest.
+    Behind a proxy the endpoint cannot be probed directly, so the client is left as it is.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError:
+        constants.HF_HUB_OFFLINE = True  # read at each request by huggingface_hub.is_offline_mode()
+
+
 def _looks_like_path(source: str) -> bool:
     """Hub ids are `name` or `namespace/name`; anything else is meant as a directory."""
     return source.startswith((".", "/", "~")) or source.count("/") > 1 or os.path.exists(source)
@@ -40,6 +66,7 @@ def _looks_like_path(source: str) -> bool:
 def _resolve_source(source: str) -> str:
     """Expand `~`; refuse a path that is not a directory before the hub is ever asked."""
     if not _looks_like_path(source):
+        _go_offline_if_hub_unreachable()
         return source
     path = os.path.expanduser(source)
     if not os.path.isdir(path):
