@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from jobs.tokens import decoded_pieces
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -96,8 +98,7 @@ def make_pair(rng: random.Random, template: Template, names: list[str], corrupti
     else:
         x, y, z = others[:3]
         corrupted = fill(template.text, a=x, b=y, s2=z, place=place, obj=obj)
-    tokens = tokenizer.convert_ids_to_tokens(tokenizer(clean).input_ids)
-    decoded = [tokenizer.convert_tokens_to_string([t]) for t in tokens]
+    decoded = decoded_pieces(tokenizer, tokenizer(clean).input_ids)
     return {
         "id": pair_id, "clean": clean, "corrupted": corrupted,
         "correct": " " + io, "incorrect": " " + s,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from jobs.tokens import decoded_pieces, readable
 from worker.pairs import Pair
 from worker.tables import EFFECTS_SCHEMA, PAIR_COLUMNS
 
@@ -72,9 +73,9 @@ class Encoder:
         return self.known[(text, special_tokens)]
 
     def tokens(self, ids: Sequence[int]) -> tuple[str, ...]:
-        """The token strings of `ids`, one shared string per vocabulary entry rather than per pair."""
+        """The readable text of each of `ids` (`␣George`), one shared string per vocabulary entry."""
         missing = list({i for i in ids if i not in self.token_of})
-        self.token_of.update(zip(missing, self.tokenizer.convert_ids_to_tokens(missing)))
+        self.token_of.update(zip(missing, map(readable, decoded_pieces(self.tokenizer, missing))))
         return tuple(self.token_of[i] for i in ids)
 
 
@@ -89,7 +90,7 @@ def answer_token(encoder: Encoder, key: str, value: Any) -> tuple[str, int]:
         return tokenizer.decode([value]), value
     ids = encoder(value, special_tokens=False)
     if len(ids) != 1:
-        pieces = tokenizer.convert_ids_to_tokens(ids)
+        pieces = list(encoder.tokens(ids))
         raise BadPair(
             f"{key!r} answer {value!r} is {len(ids)} tokens {pieces}, must be exactly one "
             "(a leading space is often part of the token, e.g. \" John\")"

@@ -8,6 +8,7 @@ import pytest
 
 from jobs.ioi import BABA_TEMPLATES, generate_ioi, single_token_names, templates
 from jobs.pairfile import read_pairs
+from jobs.tokens import decoded_pieces, readable
 from tests.conftest import REPO, write_jsonl
 
 
@@ -29,15 +30,15 @@ def test_pairs_have_roles_labels_and_equal_lengths(tmp_path, tokenizer_and_ctx, 
     for record, pair in zip(records, pair_file.pairs):
         io, s = record["correct"], record["incorrect"]
         assert io in names and s in names and io != s
-        words = [tokenizer.convert_tokens_to_string([t]) for t in pair.tokens]
+        words = decoded_pieces(tokenizer, pair.clean_ids)
+        assert list(pair.tokens) == [readable(word) for word in words]
         labels = record["labels"]
         assert words.count(io) == 1 and words.count(s) == 2
         assert words[labels.index("IO")] == io
         assert words[labels.index("S1")] == s and words[labels.index("S2")] == s
         assert labels.index("S1") < labels.index("S2") and labels[-1] == "END"
         assert labels[labels.index("S1") + 1] == "S1+1"
-        corrupted = [tokenizer.convert_tokens_to_string([t])
-                     for t in tokenizer.convert_ids_to_tokens(pair.corrupted_ids)]
+        corrupted = decoded_pieces(tokenizer, pair.corrupted_ids)
         s2 = labels.index("S2")
         if corruption == "swap":
             assert corrupted[s2] == io and corrupted[:s2] == words[:s2]
