@@ -58,7 +58,26 @@ def panel_order(key: tuple) -> tuple:
     return rank, component, "" if group is None else str(group), n_tokens or 0
 
 
-def aggregate_figures(rows: list[dict], model: str, direction: str) -> list[tuple[str, go.Figure]]:
+def label_positions(connection) -> dict[str, float]:
+    """Each position label's mean position over the labelled pairs.
+
+    One order for every heatmap of a report, so its columns line up from figure to figure
+    (per-figure orders differed where labels tie or groups place them differently).
+    """
+    rows = connection.sql(
+        "SELECT label, avg(position) FROM (SELECT unnest(labels) AS label, unnest(range(len(labels))) AS position "
+        "FROM pairs) GROUP BY label"
+    ).fetchall()
+    return dict(rows)
+
+
+def in_label_order(labels, positions: dict[str, float]) -> list[str]:
+    """`labels` by mean position, ties by name; unlabelled pairs' labels are their positions ("0", "1", ...)."""
+    return sorted(labels, key=lambda label: (positions[label] if label in positions else float(label), label))
+
+
+def aggregate_figures(rows: list[dict], model: str, direction: str,
+                      positions: dict[str, float]) -> list[tuple[str, go.Figure]]:
     """One heatmap per (component, group, token length) present in the aggregate rows."""
     panels: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
@@ -66,10 +85,7 @@ def aggregate_figures(rows: list[dict], model: str, direction: str) -> list[tupl
     figures = []
     for component, group, n_tokens in sorted(panels, key=panel_order):
         cells = panels[(component, group, n_tokens)]
-        position_of: dict[str, list[float]] = defaultdict(list)
-        for cell in cells:
-            position_of[cell["label"]].append(cell["mean_position"])
-        labels = sorted(position_of, key=lambda label: sum(position_of[label]) / len(position_of[label]))
+        labels = in_label_order({cell["label"] for cell in cells}, positions)
         layers = sorted({cell["layer"] for cell in cells})
         at = {(cell["layer"], cell["label"]): cell for cell in cells}
         z = [[at.get((layer, label), {}).get("mean_score") for label in labels] for layer in layers]
@@ -171,7 +187,7 @@ def write_report(store: Store, aggregate_rows: list[dict], min_gap: float,
     manifest = store.read_manifest() or {}
     model, direction = manifest.get("model", "?"), manifest.get("direction", "denoise")
     connection = connect_tables(store)
-    heatmaps = aggregate_figures(aggregate_rows, model, direction)
+    heatmaps = aggregate_figures(aggregate_rows, model, direction, label_positions(connection))
     pairs = drill_down_figures(connection, model, direction, drill_down)
     document = page(f"patchsweep: {model}", summary_rows(connection, manifest, min_gap),
                     [("Mean score by layer and position", heatmaps), ("Individual pairs", pairs)])

@@ -8,7 +8,10 @@ import pytest
 
 from jobs.ioi import generate_ioi
 from jobs.pairfile import read_pairs
-from jobs.report import CHROMIUM_FLAGS, aggregate_figures, build_report, find_chromium
+from jobs.aggregate import aggregate
+from jobs.report import (CHROMIUM_FLAGS, aggregate_figures, build_report, drill_down_figures, find_chromium,
+                         label_positions)
+from jobs.tables import connect_tables
 from jobs.store import Store
 from jobs.tables import query
 from tests.conftest import write_jsonl
@@ -51,9 +54,8 @@ def test_report_has_one_plotly_and_a_heatmap_per_component(ioi_run):
 
 def test_heatmap_shapes_follow_layers_and_role_labels(ioi_run):
     store, n_layers, records = ioi_run
-    from jobs.aggregate import aggregate
-
-    figures = aggregate_figures(aggregate(store, "denoise").to_pylist(), "tiny", "denoise")
+    positions = label_positions(connect_tables(store))
+    figures = aggregate_figures(aggregate(store, "denoise").to_pylist(), "tiny", "denoise", positions)
     assert [name for name, _ in figures] == list(COMPONENTS)
     all_labels = {label for r in records for label in r["labels"]}
     for _, figure in figures:
@@ -63,6 +65,34 @@ def test_heatmap_shapes_follow_layers_and_role_labels(ioi_run):
         assert len(heatmap.z[0]) == len(all_labels)
         assert list(heatmap.x).index("S2") < list(heatmap.x).index("END") == len(heatmap.x) - 1
         assert heatmap.colorscale[0][1] == "rgb(103,0,31)" and heatmap.zmid == 0  # RdBu around 0
+
+
+def test_every_heatmap_of_a_report_uses_one_label_order(ioi_run):
+    """By mean position over all pairs, ties by name: the same columns in the same place in every figure."""
+    store, _, records = ioi_run
+    seen: dict[str, list[int]] = {}
+    for record in records:
+        for position, label in enumerate(record["labels"]):
+            seen.setdefault(label, []).append(position)
+    expected = sorted(seen, key=lambda label: (sum(seen[label]) / len(seen[label]), label))
+    rows = aggregate(store, "denoise", group_by="template").to_pylist()
+    figures = aggregate_figures(rows, "tiny", "denoise", label_positions(connect_tables(store)))
+    assert len(figures) == 3 * len({r["template"] for r in records})
+    for name, figure in figures:
+        x = list(figure.data[0].x)
+        assert x == [label for label in expected if label in x], name
+
+
+def test_pairs_table_and_drill_down_show_tokens_as_text(ioi_run):
+    store, _, records = ioi_run
+    connection = connect_tables(store)
+    pair_id, tokens = connection.sql("SELECT pair_id, tokens FROM pairs ORDER BY pair_id LIMIT 1").fetchall()[0]
+    record = next(r for r in records if r["id"] == pair_id)
+    assert "".join(tokens).replace("␣", " ") == record["clean"]
+    assert not any("Ġ" in token for token in tokens)
+    (name, figure), *_ = drill_down_figures(connection, "tiny", "denoise", 1)
+    assert list(figure.data[0].x) == [f"{i}:{token}" for i, token in enumerate(tokens)]
+    assert any(x.endswith(":␣" + record["correct"].strip()) for x in figure.data[0].x)
 
 
 def test_group_by_adds_heatmaps_per_group(ioi_run):
