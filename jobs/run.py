@@ -242,8 +242,31 @@ def finish(job: Job, status: str) -> int:
     return {"done": EXIT_OK, "failed": EXIT_FAILED_SHARDS}.get(status, EXIT_INTERRUPTED)
 
 
+def finished_before(spec: JobSpec) -> dict | None:
+    """The manifest of a finished run of this very configuration whose every shard is in place.
+
+    Checked before Ray starts or the pair file is validated: a re-run with nothing to do
+    should say so at once (`driver.py report` rebuilds the report).
+    """
+    store = Store(spec.out)
+    manifest = store.read_manifest()
+    if spec.overwrite or manifest is None or manifest.get("status") != "done":
+        return None
+    try:
+        same = manifest.get("config_hash") == config_hash(spec.config())
+    except OSError:  # an unreadable pair file: validation reports it
+        return None
+    shards = {shard["name"] for shard in manifest.get("shards", [])}
+    return manifest if same and shards <= store.finished_shards() else None
+
+
 def run_job(spec: JobSpec) -> int:
     """Run (or resume) `spec`; returns the process exit code."""
+    done = finished_before(spec)
+    if done is not None:
+        print(f"done: nothing to do, all {done['pair_count']} pairs are already in {spec.out} "
+              f"(rebuild the report with: python driver.py report {spec.out})", file=sys.stderr)
+        return EXIT_OK
     started, phases = time.time(), Phases()
     with ThreadPoolExecutor(max_workers=1) as pool:
         validation = pool.submit(validated_pairs, spec, phases)

@@ -114,8 +114,12 @@ def test_resume_after_the_driver_is_killed(tmp_path, tiny_model_dir, many_pairs,
     assert_same_effects(effects_by_key(out), core_effects)
     assert pq.read_table(out / "pairs.parquet").num_rows == 48
 
+    written = {name: (out / name).stat().st_mtime_ns for name in ("manifest.json", "report.html", "pairs.parquet")}
     again = run_driver(*args)
-    assert again.returncode == 0 and "(48 already done" in again.stderr
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.strip() == (f"done: nothing to do, all 48 pairs are already in {out} "
+                                    f"(rebuild the report with: python driver.py report {out})")
+    assert {name: (out / name).stat().st_mtime_ns for name in written} == written
 
 
 def test_missing_shards_are_recomputed_and_nothing_else(tmp_path, tiny_model_dir, many_pairs, core_effects):
