@@ -129,5 +129,7 @@ def test_cluster_yaml_passes_rays_validator():
     validate_config(prepare_config(config))
     docker_image = config["docker"]["image"]
     assert docker_image.startswith(f"rayproject/ray:{ray.__version__}")
+    assert config["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
     setup = " ".join(config["setup_commands"])
     assert "pip install" in setup and "patchsweep" in setup
