@@ -16,14 +16,14 @@ EXAMPLE_PAIRS = REPO / "examples" / "pairs.jsonl"
 TOL = 1e-4  # on logit differences, absolute
 
 
-def score_tolerance(score: float, clean: float, corrupted: float) -> float:
-    """How far a score may move when each logit difference in it moves by up to TOL.
+def score_tolerance(score: float, clean: float, corrupted: float, tol: float = TOL) -> float:
+    """How far a score may move when each logit difference in it moves by up to `tol`.
 
     score = (patched - base) / (clean - corrupted): errors in the numerator's two terms and
     in the gap's two terms are divided by the gap, so a pair with a small gap amplifies
     float noise (a different thread count is enough); the tolerance grows the same way.
     """
-    return TOL * (2 + 2 * abs(score)) / max(abs(clean - corrupted), TOL)
+    return tol * (2 + 2 * abs(score)) / max(abs(clean - corrupted), tol)
 
 IOI_LINES = [
     ("When John and Mary went to the store, Mary gave a drink to",

@@ -14,9 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.pairfile import read_pairs
-from tests.conftest import EXAMPLE_PAIRS, REPO, TOL, free_port, score_tolerance, write_jsonl
+from tests.conftest import EXAMPLE_PAIRS, REPO, free_port, score_tolerance, write_jsonl
 from worker.patching import patch_batch
 from worker.actor import TEST_FAULT_ENV
+
+# Driver runs against the in-process core: other processes, other batches, and on a loaded
+# machine other BLAS thread splits, so the same cell's logit difference has differed by up
+# to 3e-4 (seen twice in about twenty runs). Exactness is checked in test_patching at 1e-4
+# against the hook reference; here what matters is that every cell lands once, from its pair.
+RUN_TOL = 1e-3
 
 
 def driver_command(*args) -> list[str]:
@@ -44,11 +50,11 @@ class Core:
 
 
 def assert_same_effects(actual: dict, expected: Core) -> None:
-    """Logit differences to TOL; scores to a tolerance scaled by each pair's clean-corrupted gap."""
+    """Logit differences to RUN_TOL; scores to a tolerance scaled by each pair's clean-corrupted gap."""
     assert actual.keys() == expected.effects.keys()
     for key, (logit_diff, score) in expected.effects.items():
-        assert actual[key][0] == pytest.approx(logit_diff, abs=TOL), key
-        tolerance = score_tolerance(score, *expected.baselines[key[0]])
+        assert actual[key][0] == pytest.approx(logit_diff, abs=RUN_TOL), key
+        tolerance = score_tolerance(score, *expected.baselines[key[0]], tol=RUN_TOL)
         assert actual[key][1] == pytest.approx(score, abs=tolerance), key
 
 
