@@ -22,7 +22,7 @@ from jobs.spec import DEFAULT_BATCH_PAIRS, JobSpec
 from jobs.report import DRILL_DOWN_PAIRS, build_report
 from jobs.store import OutputConflict, Store
 from jobs.tables import QueryError, format_table, query
-from worker.options import (COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MODEL, DIRECTIONS, DTYPE_NAMES,
+from worker.options import (DEFAULT_COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MODEL, DIRECTIONS, DTYPE_NAMES,
                             ModelLoadError, check_options)
 
 EXIT_USAGE = 2
@@ -52,8 +52,9 @@ def parse_components(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--pairs", type=click.Path(dir_okay=False), help="JSONL pair file: clean, corrupted, correct, incorrect[, id, labels, metadata].")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Hub id or local directory of a GPT-2-family checkpoint.")
 @click.option("--out", help="Output directory or URI (s3://...).  [default: runs/<pairs file stem>]")
-@click.option("--components", default=",".join(COMPONENTS), show_default=True, callback=parse_components,
-              help="Comma-separated subset of resid (block output), attn, mlp (sublayer outputs).")
+@click.option("--components", default=",".join(DEFAULT_COMPONENTS), show_default=True, callback=parse_components,
+              help="Comma-separated subset of resid (block output), attn, mlp (sublayer outputs), "
+                   "head (each attention head's output before the output projection).")
 @click.option("--direction", type=click.Choice(DIRECTIONS), default="denoise", show_default=True,
               help="denoise: clean activations into the corrupted run (score 1 = clean); noise: the reverse (score 1 = corrupted-like).")
 @click.option("--address", help="Join a running Ray cluster (auto or HOST:PORT). Default: start a local Ray for this run.")

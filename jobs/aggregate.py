@@ -1,6 +1,7 @@
 """Dataset-level heatmap values, computed after the per-pair results (never instead of them).
 
-Rows of aggregate.parquet are (component, layer, position label[, group]). Labels come
+Rows of aggregate.parquet are (component, layer, head, position label[, group]); `head` is
+null except for the `head` component. Labels come
 from the pair file's `labels`; unlabelled pairs are aligned by position index and kept
 apart by token length (`n_tokens` is set for them), so no cell mixes unaligned positions.
 Pairs whose clean and corrupted logit differences are closer than `min_gap` would make
@@ -24,12 +25,12 @@ WITH p AS (
            abs(clean_logit_diff - corrupted_logit_diff) < {min_gap} AS excluded
     FROM pairs
 ), cells AS (
-    SELECT e.component, e.layer, e.position, e.score, e.logit_diff, p.*,
+    SELECT e.component, e.layer, e.head, e.position, e.score, e.logit_diff, p.*,
            coalesce(p.labels[e.position + 1], CAST(e.position AS VARCHAR)) AS label,
            CASE WHEN p.labels IS NULL THEN p.n_tokens END AS length_group
     FROM effects e JOIN p USING (pair_id)
 )
-SELECT component, CAST(layer AS SMALLINT) AS layer, label, "group",
+SELECT component, CAST(layer AS SMALLINT) AS layer, CAST(head AS SMALLINT) AS head, label, "group",
        CAST(length_group AS SMALLINT) AS n_tokens,
        count(DISTINCT pair_id) FILTER (WHERE NOT excluded) AS pairs,
        count(DISTINCT pair_id) FILTER (WHERE excluded) AS excluded_pairs,
@@ -46,7 +47,7 @@ SELECT component, CAST(layer AS SMALLINT) AS layer, label, "group",
        avg(position) AS mean_position
 FROM cells
 GROUP BY ALL
-ORDER BY component, "group" NULLS FIRST, n_tokens NULLS FIRST, layer, mean_position
+ORDER BY component, "group" NULLS FIRST, n_tokens NULLS FIRST, layer, head NULLS FIRST, mean_position
 """
 
 

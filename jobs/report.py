@@ -32,7 +32,7 @@ def find_chromium() -> str | None:
     return next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
 
 
-def heatmap(title: str, x: list[str], layers: list[int], z, hover=None) -> go.Figure:
+def heatmap(title: str, x: list, layers: list[int], z, hover=None, x_title: str = "position") -> go.Figure:
     """The seed tutorial's look: RdBu diverging around 0, layer 0 on top, tokens on x."""
     trace = go.Heatmap(
         z=z, x=x, y=[f"{layer}" for layer in layers], colorscale="RdBu", zmid=0,
@@ -44,18 +44,19 @@ def heatmap(title: str, x: list[str], layers: list[int], z, hover=None) -> go.Fi
     )
     figure = go.Figure(trace)
     figure.update_layout(
-        title=title, xaxis_title="position", yaxis_title="layer", height=160 + 28 * len(layers),
+        title=title, xaxis_title=x_title, yaxis_title="layer", height=160 + 28 * len(layers),
         yaxis={"autorange": "reversed", "type": "category"}, xaxis={"type": "category"},
         margin={"l": 60, "r": 20, "t": 60, "b": 60},
     )
     return figure
 
 
-def panel_order(key: tuple) -> tuple:
-    """Components in the canonical resid, attn, mlp order, then groups, then token lengths."""
-    component, group, n_tokens = key
+def panel_order(key: tuple, positions: dict[str, float]) -> tuple:
+    """Components in the canonical resid, attn, mlp, head order, then groups, token lengths, labels."""
+    component, group, n_tokens, label = key
     rank = COMPONENTS.index(component) if component in COMPONENTS else len(COMPONENTS)
-    return rank, component, "" if group is None else str(group), n_tokens or 0
+    return rank, component, "" if group is None else str(group), n_tokens or 0, \
+        () if label is None else label_key(label, positions)
 
 
 def label_positions(connection) -> dict[str, float]:
@@ -71,32 +72,42 @@ def label_positions(connection) -> dict[str, float]:
     return dict(rows)
 
 
+def label_key(label: str, positions: dict[str, float]) -> tuple[float, str]:
+    """Mean position, then name; unlabelled pairs' labels are their positions ("0", "1", ...)."""
+    return positions[label] if label in positions else float(label), label
+
+
 def in_label_order(labels, positions: dict[str, float]) -> list[str]:
-    """`labels` by mean position, ties by name; unlabelled pairs' labels are their positions ("0", "1", ...)."""
-    return sorted(labels, key=lambda label: (positions[label] if label in positions else float(label), label))
+    return sorted(labels, key=lambda label: label_key(label, positions))
 
 
 def aggregate_figures(rows: list[dict], model: str, direction: str,
                       positions: dict[str, float]) -> list[tuple[str, go.Figure]]:
-    """One heatmap per (component, group, token length) present in the aggregate rows."""
+    """One heatmap per (component, group, token length) present in the aggregate rows: layer x
+    position label; for `head`, one layer x head heatmap per position label (the IOI paper's figure)."""
     panels: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
-        panels[(row["component"], row["group"], row["n_tokens"])].append(row)
+        label = row["label"] if row["component"] == "head" else None
+        panels[(row["component"], row["group"], row["n_tokens"], label)].append(row)
     figures = []
-    for component, group, n_tokens in sorted(panels, key=panel_order):
-        cells = panels[(component, group, n_tokens)]
-        labels = in_label_order({cell["label"] for cell in cells}, positions)
+    for key in sorted(panels, key=lambda key: panel_order(key, positions)):
+        component, group, n_tokens, label = key
+        cells = panels[key]
+        column = "head" if label is not None else "label"
+        x = sorted({cell["head"] for cell in cells}) if label is not None else \
+            in_label_order({cell["label"] for cell in cells}, positions)
         layers = sorted({cell["layer"] for cell in cells})
-        at = {(cell["layer"], cell["label"]): cell for cell in cells}
-        z = [[at.get((layer, label), {}).get("mean_score") for label in labels] for layer in layers]
-        hover = [[[at.get((layer, label), {}).get("std_score"), at.get((layer, label), {}).get("count")]
-                  for label in labels] for layer in layers]
+        at = {(cell["layer"], cell[column]): cell for cell in cells}
+        z = [[at.get((layer, value), {}).get("mean_score") for value in x] for layer in layers]
+        hover = [[[at.get((layer, value), {}).get("std_score"), at.get((layer, value), {}).get("count")]
+                  for value in x] for layer in layers]
         n_pairs = max(cell["pairs"] for cell in cells)
         scope = "".join([f", group {group}" if group is not None else "",
                          f", {n_tokens}-token pairs" if n_tokens is not None else ""])
-        title = f"{model}: {component}, {direction}, N={n_pairs} pairs{scope}"
-        name = "-".join(str(part) for part in (component, group, n_tokens) if part is not None)
-        figures.append((name, heatmap(title, labels, layers, z, hover)))
+        at_label = f" at {label}" if label is not None else ""
+        title = f"{model}: {component}{at_label}, {direction}, N={n_pairs} pairs{scope}"
+        name = "-".join(str(part) for part in (component, label, group, n_tokens) if part is not None)
+        figures.append((name, heatmap(title, x, layers, z, hover, x_title="head" if label is not None else "position")))
     return figures
 
 
@@ -106,7 +117,8 @@ def drill_down_figures(connection, model: str, direction: str, n_pairs: int) -> 
     figures = []
     for pair_id, tokens in pairs:
         effects = connection.execute(
-            "SELECT component, layer, position, score FROM effects WHERE pair_id = ? ORDER BY ALL", [pair_id]
+            "SELECT component, layer, position, score FROM effects WHERE pair_id = ? AND head IS NULL ORDER BY ALL",
+            [pair_id]
         ).fetchall()
         x = [f"{i}:{token}" for i, token in enumerate(tokens)]
         by_component: dict[str, dict] = defaultdict(dict)

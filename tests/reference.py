@@ -9,8 +9,9 @@ from transformers import GPT2LMHeadModel
 
 
 def hooked_module(model: GPT2LMHeadModel, component: str, layer: int) -> torch.nn.Module:
+    """Whose output is patched; for `head`, whose input (the heads' outputs side by side)."""
     block = model.transformer.h[layer]
-    return {"resid": block, "attn": block.attn, "mlp": block.mlp}[component]
+    return {"resid": block, "attn": block.attn, "mlp": block.mlp, "head": block.attn.c_proj}[component]
 
 
 def hidden(output):
@@ -22,13 +23,21 @@ def logit_diff(model: GPT2LMHeadModel, ids: list[int], correct: int, incorrect: 
     return float(logits[correct] - logits[incorrect])
 
 
+def hook(model: GPT2LMHeadModel, component: str, layer: int, function):
+    """`function(activation)` on the patched activation, in place: an input hook for heads, else an output hook."""
+    module = hooked_module(model, component, layer)
+    if component == "head":
+        return module.register_forward_pre_hook(lambda module, args: function(args[0]))
+    return module.register_forward_hook(lambda module, args, output: function(hidden(output)))
+
+
 def capture(model: GPT2LMHeadModel, ids: list[int], component: str, layer: int) -> torch.Tensor:
     stored = {}
 
-    def keep(module, args, output):
-        stored["act"] = hidden(output).clone()
+    def keep(act):
+        stored["act"] = act.clone()
 
-    handle = hooked_module(model, component, layer).register_forward_hook(keep)
+    handle = hook(model, component, layer, keep)
     try:
         model(torch.tensor([ids]))
     finally:
@@ -36,12 +45,12 @@ def capture(model: GPT2LMHeadModel, ids: list[int], component: str, layer: int) 
     return stored["act"]
 
 
-def patched_logit_diff(model, receiver_ids, donor_act, component, layer, position, correct, incorrect):
-    def replace(module, args, output):
-        hidden(output)[:, position] = donor_act[:, position]
-        return output
+def patched_logit_diff(model, receiver_ids, donor_act, component, layer, position, correct, incorrect,
+                       channels=slice(None)):
+    def replace(act):
+        act[:, position, channels] = donor_act[:, position, channels]
 
-    handle = hooked_module(model, component, layer).register_forward_hook(replace)
+    handle = hook(model, component, layer, replace)
     try:
         return logit_diff(model, receiver_ids, correct, incorrect)
     finally:
@@ -50,7 +59,7 @@ def patched_logit_diff(model, receiver_ids, donor_act, component, layer, positio
 
 @torch.no_grad()
 def reference_patching(model: GPT2LMHeadModel, pair, components, direction: str) -> dict:
-    """{(component, layer, position): patched logit diff} plus "clean" and "corrupted"."""
+    """{(component, layer, position, head or None): patched logit diff} plus "clean" and "corrupted"."""
     donor, receiver = (
         (pair.clean_ids, pair.corrupted_ids) if direction == "denoise"
         else (pair.corrupted_ids, pair.clean_ids)
@@ -60,11 +69,15 @@ def reference_patching(model: GPT2LMHeadModel, pair, components, direction: str)
         "clean": logit_diff(model, list(pair.clean_ids), *answers),
         "corrupted": logit_diff(model, list(pair.corrupted_ids), *answers),
     }
+    width = model.config.n_embd // model.config.n_head
     for component in components:
+        heads = range(model.config.n_head) if component == "head" else [None]
         for layer in range(model.config.n_layer):
             act = capture(model, list(donor), component, layer)
-            for position in range(len(receiver)):
-                result[(component, layer, position)] = patched_logit_diff(
-                    model, list(receiver), act, component, layer, position, *answers
-                )
+            for head in heads:
+                channels = slice(None) if head is None else slice(head * width, (head + 1) * width)
+                for position in range(len(receiver)):
+                    result[(component, layer, position, head)] = patched_logit_diff(
+                        model, list(receiver), act, component, layer, position, *answers, channels=channels
+                    )
     return result

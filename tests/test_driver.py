@@ -292,3 +292,23 @@ def test_an_unreachable_hub_fails_at_once_in_one_line(tmp_path):
     (line,) = failed.stderr.strip().splitlines()
     assert line.startswith("error: cannot load model id or path 'openai-community/gpt2'")
     assert endpoint in line and "--model PATH" in line
+
+
+def test_heads_end_to_end(tmp_path, tiny_model, tiny_model_dir, tokenizer_and_ctx):
+    """`--components resid,head`: head rows carry their head, the rest null; the report draws layer x head."""
+    out = tmp_path / "run"
+    done = run_driver("--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", out,
+                      "--components", "resid,head", "--batch-pairs", 5)
+    assert done.returncode == 0, done.stderr
+    pairs = read_pairs(EXAMPLE_PAIRS, *tokenizer_and_ctx).pairs
+    config = tiny_model._module.config
+    rows = pq.read_table(out / "effects").to_pylist()
+    assert len(rows) == sum(p.n_tokens for p in pairs) * config.n_layer * (1 + config.n_head)
+    assert {r["head"] for r in rows if r["component"] == "resid"} == {None}
+    assert {r["head"] for r in rows if r["component"] == "head"} == set(range(config.n_head))
+    core = patch_batch(tiny_model, pairs, ["head"]).effects.to_pylist()
+    by_key = {(r["pair_id"], r["layer"], r["head"], r["position"]): r["logit_diff"] for r in rows if r["head"] is not None}
+    for r in core:
+        assert by_key[(r["pair_id"], r["layer"], r["head"], r["position"])] == pytest.approx(r["logit_diff"], abs=RUN_TOL)
+    n_labels = len({label for p in pairs for label in p.labels})
+    assert f"({1 + n_labels} heatmaps" in done.stderr

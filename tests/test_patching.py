@@ -6,7 +6,7 @@ from transformers import GPT2LMHeadModel
 
 from tests.conftest import TOL, score_tolerance
 from tests.reference import reference_patching
-from worker.options import COMPONENTS
+from worker.options import COMPONENTS, DEFAULT_COMPONENTS
 from worker.patching import cells_to_run, first_difference, patch_batch, patch_cells, split_into_traces
 
 
@@ -17,7 +17,7 @@ def hf_model(tiny_model_dir):
 
 def by_cell(effects, column):
     rows = effects.to_pylist()
-    return {(r["pair_id"], r["component"], r["layer"], r["position"]): r[column] for r in rows}
+    return {(r["pair_id"], r["component"], r["layer"], r["position"], r["head"]): r[column] for r in rows}
 
 
 @pytest.mark.parametrize("method", ["trace", "reuse"])
@@ -35,14 +35,15 @@ def test_matches_hook_reference_for_every_cell(tiny_model, hf_model, ioi_pairs, 
         assert baselines[pair.pair_id]["clean_logit_diff"] == pytest.approx(clean, abs=TOL)
         assert baselines[pair.pair_id]["corrupted_logit_diff"] == pytest.approx(corrupted, abs=TOL)
         source, target = (clean, corrupted) if direction == "denoise" else (corrupted, clean)
-        for component in COMPONENTS:
-            for layer in range(hf_model.config.n_layer):
-                for position in range(pair.n_tokens):
-                    key = (pair.pair_id, component, layer, position)
-                    want = expected[(component, layer, position)]
-                    assert logit_diffs[key] == pytest.approx(want, abs=TOL), key
-                    want_score = (want - target) / (source - target)
-                    assert scores[key] == pytest.approx(want_score, abs=score_tolerance(want_score, clean, corrupted)), key
+        cells = [key for key in expected if isinstance(key, tuple)]
+        assert len(cells) == pair.n_tokens * hf_model.config.n_layer * (3 + hf_model.config.n_head)
+        for component, layer, position, head in cells:
+            key = (pair.pair_id, component, layer, position, head)
+            want = expected[(component, layer, position, head)]
+            assert logit_diffs[key] == pytest.approx(want, abs=TOL), key
+            want_score = (want - target) / (source - target)
+            assert scores[key] == pytest.approx(want_score, abs=score_tolerance(want_score, clean, corrupted)), key
+        assert sum(key[0] == pair.pair_id for key in logit_diffs) == len(cells)
 
 
 def test_table_shapes_and_direction(tiny_model, ioi_pairs):
@@ -115,7 +116,7 @@ def test_trace_split_respects_row_budget_and_covers_all_work():
 
 
 def test_cells_before_the_first_difference_need_no_forward_pass(ioi_pairs):
-    cells = patch_cells(COMPONENTS, 3, ioi_pairs[0].n_tokens)
+    cells = patch_cells(DEFAULT_COMPONENTS, 3, ioi_pairs[0].n_tokens)
     work = cells_to_run(ioi_pairs[:1], cells)
     start = first_difference(ioi_pairs[0])
     assert 0 < start < ioi_pairs[0].n_tokens

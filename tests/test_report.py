@@ -15,23 +15,52 @@ from jobs.tables import connect_tables
 from jobs.store import Store
 from jobs.tables import query
 from tests.conftest import write_jsonl
-from worker.options import COMPONENTS
+from worker.options import DEFAULT_COMPONENTS as COMPONENTS
 from worker.patching import patch_batch
 
 
-@pytest.fixture(scope="module")
-def ioi_run(tmp_path_factory, tiny_model, tokenizer_and_ctx):
-    """A run of labelled IOI pairs (two templates, so two token lengths) written as the driver would."""
-    tmp = tmp_path_factory.mktemp("report")
-    records = generate_ioi(8, seed=0, tokenizer=tokenizer_and_ctx[0])
+def ioi_store(tmp, model, tokenizer_and_ctx, n_pairs: int, components) -> tuple[Store, list[dict], object]:
+    """A run of labelled IOI pairs written as the driver would; the store, the records, the result."""
+    records = generate_ioi(n_pairs, seed=0, tokenizer=tokenizer_and_ctx[0])
     pairs = read_pairs(write_jsonl(tmp / "ioi.jsonl", records), *tokenizer_and_ctx).pairs
-    result = patch_batch(tiny_model, pairs, COMPONENTS)
+    result = patch_batch(model, pairs, components)
     store = Store(str(tmp / "run"))
     store.prepare("hash", overwrite=False)
     store.write_shard("part-00000", result.effects, result.pairs)
     store.write_pairs_table(["part-00000"])
-    store.write_manifest({"model": "tiny", "direction": "denoise", "components": list(COMPONENTS)})
+    store.write_manifest({"model": "tiny", "direction": "denoise", "components": list(components)})
+    return store, records, result
+
+
+@pytest.fixture(scope="module")
+def ioi_run(tmp_path_factory, tiny_model, tokenizer_and_ctx):
+    """Eight labelled IOI pairs (two templates, so two token lengths), whole components."""
+    store, records, _ = ioi_store(tmp_path_factory.mktemp("report"), tiny_model, tokenizer_and_ctx, 8, COMPONENTS)
     return store, len(tiny_model.transformer.h), records
+
+
+def test_heads_get_a_layer_by_head_heatmap_per_label(tmp_path, tiny_model, tokenizer_and_ctx):
+    store, records, result = ioi_store(tmp_path, tiny_model, tokenizer_and_ctx, 4, ["head"])
+    config = tiny_model._module.config
+    labels_of = {r["id"]: r["labels"] for r in records}
+    gaps = {r["pair_id"]: abs(r["clean_logit_diff"] - r["corrupted_logit_diff"]) for r in result.pairs.to_pylist()}
+    scores: dict[tuple, list[float]] = {}
+    for row in result.effects.to_pylist():
+        if gaps[row["pair_id"]] >= 0.1:
+            label = labels_of[row["pair_id"]][row["position"]]
+            scores.setdefault((label, row["layer"], row["head"]), []).append(row["score"])
+    positions = label_positions(connect_tables(store))
+    figures = aggregate_figures(aggregate(store, "denoise").to_pylist(), "tiny", "denoise", positions)
+    labels = sorted({label for r in records for label in r["labels"]}, key=lambda label: (positions[label], label))
+    assert [name for name, _ in figures] == [f"head-{label}" for label in labels]
+    for (_, figure), label in zip(figures, labels):
+        heatmap = figure.data[0]
+        assert list(heatmap.x) == list(range(config.n_head)) and len(heatmap.z) == config.n_layer
+        assert figure.layout.xaxis.title.text == "head" and f"head at {label}," in figure.layout.title.text
+        for layer in range(config.n_layer):
+            for head in range(config.n_head):
+                values = scores[(label, layer, head)]
+                assert heatmap.z[layer][head] == pytest.approx(sum(values) / len(values), abs=1e-5)
 
 
 def test_report_has_one_plotly_and_a_heatmap_per_component(ioi_run):

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 DEFAULT_MODEL = "openai-community/gpt2"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-COMPONENTS = ("resid", "attn", "mlp")
+COMPONENTS = ("resid", "attn", "mlp", "head")
+DEFAULT_COMPONENTS = ("resid", "attn", "mlp")   # `head` has n_heads times the cells: asked for by name
 DIRECTIONS = ("denoise", "noise")
 DEFAULT_MAX_BATCH_TOKENS = 4096
 

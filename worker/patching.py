@@ -18,19 +18,24 @@ import pyarrow as pa
 import torch
 from nnsight import TransformersModel
 
-from worker.options import COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, check_options
+from worker.options import DEFAULT_COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, check_options
 from worker.pairs import Pair
 from worker.reuse import resolve_method, reuse_logit_diffs
-from worker.sites import FORWARD_ORDER, Cell, component_output, traced_logit_diff
+from worker.sites import FORWARD_ORDER, Cell, component_output, head_channels, head_dim, n_heads, traced_logit_diff
 from worker.tables import effects_table, empty_effects, pairs_table
 
 
 @dataclass(frozen=True)
 class Write:
-    """Copy `donors[i]`'s activation at `positions[i]` into row `rows[i]`."""
+    """Copy `donors[i]`'s activation at `positions[i]` into row `rows[i]` (only head `heads[i]`'s channels)."""
     rows: torch.Tensor
     positions: torch.Tensor
     donors: torch.Tensor
+    heads: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> Write:
+        heads = None if self.heads is None else self.heads.to(device)
+        return Write(self.rows.to(device), self.positions.to(device), self.donors.to(device), heads)
 
 
 @dataclass(frozen=True)
@@ -48,11 +53,12 @@ class PatchResult:
     pairs: pa.Table
 
 
-def patch_cells(components: Sequence[str], n_layers: int, n_tokens: int) -> list[Cell]:
-    """Every (component, layer, position) of a prompt, in the order results are reported."""
+def patch_cells(components: Sequence[str], n_layers: int, n_tokens: int, heads: int = 0) -> list[Cell]:
+    """Every (component, layer[, head], position) of a prompt, in the order results are reported."""
     return [
-        Cell(c, layer, position)
-        for c in components for layer in range(n_layers) for position in range(n_tokens)
+        Cell(c, layer, position, head)
+        for c in components for layer in range(n_layers)
+        for head in (range(heads) if c == "head" else [None]) for position in range(n_tokens)
     ]
 
 
@@ -107,12 +113,13 @@ def plan_trace(
     for p in pair_indices:
         ids += [pairs[p].clean_ids, pairs[p].corrupted_ids]
         answer_rows += [p, p]
-    by_site: dict[tuple[str, int], list[tuple[int, int, int]]] = defaultdict(list)
+    by_site: dict[tuple[str, int], list[tuple[int, ...]]] = defaultdict(list)
     for pair, cell_index in work:
         cell = cells[cell_index]
         donor = clean_row[pair] + (0 if direction == "denoise" else 1)
         receiver = pairs[pair].corrupted_ids if direction == "denoise" else pairs[pair].clean_ids
-        by_site[(cell.component, cell.layer)].append((len(ids), cell.position, donor))
+        entry = (len(ids), cell.position, donor) + (() if cell.head is None else (cell.head,))
+        by_site[(cell.component, cell.layer)].append(entry)
         ids.append(receiver)
         answer_rows.append(pair)
     writes = {
@@ -132,8 +139,8 @@ def run_trace(model: TransformersModel, plan: TracePlan) -> torch.Tensor:
     """Logit difference (correct minus incorrect, last position) of every row of `plan`."""
     device = model.device
     input_ids = plan.input_ids.to(device)
-    writes = {site: Write(*(t.to(device) for t in (w.rows, w.positions, w.donors)))
-              for site, w in plan.writes.items()}
+    writes = {site: write.to(device) for site, write in plan.writes.items()}
+    dim = head_dim(model)
     answers = torch.stack([plan.correct_ids, plan.incorrect_ids], dim=1).to(device)
     n_layers = len(model.transformer.h)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
@@ -141,9 +148,14 @@ def run_trace(model: TransformersModel, plan: TracePlan) -> torch.Tensor:
         for layer in range(n_layers):
             for component in FORWARD_ORDER:
                 write = writes.get((component, layer))
-                if write is not None:
-                    act = component_output(model, component, layer)
+                if write is None:
+                    continue
+                act = component_output(model, component, layer)
+                if write.heads is None:
                     act[write.rows, write.positions] = act[write.donors, write.positions]
+                else:
+                    channels, positions = head_channels(write.heads, dim), write.positions[:, None]
+                    act[write.rows[:, None], positions, channels] = act[write.donors[:, None], positions, channels]
         logit_diff = traced_logit_diff(model, answers).save()
     return logit_diff.cpu()
 
@@ -190,7 +202,7 @@ def patch_group(
     """Patch pairs that share one token length; returns effect columns and both baselines."""
     n_tokens = pairs[0].n_tokens
     assert all(p.n_tokens == n_tokens for p in pairs), "patch_group needs equal-length pairs"
-    cells = patch_cells(components, len(model.transformer.h), n_tokens)
+    cells = patch_cells(components, len(model.transformer.h), n_tokens, n_heads(model))
     work = cells_to_run(pairs, cells)
     compute = reuse_logit_diffs if method == "reuse" else trace_logit_diffs
     clean, corrupted, values = compute(model, pairs, cells, work, direction, max_batch_tokens)
@@ -204,6 +216,7 @@ def patch_group(
         "component": [c.component for _ in pairs for c in cells],
         "layer": [c.layer for _ in pairs for c in cells],
         "position": [c.position for _ in pairs for c in cells],
+        "head": [c.head for _ in pairs for c in cells],
         "logit_diff": patched.flatten().numpy(),
         "score": scores.flatten().numpy(),
     }
@@ -213,12 +226,12 @@ def patch_group(
 def patch_batch(
     model: TransformersModel,
     pairs: Sequence[Pair],
-    components: Sequence[str] = COMPONENTS,
+    components: Sequence[str] = DEFAULT_COMPONENTS,
     direction: str = "denoise",
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     method: str = "auto",
 ) -> PatchResult:
-    """Patch every (component, layer, position) of every pair; the `effects` and `pairs` tables.
+    """Patch every (component, layer[, head], position) of every pair; the `effects` and `pairs` tables.
 
     Pairs of different token lengths are patched in separate equal-length groups, so
     padding never shifts a position. `max_batch_tokens` bounds rows x tokens per forward,

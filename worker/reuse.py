@@ -6,7 +6,9 @@ activations of each pair (block inputs, attention and MLP outputs), and each pat
 is rebuilt from there: the receiver's layer-l output on positions t..T-1 with position t
 patched, then blocks l+1..L-1 on those positions only, attending to the receiver's cached
 keys and values for positions before t. That costs about (L-l)(T-t) token-layers instead
-of L*T. Rows that share t are batched; rows join the batch at the layer they patch.
+of L*T. A head patch only changes layer l's attention output at t (the output projection of
+the receiver's heads with the donor's slice for that head), so it recomputes like `attn`.
+Rows that share t are batched; rows join the batch at the layer they patch.
 Only the last position's final hidden state is unembedded, on the two answer columns.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from nnsight import TransformersModel
 
 from worker.pairs import Pair
 from worker.options import COMPONENTS
-from worker.sites import Cell, component_output, traced_logit_diff
+from worker.sites import Cell, component_output, head_channels, traced_logit_diff
 
 if TYPE_CHECKING:  # importing GPT-2's modeling code costs the driver 2 s; a loaded model has it already
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block
@@ -31,8 +33,10 @@ if TYPE_CHECKING:  # importing GPT-2's modeling code costs the driver 2 s; a loa
 @dataclass(frozen=True)
 class Activations:
     """Of 2P rows (clean, corrupted per pair): block inputs for layers 0..L (the last is the
-    final block's output), attention and MLP outputs per layer, and the logit differences."""
+    final block's output), the heads' outputs (output projection inputs), attention and MLP
+    outputs per layer, and the logit differences."""
     resid: list[torch.Tensor]
+    head: list[torch.Tensor]
     attn: list[torch.Tensor]
     mlp: list[torch.Tensor]
     logit_diff: torch.Tensor
@@ -57,7 +61,7 @@ def read_activations(model: TransformersModel, pairs: Sequence[Pair], answers: t
                      components: set[str]) -> Activations:
     """One nnsight trace over the clean and corrupted prompts, saving every activation a patch needs.
 
-    Attention and MLP outputs are kept only for the components being patched.
+    Head, attention and MLP activations are kept only for the components being patched.
     """
     device = model.device
     input_ids = baseline_rows(pairs).to(device)
@@ -65,14 +69,14 @@ def read_activations(model: TransformersModel, pairs: Sequence[Pair], answers: t
     n_layers = len(model.transformer.h)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     with torch.inference_mode(), model.trace(inputs, logits_to_keep=1):
-        saved = nnsight.save({"resid": [model.transformer.drop.output], "attn": [], "mlp": []})
+        saved = nnsight.save({"resid": [model.transformer.drop.output], "head": [], "attn": [], "mlp": []})
         for layer in range(n_layers):
-            for component in ("attn", "mlp"):
+            for component in ("head", "attn", "mlp"):
                 if component in components:
                     saved[component].append(component_output(model, component, layer))
             saved["resid"].append(component_output(model, "resid", layer))
         logit_diff = traced_logit_diff(model, row_answers).save()
-    return Activations(saved["resid"], saved["attn"], saved["mlp"], logit_diff.cpu())
+    return Activations(saved["resid"], saved["head"], saved["attn"], saved["mlp"], logit_diff.cpu())
 
 
 def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -99,8 +103,20 @@ def block_on_suffix(block: GPT2Block, hidden: torch.Tensor, prefix_keys: torch.T
     return hidden + block.mlp(block.ln_2(hidden))
 
 
+def patched_attention_output(block: GPT2Block, acts: Activations, component: str, layer: int, start: int,
+                             receivers: torch.Tensor, donors: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """Layer `layer`'s attention output at `start` with the donor's whole output, or with the donor's
+    channels of one head per row put through the output projection."""
+    if component == "attn":
+        return acts.attn[layer][donors, start]
+    z = acts.head[layer][receivers, start].clone()
+    rows, channels = torch.arange(len(z), device=z.device)[:, None], head_channels(heads, block.attn.head_dim)
+    z[rows, channels] = acts.head[layer][donors, start][rows, channels]
+    return block.attn.c_proj(z)
+
+
 def patched_layer_output(block: GPT2Block, acts: Activations, component: str, layer: int, start: int,
-                         receivers: torch.Tensor, donors: torch.Tensor) -> torch.Tensor:
+                         receivers: torch.Tensor, donors: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
     """Layer `layer`'s output on positions start..T-1 of each receiver row, patched at `start`."""
     suffix = acts.resid[layer + 1][receivers, start:].clone()
     if component == "resid":
@@ -108,7 +124,8 @@ def patched_layer_output(block: GPT2Block, acts: Activations, component: str, la
     elif component == "mlp":
         suffix[:, 0] += acts.mlp[layer][donors, start] - acts.mlp[layer][receivers, start]
     else:
-        middle = acts.resid[layer][receivers, start] + acts.attn[layer][donors, start]
+        attention = patched_attention_output(block, acts, component, layer, start, receivers, donors, heads)
+        middle = acts.resid[layer][receivers, start] + attention
         suffix[:, 0] = middle + block.mlp(block.ln_2(middle))
     return suffix
 
@@ -142,8 +159,9 @@ def run_rows(model: TransformersModel, acts: Activations, prefix: list[tuple[tor
             if not joining:
                 continue
             pairs = torch.tensor([pair for pair, _ in joining], device=device)
+            heads = torch.tensor([cell.head or 0 for _, cell in joining], device=device)
             new = patched_layer_output(block, acts, component, layer, start,
-                                       receivers=2 * pairs + shift, donors=2 * pairs + 1 - shift)
+                                       receivers=2 * pairs + shift, donors=2 * pairs + 1 - shift, heads=heads)
             hidden = new if hidden is None else torch.cat([hidden, new])
             order += joining
     pair_rows = torch.tensor([pair for pair, _ in order], device=device)

@@ -1,4 +1,8 @@
-"""Where patches go: the patchable components of a GPT-2 block and how to reach them in nnsight."""
+"""Where patches go: the patchable components of a GPT-2 block and how to reach them in nnsight.
+
+`head` is one attention head's output before the output projection (TransformerLens'
+`hook_z`): its `head_dim` channels of the projection's input, where the heads sit side by side.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from nnsight import TransformersModel
 
-FORWARD_ORDER = ("attn", "mlp", "resid")
+FORWARD_ORDER = ("head", "attn", "mlp", "resid")
 
 
 @dataclass(frozen=True)
@@ -14,15 +18,32 @@ class Cell:
     component: str
     layer: int
     position: int
+    head: int | None = None   # only for component "head"
+
+
+def head_dim(model: TransformersModel) -> int:
+    return model._module.transformer.h[0].attn.head_dim
+
+
+def n_heads(model: TransformersModel) -> int:
+    return model._module.transformer.h[0].attn.num_heads
+
+
+def head_channels(heads: torch.Tensor, dim: int) -> torch.Tensor:
+    """[n, dim] channel indices of each head's slice of the output projection's input."""
+    return heads[:, None] * dim + torch.arange(dim, device=heads.device)
 
 
 def component_output(model: TransformersModel, component: str, layer: int) -> torch.Tensor:
-    """The activation patched for `component`: block output, attention output or MLP output.
+    """The activation patched for `component`: block output, attention output, MLP output, or
+    the heads' outputs (the attention output projection's input, [rows, T, n_heads * head_dim]).
 
     Blocks and attention return tuples on some transformers versions; element 0 is the
     hidden state, while indexing a plain tensor with [0] would select batch row 0.
     """
     block = model.transformer.h[layer]
+    if component == "head":
+        return block.attn.c_proj.input
     output = {"resid": block, "attn": block.attn, "mlp": block.mlp}[component].output
     return output[0] if isinstance(output, tuple) else output
 

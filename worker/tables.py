@@ -39,8 +39,6 @@ def with_direction(table: pa.Table, direction: str) -> pa.Table:
 
 
 def effects_table(columns: dict[str, Sequence], direction: str) -> pa.Table:
-    n_rows = len(columns["pair_id"])
-    columns = {**columns, "head": pa.nulls(n_rows, pa.int16())}
     return with_direction(pa.table(columns, schema=EFFECTS_SCHEMA), direction)
 
 
