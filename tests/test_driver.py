@@ -17,6 +17,7 @@ from jobs.pairfile import read_pairs
 from tests.conftest import EXAMPLE_PAIRS, REPO, free_port, score_tolerance, write_jsonl
 from worker.patching import patch_batch
 from worker.actor import TEST_FAULT_ENV
+from worker.model import PROXY_VARIABLES
 
 # Driver runs against the in-process core: other processes, other batches, and on a loaded
 # machine other BLAS thread splits, so the same cell's logit difference has differed by up
@@ -284,7 +285,7 @@ def test_no_ray_cluster_at_the_address_is_one_line(tmp_path, tiny_model_dir, add
 
 def test_an_unreachable_hub_fails_at_once_in_one_line(tmp_path):
     """The default hub model with no network: one line, not a minute of retries printed on the way."""
-    no_proxy = {name: "" for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")}
+    no_proxy = {name: "" for name in PROXY_VARIABLES}
     endpoint = f"http://127.0.0.1:{free_port()}"
     failed = run_driver("--pairs", EXAMPLE_PAIRS, "--out", tmp_path / "o", timeout=120,
                         env_extra={**no_proxy, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf")})
