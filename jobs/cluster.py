@@ -36,30 +36,32 @@ class PoolShape:
     threads: int
 
 
-def probe(address: str) -> None:
+def probe(address: str, shown: str) -> None:
     """Fail fast where nothing listens: `ray.init` would retry a dead address for two minutes.
 
     `auto` is resolved the way `ray.init` resolves it (the last `ray start`, or a running GCS);
     HOST:PORT is tried as given. Addresses of other schemes (ray://) are left to Ray.
+    `shown` is how the address is named to the user.
     """
     if "://" in address:
         return
     try:
         bootstrap = canonicalize_bootstrap_address_or_die(address) if address == "auto" else address
     except ConnectionError:
-        raise NoCluster(address) from None
+        raise NoCluster(shown) from None
     host, _, port = bootstrap.rpartition(":")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_SECONDS).close()
     except (OSError, ValueError) as error:
         found = f" (found {bootstrap})" if bootstrap != address else ""
-        raise NoCluster(address, f"{found}: {getattr(error, 'strerror', None) or error}") from None
+        raise NoCluster(shown, f"{found}: {getattr(error, 'strerror', None) or error}") from None
 
 
 def connect(address: str | None) -> None:
     if address is not None or os.environ.get("RAY_ADDRESS"):
-        shown = address or f"{os.environ['RAY_ADDRESS']} (from RAY_ADDRESS)"
-        probe(address or os.environ["RAY_ADDRESS"])
+        target = address or os.environ["RAY_ADDRESS"]
+        shown = address or f"{target} (from RAY_ADDRESS)"
+        probe(target, shown)
         try:
             ray.init(address=address, logging_level="WARNING")
         except ConnectionError:

@@ -93,9 +93,10 @@ def aggregate_figures(rows: list[dict], model: str, direction: str,
     for key in sorted(panels, key=lambda key: panel_order(key, positions)):
         component, group, n_tokens, label = key
         cells = panels[key]
-        column = "head" if label is not None else "label"
-        x = sorted({cell["head"] for cell in cells}) if label is not None else \
-            in_label_order({cell["label"] for cell in cells}, positions)
+        if label is None:   # layer x position label
+            column, x_title, x = "label", "position", in_label_order({cell["label"] for cell in cells}, positions)
+        else:               # layer x head, at one label
+            column, x_title, x = "head", "head", sorted({cell["head"] for cell in cells})
         layers = sorted({cell["layer"] for cell in cells})
         at = {(cell["layer"], cell[column]): cell for cell in cells}
         z = [[at.get((layer, value), {}).get("mean_score") for value in x] for layer in layers]
@@ -107,7 +108,7 @@ def aggregate_figures(rows: list[dict], model: str, direction: str,
         at_label = f" at {label}" if label is not None else ""
         title = f"{model}: {component}{at_label}, {direction}, N={n_pairs} pairs{scope}"
         name = "-".join(str(part) for part in (component, label, group, n_tokens) if part is not None)
-        figures.append((name, heatmap(title, x, layers, z, hover, x_title="head" if label is not None else "position")))
+        figures.append((name, heatmap(title, x, layers, z, hover, x_title)))
     return figures
 
 
