@@ -47,8 +47,11 @@ def capture(model: GPT2LMHeadModel, ids: list[int], component: str, layer: int) 
 
 def patched_logit_diff(model, receiver_ids, donor_act, component, layer, position, correct, incorrect,
                        channels=slice(None)):
+    """`position` None patches every position."""
+    positions = slice(None) if position is None else position
+
     def replace(act):
-        act[:, position, channels] = donor_act[:, position, channels]
+        act[:, positions, channels] = donor_act[:, positions, channels]
 
     handle = hook(model, component, layer, replace)
     try:
@@ -58,8 +61,11 @@ def patched_logit_diff(model, receiver_ids, donor_act, component, layer, positio
 
 
 @torch.no_grad()
-def reference_patching(model: GPT2LMHeadModel, pair, components, direction: str) -> dict:
-    """{(component, layer, position, head or None): patched logit diff} plus "clean" and "corrupted"."""
+def reference_patching(model: GPT2LMHeadModel, pair, components, direction: str, all_positions: bool = False) -> dict:
+    """{(component, layer, position, head or None): patched logit diff} plus "clean" and "corrupted".
+
+    Every position one at a time, or with `all_positions` one patch of all of them (position None).
+    """
     donor, receiver = (
         (pair.clean_ids, pair.corrupted_ids) if direction == "denoise"
         else (pair.corrupted_ids, pair.clean_ids)
@@ -76,7 +82,7 @@ def reference_patching(model: GPT2LMHeadModel, pair, components, direction: str)
             act = capture(model, list(donor), component, layer)
             for head in heads:
                 channels = slice(None) if head is None else slice(head * width, (head + 1) * width)
-                for position in range(len(receiver)):
+                for position in [None] if all_positions else range(len(receiver)):
                     result[(component, layer, position, head)] = patched_logit_diff(
                         model, list(receiver), act, component, layer, position, *answers, channels=channels
                     )

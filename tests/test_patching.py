@@ -1,13 +1,15 @@
 """The nnsight patching core against an independent plain-PyTorch hook reference."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from transformers import GPT2LMHeadModel
 
 from tests.conftest import TOL, score_tolerance
 from tests.reference import reference_patching
 from worker.options import COMPONENTS, DEFAULT_COMPONENTS
-from worker.patching import cells_to_run, first_difference, patch_batch, patch_cells, split_into_traces
+from worker.patching import cells_to_run, patch_batch, patch_cells, selected_cells, split_into_traces
 
 
 @pytest.fixture(scope="module")
@@ -20,23 +22,22 @@ def by_cell(effects, column):
     return {(r["pair_id"], r["component"], r["layer"], r["position"], r["head"]): r[column] for r in rows}
 
 
-@pytest.mark.parametrize("method", ["trace", "reuse"])
-@pytest.mark.parametrize("direction", ["denoise", "noise"])
-def test_matches_hook_reference_for_every_cell(tiny_model, hf_model, ioi_pairs, direction, method):
-    # A small token budget forces several traces (or pair groups and row chunks) per length group.
-    result = patch_batch(tiny_model, ioi_pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, method=method)
+def assert_matches_reference(result, hf_model, pairs, direction, all_positions=False, wanted=None):
+    """Every row of `result` equals the hook reference, and every expected cell has a row.
+
+    `wanted(pair)`: the positions a label list selects for `pair` (default: every cell).
+    """
     logit_diffs, scores = by_cell(result.effects, "logit_diff"), by_cell(result.effects, "score")
     baselines = {r["pair_id"]: r for r in result.pairs.to_pylist()}
-    assert len({p.n_tokens for p in ioi_pairs}) == 3
-    for pair in ioi_pairs:
-        expected = reference_patching(hf_model, pair, COMPONENTS, direction)
+    components = sorted(set(result.effects.column("component").to_pylist()))
+    for pair in pairs:
+        expected = reference_patching(hf_model, pair, components, direction, all_positions)
         clean, corrupted = expected["clean"], expected["corrupted"]
         assert abs(clean - corrupted) > 0.05, "test pair too weak to normalise"
         assert baselines[pair.pair_id]["clean_logit_diff"] == pytest.approx(clean, abs=TOL)
         assert baselines[pair.pair_id]["corrupted_logit_diff"] == pytest.approx(corrupted, abs=TOL)
         source, target = (clean, corrupted) if direction == "denoise" else (corrupted, clean)
-        cells = [key for key in expected if isinstance(key, tuple)]
-        assert len(cells) == pair.n_tokens * hf_model.config.n_layer * (3 + hf_model.config.n_head)
+        cells = [key for key in expected if isinstance(key, tuple) and (wanted is None or key[2] in wanted(pair))]
         for component, layer, position, head in cells:
             key = (pair.pair_id, component, layer, position, head)
             want = expected[(component, layer, position, head)]
@@ -44,6 +45,59 @@ def test_matches_hook_reference_for_every_cell(tiny_model, hf_model, ioi_pairs, 
             want_score = (want - target) / (source - target)
             assert scores[key] == pytest.approx(want_score, abs=score_tolerance(want_score, clean, corrupted)), key
         assert sum(key[0] == pair.pair_id for key in logit_diffs) == len(cells)
+
+
+@pytest.mark.parametrize("method", ["trace", "reuse"])
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_matches_hook_reference_for_every_cell(tiny_model, hf_model, ioi_pairs, direction, method):
+    # A small token budget forces several traces (or pair groups and row chunks) per length group.
+    result = patch_batch(tiny_model, ioi_pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, method=method)
+    assert len({p.n_tokens for p in ioi_pairs}) == 3
+    config = hf_model.config
+    assert result.effects.num_rows == sum(p.n_tokens * config.n_layer * (3 + config.n_head) for p in ioi_pairs)
+    assert_matches_reference(result, hf_model, ioi_pairs, direction)
+
+
+@pytest.mark.parametrize("method", ["trace", "reuse"])
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_all_positions_at_once_match_hook_reference(tiny_model, hf_model, ioi_pairs, direction, method):
+    result = patch_batch(tiny_model, ioi_pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, method=method,
+                         positions="all")
+    config = hf_model.config
+    assert result.effects.num_rows == len(ioi_pairs) * config.n_layer * (3 + config.n_head)
+    assert result.effects.column("position").null_count == result.effects.num_rows
+    assert_matches_reference(result, hf_model, ioi_pairs, direction, all_positions=True)
+
+
+def labelled(pair):
+    """`early` before the first differing token, `S2` at it, `END` last, `x` elsewhere."""
+    labels = ["x"] * pair.n_tokens
+    labels[1], labels[pair.first_difference], labels[-1] = "early", "S2", "END"
+    return dataclasses.replace(pair, labels=tuple(labels))
+
+
+def at_labels(*names):
+    return lambda pair: {i for i, label in enumerate(pair.labels) if label in names}
+
+
+@pytest.mark.parametrize("method", ["trace", "reuse"])
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_listed_labels_patch_only_their_positions(tiny_model, hf_model, ioi_pairs, direction, method):
+    pairs = [labelled(pair) for pair in ioi_pairs]
+    result = patch_batch(tiny_model, pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, method=method,
+                         positions="early,S2,END")
+    config = hf_model.config
+    assert result.effects.num_rows == len(pairs) * 3 * config.n_layer * (3 + config.n_head)
+    assert_matches_reference(result, hf_model, pairs, direction, wanted=at_labels("early", "S2", "END"))
+
+
+@pytest.mark.parametrize("method", ["trace", "reuse"])
+def test_labels_before_the_first_difference_score_zero_and_keep_baselines(tiny_model, hf_model, ioi_pairs,
+                                                                          method):
+    pairs = [labelled(pair) for pair in ioi_pairs]
+    result = patch_batch(tiny_model, pairs, ["resid", "head"], method=method, positions="early")
+    assert set(result.effects.column("score").to_pylist()) == {0.0}
+    assert_matches_reference(result, hf_model, pairs, "denoise", wanted=at_labels("early"))
 
 
 def test_table_shapes_and_direction(tiny_model, ioi_pairs):
@@ -117,8 +171,8 @@ def test_trace_split_respects_row_budget_and_covers_all_work():
 
 def test_cells_before_the_first_difference_need_no_forward_pass(ioi_pairs):
     cells = patch_cells(DEFAULT_COMPONENTS, 3, ioi_pairs[0].n_tokens)
-    work = cells_to_run(ioi_pairs[:1], cells)
-    start = first_difference(ioi_pairs[0])
+    work = cells_to_run(ioi_pairs[:1], cells, selected_cells(ioi_pairs[:1], cells))
+    start = ioi_pairs[0].first_difference
     assert 0 < start < ioi_pairs[0].n_tokens
     assert {cells[c].position for _, c in work} == set(range(start, ioi_pairs[0].n_tokens))
     assert len(work) == 3 * 3 * (ioi_pairs[0].n_tokens - start)

@@ -12,11 +12,27 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 COMPONENTS = ("resid", "attn", "mlp", "head")
 DEFAULT_COMPONENTS = ("resid", "attn", "mlp")   # `head` has n_heads times the cells: asked for by name
 DIRECTIONS = ("denoise", "noise")
+POSITION_MODES = ("each", "all")   # or a list of position labels
 DEFAULT_MAX_BATCH_TOKENS = 4096
 
 
 class ModelLoadError(RuntimeError):
     """A model or tokenizer that cannot be loaded; the message is one line for the user."""
+
+
+def parse_positions(text: str) -> str:
+    """`each`, `all`, or the listed labels joined by commas (spaces and repeats dropped)."""
+    parts = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if not parts:
+        raise ValueError("positions must be each, all, or a comma-separated list of position labels")
+    if len(parts) > 1 and set(parts) & set(POSITION_MODES):
+        raise ValueError(f"positions: {' or '.join(POSITION_MODES)} cannot be combined with labels, got {text!r}")
+    return ",".join(parts)
+
+
+def position_labels(positions: str) -> tuple[str, ...]:
+    """The labels a `positions` value lists; empty for `each` and `all`."""
+    return () if positions in POSITION_MODES else tuple(positions.split(","))
 
 
 def check_options(components: Sequence[str], direction: str) -> None:

@@ -23,3 +23,9 @@ class Pair:
     @property
     def n_tokens(self) -> int:
         return len(self.clean_ids)
+
+    @property
+    def first_difference(self) -> int:
+        """The first position where clean and corrupted differ (the last one if they never do)."""
+        differing = (i for i, (a, b) in enumerate(zip(self.clean_ids, self.corrupted_ids)) if a != b)
+        return next(differing, self.n_tokens - 1)

@@ -7,6 +7,8 @@ activations at each row's position into the receiving rows, so clean, corrupted 
 patched run come out of a single batched forward. Only the last position's logits are
 computed, and only the two answer columns are read. Cells before a pair's first differing
 token are never run: their activations are identical in both prompts, so the score is 0.
+`positions` picks the cells: every position (`each`), all positions in one patch (`all`,
+cells with position None), or only the positions whose label is listed.
 """
 from __future__ import annotations
 
@@ -18,18 +20,19 @@ import pyarrow as pa
 import torch
 from nnsight import TransformersModel
 
-from worker.options import DEFAULT_COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, check_options
+from worker.options import DEFAULT_COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, check_options, position_labels
 from worker.pairs import Pair
 from worker.reuse import resolve_method, reuse_logit_diffs
-from worker.sites import FORWARD_ORDER, Cell, component_output, head_channels, head_dim, n_heads, traced_logit_diff
+from worker.sites import FORWARD_ORDER, Cell, component_output, head_dim, head_mask, n_heads, traced_logit_diff
 from worker.tables import effects_table, empty_effects, pairs_table
 
 
 @dataclass(frozen=True)
 class Write:
-    """Copy `donors[i]`'s activation at `positions[i]` into row `rows[i]` (only head `heads[i]`'s channels)."""
+    """Copy `donors[i]`'s activations at `positions[i]` (one position, or all of them) into row
+    `rows[i]`, only on head `heads[i]`'s channels when heads are given."""
     rows: torch.Tensor
-    positions: torch.Tensor
+    positions: torch.Tensor   # [n, 1] or [n, n_tokens]
     donors: torch.Tensor
     heads: torch.Tensor | None = None
 
@@ -44,7 +47,7 @@ class TracePlan:
     input_ids: torch.Tensor
     correct_ids: torch.Tensor
     incorrect_ids: torch.Tensor
-    writes: dict[tuple[str, int], Write]
+    writes: dict[tuple[str, int], list[Write]]   # (component, layer): one Write per number of positions
 
 
 @dataclass(frozen=True)
@@ -53,33 +56,41 @@ class PatchResult:
     pairs: pa.Table
 
 
-def patch_cells(components: Sequence[str], n_layers: int, n_tokens: int, heads: int = 0) -> list[Cell]:
-    """Every (component, layer[, head], position) of a prompt, in the order results are reported."""
+def patch_cells(components: Sequence[str], n_layers: int, n_tokens: int, heads: int = 0,
+                positions: str = "each") -> list[Cell]:
+    """Every (component, layer[, head], position) of a prompt, in the order results are reported.
+
+    With `positions="all"` a cell patches every position at once (position None).
+    """
+    spots = [None] if positions == "all" else range(n_tokens)
     return [
         Cell(c, layer, position, head)
         for c in components for layer in range(n_layers)
-        for head in (range(heads) if c == "head" else [None]) for position in range(n_tokens)
+        for head in (range(heads) if c == "head" else [None]) for position in spots
     ]
 
 
-def first_difference(pair: Pair) -> int:
-    """The first position where clean and corrupted differ (the last one if they never do)."""
-    differing = (i for i, (a, b) in enumerate(zip(pair.clean_ids, pair.corrupted_ids)) if a != b)
-    return next(differing, pair.n_tokens - 1)
+def selected_cells(pairs: Sequence[Pair], cells: Sequence[Cell], labels: Sequence[str] = ()) -> list[tuple[int, int]]:
+    """The (pair, cell) rows a result reports, pair-major: every cell, or with `labels` only the
+    cells at positions whose label is listed (each pair has its own labelled positions)."""
+    if not labels:
+        return [(p, c) for p in range(len(pairs)) for c in range(len(cells))]
+    rows = []
+    for p, pair in enumerate(pairs):
+        wanted = {i for i, label in enumerate(pair.labels or ()) if label in labels}
+        rows += [(p, c) for c, cell in enumerate(cells) if cell.position in wanted]
+    return rows
 
 
-def cells_to_run(pairs: Sequence[Pair], cells: Sequence[Cell]) -> list[tuple[int, int]]:
-    """The (pair, cell) work that needs a forward pass, pair-major.
+def cells_to_run(pairs: Sequence[Pair], cells: Sequence[Cell], rows: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The (pair, cell) rows that need a forward pass.
 
     Before a pair's first differing token, clean and corrupted activations are identical at
     every layer (attention is causal), so patching there changes nothing: the patched run is
     the receiving run and the score is exactly 0, with no forward pass needed.
     """
-    work = []
-    for pair_index, pair in enumerate(pairs):
-        start = first_difference(pair)
-        work += [(pair_index, c) for c, cell in enumerate(cells) if cell.position >= start]
-    return work
+    starts = [pair.first_difference for pair in pairs]
+    return [(p, c) for p, c in rows if cells[c].position is None or cells[c].position >= starts[p]]
 
 
 def split_into_traces(work: Sequence[tuple[int, int]], max_rows: int) -> list[list[tuple[int, int]]]:
@@ -104,42 +115,52 @@ def split_into_traces(work: Sequence[tuple[int, int]], max_rows: int) -> list[li
 
 
 def plan_trace(
-    pairs: Sequence[Pair], cells: Sequence[Cell], work: Sequence[tuple[int, int]], direction: str
+    pairs: Sequence[Pair], cells: Sequence[Cell], work: Sequence[tuple[int, int]], direction: str,
+    pair_indices: list[int],
 ) -> TracePlan:
-    """Lay out one trace's rows: [clean, corrupted] per touched pair, then the patched rows."""
-    pair_indices = sorted({pair for pair, _ in work})
+    """Lay out one trace's rows: [clean, corrupted] per pair of `pair_indices`, then the patched rows."""
     clean_row = {p: 2 * i for i, p in enumerate(pair_indices)}
     ids, answer_rows = [], []
     for p in pair_indices:
         ids += [pairs[p].clean_ids, pairs[p].corrupted_ids]
         answer_rows += [p, p]
-    by_site: dict[tuple[str, int], list[tuple[int, ...]]] = defaultdict(list)
+    by_site: dict[tuple[str, int, bool], list[tuple]] = defaultdict(list)
     for pair, cell_index in work:
         cell = cells[cell_index]
         donor = clean_row[pair] + (0 if direction == "denoise" else 1)
         receiver = pairs[pair].corrupted_ids if direction == "denoise" else pairs[pair].clean_ids
-        entry = (len(ids), cell.position, donor) + (() if cell.head is None else (cell.head,))
-        by_site[(cell.component, cell.layer)].append(entry)
+        positions = list(range(len(receiver))) if cell.position is None else [cell.position]
+        entry = (len(ids), positions, donor) + (() if cell.head is None else (cell.head,))
+        by_site[(cell.component, cell.layer, cell.position is None)].append(entry)
         ids.append(receiver)
         answer_rows.append(pair)
-    writes = {
-        site: Write(*(torch.tensor(column) for column in zip(*entries)))
-        for site, entries in by_site.items()
-    }
+    writes: dict[tuple[str, int], list[Write]] = defaultdict(list)
+    for (component, layer, _), entries in by_site.items():
+        writes[(component, layer)].append(Write(*(torch.tensor(column) for column in zip(*entries))))
     return TracePlan(
         pair_indices=pair_indices,
         input_ids=torch.tensor(ids),
         correct_ids=torch.tensor([pairs[p].correct_id for p in answer_rows]),
         incorrect_ids=torch.tensor([pairs[p].incorrect_id for p in answer_rows]),
-        writes=writes,
+        writes=dict(writes),
     )
+
+
+def copy_from_donors(act: torch.Tensor, write: Write, dim: int) -> None:
+    """act[row, positions] = act[donor, positions] for each row of `write`; for heads, on one head's channels."""
+    rows, donors, positions = write.rows[:, None], write.donors[:, None], write.positions
+    patched = act[donors, positions]
+    if write.heads is not None:
+        mask = head_mask(write.heads, dim, act.shape[-1])[:, None, :]
+        patched = torch.where(mask, patched, act[rows, positions])
+    act[rows, positions] = patched
 
 
 def run_trace(model: TransformersModel, plan: TracePlan) -> torch.Tensor:
     """Logit difference (correct minus incorrect, last position) of every row of `plan`."""
     device = model.device
     input_ids = plan.input_ids.to(device)
-    writes = {site: write.to(device) for site, write in plan.writes.items()}
+    writes = {site: [write.to(device) for write in site_writes] for site, site_writes in plan.writes.items()}
     dim = head_dim(model)
     answers = torch.stack([plan.correct_ids, plan.incorrect_ids], dim=1).to(device)
     n_layers = len(model.transformer.h)
@@ -147,15 +168,10 @@ def run_trace(model: TransformersModel, plan: TracePlan) -> torch.Tensor:
     with torch.inference_mode(), model.trace(inputs, logits_to_keep=1):
         for layer in range(n_layers):
             for component in FORWARD_ORDER:
-                write = writes.get((component, layer))
-                if write is None:
-                    continue
-                act = component_output(model, component, layer)
-                if write.heads is None:
-                    act[write.rows, write.positions] = act[write.donors, write.positions]
-                else:
-                    channels, positions = head_channels(write.heads, dim), write.positions[:, None]
-                    act[write.rows[:, None], positions, channels] = act[write.donors[:, None], positions, channels]
+                if (component, layer) in writes:
+                    act = component_output(model, component, layer)
+                    for write in writes[(component, layer)]:
+                        copy_from_donors(act, write, dim)
         logit_diff = traced_logit_diff(model, answers).save()
     return logit_diff.cpu()
 
@@ -176,15 +192,24 @@ def trace_logit_diffs(
     direction: str,
     max_batch_tokens: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clean and corrupted logit diffs per pair, and the patched one per `work` item, by nnsight traces."""
+    """Clean and corrupted logit diffs per pair, and the patched one per `work` item, by nnsight traces.
+
+    Pairs with no work (every selected cell before the first difference) still need their
+    baselines: they get traces of baseline rows only.
+    """
     clean = torch.full((len(pairs),), float("nan"))
     corrupted = torch.full((len(pairs),), float("nan"))
-    values = []
-    for chunk in split_into_traces(work, max_batch_tokens // pairs[0].n_tokens):
-        plan = plan_trace(pairs, cells, chunk, direction)
+    max_rows = max_batch_tokens // pairs[0].n_tokens
+    traces = [(sorted({p for p, _ in chunk}), chunk) for chunk in split_into_traces(work, max_rows)]
+    idle = sorted(set(range(len(pairs))) - {p for p, _ in work})
+    step = max(1, max_rows // 2)
+    traces += [(idle[first:first + step], []) for first in range(0, len(idle), step)]
+    values = [torch.empty(0)]
+    for pair_indices, chunk in traces:
+        plan = plan_trace(pairs, cells, chunk, direction, pair_indices)
         logit_diff = run_trace(model, plan)
-        n_base = 2 * len(plan.pair_indices)
-        index = torch.tensor(plan.pair_indices)
+        n_base = 2 * len(pair_indices)
+        index = torch.tensor(pair_indices)
         clean[index] = logit_diff[0:n_base:2]
         corrupted[index] = logit_diff[1:n_base:2]
         values.append(logit_diff[n_base:])
@@ -198,27 +223,32 @@ def patch_group(
     direction: str,
     max_batch_tokens: int,
     method: str,
+    positions: str,
 ) -> tuple[dict[str, list], torch.Tensor, torch.Tensor]:
     """Patch pairs that share one token length; returns effect columns and both baselines."""
     n_tokens = pairs[0].n_tokens
     assert all(p.n_tokens == n_tokens for p in pairs), "patch_group needs equal-length pairs"
-    cells = patch_cells(components, len(model.transformer.h), n_tokens, n_heads(model))
-    work = cells_to_run(pairs, cells)
+    cells = patch_cells(components, len(model.transformer.h), n_tokens, n_heads(model), positions)
+    rows = selected_cells(pairs, cells, position_labels(positions))
+    work = cells_to_run(pairs, cells, rows)
     compute = reuse_logit_diffs if method == "reuse" else trace_logit_diffs
     clean, corrupted, values = compute(model, pairs, cells, work, direction, max_batch_tokens)
     receiver = corrupted if direction == "denoise" else clean
-    patched = receiver[:, None].repeat(1, len(cells))
-    pair_idx, cell_idx = (torch.tensor(column) for column in zip(*work))
-    patched[pair_idx, cell_idx] = values
-    scores = normalized_score(patched, clean[:, None], corrupted[:, None], direction)
+    row_pairs = torch.tensor([p for p, _ in rows], dtype=torch.long)
+    patched = receiver[row_pairs]
+    if work:
+        row_of = {row: i for i, row in enumerate(rows)}
+        patched[torch.tensor([row_of[item] for item in work])] = values
+    scores = normalized_score(patched, clean[row_pairs], corrupted[row_pairs], direction)
+    row_cells = [cells[c] for _, c in rows]
     columns = {
-        "pair_id": [p.pair_id for p in pairs for _ in cells],
-        "component": [c.component for _ in pairs for c in cells],
-        "layer": [c.layer for _ in pairs for c in cells],
-        "position": [c.position for _ in pairs for c in cells],
-        "head": [c.head for _ in pairs for c in cells],
-        "logit_diff": patched.flatten().numpy(),
-        "score": scores.flatten().numpy(),
+        "pair_id": [pairs[p].pair_id for p, _ in rows],
+        "component": [c.component for c in row_cells],
+        "layer": [c.layer for c in row_cells],
+        "position": [c.position for c in row_cells],
+        "head": [c.head for c in row_cells],
+        "logit_diff": patched.numpy(),
+        "score": scores.numpy(),
     }
     return columns, clean, corrupted
 
@@ -230,8 +260,12 @@ def patch_batch(
     direction: str = "denoise",
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     method: str = "auto",
+    positions: str = "each",
 ) -> PatchResult:
     """Patch every (component, layer[, head], position) of every pair; the `effects` and `pairs` tables.
+
+    `positions`: `each` position, `all` positions in one patch, or only the positions whose
+    label is listed (`"S2,END"`); a pair without a listed label gets no rows.
 
     Pairs of different token lengths are patched in separate equal-length groups, so
     padding never shifts a position. `max_batch_tokens` bounds rows x tokens per forward,
@@ -248,7 +282,8 @@ def patch_batch(
     effect_parts, clean_ld, corrupted_ld = [], [0.0] * len(pairs), [0.0] * len(pairs)
     for indices in groups.values():
         group = [pairs[i] for i in indices]
-        columns, clean, corrupted = patch_group(model, group, components, direction, max_batch_tokens, method)
+        columns, clean, corrupted = patch_group(model, group, components, direction, max_batch_tokens, method,
+                                                positions)
         effect_parts.append(effects_table(columns, direction))
         for i, c, k in zip(indices, clean.tolist(), corrupted.tolist()):
             clean_ld[i], corrupted_ld[i] = c, k

@@ -8,6 +8,8 @@ patched, then blocks l+1..L-1 on those positions only, attending to the receiver
 keys and values for positions before t. That costs about (L-l)(T-t) token-layers instead
 of L*T. A head patch only changes layer l's attention output at t (the output projection of
 the receiver's heads with the donor's slice for that head), so it recomputes like `attn`.
+A patch of every position at once (`positions="all"`) is one at positions t..T-1 with t the
+pair's first differing token: before it both runs are identical.
 Rows that share t are batched; rows join the batch at the layer they patch.
 Only the last position's final hidden state is unembedded, on the two answer columns.
 """
@@ -24,7 +26,7 @@ from nnsight import TransformersModel
 
 from worker.pairs import Pair
 from worker.options import COMPONENTS
-from worker.sites import Cell, component_output, head_channels, traced_logit_diff
+from worker.sites import Cell, component_output, head_mask, traced_logit_diff
 
 if TYPE_CHECKING:  # importing GPT-2's modeling code costs the driver 2 s; a loaded model has it already
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block
@@ -103,30 +105,33 @@ def block_on_suffix(block: GPT2Block, hidden: torch.Tensor, prefix_keys: torch.T
     return hidden + block.mlp(block.ln_2(hidden))
 
 
-def patched_attention_output(block: GPT2Block, acts: Activations, component: str, layer: int, start: int,
+def patched_attention_output(block: GPT2Block, acts: Activations, component: str, layer: int, here: slice,
                              receivers: torch.Tensor, donors: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-    """Layer `layer`'s attention output at `start` with the donor's whole output, or with the donor's
-    channels of one head per row put through the output projection."""
+    """Layer `layer`'s attention output at positions `here` with the donor's whole output, or with
+    the donor's channels of one head per row put through the output projection."""
     if component == "attn":
-        return acts.attn[layer][donors, start]
-    z = acts.head[layer][receivers, start].clone()
-    rows, channels = torch.arange(len(z), device=z.device)[:, None], head_channels(heads, block.attn.head_dim)
-    z[rows, channels] = acts.head[layer][donors, start][rows, channels]
-    return block.attn.c_proj(z)
+        return acts.attn[layer][donors, here]
+    donor, receiver = acts.head[layer][donors, here], acts.head[layer][receivers, here]
+    mask = head_mask(heads, block.attn.head_dim, donor.shape[-1])[:, None, :]
+    return block.attn.c_proj(torch.where(mask, donor, receiver))
 
 
 def patched_layer_output(block: GPT2Block, acts: Activations, component: str, layer: int, start: int,
-                         receivers: torch.Tensor, donors: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-    """Layer `layer`'s output on positions start..T-1 of each receiver row, patched at `start`."""
+                         whole: bool, receivers: torch.Tensor, donors: torch.Tensor,
+                         heads: torch.Tensor) -> torch.Tensor:
+    """Layer `layer`'s output on positions start..T-1 of each receiver row, patched at `start`
+    (or, if `whole`, at every one of those positions)."""
     suffix = acts.resid[layer + 1][receivers, start:].clone()
+    width = suffix.shape[1] if whole else 1
+    here = slice(start, start + width)
     if component == "resid":
-        suffix[:, 0] = acts.resid[layer + 1][donors, start]
+        suffix[:, :width] = acts.resid[layer + 1][donors, here]
     elif component == "mlp":
-        suffix[:, 0] += acts.mlp[layer][donors, start] - acts.mlp[layer][receivers, start]
+        suffix[:, :width] += acts.mlp[layer][donors, here] - acts.mlp[layer][receivers, here]
     else:
-        attention = patched_attention_output(block, acts, component, layer, start, receivers, donors, heads)
-        middle = acts.resid[layer][receivers, start] + attention
-        suffix[:, 0] = middle + block.mlp(block.ln_2(middle))
+        attention = patched_attention_output(block, acts, component, layer, here, receivers, donors, heads)
+        middle = acts.resid[layer][receivers, here] + attention
+        suffix[:, :width] = middle + block.mlp(block.ln_2(middle))
     return suffix
 
 
@@ -143,8 +148,9 @@ def answer_logit_diff(model: TransformersModel, hidden_last: torch.Tensor,
 
 
 def run_rows(model: TransformersModel, acts: Activations, prefix: list[tuple[torch.Tensor, torch.Tensor]],
-             rows: list[tuple[int, Cell]], start: int, direction: str, answers: torch.Tensor) -> torch.Tensor:
-    """Patched logit diffs of rows (pair index, cell) that all patch position `start`."""
+             rows: list[tuple[int, Cell]], start: int, whole: bool, direction: str,
+             answers: torch.Tensor) -> torch.Tensor:
+    """Patched logit diffs of rows (pair index, cell) that all patch position `start` (all of start.. if `whole`)."""
     blocks = model._module.transformer.h
     device = acts.resid[0].device
     shift = 1 if direction == "denoise" else 0
@@ -160,7 +166,7 @@ def run_rows(model: TransformersModel, acts: Activations, prefix: list[tuple[tor
                 continue
             pairs = torch.tensor([pair for pair, _ in joining], device=device)
             heads = torch.tensor([cell.head or 0 for _, cell in joining], device=device)
-            new = patched_layer_output(block, acts, component, layer, start,
+            new = patched_layer_output(block, acts, component, layer, start, whole,
                                        receivers=2 * pairs + shift, donors=2 * pairs + 1 - shift, heads=heads)
             hidden = new if hidden is None else torch.cat([hidden, new])
             order += joining
@@ -168,6 +174,11 @@ def run_rows(model: TransformersModel, acts: Activations, prefix: list[tuple[tor
     values = answer_logit_diff(model, hidden[:, -1], answers[pair_rows]).cpu()
     position_of = {(pair, cell): i for i, (pair, cell) in enumerate(order)}
     return values[torch.tensor([position_of[row] for row in rows])]
+
+
+def patched_span(pair: Pair, cell: Cell) -> tuple[int, bool]:
+    """(first patched position, whether every later position is patched too)."""
+    return (pair.first_difference, True) if cell.position is None else (cell.position, False)
 
 
 def reuse_logit_diffs(
@@ -198,11 +209,13 @@ def reuse_logit_diffs(
             prefix = [keys_and_values(block, acts.resid[layer][receivers])
                       for layer, block in enumerate(model._module.transformer.h)]
             mine = [i for i, (pair, _) in enumerate(work) if first <= pair < first + len(group)]
-            for start in sorted({cells[work[i][1]].position for i in mine}):
-                at_start = [i for i in mine if cells[work[i][1]].position == start]
+            spans = {i: patched_span(pairs[work[i][0]], cells[work[i][1]]) for i in mine}
+            for start, whole in sorted(set(spans.values())):
+                at_start = [i for i in mine if spans[i] == (start, whole)]
                 for chunk in range(0, len(at_start), rows_per_chunk):
                     indices = at_start[chunk:chunk + rows_per_chunk]
                     rows = [(work[i][0] - first, cells[work[i][1]]) for i in indices]
-                    values[torch.tensor(indices)] = run_rows(model, acts, prefix, rows, start, direction, answers)
+                    values[torch.tensor(indices)] = run_rows(model, acts, prefix, rows, start, whole, direction,
+                                                             answers)
     logit_diff = torch.cat(logit_diffs)
     return logit_diff[0::2], logit_diff[1::2], values

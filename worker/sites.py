@@ -17,7 +17,7 @@ FORWARD_ORDER = ("head", "attn", "mlp", "resid")
 class Cell:
     component: str
     layer: int
-    position: int
+    position: int | None      # None: every position at once
     head: int | None = None   # only for component "head"
 
 
@@ -29,9 +29,9 @@ def n_heads(model: TransformersModel) -> int:
     return model._module.transformer.h[0].attn.num_heads
 
 
-def head_channels(heads: torch.Tensor, dim: int) -> torch.Tensor:
-    """[n, dim] channel indices of each head's slice of the output projection's input."""
-    return heads[:, None] * dim + torch.arange(dim, device=heads.device)
+def head_mask(heads: torch.Tensor, dim: int, width: int) -> torch.Tensor:
+    """[n, width]: True on the channels of head `heads[i]` in the output projection's input."""
+    return torch.arange(width, device=heads.device)[None, :] // dim == heads[:, None]
 
 
 def component_output(model: TransformersModel, component: str, layer: int) -> torch.Tensor:
