@@ -23,7 +23,7 @@ from jobs.report import DRILL_DOWN_PAIRS, build_report
 from jobs.store import OutputConflict, Store
 from jobs.tables import QueryError, format_table, query
 from worker.options import (DEFAULT_COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MODEL, DIRECTIONS, DTYPE_NAMES,
-                            ModelLoadError, check_options)
+                            ModelLoadError, check_options, parse_positions)
 
 EXIT_USAGE = 2
 USER_ERRORS = (JobError, ModelLoadError, NoCluster, OutputConflict, PairFileError, QueryError, ValueError)
@@ -48,6 +48,13 @@ def parse_components(ctx, param, value: str) -> tuple[str, ...]:
     return components
 
 
+def positions_option(ctx, param, value: str) -> str:
+    try:
+        return parse_positions(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--pairs", type=click.Path(dir_okay=False), help="JSONL pair file: clean, corrupted, correct, incorrect[, id, labels, metadata].")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Hub id or local directory of a GPT-2-family checkpoint.")
@@ -55,6 +62,9 @@ def parse_components(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--components", default=",".join(DEFAULT_COMPONENTS), show_default=True, callback=parse_components,
               help="Comma-separated subset of resid (block output), attn, mlp (sublayer outputs), "
                    "head (each attention head's output before the output projection).")
+@click.option("--positions", default="each", show_default=True, callback=positions_option,
+              help="each: every position on its own; all: every position in one patch (position null); "
+                   "or labels such as S2,END: only positions with those labels (pairs need them).")
 @click.option("--direction", type=click.Choice(DIRECTIONS), default="denoise", show_default=True,
               help="denoise: clean activations into the corrupted run (score 1 = clean); noise: the reverse (score 1 = corrupted-like).")
 @click.option("--address", help="Join a running Ray cluster (auto or HOST:PORT). Default: start a local Ray for this run.")

@@ -1,9 +1,10 @@
 """Dataset-level heatmap values, computed after the per-pair results (never instead of them).
 
 Rows of aggregate.parquet are (component, layer, head, position label[, group]); `head` is
-null except for the `head` component. Labels come
-from the pair file's `labels`; unlabelled pairs are aligned by position index and kept
-apart by token length (`n_tokens` is set for them), so no cell mixes unaligned positions.
+null except for the `head` component. Labels come from the pair file's `labels`; unlabelled
+pairs are aligned by position index and kept apart by token length (`n_tokens` is set for
+them), so no cell mixes unaligned positions. A patch of every position at once (position
+null) has the label `all`, whatever the pair's length.
 Pairs whose clean and corrupted logit differences are closer than `min_gap` would make
 the per-pair score explode: they are left out of the score statistics and counted in
 `excluded_pairs`, while the dataset-level `normalized_effect` (the TransformerLens-style
@@ -17,6 +18,7 @@ from jobs.store import AGGREGATE_FILE, Store
 from jobs.tables import QueryError, connect_tables
 
 DEFAULT_MIN_GAP = 0.1
+ALL_POSITIONS = "all"   # the label of rows that patched every position at once
 
 AGGREGATE_SQL = """
 WITH p AS (
@@ -26,8 +28,9 @@ WITH p AS (
     FROM pairs
 ), cells AS (
     SELECT e.component, e.layer, e.head, e.position, e.score, e.logit_diff, p.*,
-           coalesce(p.labels[e.position + 1], CAST(e.position AS VARCHAR)) AS label,
-           CASE WHEN p.labels IS NULL THEN p.n_tokens END AS length_group
+           CASE WHEN e.position IS NULL THEN '{all_positions}'
+                ELSE coalesce(p.labels[e.position + 1], CAST(e.position AS VARCHAR)) END AS label,
+           CASE WHEN p.labels IS NULL AND e.position IS NOT NULL THEN p.n_tokens END AS length_group
     FROM effects e JOIN p USING (pair_id)
 )
 SELECT component, CAST(layer AS SMALLINT) AS layer, CAST(head AS SMALLINT) AS head, label, "group",
@@ -66,6 +69,7 @@ def aggregate(store: Store, direction: str, group_by: str | None = None,
         group="CAST(" + quote_identifier(group_by) + " AS VARCHAR)" if group_by else "NULL::VARCHAR",
         min_gap=float(min_gap),
         noise="true" if direction == "noise" else "false",
+        all_positions=ALL_POSITIONS,
     )
     table = connection.sql(sql).to_arrow_table()
     store.write_table(table, AGGREGATE_FILE)

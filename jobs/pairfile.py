@@ -104,8 +104,8 @@ def prompt_ids(encoder: Encoder, key: str, value: Any) -> list[int]:
     return encoder(value, special_tokens=True)
 
 
-def parse_record(record: Any, default_id: str, encoder: Encoder, n_ctx: int) -> Pair:
-    """Validate one decoded JSON line and turn it into a tokenized `Pair`."""
+def parse_record(record: Any, default_id: str, encoder: Encoder, n_ctx: int, wanted: Sequence[str] = ()) -> Pair:
+    """Validate one decoded JSON line and turn it into a tokenized `Pair`; `wanted`: labels it must have."""
     if not isinstance(record, dict):
         raise BadPair(f"a line must be a JSON object, got {type(record).__name__}")
     missing = [key for key in REQUIRED if key not in record]
@@ -134,6 +134,7 @@ def parse_record(record: Any, default_id: str, encoder: Encoder, n_ctx: int) -> 
             raise BadPair("'labels' must be a list of strings, one per token")
         if len(labels) != len(clean_ids):
             raise BadPair(f"'labels' has {len(labels)} entries but the prompt has {len(clean_ids)} tokens")
+    check_wanted_labels(labels, wanted)
     metadata = {k: v for k, v in record.items() if k not in (*REQUIRED, "id", "labels")}
     for key, value in metadata.items():
         if key in RESERVED:
@@ -154,6 +155,30 @@ def parse_record(record: Any, default_id: str, encoder: Encoder, n_ctx: int) -> 
         labels=tuple(map(sys.intern, labels)) if labels is not None else None,  # a few distinct labels
         metadata=metadata,
     )
+
+
+def check_wanted_labels(labels: list[str] | None, wanted: Sequence[str]) -> None:
+    if not wanted:
+        return
+    if labels is None:
+        raise BadPair(f"no 'labels', which --positions {','.join(wanted)} needs")
+    missing = [label for label in wanted if label not in labels]
+    if missing:
+        raise BadPair(f"no position labelled {', '.join(map(repr, missing))} (--positions {','.join(wanted)})")
+
+
+def check_labels_exist(path: str | Path, records: list[Any], wanted: Sequence[str]) -> None:
+    """A listed label that no line has is a typo in the option, not a bad line: one error for the file."""
+    if not wanted:
+        return
+    known = {label for r in records if isinstance(r, dict) and isinstance(r.get("labels"), list)
+             for label in r["labels"] if isinstance(label, str)}
+    if not known:
+        raise PairFileError(f"{path}: --positions {','.join(wanted)} selects positions by label, but no line has 'labels'")
+    unknown = [label for label in wanted if label not in known]
+    if unknown:
+        raise PairFileError(f"{path}: --positions lists {', '.join(map(repr, unknown))}, which no line has "
+                            f"(its labels: {', '.join(sorted(known))})")
 
 
 def read_lines(path: str | Path) -> list[tuple[int, bytes]]:
@@ -194,16 +219,22 @@ def encoder_for(tokenizer: PreTrainedTokenizerBase, records: list[Any]) -> Encod
     return encoder
 
 
-def read_pairs(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int) -> PairFile:
-    """Validate every line of `path`; good lines become pairs, bad ones `InvalidLine`s."""
+def read_pairs(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int,
+               wanted: Sequence[str] = ()) -> PairFile:
+    """Validate every line of `path`; good lines become pairs, bad ones `InvalidLine`s.
+
+    `wanted`: the position labels `--positions` lists, which every pair must have.
+    """
     lines = decoded_lines(path)
-    encoder = encoder_for(tokenizer, [record for _, _, record in lines])
+    records = [record for _, _, record in lines]
+    check_labels_exist(path, records, wanted)
+    encoder = encoder_for(tokenizer, records)
     pairs, invalid, first_line_of = [], [], {}
     for number, raw, record in lines:
         try:
             if isinstance(record, BadPair):
                 raise record
-            pair = parse_record(record, str(number - 1), encoder, n_ctx)
+            pair = parse_record(record, str(number - 1), encoder, n_ctx, wanted)
             if pair.pair_id in first_line_of:
                 raise BadPair(f"duplicate id {pair.pair_id!r} (first on line {first_line_of[pair.pair_id]})")
         except BadPair as error:

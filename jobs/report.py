@@ -1,8 +1,8 @@
 """report.html: one self-contained page of heatmaps (plotly.js inlined once), readable offline.
 
 A layer x position-label heatmap of the mean score per component (per group and per token
-length where the aggregate is split that way), a summary of the run, and a drill-down of a
-few individual pairs with their actual tokens. `--png` also writes each heatmap as a PNG by
+length where the aggregate is split that way), a layer x head heatmap per position label for
+heads, a summary of the run, and a drill-down of a few individual pairs with their actual tokens. `--png` also writes each heatmap as a PNG by
 screenshotting it in headless Chromium, when Chromium is installed.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 import plotly.offline
 
-from jobs.aggregate import DEFAULT_MIN_GAP, aggregate
+from jobs.aggregate import ALL_POSITIONS, DEFAULT_MIN_GAP, aggregate
 from jobs.store import REPORT_FILE, Store
 from jobs.tables import connect_tables
 from worker.options import COMPONENTS
@@ -32,19 +32,22 @@ def find_chromium() -> str | None:
     return next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
 
 
-def heatmap(title: str, x: list, layers: list[int], z, hover=None, x_title: str = "position") -> go.Figure:
+def heatmap(title: str, x: list, rows: list, z, hover=None, x_title: str = "position",
+            y_title: str = "layer") -> go.Figure:
     """The seed tutorial's look: RdBu diverging around 0, layer 0 on top, tokens on x."""
     trace = go.Heatmap(
-        z=z, x=x, y=[f"{layer}" for layer in layers], colorscale="RdBu", zmid=0,
+        z=z, x=x, y=[f"{row}" for row in rows], colorscale="RdBu", zmid=0,
         colorbar={"title": "score"}, customdata=hover, xgap=1, ygap=1,
         hovertemplate=(
-            "layer %{y}, %{x}<br>mean %{z:.3f}<br>std %{customdata[0]:.3f}<br>count %{customdata[1]}<extra></extra>"
-            if hover is not None else "layer %{y}, %{x}<br>score %{z:.3f}<extra></extra>"
+            f"{y_title} %{{y}}, %{{x}}<br>mean %{{z:.3f}}<br>std %{{customdata[0]:.3f}}<br>"
+            "count %{customdata[1]}<extra></extra>"
+            if hover is not None else f"{y_title} %{{y}}, %{{x}}<br>score %{{z:.3f}}<extra></extra>"
         ),
     )
     figure = go.Figure(trace)
+    row_height = 28 if len(rows) <= 24 else 10   # per-head drill-downs have layers x heads rows
     figure.update_layout(
-        title=title, xaxis_title=x_title, yaxis_title="layer", height=160 + 28 * len(layers),
+        title=title, xaxis_title=x_title, yaxis_title=y_title, height=160 + row_height * len(rows),
         yaxis={"autorange": "reversed", "type": "category"}, xaxis={"type": "category"},
         margin={"l": 60, "r": 20, "t": 60, "b": 60},
     )
@@ -53,9 +56,9 @@ def heatmap(title: str, x: list, layers: list[int], z, hover=None, x_title: str 
 
 def panel_order(key: tuple, positions: dict[str, float]) -> tuple:
     """Components in the canonical resid, attn, mlp, head order, then groups, token lengths, labels."""
-    component, group, n_tokens, label = key
-    rank = COMPONENTS.index(component) if component in COMPONENTS else len(COMPONENTS)
-    return rank, component, "" if group is None else str(group), n_tokens or 0, \
+    name, group, n_tokens, label = key
+    rank = COMPONENTS.index(name) if name in COMPONENTS else -1   # the all-positions panel first
+    return rank, name, "" if group is None else str(group), n_tokens or 0, \
         () if label is None else label_key(label, positions)
 
 
@@ -73,30 +76,50 @@ def label_positions(connection) -> dict[str, float]:
 
 
 def label_key(label: str, positions: dict[str, float]) -> tuple[float, str]:
-    """Mean position, then name; unlabelled pairs' labels are their positions ("0", "1", ...)."""
-    return positions[label] if label in positions else float(label), label
+    """Mean position, then name; unlabelled pairs' labels are their positions ("0", "1", ...); `all` last."""
+    if label in positions:
+        return positions[label], label
+    return (float("inf"), label) if label == ALL_POSITIONS else (float(label), label)
 
 
 def in_label_order(labels, positions: dict[str, float]) -> list[str]:
     return sorted(labels, key=lambda label: label_key(label, positions))
 
 
+def panel_of(row: dict) -> tuple[tuple, str]:
+    """The heatmap an aggregate row belongs to, (name, group, n_tokens, label), and its x column.
+
+    Heads: layer x head at one label. A component patched at every position at once: one
+    layer x component panel for all of them. Otherwise: layer x position label per component.
+    """
+    scope = (row["group"], row["n_tokens"])
+    if row["component"] == "head":
+        return ("head", *scope, row["label"]), "head"
+    if row["label"] == ALL_POSITIONS:
+        return ("all positions", *scope, None), "component"
+    return (row["component"], *scope, None), "label"
+
+
+def x_order(column: str, values: set, positions: dict[str, float]) -> list:
+    if column == "label":
+        return in_label_order(values, positions)
+    return sorted(values, key=COMPONENTS.index) if column == "component" else sorted(values)
+
+
 def aggregate_figures(rows: list[dict], model: str, direction: str,
                       positions: dict[str, float]) -> list[tuple[str, go.Figure]]:
-    """One heatmap per (component, group, token length) present in the aggregate rows: layer x
-    position label; for `head`, one layer x head heatmap per position label (the IOI paper's figure)."""
+    """One heatmap per panel (see `panel_of`) present in the aggregate rows, with hover statistics;
+    for `head`, the IOI paper's layer x head figure at each position label."""
     panels: dict[tuple, list[dict]] = defaultdict(list)
+    columns: dict[tuple, str] = {}
     for row in rows:
-        label = row["label"] if row["component"] == "head" else None
-        panels[(row["component"], row["group"], row["n_tokens"], label)].append(row)
+        key, columns[key] = panel_of(row)
+        panels[key].append(row)
     figures = []
     for key in sorted(panels, key=lambda key: panel_order(key, positions)):
-        component, group, n_tokens, label = key
-        cells = panels[key]
-        if label is None:   # layer x position label
-            column, x_title, x = "label", "position", in_label_order({cell["label"] for cell in cells}, positions)
-        else:               # layer x head, at one label
-            column, x_title, x = "head", "head", sorted({cell["head"] for cell in cells})
+        name, group, n_tokens, label = key
+        cells, column = panels[key], columns[key]
+        x = x_order(column, {cell[column] for cell in cells}, positions)
         layers = sorted({cell["layer"] for cell in cells})
         at = {(cell["layer"], cell[column]): cell for cell in cells}
         z = [[at.get((layer, value), {}).get("mean_score") for value in x] for layer in layers]
@@ -105,31 +128,35 @@ def aggregate_figures(rows: list[dict], model: str, direction: str,
         n_pairs = max(cell["pairs"] for cell in cells)
         scope = "".join([f", group {group}" if group is not None else "",
                          f", {n_tokens}-token pairs" if n_tokens is not None else ""])
-        at_label = f" at {label}" if label is not None else ""
-        title = f"{model}: {component}{at_label}, {direction}, N={n_pairs} pairs{scope}"
-        name = "-".join(str(part) for part in (component, label, group, n_tokens) if part is not None)
-        figures.append((name, heatmap(title, x, layers, z, hover, x_title)))
+        at_label = {None: "", ALL_POSITIONS: " at all positions"}.get(label, f" at {label}")
+        title = f"{model}: {name}{at_label}, {direction}, N={n_pairs} pairs{scope}"
+        file_name = "-".join(str(part).replace(" ", "-") for part in key if part is not None)
+        figures.append((file_name, heatmap(title, x, layers, z, hover, column if column != "label" else "position")))
     return figures
 
 
 def drill_down_figures(connection, model: str, direction: str, n_pairs: int) -> list[tuple[str, go.Figure]]:
-    """Score heatmaps of the first few pairs, with their own tokens on x."""
+    """Score heatmaps of the first few pairs, with their own tokens on x: layer (or layer.head for
+    heads) x each position patched, or `all` where every position was patched at once."""
     pairs = connection.sql(f"SELECT pair_id, tokens FROM pairs ORDER BY pair_id LIMIT {int(n_pairs)}").fetchall()
     figures = []
     for pair_id, tokens in pairs:
         effects = connection.execute(
-            "SELECT component, layer, position, score FROM effects WHERE pair_id = ? AND head IS NULL ORDER BY ALL",
+            "SELECT component, layer, head, position, score FROM effects WHERE pair_id = ? ORDER BY ALL",
             [pair_id]
         ).fetchall()
-        x = [f"{i}:{token}" for i, token in enumerate(tokens)]
         by_component: dict[str, dict] = defaultdict(dict)
-        for component, layer, position, score in effects:
-            by_component[component][(layer, position)] = score
+        for component, layer, head, position, score in effects:
+            row = layer if head is None else f"{layer}.{head}"
+            by_component[component][(row, position)] = score
         for component, scores in by_component.items():
-            layers = sorted({layer for layer, _ in scores})
-            z = [[scores.get((layer, p)) for p in range(len(tokens))] for layer in layers]
+            rows = list(dict.fromkeys(row for row, _ in scores))
+            spots = sorted({position for _, position in scores}, key=lambda p: -1 if p is None else p)
+            x = [ALL_POSITIONS if p is None else f"{p}:{tokens[p]}" for p in spots]
+            z = [[scores.get((row, p)) for p in spots] for row in rows]
             title = f"{model}: pair {pair_id}, {component}, {direction}"
-            figures.append((f"pair-{pair_id}-{component}", heatmap(title, x, layers, z)))
+            y_title = "layer.head" if component == "head" else "layer"
+            figures.append((f"pair-{pair_id}-{component}", heatmap(title, x, rows, z, y_title=y_title)))
     return figures
 
 
@@ -151,6 +178,7 @@ def summary_rows(connection, manifest: dict, min_gap: float) -> list[tuple[str, 
         ("model", manifest.get("model", "?")),
         ("direction", manifest.get("direction", "?")),
         ("components", ", ".join(manifest.get("components", []))),
+        ("positions", manifest.get("positions", "each")),
         ("pairs", f"{n}"),
         ("excluded from score means", f"{excluded} (|clean - corrupted logit diff| < {min_gap})"),
         ("clean logit diff", spread(values[:5])),

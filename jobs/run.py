@@ -25,6 +25,7 @@ from jobs.report import build_report
 from jobs.shards import Shard, plan_shards
 from jobs.spec import JobSpec, config_hash, versions
 from jobs.store import Store
+from worker.options import position_labels
 from worker.pairs import Pair
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_INTERRUPTED = 0, 1, 130
@@ -82,7 +83,7 @@ def validated_pairs(spec: JobSpec, phases: Phases) -> tuple[list[Pair], list[Inv
         from worker.model import load_tokenizer  # here, in the validation thread: torch loads while Ray starts
 
         tokenizer, n_ctx = load_tokenizer(spec.model)
-        pair_file = read_pairs(spec.pairs, tokenizer, n_ctx)
+        pair_file = read_pairs(spec.pairs, tokenizer, n_ctx, position_labels(spec.positions))
     if pair_file.invalid and not spec.skip_invalid:
         lines = "\n".join(map(str, pair_file.invalid))
         raise JobError(f"{lines}\n{len(pair_file.invalid)} invalid line(s) in {spec.pairs}; "
@@ -115,7 +116,7 @@ def dispatch(spec: JobSpec, shards: list[Shard], actors: list, nodes: list[str],
     def submit(actor: int) -> None:
         if queue:
             shard = queue.pop()
-            ref = actors[actor].run_shard.remote(shard.pairs, spec.components, spec.direction,
+            ref = actors[actor].run_shard.remote(shard.pairs, spec.components, spec.positions, spec.direction,
                                                  spec.max_batch_tokens)
             in_flight[ref] = (shard, actor, time.perf_counter())
 
@@ -169,6 +170,7 @@ class Job:
             "config": self.config,
             "model": spec.model,
             "components": list(spec.components),
+            "positions": spec.positions,
             "direction": spec.direction,
             "pairs_file": spec.pairs,
             "pair_count": self.pair_count,

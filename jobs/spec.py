@@ -15,7 +15,7 @@ from pathlib import Path
 from worker.options import DEFAULT_MAX_BATCH_TOKENS
 
 DEFAULT_BATCH_PAIRS = 32
-RESULT_DECIDING = ("model", "components", "direction", "dtype", "batch_pairs", "max_batch_tokens",
+RESULT_DECIDING = ("model", "components", "positions", "direction", "dtype", "batch_pairs", "max_batch_tokens",
                    "skip_invalid")
 
 
@@ -25,6 +25,7 @@ class JobSpec:
     out: str
     model: str
     components: tuple[str, ...]
+    positions: str = "each"
     direction: str = "denoise"
     dtype: str = "float32"
     device: str = "auto"

@@ -254,6 +254,7 @@ def test_skip_invalid_runs_the_good_lines(tmp_path, tiny_model_dir):
     (["--model", "/no/such/model"], "no such directory"),
     (["--pairs", "/no/such/file.jsonl"], "cannot read pair file"),
     (["--components", "resid,heads"], "components must be"),
+    (["--positions", "each,END"], "cannot be combined with labels"),
 ])
 def test_usage_errors_are_one_line(tmp_path, tiny_model_dir, args, message):
     options = {"--pairs": str(EXAMPLE_PAIRS), "--model": str(tiny_model_dir), "--out": str(tmp_path / "o")}
@@ -295,21 +296,37 @@ def test_an_unreachable_hub_fails_at_once_in_one_line(tmp_path):
     assert endpoint in line and "--model PATH" in line
 
 
-def test_heads_end_to_end(tmp_path, tiny_model, tiny_model_dir, tokenizer_and_ctx):
-    """`--components resid,head`: head rows carry their head, the rest null; the report draws layer x head."""
+@pytest.mark.parametrize("positions", ["S2,END", "all"])
+def test_heads_and_chosen_positions_end_to_end(tmp_path, tiny_model, tiny_model_dir, tokenizer_and_ctx, positions):
+    """`--components resid,head --positions ...`: head rows carry their head, the rest null; the
+    rows are those the in-process core gives; the report draws layer x head per label."""
     out = tmp_path / "run"
     done = run_driver("--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", out,
-                      "--components", "resid,head", "--batch-pairs", 5)
+                      "--components", "resid,head", "--positions", positions, "--batch-pairs", 5)
     assert done.returncode == 0, done.stderr
     pairs = read_pairs(EXAMPLE_PAIRS, *tokenizer_and_ctx).pairs
     config = tiny_model._module.config
     rows = pq.read_table(out / "effects").to_pylist()
-    assert len(rows) == sum(p.n_tokens for p in pairs) * config.n_layer * (1 + config.n_head)
+    spots = 1 if positions == "all" else 2
+    assert len(rows) == len(pairs) * spots * config.n_layer * (1 + config.n_head)
     assert {r["head"] for r in rows if r["component"] == "resid"} == {None}
     assert {r["head"] for r in rows if r["component"] == "head"} == set(range(config.n_head))
-    core = patch_batch(tiny_model, pairs, ["head"]).effects.to_pylist()
-    by_key = {(r["pair_id"], r["layer"], r["head"], r["position"]): r["logit_diff"] for r in rows if r["head"] is not None}
+    core = patch_batch(tiny_model, pairs, ["resid", "head"], positions=positions).effects.to_pylist()
+    def key(r):
+        return r["pair_id"], r["component"], r["layer"], r["head"], r["position"]
+    by_key = {key(r): r["logit_diff"] for r in rows}
+    assert by_key.keys() == {key(r) for r in core}
     for r in core:
-        assert by_key[(r["pair_id"], r["layer"], r["head"], r["position"])] == pytest.approx(r["logit_diff"], abs=RUN_TOL)
-    n_labels = len({label for p in pairs for label in p.labels})
-    assert f"({1 + n_labels} heatmaps" in done.stderr
+        assert by_key[key(r)] == pytest.approx(r["logit_diff"], abs=RUN_TOL)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["positions"] == manifest["config"]["positions"] == positions
+    panels = {"S2,END": 1 + 2, "all": 1 + 1}[positions]   # resid (or the all-positions panel), then heads per label
+    assert f"({panels} heatmaps" in done.stderr
+
+
+def test_a_position_label_no_pair_has_is_one_line(tmp_path, tiny_model_dir):
+    failed = run_driver("--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", tmp_path / "o",
+                        "--positions", "S2,S3")
+    assert failed.returncode == 2
+    (line,) = failed.stderr.strip().splitlines()
+    assert line.startswith(f"error: {EXAMPLE_PAIRS}: --positions lists 'S3', which no line has (its labels: ")

@@ -103,3 +103,33 @@ def test_non_utf8_line(tmp_path, tokenizer_and_ctx):
 def test_missing_file_is_one_line_error(tmp_path, tokenizer_and_ctx):
     with pytest.raises(PairFileError, match="cannot read pair file"):
         read_pairs(tmp_path / "absent.jsonl", *tokenizer_and_ctx)
+
+
+def test_listed_position_labels_must_be_on_every_pair(tmp_path, tokenizer_and_ctx):
+    tokenizer, n_ctx = tokenizer_and_ctx
+    n = len(tokenizer(CLEAN).input_ids)
+    labels = ["x"] * (n - 2) + ["S2", "END"]
+    records = [{**GOOD, "id": "a", "labels": labels}, {**GOOD, "id": "b"},
+               {**GOOD, "id": "c", "labels": ["x"] * (n - 1) + ["END"]}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    result = read_pairs(path, tokenizer, n_ctx, wanted=("S2", "END"))
+    assert [pair.pair_id for pair in result.pairs] == ["a"]
+    assert [str(line) for line in result.invalid] == [
+        f"{path}:2: no 'labels', which --positions S2,END needs",
+        f"{path}:3: no position labelled 'S2' (--positions S2,END)",
+    ]
+    assert read_pairs(path, tokenizer, n_ctx).invalid == []   # labels are optional otherwise
+
+
+@pytest.mark.parametrize("labelled, message", [
+    (True, "--positions lists 'S3', which no line has (its labels: END, S2, x)"),
+    (False, "--positions S3 selects positions by label, but no line has 'labels'"),
+])
+def test_a_label_no_line_has_is_one_error_for_the_file(tmp_path, tokenizer_and_ctx, labelled, message):
+    tokenizer, n_ctx = tokenizer_and_ctx
+    n = len(tokenizer(CLEAN).input_ids)
+    record = {**GOOD, "labels": ["x"] * (n - 2) + ["S2", "END"]} if labelled else GOOD
+    path = write_jsonl(tmp_path / "pairs.jsonl", [record])
+    with pytest.raises(PairFileError) as error:
+        read_pairs(path, tokenizer, n_ctx, wanted=("S3",))
+    assert str(error.value) == f"{path}: {message}"

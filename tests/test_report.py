@@ -19,11 +19,12 @@ from worker.options import DEFAULT_COMPONENTS as COMPONENTS
 from worker.patching import patch_batch
 
 
-def ioi_store(tmp, model, tokenizer_and_ctx, n_pairs: int, components) -> tuple[Store, list[dict], object]:
+def ioi_store(tmp, model, tokenizer_and_ctx, n_pairs: int, components,
+              positions: str = "each") -> tuple[Store, list[dict], object]:
     """A run of labelled IOI pairs written as the driver would; the store, the records, the result."""
     records = generate_ioi(n_pairs, seed=0, tokenizer=tokenizer_and_ctx[0])
     pairs = read_pairs(write_jsonl(tmp / "ioi.jsonl", records), *tokenizer_and_ctx).pairs
-    result = patch_batch(model, pairs, components)
+    result = patch_batch(model, pairs, components, positions=positions)
     store = Store(str(tmp / "run"))
     store.prepare("hash", overwrite=False)
     store.write_shard("part-00000", result.effects, result.pairs)
@@ -43,12 +44,7 @@ def test_heads_get_a_layer_by_head_heatmap_per_label(tmp_path, tiny_model, token
     store, records, result = ioi_store(tmp_path, tiny_model, tokenizer_and_ctx, 4, ["head"])
     config = tiny_model._module.config
     labels_of = {r["id"]: r["labels"] for r in records}
-    gaps = {r["pair_id"]: abs(r["clean_logit_diff"] - r["corrupted_logit_diff"]) for r in result.pairs.to_pylist()}
-    scores: dict[tuple, list[float]] = {}
-    for row in result.effects.to_pylist():
-        if gaps[row["pair_id"]] >= 0.1:
-            label = labels_of[row["pair_id"]][row["position"]]
-            scores.setdefault((label, row["layer"], row["head"]), []).append(row["score"])
+    means = mean_scores(result, lambda row: (labels_of[row["pair_id"]][row["position"]], row["layer"], row["head"]))
     positions = label_positions(connect_tables(store))
     figures = aggregate_figures(aggregate(store, "denoise").to_pylist(), "tiny", "denoise", positions)
     labels = sorted({label for r in records for label in r["labels"]}, key=lambda label: (positions[label], label))
@@ -59,8 +55,55 @@ def test_heads_get_a_layer_by_head_heatmap_per_label(tmp_path, tiny_model, token
         assert figure.layout.xaxis.title.text == "head" and f"head at {label}," in figure.layout.title.text
         for layer in range(config.n_layer):
             for head in range(config.n_head):
-                values = scores[(label, layer, head)]
-                assert heatmap.z[layer][head] == pytest.approx(sum(values) / len(values), abs=1e-5)
+                assert heatmap.z[layer][head] == pytest.approx(means[(label, layer, head)], abs=1e-5)
+
+
+def mean_scores(result, key) -> dict[tuple, float]:
+    """By-hand mean score of the rows of pairs with a gap of at least 0.1, by `key(row)`."""
+    gaps = {r["pair_id"]: abs(r["clean_logit_diff"] - r["corrupted_logit_diff"]) for r in result.pairs.to_pylist()}
+    scores: dict[tuple, list[float]] = {}
+    for row in result.effects.to_pylist():
+        if gaps[row["pair_id"]] >= 0.1:
+            scores.setdefault(key(row), []).append(row["score"])
+    return {k: sum(v) / len(v) for k, v in scores.items()}
+
+
+def test_all_positions_get_a_layer_by_component_panel_and_heads_one_of_their_own(tmp_path, tiny_model,
+                                                                                 tokenizer_and_ctx):
+    store, _, result = ioi_store(tmp_path, tiny_model, tokenizer_and_ctx, 4, ["resid", "attn", "mlp", "head"],
+                                 positions="all")
+    config = tiny_model._module.config
+    means = mean_scores(result, lambda row: (row["component"], row["layer"], row["head"]))
+    rows = aggregate(store, "denoise").to_pylist()
+    assert {row["label"] for row in rows} == {"all"} and {row["n_tokens"] for row in rows} == {None}
+    figures = dict(aggregate_figures(rows, "tiny", "denoise", label_positions(connect_tables(store))))
+    assert list(figures) == ["all-positions", "head-all"]
+    components = figures["all-positions"]
+    assert list(components.data[0].x) == ["resid", "attn", "mlp"] and "all positions," in components.layout.title.text
+    heads = figures["head-all"]
+    assert list(heads.data[0].x) == list(range(config.n_head)) and "head at all positions," in heads.layout.title.text
+    for layer in range(config.n_layer):
+        for i, component in enumerate(["resid", "attn", "mlp"]):
+            assert components.data[0].z[layer][i] == pytest.approx(means[(component, layer, None)], abs=1e-5)
+        for head in range(config.n_head):
+            assert heads.data[0].z[layer][head] == pytest.approx(means[("head", layer, head)], abs=1e-5)
+
+
+def test_drill_down_shows_heads_at_the_listed_positions(tmp_path, tiny_model, tokenizer_and_ctx):
+    store, records, result = ioi_store(tmp_path, tiny_model, tokenizer_and_ctx, 2, ["head", "mlp"],
+                                       positions="S2,END")
+    config = tiny_model._module.config
+    connection = connect_tables(store)
+    figures = dict(drill_down_figures(connection, "tiny", "denoise", 1))
+    pair_id, tokens, labels = connection.sql("SELECT pair_id, tokens, labels FROM pairs ORDER BY pair_id").fetchall()[0]
+    spots = [i for i, label in enumerate(labels) if label in ("S2", "END")]
+    heads, mlp = figures[f"pair-{pair_id}-head"].data[0], figures[f"pair-{pair_id}-mlp"].data[0]
+    assert list(heads.x) == list(mlp.x) == [f"{i}:{tokens[i]}" for i in spots]
+    assert list(heads.y) == [f"{layer}.{head}" for layer in range(config.n_layer) for head in range(config.n_head)]
+    score = {(r["layer"], r["head"], r["position"]): r["score"] for r in result.effects.to_pylist()
+             if r["pair_id"] == pair_id and r["component"] == "head"}
+    for row, (layer, head) in enumerate((layer, head) for layer in range(config.n_layer) for head in range(config.n_head)):
+        assert heads.z[row] == pytest.approx([score[(layer, head, i)] for i in spots])
 
 
 def test_report_has_one_plotly_and_a_heatmap_per_component(ioi_run):

@@ -66,9 +66,10 @@ class PatchWorker:
         self,
         pairs: Sequence[Pair],
         components: Sequence[str],
+        positions: str,
         direction: str,
         max_batch_tokens: int,
     ) -> tuple[pa.Table, pa.Table]:
         inject_test_fault(pairs)
-        result = patch_batch(self.model, pairs, components, direction, max_batch_tokens)
+        result = patch_batch(self.model, pairs, components, direction, max_batch_tokens, positions=positions)
         return result.effects, result.pairs
