@@ -93,9 +93,9 @@ def validated_pairs(spec: JobSpec, phases: Phases) -> tuple[list[Pair], list[Inv
     return pair_file.pairs, pair_file.invalid
 
 
-def actor_nodes(actors: list) -> list[str]:
-    """Wait until every actor has loaded its model; the node each one runs on."""
-    for reason in ray.get([actor.ready.remote() for actor in actors]):
+def actor_nodes(actors: list, components: tuple[str, ...]) -> list[str]:
+    """Wait until every actor has loaded its model (and can patch `components`); the node each one runs on."""
+    for reason in ray.get([actor.ready.remote(components) for actor in actors]):
         if reason is not None:
             raise JobError(reason)
     return ray.get([actor.node.remote() for actor in actors])
@@ -220,7 +220,7 @@ def compute(job: Job) -> str:
     try:
         with phases.timed("start_actors"):
             actors = start_actors(pool_shape(spec.workers, spec.device), spec.model, spec.device, spec.dtype)
-            nodes = actor_nodes(actors)
+            nodes = actor_nodes(actors, spec.components)
         with phases.timed("patch"):
             dispatch(spec, job.todo, actors, nodes, job.store, job.log)
     except KeyboardInterrupt:

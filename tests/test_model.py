@@ -54,3 +54,16 @@ def test_half_precision_and_cuda_need_a_gpu(tiny_model_dir):
         load_model(str(tiny_model_dir), device="cuda")
     with pytest.raises(ModelLoadError, match="unknown dtype"):
         load_model(str(tiny_model_dir), device="cpu", dtype="float64")
+
+
+def test_heads_are_refused_where_the_output_projection_does_not_take_them_side_by_side(tiny_model_dir):
+    from worker.actor import PatchWorker
+
+    worker = PatchWorker(str(tiny_model_dir), "cpu", "float32", threads=1)
+    assert worker.ready(["resid", "head"]) is None
+    attn = worker.model._module.transformer.h[1].attn
+    attn.num_heads -= 1
+    assert worker.ready(["resid"]) is None
+    assert worker.ready(["head"]) == (
+        f"cannot patch heads: layer 1's attention output projection takes {attn.c_proj.weight.shape[0]} inputs, "
+        f"not {attn.num_heads} heads x {attn.head_dim} channels")

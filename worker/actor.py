@@ -19,6 +19,7 @@ from worker.model import load_model
 from worker.options import ModelLoadError
 from worker.pairs import Pair
 from worker.patching import patch_batch
+from worker.sites import head_split_problem
 
 TEST_FAULT_ENV = "PATCHSWEEP_TEST_FAULT"
 
@@ -54,8 +55,10 @@ class PatchWorker:
         except ModelLoadError as error:
             self.error = str(error)
 
-    def ready(self) -> str | None:
-        """None once the model is loaded, else the reason it could not be."""
+    def ready(self, components: Sequence[str] = ()) -> str | None:
+        """None once the model is loaded and can be patched at `components`, else why not."""
+        if self.error is None and "head" in components:
+            return head_split_problem(self.model)
         return self.error
 
     def node(self) -> str:

@@ -29,6 +29,17 @@ def n_heads(model: TransformersModel) -> int:
     return model._module.transformer.h[0].attn.num_heads
 
 
+def head_split_problem(model: TransformersModel) -> str | None:
+    """Why `head` cannot be patched on `model`, or None: every layer's attention output projection
+    must take the heads side by side, n_heads x head_dim inputs."""
+    for layer, block in enumerate(model._module.transformer.h):
+        inputs, heads, dim = block.attn.c_proj.weight.shape[0], block.attn.num_heads, block.attn.head_dim
+        if inputs != heads * dim:
+            return (f"cannot patch heads: layer {layer}'s attention output projection takes {inputs} inputs, "
+                    f"not {heads} heads x {dim} channels")
+    return None
+
+
 def head_mask(heads: torch.Tensor, dim: int, width: int) -> torch.Tensor:
     """[n, width]: True on the channels of head `heads[i]` in the output projection's input."""
     return torch.arange(width, device=heads.device)[None, :] // dim == heads[:, None]
