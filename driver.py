@@ -13,15 +13,15 @@ from pathlib import Path
 
 import click
 
-from jobs.aggregate import DEFAULT_MIN_GAP
+from jobs.results.aggregate import DEFAULT_MIN_GAP
 from jobs.cluster import NoCluster
-from jobs.ioi import CORRUPTIONS, generate_ioi, write_jsonl
+from jobs.datasets.ioi import CORRUPTIONS, generate_ioi, write_jsonl
 from jobs.pairfile import PairFileError
 from jobs.run import JobError, run_job
 from jobs.spec import DEFAULT_BATCH_PAIRS, JobSpec
-from jobs.report import DRILL_DOWN_PAIRS, build_report
+from jobs.results.report import DRILL_DOWN_PAIRS, build_report
 from jobs.store import OutputConflict, Store
-from jobs.tables import QueryError, format_table, query
+from jobs.results.query import QueryError, format_table, query
 from worker.options import (DEFAULT_COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MODEL, DIRECTIONS, DTYPE_NAMES,
                             ModelLoadError, check_options, parse_positions)
 

@@ -2,7 +2,7 @@
 
     python -m bench.query_speed --rows 5000000
 Writes a fake run (50 Parquet parts, IOI-like labels) to a temp dir, then times SQL through
-`jobs.tables.query` and the full aggregation.
+`jobs.results.query.query` and the full aggregation.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from jobs.aggregate import aggregate
+from jobs.results.aggregate import aggregate
 from jobs.store import Store
-from jobs.tables import query
+from jobs.results.query import query
 from worker.tables import EFFECTS_SCHEMA, PAIR_COLUMNS
 
 LABELS = ["start", "start", "IO", "and", "S1", "S1+1", "middle", "middle", "middle", "middle",

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from jobs.cluster import connect, pool_shape, start_actors
 from jobs.pairfile import InvalidLine, read_pairs
-from jobs.report import build_report
+from jobs.results.report import build_report
 from jobs.shards import Shard, plan_shards
 from jobs.spec import JobSpec, config_hash, versions
 from jobs.store import Store

@@ -6,9 +6,9 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from jobs.aggregate import aggregate
+from jobs.results.aggregate import aggregate
 from jobs.store import Store
-from jobs.tables import QueryError, query
+from jobs.results.query import QueryError, query
 from worker.tables import EFFECTS_SCHEMA, PAIR_COLUMNS
 
 RNG = np.random.default_rng(0)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from jobs.ioi import BABA_TEMPLATES, generate_ioi, single_token_names, templates
+from jobs.datasets.ioi import BABA_TEMPLATES, generate_ioi, single_token_names, templates
 from jobs.pairfile import read_pairs
 from jobs.tokens import decoded_pieces, readable
 from tests.conftest import REPO, write_jsonl

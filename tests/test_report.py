@@ -6,14 +6,14 @@ import subprocess
 
 import pytest
 
-from jobs.ioi import generate_ioi
+from jobs.datasets.ioi import generate_ioi
 from jobs.pairfile import read_pairs
-from jobs.aggregate import aggregate
-from jobs.report import (CHROMIUM_FLAGS, aggregate_figures, build_report, drill_down_figures, find_chromium,
+from jobs.results.aggregate import aggregate
+from jobs.results.report import (CHROMIUM_FLAGS, aggregate_figures, build_report, drill_down_figures, find_chromium,
                          label_positions)
-from jobs.tables import connect_tables
+from jobs.results.query import connect_tables
 from jobs.store import Store
-from jobs.tables import query
+from jobs.results.query import query
 from tests.conftest import write_jsonl
 from worker.options import DEFAULT_COMPONENTS as COMPONENTS
 from worker.patching import patch_batch

@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from examples.toy_ioi.train import HELD_OUT_TEMPLATES, evaluate
-from jobs.tables import query
+from jobs.results.query import query
 from tests.conftest import REPO
 
 TOY_MODEL = REPO / "examples" / "toy-ioi-gpt2"

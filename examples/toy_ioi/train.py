@@ -19,7 +19,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from examples.tiny_gpt2 import EOS, build_tokenizer
-from jobs.ioi import NAMES, OBJECTS, PLACES, fill, templates
+from jobs.datasets.ioi import NAMES, OBJECTS, PLACES, fill, templates
 
 TRAIN_TEMPLATES, HELD_OUT_TEMPLATES = list(range(12)), [12, 13, 14]
 FILLERS = ["[A] likes the [PLACE].", "The [OBJECT] is at the [PLACE].", "[A] has a [OBJECT].",
@@ -90,7 +90,7 @@ def evaluate(model, tokenizer, template_indices: list[int], n: int = 600, seed: 
 @torch.no_grad()
 def patching_signature(model, tokenizer, n: int = 60) -> dict:
     """Mean resid patching score at S2 and END per layer (swap corruption): the IOI shape."""
-    from jobs.ioi import generate_ioi
+    from jobs.datasets.ioi import generate_ioi
     from jobs.pairfile import encoder_for, parse_record
     from worker.model import load_model
     from worker.patching import patch_batch

@@ -17,9 +17,9 @@ from pathlib import Path
 import plotly.graph_objects as go
 import plotly.offline
 
-from jobs.aggregate import ALL_POSITIONS, DEFAULT_MIN_GAP, aggregate
+from jobs.results.aggregate import ALL_POSITIONS, DEFAULT_MIN_GAP, aggregate
 from jobs.store import REPORT_FILE, Store
-from jobs.tables import connect_tables
+from jobs.results.query import connect_tables
 from worker.options import COMPONENTS
 
 DRILL_DOWN_PAIRS = 3

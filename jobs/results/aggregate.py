@@ -15,7 +15,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from jobs.store import AGGREGATE_FILE, Store
-from jobs.tables import QueryError, connect_tables
+from jobs.results.query import QueryError, connect_tables
 
 DEFAULT_MIN_GAP = 0.1
 ALL_POSITIONS = "all"   # the label of rows that patched every position at once

@@ -1,0 +1,1 @@
+"""Pair-file generators for known tasks (`driver.py make-...`)."""

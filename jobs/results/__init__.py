@@ -1,0 +1,1 @@
+"""Results of a run: aggregation, the HTML report, SQL queries over the tables."""
