@@ -23,7 +23,7 @@ from jobs.results.report import DRILL_DOWN_PAIRS, build_report
 from jobs.store import OutputConflict, Store
 from jobs.results.query import QueryError, format_table, query
 from worker.options import (DEFAULT_COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MODEL, DIRECTIONS, DTYPE_NAMES,
-                            ModelLoadError, check_options, parse_positions)
+                            METRICS, ModelLoadError, PatchOptions, parse_positions)
 
 EXIT_USAGE = 2
 USER_ERRORS = (JobError, ModelLoadError, NoCluster, OutputConflict, PairFileError, QueryError, ValueError)
@@ -42,7 +42,7 @@ def user_errors_reported() -> Iterator[None]:
 def parse_components(ctx, param, value: str) -> tuple[str, ...]:
     components = tuple(part.strip() for part in value.split(",") if part.strip())
     try:
-        check_options(components, "denoise")
+        PatchOptions(components)
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
     return components
@@ -67,6 +67,10 @@ def positions_option(ctx, param, value: str) -> str:
                    "or labels such as S2,END: only positions with those labels (pairs need them).")
 @click.option("--direction", type=click.Choice(DIRECTIONS), default="denoise", show_default=True,
               help="denoise: clean activations into the corrupted run (score 1 = clean); noise: the reverse (score 1 = corrupted-like).")
+@click.option("--metric", type=click.Choice(METRICS), default="logit_diff", show_default=True,
+              help="What is read at the last position: logit_diff (mean correct minus mean incorrect logit), "
+                   "logprob (log total probability of correct), prob_diff (total probability of correct minus "
+                   "incorrect), kl (KL(donor || run) of the next-token distribution).")
 @click.option("--address", help="Join a running Ray cluster (auto or HOST:PORT). Default: start a local Ray for this run.")
 @click.option("--workers", type=click.IntRange(min=1), help="Number of actors. Default: one per GPU, or 1 CPU actor.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)

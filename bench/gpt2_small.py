@@ -37,9 +37,9 @@ def synthetic_pairs(n: int, n_tokens: int = 16, vocab: int = 300, seed: int = 0)
         corrupted = list(clean)
         corrupted[n_tokens - 3] = (clean[n_tokens - 3] + 1) % vocab
         pairs.append(Pair(
-            pair_id=str(i), clean="", corrupted="", correct="", incorrect="",
+            pair_id=str(i), clean="", corrupted="", correct=("",), incorrect=("",),
             clean_ids=tuple(clean), corrupted_ids=tuple(corrupted),
-            correct_id=clean[n_tokens - 3], incorrect_id=corrupted[n_tokens - 3],
+            correct_ids=(clean[n_tokens - 3],), incorrect_ids=(corrupted[n_tokens - 3],),
             tokens=tuple(map(str, clean)),
         ))
     return pairs

@@ -17,7 +17,7 @@ import pyarrow as pa
 from jobs.results.aggregate import aggregate
 from jobs.store import Store
 from jobs.results.query import query
-from worker.tables import EFFECTS_SCHEMA, PAIR_COLUMNS
+from worker.tables import effects_schema, pair_columns
 
 LABELS = ["start", "start", "IO", "and", "S1", "S1+1", "middle", "middle", "middle", "middle",
           "S2", "action", "action", "action", "END"]
@@ -37,15 +37,16 @@ def fake_run(root: str, rows: int, parts: int = 50) -> Store:
     n_pairs = rows // per_pair
     store = Store(root)
     store.prepare("bench", overwrite=False)
-    pairs = {name: [] for name, _ in PAIR_COLUMNS}
+    columns = pair_columns("logit_diff")
+    pairs = {name: [] for name, _ in columns}
     rng = np.random.default_rng(0)
     for i in range(n_pairs):
-        for name, value in [("pair_id", f"p{i}"), ("clean", ""), ("corrupted", ""), ("correct", " A"),
-                            ("incorrect", " B"), ("correct_id", 1), ("incorrect_id", 2),
+        for name, value in [("pair_id", f"p{i}"), ("clean", ""), ("corrupted", ""), ("correct", [" A"]),
+                            ("incorrect", [" B"]), ("correct_ids", [1]), ("incorrect_ids", [2]),
                             ("n_tokens", n_tokens), ("tokens", LABELS), ("labels", LABELS),
                             ("clean_logit_diff", 3.0 + rng.normal()), ("corrupted_logit_diff", -3.0 + rng.normal())]:
             pairs[name].append(value)
-    store.write_table(pa.table(pairs, schema=pa.schema(PAIR_COLUMNS)), "pairs.parquet")
+    store.write_table(pa.table(pairs, schema=pa.schema(columns)), "pairs.parquet")
     grid_component = np.repeat(components, n_layers * n_tokens)
     grid_layer = np.tile(np.repeat(np.arange(n_layers), n_tokens), len(components))
     grid_position = np.tile(np.arange(n_tokens), n_layers * len(components))
@@ -59,7 +60,7 @@ def fake_run(root: str, rows: int, parts: int = 50) -> Store:
             "head": pa.nulls(n, pa.int16()),
             "logit_diff": rng.normal(size=n).astype(np.float32),
             "score": rng.normal(size=n).astype(np.float32),
-        }, schema=EFFECTS_SCHEMA)
+        }, schema=effects_schema("logit_diff"))
         store.write_table(table, "effects", f"part-{part:05d}.parquet")
     return store
 

@@ -20,7 +20,7 @@ def encoding(ids: tuple[int, ...]) -> dict:
 def seed_shape_patching(model, pair: Pair) -> dict:
     """{(layer, position): patched logit diff} plus "clean" and "corrupted", resid only, denoising."""
     n_layers, n_tokens = len(model.transformer.h), pair.n_tokens
-    a, b = pair.correct_id, pair.incorrect_id
+    (a,), (b,) = pair.correct_ids, pair.incorrect_ids
     with torch.inference_mode(), model.trace() as tracer:
         barriers = [tracer.barrier(n_tokens + 1) for _ in range(n_layers)]
         results = nnsight.save({})

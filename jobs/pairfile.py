@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jobs.tokens import decoded_pieces, readable
+from worker.options import NEEDS_INCORRECT, PatchOptions, position_labels
 from worker.pairs import Pair
-from worker.tables import EFFECTS_SCHEMA, PAIR_COLUMNS
+from worker.tables import RESULT_COLUMNS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-REQUIRED = ("clean", "corrupted", "correct", "incorrect")
-RESERVED = {name for name, _ in PAIR_COLUMNS} | set(EFFECTS_SCHEMA.names)
+KNOWN = ("clean", "corrupted", "correct", "incorrect", "id", "labels")
 
 
 class PairFileError(ValueError):
@@ -98,19 +98,38 @@ def answer_token(encoder: Encoder, key: str, value: Any) -> tuple[str, int]:
     return value, ids[0]
 
 
+def answer_set(encoder: Encoder, key: str, value: Any) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """One answer, or a list of them (each a one-token string or a token id), as texts and ids."""
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise BadPair(f"{key!r} is an empty list; give at least one answer")
+    texts, ids = [], []
+    for item in values:
+        text, token = answer_token(encoder, key, item)
+        if token in ids:
+            raise BadPair(f"{key!r} has the answer {text!r} twice")
+        texts.append(text)
+        ids.append(token)
+    return tuple(texts), tuple(ids)
+
+
 def prompt_ids(encoder: Encoder, key: str, value: Any) -> list[int]:
     if not isinstance(value, str) or not value:
         raise BadPair(f"{key!r} must be a non-empty string")
     return encoder(value, special_tokens=True)
 
 
-def parse_record(record: Any, default_id: str, encoder: Encoder, n_ctx: int, wanted: Sequence[str] = ()) -> Pair:
-    """Validate one decoded JSON line and turn it into a tokenized `Pair`; `wanted`: labels it must have."""
+def parse_record(record: Any, default_id: str, encoder: Encoder, n_ctx: int,
+                 options: PatchOptions = PatchOptions()) -> Pair:
+    """Validate one decoded JSON line and turn it into a tokenized `Pair`, for a run with `options`
+    (its metric decides whether `incorrect` is needed, its positions which labels must be there)."""
     if not isinstance(record, dict):
         raise BadPair(f"a line must be a JSON object, got {type(record).__name__}")
-    missing = [key for key in REQUIRED if key not in record]
+    required = ("clean", "corrupted", "correct") + (("incorrect",) if options.metric in NEEDS_INCORRECT else ())
+    missing = [key for key in required if key not in record]
     if missing:
-        raise BadPair(f"missing key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}")
+        needs = f" (the {options.metric} metric needs it)" if "incorrect" in missing else ""
+        raise BadPair(f"missing key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}{needs}")
     clean_ids = prompt_ids(encoder, "clean", record["clean"])
     corrupted_ids = prompt_ids(encoder, "corrupted", record["corrupted"])
     if len(clean_ids) != len(corrupted_ids):
@@ -121,10 +140,11 @@ def parse_record(record: Any, default_id: str, encoder: Encoder, n_ctx: int, wan
         raise BadPair(f"prompt is {len(clean_ids)} tokens, longer than the model's context of {n_ctx}")
     if clean_ids == corrupted_ids:
         raise BadPair("clean and corrupted tokenize identically, so there is nothing to patch")
-    correct, correct_id = answer_token(encoder, "correct", record["correct"])
-    incorrect, incorrect_id = answer_token(encoder, "incorrect", record["incorrect"])
-    if correct_id == incorrect_id:
-        raise BadPair("correct and incorrect are the same token")
+    correct, correct_ids = answer_set(encoder, "correct", record["correct"])
+    incorrect, incorrect_ids = answer_set(encoder, "incorrect", record["incorrect"]) if "incorrect" in record else ((), ())
+    both = [text for text, token in zip(correct, correct_ids) if token in incorrect_ids]
+    if both:
+        raise BadPair(f"{', '.join(map(repr, both))} {'is' if len(both) == 1 else 'are'} in both 'correct' and 'incorrect'")
     pair_id = record.get("id", default_id)
     if isinstance(pair_id, bool) or not isinstance(pair_id, (str, int)):
         raise BadPair(f"'id' must be a string, got {type(pair_id).__name__}")
@@ -134,10 +154,10 @@ def parse_record(record: Any, default_id: str, encoder: Encoder, n_ctx: int, wan
             raise BadPair("'labels' must be a list of strings, one per token")
         if len(labels) != len(clean_ids):
             raise BadPair(f"'labels' has {len(labels)} entries but the prompt has {len(clean_ids)} tokens")
-    check_wanted_labels(labels, wanted)
-    metadata = {k: v for k, v in record.items() if k not in (*REQUIRED, "id", "labels")}
+    check_wanted_labels(labels, position_labels(options.positions))
+    metadata = {k: v for k, v in record.items() if k not in KNOWN}
     for key, value in metadata.items():
-        if key in RESERVED:
+        if key in RESULT_COLUMNS:
             raise BadPair(f"metadata key {key!r} clashes with an output column; rename it")
         if value is not None and not isinstance(value, (str, int, float, bool)):
             raise BadPair(f"metadata {key!r} must be a scalar (string, number, bool or null)")
@@ -149,8 +169,8 @@ def parse_record(record: Any, default_id: str, encoder: Encoder, n_ctx: int, wan
         incorrect=incorrect,
         clean_ids=tuple(clean_ids),
         corrupted_ids=tuple(corrupted_ids),
-        correct_id=correct_id,
-        incorrect_id=incorrect_id,
+        correct_ids=correct_ids,
+        incorrect_ids=incorrect_ids,
         tokens=encoder.tokens(clean_ids),
         labels=tuple(map(sys.intern, labels)) if labels is not None else None,  # a few distinct labels
         metadata=metadata,
@@ -215,26 +235,26 @@ def encoder_for(tokenizer: PreTrainedTokenizerBase, records: list[Any]) -> Encod
     objects = [r for r in records if isinstance(r, dict)]
     encoder = Encoder(tokenizer)
     encoder.encode_all((r.get(key) for r in objects for key in ("clean", "corrupted")), special_tokens=True)
-    encoder.encode_all((r.get(key) for r in objects for key in ("correct", "incorrect")), special_tokens=False)
+    answers = (r.get(key) for r in objects for key in ("correct", "incorrect"))
+    encoder.encode_all((a for value in answers for a in (value if isinstance(value, list) else [value])),
+                       special_tokens=False)
     return encoder
 
 
 def read_pairs(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int,
-               wanted: Sequence[str] = ()) -> PairFile:
-    """Validate every line of `path`; good lines become pairs, bad ones `InvalidLine`s.
-
-    `wanted`: the position labels `--positions` lists, which every pair must have.
-    """
+               options: PatchOptions = PatchOptions()) -> PairFile:
+    """Validate every line of `path` for a run with `options`; good lines become pairs, bad ones
+    `InvalidLine`s."""
     lines = decoded_lines(path)
     records = [record for _, _, record in lines]
-    check_labels_exist(path, records, wanted)
+    check_labels_exist(path, records, position_labels(options.positions))
     encoder = encoder_for(tokenizer, records)
     pairs, invalid, first_line_of = [], [], {}
     for number, raw, record in lines:
         try:
             if isinstance(record, BadPair):
                 raise record
-            pair = parse_record(record, str(number - 1), encoder, n_ctx, wanted)
+            pair = parse_record(record, str(number - 1), encoder, n_ctx, options)
             if pair.pair_id in first_line_of:
                 raise BadPair(f"duplicate id {pair.pair_id!r} (first on line {first_line_of[pair.pair_id]})")
         except BadPair as error:

@@ -25,7 +25,6 @@ from jobs.results.report import build_report
 from jobs.shards import Shard, plan_shards
 from jobs.spec import JobSpec, config_hash, versions
 from jobs.store import Store
-from worker.options import position_labels
 from worker.pairs import Pair
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_INTERRUPTED = 0, 1, 130
@@ -83,7 +82,7 @@ def validated_pairs(spec: JobSpec, phases: Phases) -> tuple[list[Pair], list[Inv
         from worker.model import load_tokenizer  # here, in the validation thread: torch loads while Ray starts
 
         tokenizer, n_ctx = load_tokenizer(spec.model)
-        pair_file = read_pairs(spec.pairs, tokenizer, n_ctx, position_labels(spec.positions))
+        pair_file = read_pairs(spec.pairs, tokenizer, n_ctx, spec.patch_options())
     if pair_file.invalid and not spec.skip_invalid:
         lines = "\n".join(map(str, pair_file.invalid))
         raise JobError(f"{lines}\n{len(pair_file.invalid)} invalid line(s) in {spec.pairs}; "
@@ -112,12 +111,12 @@ def dispatch(spec: JobSpec, shards: list[Shard], actors: list, nodes: list[str],
     """Keep every actor busy, write each shard as it returns, record failures by shard."""
     queue = list(reversed(shards))
     in_flight: dict = {}
+    options = spec.patch_options()
 
     def submit(actor: int) -> None:
         if queue:
             shard = queue.pop()
-            ref = actors[actor].run_shard.remote(shard.pairs, spec.components, spec.positions, spec.direction,
-                                                 spec.max_batch_tokens)
+            ref = actors[actor].run_shard.remote(shard.pairs, options)
             in_flight[ref] = (shard, actor, time.perf_counter())
 
     for actor in range(len(actors)):
@@ -172,6 +171,7 @@ class Job:
             "components": list(spec.components),
             "positions": spec.positions,
             "direction": spec.direction,
+            "metric": spec.metric,
             "pairs_file": spec.pairs,
             "pair_count": self.pair_count,
             "invalid_count": self.n_invalid,

@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from worker.options import DEFAULT_MAX_BATCH_TOKENS
+from worker.options import DEFAULT_MAX_BATCH_TOKENS, PatchOptions
 
 DEFAULT_BATCH_PAIRS = 32
-RESULT_DECIDING = ("model", "components", "positions", "direction", "dtype", "batch_pairs", "max_batch_tokens",
-                   "skip_invalid")
+RESULT_DECIDING = ("model", "components", "positions", "direction", "metric", "dtype", "batch_pairs",
+                   "max_batch_tokens", "skip_invalid")
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class JobSpec:
     components: tuple[str, ...]
     positions: str = "each"
     direction: str = "denoise"
+    metric: str = "logit_diff"
     dtype: str = "float32"
     device: str = "auto"
     address: str | None = None
@@ -35,6 +36,10 @@ class JobSpec:
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     skip_invalid: bool = False
     overwrite: bool = False
+
+    def patch_options(self) -> PatchOptions:
+        """What every actor is asked to do with each shard."""
+        return PatchOptions(self.components, self.positions, self.direction, self.metric, self.max_batch_tokens)
 
     def config(self) -> dict:
         """The result-deciding options plus the pair file's content hash."""

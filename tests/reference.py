@@ -18,9 +18,22 @@ def hidden(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def logit_diff(model: GPT2LMHeadModel, ids: list[int], correct: int, incorrect: int) -> float:
-    logits = model(torch.tensor([ids])).logits[0, -1]
-    return float(logits[correct] - logits[incorrect])
+def next_token_logits(model: GPT2LMHeadModel, ids: list[int]) -> torch.Tensor:
+    return model(torch.tensor([ids])).logits[0, -1].double()
+
+
+def measure(metric: str, logits: torch.Tensor, pair, donor_logits: torch.Tensor) -> float:
+    """The metric of one run's last-position logits, written out term by term."""
+    probs = torch.softmax(logits, dim=0)
+    if metric == "logit_diff":
+        correct = sum(logits[i] for i in pair.correct_ids) / len(pair.correct_ids)
+        return float(correct - sum(logits[i] for i in pair.incorrect_ids) / len(pair.incorrect_ids))
+    if metric == "logprob":
+        return float(torch.log(sum(probs[i] for i in pair.correct_ids)))
+    if metric == "prob_diff":
+        return float(sum(probs[i] for i in pair.correct_ids) - sum(probs[i] for i in pair.incorrect_ids))
+    donor = torch.softmax(donor_logits, dim=0)
+    return float((donor * (donor.log() - probs.log())).sum())    # kl: KL(donor || run)
 
 
 def hook(model: GPT2LMHeadModel, component: str, layer: int, function):
@@ -45,8 +58,7 @@ def capture(model: GPT2LMHeadModel, ids: list[int], component: str, layer: int) 
     return stored["act"]
 
 
-def patched_logit_diff(model, receiver_ids, donor_act, component, layer, position, correct, incorrect,
-                       channels=slice(None)):
+def patched_logits(model, receiver_ids, donor_act, component, layer, position, channels=slice(None)):
     """`position` None patches every position."""
     positions = slice(None) if position is None else position
 
@@ -55,14 +67,15 @@ def patched_logit_diff(model, receiver_ids, donor_act, component, layer, positio
 
     handle = hook(model, component, layer, replace)
     try:
-        return logit_diff(model, receiver_ids, correct, incorrect)
+        return next_token_logits(model, receiver_ids)
     finally:
         handle.remove()
 
 
 @torch.no_grad()
-def reference_patching(model: GPT2LMHeadModel, pair, components, direction: str, all_positions: bool = False) -> dict:
-    """{(component, layer, position, head or None): patched logit diff} plus "clean" and "corrupted".
+def reference_patching(model: GPT2LMHeadModel, pair, components, direction: str, all_positions: bool = False,
+                       metric: str = "logit_diff") -> dict:
+    """{(component, layer, position, head or None): the patched run's metric} plus "clean" and "corrupted".
 
     Every position one at a time, or with `all_positions` one patch of all of them (position None).
     """
@@ -70,10 +83,10 @@ def reference_patching(model: GPT2LMHeadModel, pair, components, direction: str,
         (pair.clean_ids, pair.corrupted_ids) if direction == "denoise"
         else (pair.corrupted_ids, pair.clean_ids)
     )
-    answers = (pair.correct_id, pair.incorrect_id)
+    donor_logits = next_token_logits(model, list(donor))
     result = {
-        "clean": logit_diff(model, list(pair.clean_ids), *answers),
-        "corrupted": logit_diff(model, list(pair.corrupted_ids), *answers),
+        "clean": measure(metric, next_token_logits(model, list(pair.clean_ids)), pair, donor_logits),
+        "corrupted": measure(metric, next_token_logits(model, list(pair.corrupted_ids)), pair, donor_logits),
     }
     width = model.config.n_embd // model.config.n_head
     for component in components:
@@ -83,7 +96,6 @@ def reference_patching(model: GPT2LMHeadModel, pair, components, direction: str,
             for head in heads:
                 channels = slice(None) if head is None else slice(head * width, (head + 1) * width)
                 for position in [None] if all_positions else range(len(receiver)):
-                    result[(component, layer, position, head)] = patched_logit_diff(
-                        model, list(receiver), act, component, layer, position, *answers, channels=channels
-                    )
+                    logits = patched_logits(model, list(receiver), act, component, layer, position, channels)
+                    result[(component, layer, position, head)] = measure(metric, logits, pair, donor_logits)
     return result

@@ -9,14 +9,14 @@ import pytest
 from jobs.results.aggregate import aggregate
 from jobs.store import Store
 from jobs.results.query import QueryError, query
-from worker.tables import EFFECTS_SCHEMA, PAIR_COLUMNS
+from worker.tables import effects_schema, pair_columns
 
 RNG = np.random.default_rng(0)
 
 
 def pair_row(pair_id, n_tokens, labels, clean, corrupted, template):
-    return {"pair_id": pair_id, "clean": "c", "corrupted": "k", "correct": " A", "incorrect": " B",
-            "correct_id": 1, "incorrect_id": 2, "n_tokens": n_tokens,
+    return {"pair_id": pair_id, "clean": "c", "corrupted": "k", "correct": [" A"], "incorrect": [" B"],
+            "correct_ids": [1], "incorrect_ids": [2], "n_tokens": n_tokens,
             "tokens": [f"t{i}" for i in range(n_tokens)], "labels": labels,
             "clean_logit_diff": clean, "corrupted_logit_diff": corrupted, "template": template}
 
@@ -41,10 +41,10 @@ def known_run(tmp_path):
                                  "position": position, "head": None, "logit_diff": logit_diff, "score": score})
     store = Store(str(tmp_path / "run"))
     store.prepare("hash", overwrite=False)
-    pair_schema = pa.schema(PAIR_COLUMNS + [("template", pa.string())])
+    pair_schema = pa.schema(pair_columns("logit_diff") + [("template", pa.string())])
     store.write_table(pa.Table.from_pylist(pairs, schema=pair_schema), "pairs.parquet")
-    store.write_table(pa.Table.from_pylist(rows[:30], schema=EFFECTS_SCHEMA), "effects", "part-00000.parquet")
-    store.write_table(pa.Table.from_pylist(rows[30:], schema=EFFECTS_SCHEMA), "effects", "part-00001.parquet")
+    store.write_table(pa.Table.from_pylist(rows[:30], schema=effects_schema("logit_diff")), "effects", "part-00000.parquet")
+    store.write_table(pa.Table.from_pylist(rows[30:], schema=effects_schema("logit_diff")), "effects", "part-00001.parquet")
     return store, pd.DataFrame(pairs), pd.DataFrame(rows)
 
 

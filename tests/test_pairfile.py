@@ -5,6 +5,7 @@ import pytest
 
 from jobs.pairfile import PairFileError, read_pairs
 from tests.conftest import IOI_LINES, write_jsonl
+from worker.options import PatchOptions
 
 CLEAN, CORRUPTED, CORRECT, INCORRECT = IOI_LINES[0]
 GOOD = {"clean": CLEAN, "corrupted": CORRUPTED, "correct": CORRECT, "incorrect": INCORRECT}
@@ -27,7 +28,7 @@ def test_good_lines_become_pairs_with_metadata(tmp_path, tokenizer_and_ctx):
     assert result.invalid == []
     first, second = result.pairs
     assert first.pair_id == "0" and first.metadata == {"template": "t0", "weight": 2}
-    assert second.pair_id == "b" and second.correct_id == john and second.correct == " John"
+    assert second.pair_id == "b" and second.correct_ids == (john,) and second.correct == (" John",)
     assert first.n_tokens == len(tokenizer(CLEAN).input_ids)
     assert first.tokens[:3] == ("When", "␣John", "␣and")   # decoded text, not byte-level pieces (ĠJohn)
 
@@ -39,8 +40,8 @@ def test_batched_encoding_equals_one_call_per_string(tmp_path, tokenizer_and_ctx
     for pair, (clean, corrupted, correct, incorrect) in zip(result.pairs, IOI_LINES, strict=True):
         assert list(pair.clean_ids) == tokenizer(clean).input_ids
         assert list(pair.corrupted_ids) == tokenizer(corrupted).input_ids
-        assert [pair.correct_id, pair.incorrect_id] == [tokenizer(correct, add_special_tokens=False).input_ids[0],
-                                                       tokenizer(incorrect, add_special_tokens=False).input_ids[0]]
+        assert pair.correct_ids == tuple(tokenizer(correct, add_special_tokens=False).input_ids)
+        assert pair.incorrect_ids == tuple(tokenizer(incorrect, add_special_tokens=False).input_ids)
 
 
 @pytest.mark.parametrize("record, reason", [
@@ -54,7 +55,12 @@ def test_batched_encoding_equals_one_call_per_string(tmp_path, tokenizer_and_ctx
     ({**GOOD, "corrupted": CORRUPTED + " Mary"}, "lengths 14 vs 15"),
     ({**GOOD, "corrupted": CLEAN}, "tokenize identically"),
     ({**GOOD, "clean": ""}, "'clean' must be a non-empty string"),
-    ({**GOOD, "incorrect": " John"}, "same token"),
+    ({**GOOD, "incorrect": " John"}, "' John' is in both 'correct' and 'incorrect'"),
+    ({**GOOD, "correct": []}, "'correct' is an empty list"),
+    ({**GOOD, "correct": [" John", " Tom Anna"]}, "'correct' answer ' Tom Anna' is 2 tokens"),
+    ({**GOOD, "incorrect": [" Mary", " Tom", " Mary"]}, "'incorrect' has the answer ' Mary' twice"),
+    ({**GOOD, "incorrect": [" Mary", " Tom", " John", " Anna"]}, "' John' is in both"),
+    ({k: v for k, v in GOOD.items() if k != "incorrect"}, "missing key 'incorrect' (the logit_diff metric needs it)"),
     ({**GOOD, "labels": ["a", "b"]}, "'labels' has 2 entries but the prompt has 14 tokens"),
     ({**GOOD, "labels": "S1"}, "list of strings"),
     ({**GOOD, "id": [1]}, "'id' must be a string"),
@@ -112,7 +118,7 @@ def test_listed_position_labels_must_be_on_every_pair(tmp_path, tokenizer_and_ct
     records = [{**GOOD, "id": "a", "labels": labels}, {**GOOD, "id": "b"},
                {**GOOD, "id": "c", "labels": ["x"] * (n - 1) + ["END"]}]
     path = write_jsonl(tmp_path / "pairs.jsonl", records)
-    result = read_pairs(path, tokenizer, n_ctx, wanted=("S2", "END"))
+    result = read_pairs(path, tokenizer, n_ctx, PatchOptions(positions="S2,END"))
     assert [pair.pair_id for pair in result.pairs] == ["a"]
     assert [str(line) for line in result.invalid] == [
         f"{path}:2: no 'labels', which --positions S2,END needs",
@@ -131,5 +137,25 @@ def test_a_label_no_line_has_is_one_error_for_the_file(tmp_path, tokenizer_and_c
     record = {**GOOD, "labels": ["x"] * (n - 2) + ["S2", "END"]} if labelled else GOOD
     path = write_jsonl(tmp_path / "pairs.jsonl", [record])
     with pytest.raises(PairFileError) as error:
-        read_pairs(path, tokenizer, n_ctx, wanted=("S3",))
+        read_pairs(path, tokenizer, n_ctx, PatchOptions(positions="S3"))
     assert str(error.value) == f"{path}: {message}"
+
+
+def test_answer_sets_of_strings_and_ids(tmp_path, tokenizer_and_ctx):
+    tokenizer, _ = tokenizer_and_ctx
+    tom = tokenizer(" Tom").input_ids[0]
+    path, result = validate(tmp_path, tokenizer_and_ctx, [{**GOOD, "correct": [" John", tom], "incorrect": [" Mary"]}])
+    (pair,) = result.pairs
+    assert pair.correct == (" John", " Tom") and pair.correct_ids == (tokenizer(" John").input_ids[0], tom)
+    assert pair.incorrect == (" Mary",)
+
+
+@pytest.mark.parametrize("metric, needed", [("logit_diff", True), ("prob_diff", True), ("logprob", False), ("kl", False)])
+def test_incorrect_is_needed_only_by_metrics_that_compare(tmp_path, tokenizer_and_ctx, metric, needed):
+    tokenizer, n_ctx = tokenizer_and_ctx
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{k: v for k, v in GOOD.items() if k != "incorrect"}])
+    result = read_pairs(path, tokenizer, n_ctx, PatchOptions(metric=metric))
+    if needed:
+        assert [str(line) for line in result.invalid] == [f"{path}:1: missing key 'incorrect' (the {metric} metric needs it)"]
+    else:
+        assert result.invalid == [] and result.pairs[0].incorrect_ids == ()

@@ -7,8 +7,8 @@ import pytest
 from transformers import GPT2LMHeadModel
 
 from tests.conftest import TOL, score_tolerance
-from tests.reference import reference_patching
-from worker.options import COMPONENTS, DEFAULT_COMPONENTS
+from tests.reference import next_token_logits, reference_patching
+from worker.options import COMPONENTS, DEFAULT_COMPONENTS, METRICS
 from worker.patching import cells_to_run, patch_batch, patch_cells, selected_cells, split_into_traces
 
 
@@ -22,29 +22,30 @@ def by_cell(effects, column):
     return {(r["pair_id"], r["component"], r["layer"], r["position"], r["head"]): r[column] for r in rows}
 
 
-def assert_matches_reference(result, hf_model, pairs, direction, all_positions=False, wanted=None):
+def assert_matches_reference(result, hf_model, pairs, direction, all_positions=False, wanted=None, tol=TOL):
     """Every row of `result` equals the hook reference, and every expected cell has a row.
 
     `wanted(pair)`: the positions a label list selects for `pair` (default: every cell).
     """
-    logit_diffs, scores = by_cell(result.effects, "logit_diff"), by_cell(result.effects, "score")
+    metric = result.effects.schema.metadata[b"patchsweep.metric"].decode()
+    values, scores = by_cell(result.effects, metric), by_cell(result.effects, "score")
     baselines = {r["pair_id"]: r for r in result.pairs.to_pylist()}
     components = sorted(set(result.effects.column("component").to_pylist()))
     for pair in pairs:
-        expected = reference_patching(hf_model, pair, components, direction, all_positions)
+        expected = reference_patching(hf_model, pair, components, direction, all_positions, metric)
         clean, corrupted = expected["clean"], expected["corrupted"]
-        assert abs(clean - corrupted) > 0.05, "test pair too weak to normalise"
-        assert baselines[pair.pair_id]["clean_logit_diff"] == pytest.approx(clean, abs=TOL)
-        assert baselines[pair.pair_id]["corrupted_logit_diff"] == pytest.approx(corrupted, abs=TOL)
+        assert abs(clean - corrupted) > 50 * tol, "test pair too weak to normalise"
+        assert baselines[pair.pair_id][f"clean_{metric}"] == pytest.approx(clean, abs=tol)
+        assert baselines[pair.pair_id][f"corrupted_{metric}"] == pytest.approx(corrupted, abs=tol)
         source, target = (clean, corrupted) if direction == "denoise" else (corrupted, clean)
         cells = [key for key in expected if isinstance(key, tuple) and (wanted is None or key[2] in wanted(pair))]
         for component, layer, position, head in cells:
             key = (pair.pair_id, component, layer, position, head)
             want = expected[(component, layer, position, head)]
-            assert logit_diffs[key] == pytest.approx(want, abs=TOL), key
+            assert values[key] == pytest.approx(want, abs=tol), key
             want_score = (want - target) / (source - target)
-            assert scores[key] == pytest.approx(want_score, abs=score_tolerance(want_score, clean, corrupted)), key
-        assert sum(key[0] == pair.pair_id for key in logit_diffs) == len(cells)
+            assert scores[key] == pytest.approx(want_score, abs=score_tolerance(want_score, clean, corrupted, tol)), key
+        assert sum(key[0] == pair.pair_id for key in values) == len(cells)
 
 
 @pytest.mark.parametrize("method", ["trace", "reuse"])
@@ -100,6 +101,49 @@ def test_labels_before_the_first_difference_score_zero_and_keep_baselines(tiny_m
     assert_matches_reference(result, hf_model, pairs, "denoise", wanted=at_labels("early"))
 
 
+@pytest.fixture(scope="module")
+def answer_pairs(hf_model, ioi_pairs) -> dict[str, list]:
+    """The IOI prompts with answers the tiny model gives weight to (its names have ~1e-4
+    probability, too little to test probabilities on): the top tokens after the clean prompt are
+    correct, the top tokens after the corrupted one incorrect; one answer each, or sets of three."""
+    found = {"single": [], "sets": []}
+    for pair in ioi_pairs:
+        clean_top = next_token_logits(hf_model, list(pair.clean_ids)).topk(10).indices.tolist()
+        corrupted_top = next_token_logits(hf_model, list(pair.corrupted_ids)).topk(10).indices.tolist()
+        for name, k in (("single", 1), ("sets", 3)):
+            correct = tuple(clean_top[:k])
+            incorrect = tuple([t for t in corrupted_top if t not in correct][:k])
+            found[name].append(dataclasses.replace(
+                pair, correct_ids=correct, incorrect_ids=incorrect,
+                correct=tuple(map(str, correct)), incorrect=tuple(map(str, incorrect))))
+    return found
+
+
+@pytest.mark.parametrize("method", ["trace", "reuse"])
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("answers", ["single", "sets"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_every_metric_matches_hook_reference(tiny_model, hf_model, answer_pairs, metric, answers, direction,
+                                             method):
+    pairs = answer_pairs[answers]
+    result = patch_batch(tiny_model, pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, method=method,
+                         metric=metric)
+    assert result.effects.schema.names[5] == metric
+    assert [f"clean_{metric}", f"corrupted_{metric}"] <= result.pairs.schema.names
+    assert_matches_reference(result, hf_model, pairs, direction)
+    if metric == "kl":   # the donor's divergence from itself
+        donor = "clean_kl" if direction == "denoise" else "corrupted_kl"
+        assert set(result.pairs.column(donor).to_pylist()) == {0.0}
+
+
+@pytest.mark.parametrize("metric", ["logprob", "kl"])
+def test_metrics_that_read_only_correct_answers_need_no_incorrect(tiny_model, hf_model, answer_pairs, metric):
+    pairs = [dataclasses.replace(pair, incorrect=(), incorrect_ids=()) for pair in answer_pairs["sets"]]
+    result = patch_batch(tiny_model, pairs, ["resid", "head"], metric=metric)
+    assert result.pairs.column("incorrect_ids").null_count == len(pairs)
+    assert_matches_reference(result, hf_model, pairs, "denoise")
+
+
 def test_table_shapes_and_direction(tiny_model, ioi_pairs):
     result = patch_batch(tiny_model, ioi_pairs, ["resid", "mlp"], "noise")
     n_layers = len(tiny_model.transformer.h)
@@ -109,6 +153,7 @@ def test_table_shapes_and_direction(tiny_model, ioi_pairs):
     assert result.pairs.column("pair_id").to_pylist() == [p.pair_id for p in ioi_pairs]
     for table in (result.effects, result.pairs):
         assert table.schema.metadata[b"patchsweep.direction"] == b"noise"
+        assert table.schema.metadata[b"patchsweep.metric"] == b"logit_diff"
     assert result.pairs.column("tokens").to_pylist()[0] == list(ioi_pairs[0].tokens)
 
 
@@ -178,11 +223,13 @@ def test_cells_before_the_first_difference_need_no_forward_pass(ioi_pairs):
     assert len(work) == 3 * 3 * (ioi_pairs[0].n_tokens - start)
 
 
-def test_rejects_unknown_component_and_direction(tiny_model, ioi_pairs):
+def test_rejects_unknown_component_direction_and_metric(tiny_model, ioi_pairs):
     with pytest.raises(ValueError, match="components"):
         patch_batch(tiny_model, ioi_pairs, ["heads"])
     with pytest.raises(ValueError, match="direction"):
         patch_batch(tiny_model, ioi_pairs, ["resid"], direction="sideways")
+    with pytest.raises(ValueError, match="metric"):
+        patch_batch(tiny_model, ioi_pairs, ["resid"], metric="accuracy")
 
 
 def test_empty_input_gives_empty_tables(tiny_model):

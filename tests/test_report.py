@@ -19,17 +19,17 @@ from worker.options import DEFAULT_COMPONENTS as COMPONENTS
 from worker.patching import patch_batch
 
 
-def ioi_store(tmp, model, tokenizer_and_ctx, n_pairs: int, components,
-              positions: str = "each") -> tuple[Store, list[dict], object]:
+def ioi_store(tmp, model, tokenizer_and_ctx, n_pairs: int, components, positions: str = "each",
+              metric: str = "logit_diff") -> tuple[Store, list[dict], object]:
     """A run of labelled IOI pairs written as the driver would; the store, the records, the result."""
     records = generate_ioi(n_pairs, seed=0, tokenizer=tokenizer_and_ctx[0])
     pairs = read_pairs(write_jsonl(tmp / "ioi.jsonl", records), *tokenizer_and_ctx).pairs
-    result = patch_batch(model, pairs, components, positions=positions)
+    result = patch_batch(model, pairs, components, positions=positions, metric=metric)
     store = Store(str(tmp / "run"))
     store.prepare("hash", overwrite=False)
     store.write_shard("part-00000", result.effects, result.pairs)
     store.write_pairs_table(["part-00000"])
-    store.write_manifest({"model": "tiny", "direction": "denoise", "components": list(components)})
+    store.write_manifest({"model": "tiny", "direction": "denoise", "metric": metric, "components": list(components)})
     return store, records, result
 
 
@@ -46,7 +46,7 @@ def test_heads_get_a_layer_by_head_heatmap_per_label(tmp_path, tiny_model, token
     labels_of = {r["id"]: r["labels"] for r in records}
     means = mean_scores(result, lambda row: (labels_of[row["pair_id"]][row["position"]], row["layer"], row["head"]))
     positions = label_positions(connect_tables(store))
-    figures = aggregate_figures(aggregate(store, "denoise").to_pylist(), "tiny", "denoise", positions)
+    figures = aggregate_figures(aggregate(store, "denoise").to_pylist(), "tiny", positions)
     labels = sorted({label for r in records for label in r["labels"]}, key=lambda label: (positions[label], label))
     assert [name for name, _ in figures] == [f"head-{label}" for label in labels]
     for (_, figure), label in zip(figures, labels):
@@ -76,7 +76,7 @@ def test_all_positions_get_a_layer_by_component_panel_and_heads_one_of_their_own
     means = mean_scores(result, lambda row: (row["component"], row["layer"], row["head"]))
     rows = aggregate(store, "denoise").to_pylist()
     assert {row["label"] for row in rows} == {"all"} and {row["n_tokens"] for row in rows} == {None}
-    figures = dict(aggregate_figures(rows, "tiny", "denoise", label_positions(connect_tables(store))))
+    figures = dict(aggregate_figures(rows, "tiny", label_positions(connect_tables(store))))
     assert list(figures) == ["all-positions", "head-all"]
     components = figures["all-positions"]
     assert list(components.data[0].x) == ["resid", "attn", "mlp"] and "all positions," in components.layout.title.text
@@ -94,7 +94,7 @@ def test_drill_down_shows_heads_at_the_listed_positions(tmp_path, tiny_model, to
                                        positions="S2,END")
     config = tiny_model._module.config
     connection = connect_tables(store)
-    figures = dict(drill_down_figures(connection, "tiny", "denoise", 1))
+    figures = dict(drill_down_figures(connection, "tiny", 1))
     pair_id, tokens, labels = connection.sql("SELECT pair_id, tokens, labels FROM pairs ORDER BY pair_id").fetchall()[0]
     spots = [i for i, label in enumerate(labels) if label in ("S2", "END")]
     heads, mlp = figures[f"pair-{pair_id}-head"].data[0], figures[f"pair-{pair_id}-mlp"].data[0]
@@ -120,14 +120,14 @@ def test_report_has_one_plotly_and_a_heatmap_per_component(ioi_run):
     assert 0 < kept <= len(records)
     for component in COMPONENTS:
         assert f'id="fig-{component}"' in text
-        assert f"tiny: {component}, denoise, N={kept} pairs" in text
+        assert f"tiny (denoise, logit_diff): {component}, N={kept} pairs" in text
     assert text.count('class="figure"') == 3 + 2 * 3
 
 
 def test_heatmap_shapes_follow_layers_and_role_labels(ioi_run):
     store, n_layers, records = ioi_run
     positions = label_positions(connect_tables(store))
-    figures = aggregate_figures(aggregate(store, "denoise").to_pylist(), "tiny", "denoise", positions)
+    figures = aggregate_figures(aggregate(store, "denoise").to_pylist(), "tiny", positions)
     assert [name for name, _ in figures] == list(COMPONENTS)
     all_labels = {label for r in records for label in r["labels"]}
     for _, figure in figures:
@@ -148,7 +148,7 @@ def test_every_heatmap_of_a_report_uses_one_label_order(ioi_run):
             seen.setdefault(label, []).append(position)
     expected = sorted(seen, key=lambda label: (sum(seen[label]) / len(seen[label]), label))
     rows = aggregate(store, "denoise", group_by="template").to_pylist()
-    figures = aggregate_figures(rows, "tiny", "denoise", label_positions(connect_tables(store)))
+    figures = aggregate_figures(rows, "tiny", label_positions(connect_tables(store)))
     assert len(figures) == 3 * len({r["template"] for r in records})
     for name, figure in figures:
         x = list(figure.data[0].x)
@@ -162,7 +162,7 @@ def test_pairs_table_and_drill_down_show_tokens_as_text(ioi_run):
     record = next(r for r in records if r["id"] == pair_id)
     assert "".join(tokens).replace("␣", " ") == record["clean"]
     assert not any("Ġ" in token for token in tokens)
-    (name, figure), *_ = drill_down_figures(connection, "tiny", "denoise", 1)
+    (name, figure), *_ = drill_down_figures(connection, "tiny", 1)
     assert list(figure.data[0].x) == [f"{i}:{token}" for i, token in enumerate(tokens)]
     assert any(x.endswith(":␣" + record["correct"].strip()) for x in figure.data[0].x)
 
@@ -202,3 +202,21 @@ def test_png_export_or_a_clear_reason(ioi_run):
         for component in COMPONENTS:
             with open(store.path("png", f"{component}.png"), "rb") as png:
                 assert png.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_metric_names_the_columns_titles_and_summary(tmp_path, tiny_model, tokenizer_and_ctx):
+    store, _, result = ioi_store(tmp_path, tiny_model, tokenizer_and_ctx, 4, ["resid"], metric="kl")
+    said = build_report(store, drill_down=1)
+    assert "1 heatmaps" in said
+    rows = query(store.uri, "SELECT * FROM aggregate").to_pylist()
+    assert {"mean_kl", "mean_clean_kl", "mean_corrupted_kl"} <= set(rows[0]) and "mean_logit_diff" not in rows[0]
+    labels = {r["pair_id"]: r["labels"] for r in result.pairs.to_pylist()}
+    values: dict[tuple, list[float]] = {}
+    for row in result.effects.to_pylist():
+        values.setdefault((row["layer"], labels[row["pair_id"]][row["position"]]), []).append(row["kl"])
+    assert len(rows) == len(values)
+    for row in rows:
+        kl = values[(row["layer"], row["label"])]
+        assert row["mean_kl"] == pytest.approx(sum(kl) / len(kl), abs=1e-5)
+    text = open(store.path("report.html")).read()
+    assert "tiny (denoise, kl): resid, N=" in text and "<th>clean kl</th>" in text

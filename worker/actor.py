@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 
 import pyarrow as pa
 import ray
@@ -16,7 +17,7 @@ import torch
 import transformers
 
 from worker.model import load_model
-from worker.options import ModelLoadError
+from worker.options import ModelLoadError, PatchOptions
 from worker.pairs import Pair
 from worker.patching import patch_batch
 from worker.sites import head_split_problem
@@ -65,14 +66,7 @@ class PatchWorker:
         """The Ray node this worker runs on ("local" outside Ray), recorded per shard."""
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
-    def run_shard(
-        self,
-        pairs: Sequence[Pair],
-        components: Sequence[str],
-        positions: str,
-        direction: str,
-        max_batch_tokens: int,
-    ) -> tuple[pa.Table, pa.Table]:
+    def run_shard(self, pairs: Sequence[Pair], options: PatchOptions) -> tuple[pa.Table, pa.Table]:
         inject_test_fault(pairs)
-        result = patch_batch(self.model, pairs, components, direction, max_batch_tokens, positions=positions)
+        result = patch_batch(self.model, pairs, **asdict(options))
         return result.effects, result.pairs

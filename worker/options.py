@@ -1,11 +1,11 @@
-"""What a job may ask of a worker, and how a worker refuses: names and defaults only.
+"""What a job may ask of a worker, and how a worker refuses: names, defaults and their checks.
 
 Free of torch and transformers on purpose, so the driver can check options, answer
 `--help` and run queries without loading either (about 3 s on a small machine).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 DEFAULT_MODEL = "openai-community/gpt2"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -13,6 +13,8 @@ COMPONENTS = ("resid", "attn", "mlp", "head")
 DEFAULT_COMPONENTS = ("resid", "attn", "mlp")   # `head` has n_heads times the cells: asked for by name
 DIRECTIONS = ("denoise", "noise")
 POSITION_MODES = ("each", "all")   # or a list of position labels
+METRICS = ("logit_diff", "logprob", "prob_diff", "kl")
+NEEDS_INCORRECT = ("logit_diff", "prob_diff")   # the others read only the correct answers, or none
 DEFAULT_MAX_BATCH_TOKENS = 4096
 
 
@@ -35,9 +37,25 @@ def position_labels(positions: str) -> tuple[str, ...]:
     return () if positions in POSITION_MODES else tuple(positions.split(","))
 
 
-def check_options(components: Sequence[str], direction: str) -> None:
-    unknown = [c for c in components if c not in COMPONENTS]
-    if unknown or not components:
-        raise ValueError(f"components must be a non-empty subset of {COMPONENTS}, got {list(components)}")
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+@dataclass(frozen=True)
+class PatchOptions:
+    """What a job asks of a worker for every shard: which cells, which way, read out how, in
+    forwards of what size. Checked on construction, so a worker never starts on bad options."""
+    components: tuple[str, ...] = DEFAULT_COMPONENTS
+    positions: str = "each"
+    direction: str = "denoise"
+    metric: str = "logit_diff"
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+
+    def __post_init__(self) -> None:
+        components = self.components
+        if not components or any(c not in COMPONENTS for c in components) or len(set(components)) < len(components):
+            raise ValueError(f"components must be a non-empty subset of {COMPONENTS}, got {list(components)}")
+        if parse_positions(self.positions) != self.positions:
+            raise ValueError(f"positions must be each, all or labels joined by commas, got {self.positions!r}")
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if self.max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be at least 1, got {self.max_batch_tokens}")

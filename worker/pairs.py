@@ -10,12 +10,12 @@ class Pair:
     pair_id: str
     clean: str
     corrupted: str
-    correct: str
-    incorrect: str
+    correct: tuple[str, ...]          # the answer set: one answer or several, each one token
+    incorrect: tuple[str, ...]        # empty where the metric needs none
     clean_ids: tuple[int, ...]
     corrupted_ids: tuple[int, ...]
-    correct_id: int
-    incorrect_id: int
+    correct_ids: tuple[int, ...]
+    incorrect_ids: tuple[int, ...]
     tokens: tuple[str, ...]
     labels: tuple[str, ...] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)

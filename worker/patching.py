@@ -5,7 +5,7 @@ baselines and the donors), then one row per patched cell. Walking the layers in 
 order, each (component, layer) gets one row-indexed write that copies the donor rows'
 activations at each row's position into the receiving rows, so clean, corrupted and every
 patched run come out of a single batched forward. Only the last position's logits are
-computed, and only the two answer columns are read. Cells before a pair's first differing
+computed, and read out by the run's metric (worker/metrics.py). Cells before a pair's first differing
 token are never run: their activations are identical in both prompts, so the score is 0.
 `positions` picks the cells: every position (`each`), all positions in one patch (`all`,
 cells with position None), or only the positions whose label is listed.
@@ -20,10 +20,11 @@ import pyarrow as pa
 import torch
 from nnsight import TransformersModel
 
-from worker.options import DEFAULT_COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, check_options, position_labels
+from worker.metrics import Answers, donor_log_probs, vocabulary_metric
+from worker.options import DEFAULT_COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, PatchOptions, position_labels
 from worker.pairs import Pair
-from worker.reuse import resolve_method, reuse_logit_diffs
-from worker.sites import FORWARD_ORDER, Cell, component_output, head_dim, head_mask, n_heads, traced_logit_diff
+from worker.reuse import resolve_method, reuse_values
+from worker.sites import FORWARD_ORDER, Cell, component_output, head_dim, head_mask, last_logits, n_heads
 from worker.tables import effects_table, empty_effects, pairs_table
 
 
@@ -45,8 +46,8 @@ class Write:
 class TracePlan:
     pair_indices: list[int]
     input_ids: torch.Tensor
-    correct_ids: torch.Tensor
-    incorrect_ids: torch.Tensor
+    answers: Answers                             # per row, its pair's answers
+    donor_rows: torch.Tensor                     # per row, the row of its pair's donor run
     writes: dict[tuple[str, int], list[Write]]   # (component, layer): one Write per number of positions
 
 
@@ -120,28 +121,30 @@ def plan_trace(
 ) -> TracePlan:
     """Lay out one trace's rows: [clean, corrupted] per pair of `pair_indices`, then the patched rows."""
     clean_row = {p: 2 * i for i, p in enumerate(pair_indices)}
-    ids, answer_rows = [], []
+    shift = 0 if direction == "denoise" else 1
+    ids, answer_rows, donor_rows = [], [], []
     for p in pair_indices:
         ids += [pairs[p].clean_ids, pairs[p].corrupted_ids]
         answer_rows += [p, p]
+        donor_rows += [clean_row[p] + shift] * 2
     by_site: dict[tuple[str, int, bool], list[tuple]] = defaultdict(list)
     for pair, cell_index in work:
         cell = cells[cell_index]
-        donor = clean_row[pair] + (0 if direction == "denoise" else 1)
         receiver = pairs[pair].corrupted_ids if direction == "denoise" else pairs[pair].clean_ids
         positions = list(range(len(receiver))) if cell.position is None else [cell.position]
-        entry = (len(ids), positions, donor) + (() if cell.head is None else (cell.head,))
+        entry = (len(ids), positions, clean_row[pair] + shift) + (() if cell.head is None else (cell.head,))
         by_site[(cell.component, cell.layer, cell.position is None)].append(entry)
         ids.append(receiver)
         answer_rows.append(pair)
+        donor_rows.append(clean_row[pair] + shift)
     writes: dict[tuple[str, int], list[Write]] = defaultdict(list)
     for (component, layer, _), entries in by_site.items():
         writes[(component, layer)].append(Write(*(torch.tensor(column) for column in zip(*entries))))
     return TracePlan(
         pair_indices=pair_indices,
         input_ids=torch.tensor(ids),
-        correct_ids=torch.tensor([pairs[p].correct_id for p in answer_rows]),
-        incorrect_ids=torch.tensor([pairs[p].incorrect_id for p in answer_rows]),
+        answers=Answers.of([pairs[p] for p in answer_rows]),
+        donor_rows=torch.tensor(donor_rows),
         writes=dict(writes),
     )
 
@@ -156,13 +159,13 @@ def copy_from_donors(act: torch.Tensor, write: Write, dim: int) -> None:
     act[rows, positions] = patched
 
 
-def run_trace(model: TransformersModel, plan: TracePlan) -> torch.Tensor:
-    """Logit difference (correct minus incorrect, last position) of every row of `plan`."""
+def run_trace(model: TransformersModel, plan: TracePlan, metric: str) -> torch.Tensor:
+    """The metric (at the last position) of every row of `plan`."""
     device = model.device
     input_ids = plan.input_ids.to(device)
     writes = {site: [write.to(device) for write in site_writes] for site, site_writes in plan.writes.items()}
     dim = head_dim(model)
-    answers = torch.stack([plan.correct_ids, plan.incorrect_ids], dim=1).to(device)
+    answers, donor_rows = plan.answers.to(device), plan.donor_rows.to(device)
     n_layers = len(model.transformer.h)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     with torch.inference_mode(), model.trace(inputs, logits_to_keep=1):
@@ -172,74 +175,71 @@ def run_trace(model: TransformersModel, plan: TracePlan) -> torch.Tensor:
                     act = component_output(model, component, layer)
                     for write in writes[(component, layer)]:
                         copy_from_donors(act, write, dim)
-        logit_diff = traced_logit_diff(model, answers).save()
-    return logit_diff.cpu()
+        logits = last_logits(model)
+        reference = donor_log_probs(logits[donor_rows]) if metric == "kl" else None
+        values = vocabulary_metric(metric, logits, answers, reference).save()
+    return values.cpu()
 
 
-def normalized_score(logit_diff: torch.Tensor, clean: torch.Tensor, corrupted: torch.Tensor,
+def normalized_score(value: torch.Tensor, clean: torch.Tensor, corrupted: torch.Tensor,
                      direction: str) -> torch.Tensor:
-    """0 = the receiving run's own behaviour, 1 = fully moved to the donor's."""
+    """0 = the receiving run's own behaviour, 1 = fully moved to the donor's (for `kl`, the
+    donor's own value is 0, so this is (KL(donor||receiver) - KL(donor||patched)) / KL(donor||receiver))."""
     if direction == "denoise":
-        return (logit_diff - corrupted) / (clean - corrupted)
-    return (logit_diff - clean) / (corrupted - clean)
+        return (value - corrupted) / (clean - corrupted)
+    return (value - clean) / (corrupted - clean)
 
 
-def trace_logit_diffs(
+def trace_values(
     model: TransformersModel,
     pairs: Sequence[Pair],
     cells: Sequence[Cell],
     work: Sequence[tuple[int, int]],
-    direction: str,
-    max_batch_tokens: int,
+    options: PatchOptions,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clean and corrupted logit diffs per pair, and the patched one per `work` item, by nnsight traces.
+    """The metric of the clean and corrupted runs per pair, and of the patched run per `work` item,
+    by nnsight traces.
 
     Pairs with no work (every selected cell before the first difference) still need their
     baselines: they get traces of baseline rows only.
     """
     clean = torch.full((len(pairs),), float("nan"))
     corrupted = torch.full((len(pairs),), float("nan"))
-    max_rows = max_batch_tokens // pairs[0].n_tokens
+    max_rows = options.max_batch_tokens // pairs[0].n_tokens
     traces = [(sorted({p for p, _ in chunk}), chunk) for chunk in split_into_traces(work, max_rows)]
     idle = sorted(set(range(len(pairs))) - {p for p, _ in work})
     step = max(1, max_rows // 2)
     traces += [(idle[first:first + step], []) for first in range(0, len(idle), step)]
     values = [torch.empty(0)]
     for pair_indices, chunk in traces:
-        plan = plan_trace(pairs, cells, chunk, direction, pair_indices)
-        logit_diff = run_trace(model, plan)
+        plan = plan_trace(pairs, cells, chunk, options.direction, pair_indices)
+        metric = run_trace(model, plan, options.metric)
         n_base = 2 * len(pair_indices)
         index = torch.tensor(pair_indices)
-        clean[index] = logit_diff[0:n_base:2]
-        corrupted[index] = logit_diff[1:n_base:2]
-        values.append(logit_diff[n_base:])
+        clean[index] = metric[0:n_base:2]
+        corrupted[index] = metric[1:n_base:2]
+        values.append(metric[n_base:])
     return clean, corrupted, torch.cat(values)
 
 
 def patch_group(
-    model: TransformersModel,
-    pairs: Sequence[Pair],
-    components: Sequence[str],
-    direction: str,
-    max_batch_tokens: int,
-    method: str,
-    positions: str,
+    model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions, method: str,
 ) -> tuple[dict[str, list], torch.Tensor, torch.Tensor]:
     """Patch pairs that share one token length; returns effect columns and both baselines."""
     n_tokens = pairs[0].n_tokens
     assert all(p.n_tokens == n_tokens for p in pairs), "patch_group needs equal-length pairs"
-    cells = patch_cells(components, len(model.transformer.h), n_tokens, n_heads(model), positions)
-    rows = selected_cells(pairs, cells, position_labels(positions))
+    cells = patch_cells(options.components, len(model.transformer.h), n_tokens, n_heads(model), options.positions)
+    rows = selected_cells(pairs, cells, position_labels(options.positions))
     work = cells_to_run(pairs, cells, rows)
-    compute = reuse_logit_diffs if method == "reuse" else trace_logit_diffs
-    clean, corrupted, values = compute(model, pairs, cells, work, direction, max_batch_tokens)
-    receiver = corrupted if direction == "denoise" else clean
+    compute = reuse_values if method == "reuse" else trace_values
+    clean, corrupted, values = compute(model, pairs, cells, work, options)
+    receiver = corrupted if options.direction == "denoise" else clean
     row_pairs = torch.tensor([p for p, _ in rows], dtype=torch.long)
     patched = receiver[row_pairs]
     if work:
         row_of = {row: i for i, row in enumerate(rows)}
         patched[torch.tensor([row_of[item] for item in work])] = values
-    scores = normalized_score(patched, clean[row_pairs], corrupted[row_pairs], direction)
+    scores = normalized_score(patched, clean[row_pairs], corrupted[row_pairs], options.direction)
     row_cells = [cells[c] for _, c in rows]
     columns = {
         "pair_id": [pairs[p].pair_id for p, _ in rows],
@@ -247,7 +247,7 @@ def patch_group(
         "layer": [c.layer for c in row_cells],
         "position": [c.position for c in row_cells],
         "head": [c.head for c in row_cells],
-        "logit_diff": patched.numpy(),
+        options.metric: patched.numpy(),
         "score": scores.numpy(),
     }
     return columns, clean, corrupted
@@ -261,12 +261,13 @@ def patch_batch(
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     method: str = "auto",
     positions: str = "each",
+    metric: str = "logit_diff",
 ) -> PatchResult:
     """Patch every (component, layer[, head], position) of every pair; the `effects` and `pairs` tables.
 
     `positions`: `each` position, `all` positions in one patch, or only the positions whose
-    label is listed (`"S2,END"`); a pair without a listed label gets no rows.
-
+    label is listed (`"S2,END"`); a pair without a listed label gets no rows. `metric`: what
+    is read at the last position (worker/metrics.py); it names the value column.
     Pairs of different token lengths are patched in separate equal-length groups, so
     padding never shifts a position. `max_batch_tokens` bounds rows x tokens per forward,
     which bounds activation memory for long prompts and deep models. `method="trace"` runs
@@ -274,18 +275,17 @@ def patch_batch(
     activations with nnsight and recomputes only what a patch changes (worker/reuse.py);
     `"auto"` takes `reuse` where the model supports it.
     """
-    check_options(components, direction)
+    options = PatchOptions(tuple(components), positions, direction, metric, max_batch_tokens)
     method = resolve_method(model, method)
     groups: dict[int, list[int]] = defaultdict(list)
     for index, pair in enumerate(pairs):
         groups[pair.n_tokens].append(index)
-    effect_parts, clean_ld, corrupted_ld = [], [0.0] * len(pairs), [0.0] * len(pairs)
+    effect_parts, clean_values, corrupted_values = [], [0.0] * len(pairs), [0.0] * len(pairs)
     for indices in groups.values():
         group = [pairs[i] for i in indices]
-        columns, clean, corrupted = patch_group(model, group, components, direction, max_batch_tokens, method,
-                                                positions)
-        effect_parts.append(effects_table(columns, direction))
+        columns, clean, corrupted = patch_group(model, group, options, method)
+        effect_parts.append(effects_table(columns, direction, metric))
         for i, c, k in zip(indices, clean.tolist(), corrupted.tolist()):
-            clean_ld[i], corrupted_ld[i] = c, k
-    effects = pa.concat_tables(effect_parts) if effect_parts else empty_effects(direction)
-    return PatchResult(effects, pairs_table(pairs, clean_ld, corrupted_ld, direction))
+            clean_values[i], corrupted_values[i] = c, k
+    effects = pa.concat_tables(effect_parts) if effect_parts else empty_effects(direction, metric)
+    return PatchResult(effects, pairs_table(pairs, clean_values, corrupted_values, direction, metric))

@@ -11,7 +11,8 @@ the receiver's heads with the donor's slice for that head), so it recomputes lik
 A patch of every position at once (`positions="all"`) is one at positions t..T-1 with t the
 pair's first differing token: before it both runs are identical.
 Rows that share t are batched; rows join the batch at the layer they patch.
-Only the last position's final hidden state is unembedded, on the two answer columns.
+Only the last position's final hidden state is unembedded: on the answer columns alone for
+`logit_diff`, on the whole vocabulary for the metrics that need it (worker/metrics.py).
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from nnsight import TransformersModel
 
+from worker.metrics import Answers, answer_logit_diff, donor_log_probs, reads_vocabulary, vocabulary_metric
+from worker.options import COMPONENTS, PatchOptions
 from worker.pairs import Pair
-from worker.options import COMPONENTS
-from worker.sites import Cell, component_output, head_mask, traced_logit_diff
+from worker.sites import Cell, component_output, head_mask, last_logits
 
 if TYPE_CHECKING:  # importing GPT-2's modeling code costs the driver 2 s; a loaded model has it already
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block
@@ -36,12 +38,13 @@ if TYPE_CHECKING:  # importing GPT-2's modeling code costs the driver 2 s; a loa
 class Activations:
     """Of 2P rows (clean, corrupted per pair): block inputs for layers 0..L (the last is the
     final block's output), the heads' outputs (output projection inputs), attention and MLP
-    outputs per layer, and the logit differences."""
+    outputs per layer, and the metric of each row; for `kl`, each pair's donor log-probabilities."""
     resid: list[torch.Tensor]
     head: list[torch.Tensor]
     attn: list[torch.Tensor]
     mlp: list[torch.Tensor]
-    logit_diff: torch.Tensor
+    metric: torch.Tensor
+    reference: torch.Tensor | None
 
 
 def resolve_method(model: TransformersModel, method: str) -> str:
@@ -59,26 +62,33 @@ def baseline_rows(pairs: Sequence[Pair]) -> torch.Tensor:
     return torch.tensor([ids for pair in pairs for ids in (pair.clean_ids, pair.corrupted_ids)])
 
 
-def read_activations(model: TransformersModel, pairs: Sequence[Pair], answers: torch.Tensor,
-                     components: set[str]) -> Activations:
+def read_activations(model: TransformersModel, pairs: Sequence[Pair], answers: Answers,
+                     options: PatchOptions) -> Activations:
     """One nnsight trace over the clean and corrupted prompts, saving every activation a patch needs.
 
     Head, attention and MLP activations are kept only for the components being patched.
     """
     device = model.device
     input_ids = baseline_rows(pairs).to(device)
-    row_answers = answers.repeat_interleave(2, dim=0)
+    row_answers = answers[torch.arange(len(pairs), device=device).repeat_interleave(2)]
+    donor_rows = 2 * torch.arange(len(pairs), device=device) + (0 if options.direction == "denoise" else 1)
     n_layers = len(model.transformer.h)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    reference = None   # only saved values leave a trace: set here, replaced inside for `kl`
     with torch.inference_mode(), model.trace(inputs, logits_to_keep=1):
         saved = nnsight.save({"resid": [model.transformer.drop.output], "head": [], "attn": [], "mlp": []})
         for layer in range(n_layers):
             for component in ("head", "attn", "mlp"):
-                if component in components:
+                if component in options.components:
                     saved[component].append(component_output(model, component, layer))
             saved["resid"].append(component_output(model, "resid", layer))
-        logit_diff = traced_logit_diff(model, row_answers).save()
-    return Activations(saved["resid"], saved["head"], saved["attn"], saved["mlp"], logit_diff.cpu())
+        logits = last_logits(model)
+        row_reference = None
+        if options.metric == "kl":
+            reference = donor_log_probs(logits[donor_rows]).save()
+            row_reference = reference.repeat_interleave(2, dim=0)
+        metric = vocabulary_metric(options.metric, logits, row_answers, row_reference).save()
+    return Activations(saved["resid"], saved["head"], saved["attn"], saved["mlp"], metric.cpu(), reference)
 
 
 def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -135,25 +145,27 @@ def patched_layer_output(block: GPT2Block, acts: Activations, component: str, la
     return suffix
 
 
-def answer_logit_diff(model: TransformersModel, hidden_last: torch.Tensor,
-                      answers: torch.Tensor) -> torch.Tensor:
-    """Correct minus incorrect logit from final hidden states, reading only the two answer columns."""
+def readout(model: TransformersModel, metric: str, hidden_last: torch.Tensor, answers: Answers,
+            reference: torch.Tensor | None) -> torch.Tensor:
+    """The metric from final hidden states: the final norm, then the unembedding of the whole
+    vocabulary where the metric needs it, else of the batch's answer columns only."""
     module = model._module
     final = module.transformer.ln_f(hidden_last)
-    weight = module.lm_head.weight[answers]                       # [rows, 2, d_model]
-    logits = torch.einsum("rd,rkd->rk", final, weight).float()
-    if module.lm_head.bias is not None:
-        logits = logits + module.lm_head.bias[answers].float()
-    return logits[:, 0] - logits[:, 1]
+    if reads_vocabulary(metric):
+        return vocabulary_metric(metric, module.lm_head(final), answers, reference)
+    columns, inverse = torch.unique(answers.ids, return_inverse=True)
+    bias = module.lm_head.bias
+    logits = F.linear(final, module.lm_head.weight[columns], None if bias is None else bias[columns])
+    return answer_logit_diff(logits.gather(1, inverse), answers)
 
 
 def run_rows(model: TransformersModel, acts: Activations, prefix: list[tuple[torch.Tensor, torch.Tensor]],
-             rows: list[tuple[int, Cell]], start: int, whole: bool, direction: str,
-             answers: torch.Tensor) -> torch.Tensor:
-    """Patched logit diffs of rows (pair index, cell) that all patch position `start` (all of start.. if `whole`)."""
+             rows: list[tuple[int, Cell]], start: int, whole: bool, options: PatchOptions,
+             answers: Answers) -> torch.Tensor:
+    """The patched metric of rows (pair index, cell) that all patch position `start` (all of start.. if `whole`)."""
     blocks = model._module.transformer.h
     device = acts.resid[0].device
-    shift = 1 if direction == "denoise" else 0
+    shift = 1 if options.direction == "denoise" else 0
     hidden, order = None, []
     for layer, block in enumerate(blocks):
         if hidden is not None:
@@ -171,7 +183,8 @@ def run_rows(model: TransformersModel, acts: Activations, prefix: list[tuple[tor
             hidden = new if hidden is None else torch.cat([hidden, new])
             order += joining
     pair_rows = torch.tensor([pair for pair, _ in order], device=device)
-    values = answer_logit_diff(model, hidden[:, -1], answers[pair_rows]).cpu()
+    reference = None if acts.reference is None else acts.reference[pair_rows]
+    values = readout(model, options.metric, hidden[:, -1], answers[pair_rows], reference).cpu()
     position_of = {(pair, cell): i for i, (pair, cell) in enumerate(order)}
     return values[torch.tensor([position_of[row] for row in rows])]
 
@@ -181,31 +194,30 @@ def patched_span(pair: Pair, cell: Cell) -> tuple[int, bool]:
     return (pair.first_difference, True) if cell.position is None else (cell.position, False)
 
 
-def reuse_logit_diffs(
+def reuse_values(
     model: TransformersModel,
     pairs: Sequence[Pair],
     cells: Sequence[Cell],
     work: Sequence[tuple[int, int]],
-    direction: str,
-    max_batch_tokens: int,
+    options: PatchOptions,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same contract as the trace path: baselines per pair and one patched logit diff per work item.
+    """Same contract as the trace path: baselines per pair and one patched metric per work item.
 
     Pairs are taken in groups whose clean and corrupted prompts fit `max_batch_tokens`, and
     each group's rows are run in chunks of at most `max_batch_tokens // T` rows.
     """
     n_tokens = pairs[0].n_tokens
-    pairs_per_group = max(1, max_batch_tokens // (2 * n_tokens))
-    rows_per_chunk = max(1, max_batch_tokens // n_tokens)
+    pairs_per_group = max(1, options.max_batch_tokens // (2 * n_tokens))
+    rows_per_chunk = max(1, options.max_batch_tokens // n_tokens)
     values = torch.empty(len(work))
-    logit_diffs = []
+    baselines = []
     with torch.inference_mode():
         for first in range(0, len(pairs), pairs_per_group):
             group = pairs[first:first + pairs_per_group]
-            answers = torch.tensor([[p.correct_id, p.incorrect_id] for p in group], device=model.device)
-            acts = read_activations(model, group, answers, {cell.component for cell in cells})
-            logit_diffs.append(acts.logit_diff)
-            receivers = slice(1, None, 2) if direction == "denoise" else slice(0, None, 2)
+            answers = Answers.of(group).to(model.device)
+            acts = read_activations(model, group, answers, options)
+            baselines.append(acts.metric)
+            receivers = slice(1, None, 2) if options.direction == "denoise" else slice(0, None, 2)
             prefix = [keys_and_values(block, acts.resid[layer][receivers])
                       for layer, block in enumerate(model._module.transformer.h)]
             mine = [i for i, (pair, _) in enumerate(work) if first <= pair < first + len(group)]
@@ -215,7 +227,7 @@ def reuse_logit_diffs(
                 for chunk in range(0, len(at_start), rows_per_chunk):
                     indices = at_start[chunk:chunk + rows_per_chunk]
                     rows = [(work[i][0] - first, cells[work[i][1]]) for i in indices]
-                    values[torch.tensor(indices)] = run_rows(model, acts, prefix, rows, start, whole, direction,
+                    values[torch.tensor(indices)] = run_rows(model, acts, prefix, rows, start, whole, options,
                                                              answers)
-    logit_diff = torch.cat(logit_diffs)
-    return logit_diff[0::2], logit_diff[1::2], values
+    metric = torch.cat(baselines)
+    return metric[0::2], metric[1::2], values

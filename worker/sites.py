@@ -59,10 +59,6 @@ def component_output(model: TransformersModel, component: str, layer: int) -> to
     return output[0] if isinstance(output, tuple) else output
 
 
-def traced_logit_diff(model: TransformersModel, answers: torch.Tensor) -> torch.Tensor:
-    """Inside a trace: correct minus incorrect logit at the last position, per row.
-
-    `answers` is [rows, 2] (correct id, incorrect id); only those two columns are read.
-    """
-    answer_logits = model.lm_head.output[:, -1, :].gather(1, answers).float()
-    return answer_logits[:, 0] - answer_logits[:, 1]
+def last_logits(model: TransformersModel) -> torch.Tensor:
+    """Inside a trace: the next-token logits at the last position, [rows, vocabulary]."""
+    return model.lm_head.output[:, -1, :]

@@ -5,7 +5,7 @@ null except for the `head` component. Labels come from the pair file's `labels`;
 pairs are aligned by position index and kept apart by token length (`n_tokens` is set for
 them), so no cell mixes unaligned positions. A patch of every position at once (position
 null) has the label `all`, whatever the pair's length.
-Pairs whose clean and corrupted logit differences are closer than `min_gap` would make
+Pairs whose clean and corrupted metric values are closer than `min_gap` would make
 the per-pair score explode: they are left out of the score statistics and counted in
 `excluded_pairs`, while the dataset-level `normalized_effect` (the TransformerLens-style
 ratio of means) uses every pair.
@@ -22,12 +22,12 @@ ALL_POSITIONS = "all"   # the label of rows that patched every position at once
 
 AGGREGATE_SQL = """
 WITH p AS (
-    SELECT pair_id, n_tokens, labels, clean_logit_diff AS clean, corrupted_logit_diff AS corrupted,
+    SELECT pair_id, n_tokens, labels, "clean_{metric}" AS clean, "corrupted_{metric}" AS corrupted,
            {group} AS "group",
-           abs(clean_logit_diff - corrupted_logit_diff) < {min_gap} AS excluded
+           abs("clean_{metric}" - "corrupted_{metric}") < {min_gap} AS excluded
     FROM pairs
 ), cells AS (
-    SELECT e.component, e.layer, e.head, e.position, e.score, e.logit_diff, p.*,
+    SELECT e.component, e.layer, e.head, e.position, e.score, e."{metric}" AS value, p.*,
            CASE WHEN e.position IS NULL THEN '{all_positions}'
                 ELSE coalesce(p.labels[e.position + 1], CAST(e.position AS VARCHAR)) END AS label,
            CASE WHEN p.labels IS NULL AND e.position IS NOT NULL THEN p.n_tokens END AS length_group
@@ -40,12 +40,12 @@ SELECT component, CAST(layer AS SMALLINT) AS layer, CAST(head AS SMALLINT) AS he
        count(*) FILTER (WHERE NOT excluded) AS count,
        avg(score) FILTER (WHERE NOT excluded) AS mean_score,
        stddev_samp(score) FILTER (WHERE NOT excluded) AS std_score,
-       avg(logit_diff) AS mean_logit_diff,
-       avg(clean) AS mean_clean_logit_diff,
-       avg(corrupted) AS mean_corrupted_logit_diff,
+       avg(value) AS "mean_{metric}",
+       avg(clean) AS "mean_clean_{metric}",
+       avg(corrupted) AS "mean_corrupted_{metric}",
        CASE WHEN {noise}
-            THEN (avg(logit_diff) - avg(clean)) / (avg(corrupted) - avg(clean))
-            ELSE (avg(logit_diff) - avg(corrupted)) / (avg(clean) - avg(corrupted)) END
+            THEN (avg(value) - avg(clean)) / (avg(corrupted) - avg(clean))
+            ELSE (avg(value) - avg(corrupted)) / (avg(clean) - avg(corrupted)) END
            AS normalized_effect,
        avg(position) AS mean_position
 FROM cells
@@ -59,7 +59,7 @@ def quote_identifier(name: str) -> str:
 
 
 def aggregate(store: Store, direction: str, group_by: str | None = None,
-              min_gap: float = DEFAULT_MIN_GAP) -> pa.Table:
+              min_gap: float = DEFAULT_MIN_GAP, metric: str = "logit_diff") -> pa.Table:
     """Compute the aggregate table of the run in `store` and write aggregate.parquet."""
     connection = connect_tables(store)
     columns = [row[0] for row in connection.execute("DESCRIBE pairs").fetchall()]
@@ -70,6 +70,7 @@ def aggregate(store: Store, direction: str, group_by: str | None = None,
         min_gap=float(min_gap),
         noise="true" if direction == "noise" else "false",
         all_positions=ALL_POSITIONS,
+        metric=metric,
     )
     table = connection.sql(sql).to_arrow_table()
     store.write_table(table, AGGREGATE_FILE)

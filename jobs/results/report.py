@@ -106,8 +106,7 @@ def x_order(column: str, values: set, positions: dict[str, float]) -> list:
     return sorted(values, key=COMPONENTS.index) if column == "component" else sorted(values)
 
 
-def aggregate_figures(rows: list[dict], model: str, direction: str,
-                      positions: dict[str, float]) -> list[tuple[str, go.Figure]]:
+def aggregate_figures(rows: list[dict], run: str, positions: dict[str, float]) -> list[tuple[str, go.Figure]]:
     """One heatmap per panel (see `panel_of`) present in the aggregate rows, with hover statistics;
     for `head`, the IOI paper's layer x head figure at each position label."""
     panels: dict[tuple, list[dict]] = defaultdict(list)
@@ -129,13 +128,13 @@ def aggregate_figures(rows: list[dict], model: str, direction: str,
         scope = "".join([f", group {group}" if group is not None else "",
                          f", {n_tokens}-token pairs" if n_tokens is not None else ""])
         at_label = {None: "", ALL_POSITIONS: " at all positions"}.get(label, f" at {label}")
-        title = f"{model}: {name}{at_label}, {direction}, N={n_pairs} pairs{scope}"
+        title = f"{run}: {name}{at_label}, N={n_pairs} pairs{scope}"
         file_name = "-".join(str(part).replace(" ", "-") for part in key if part is not None)
         figures.append((file_name, heatmap(title, x, layers, z, hover, column if column != "label" else "position")))
     return figures
 
 
-def drill_down_figures(connection, model: str, direction: str, n_pairs: int) -> list[tuple[str, go.Figure]]:
+def drill_down_figures(connection, run: str, n_pairs: int) -> list[tuple[str, go.Figure]]:
     """Score heatmaps of the first few pairs, with their own tokens on x: layer (or layer.head for
     heads) x each position patched, or `all` where every position was patched at once."""
     pairs = connection.sql(f"SELECT pair_id, tokens FROM pairs ORDER BY pair_id LIMIT {int(n_pairs)}").fetchall()
@@ -154,35 +153,38 @@ def drill_down_figures(connection, model: str, direction: str, n_pairs: int) -> 
             spots = sorted({position for _, position in scores}, key=lambda p: -1 if p is None else p)
             x = [ALL_POSITIONS if p is None else f"{p}:{tokens[p]}" for p in spots]
             z = [[scores.get((row, p)) for p in spots] for row in rows]
-            title = f"{model}: pair {pair_id}, {component}, {direction}"
+            title = f"{run}: pair {pair_id}, {component}"
             y_title = "layer.head" if component == "head" else "layer"
             figures.append((f"pair-{pair_id}-{component}", heatmap(title, x, rows, z, y_title=y_title)))
     return figures
 
 
 def summary_rows(connection, manifest: dict, min_gap: float) -> list[tuple[str, str]]:
+    metric = manifest.get("metric", "logit_diff")
+    clean, corrupted = f'"clean_{metric}"', f'"corrupted_{metric}"'
+
+    def spread(column: str) -> str:
+        return f"avg({column}), stddev_samp({column}), min({column}), median({column}), max({column})"
+
     stats = connection.sql(
-        "SELECT count(*), "
-        f"count(*) FILTER (WHERE abs(clean_logit_diff - corrupted_logit_diff) < {float(min_gap)}), "
-        "avg(clean_logit_diff), stddev_samp(clean_logit_diff), min(clean_logit_diff), "
-        "median(clean_logit_diff), max(clean_logit_diff), "
-        "avg(corrupted_logit_diff), stddev_samp(corrupted_logit_diff), min(corrupted_logit_diff), "
-        "median(corrupted_logit_diff), max(corrupted_logit_diff) FROM pairs"
+        f"SELECT count(*), count(*) FILTER (WHERE abs({clean} - {corrupted}) < {float(min_gap)}), "
+        f"{spread(clean)}, {spread(corrupted)} FROM pairs"
     ).fetchall()[0]
     n, excluded, *values = [v if v is not None else float("nan") for v in stats]
 
-    def spread(v) -> str:
+    def said(v) -> str:
         return f"mean {v[0]:.3f}, std {v[1]:.3f}, min {v[2]:.3f}, median {v[3]:.3f}, max {v[4]:.3f}"
 
     return [
         ("model", manifest.get("model", "?")),
         ("direction", manifest.get("direction", "?")),
+        ("metric", metric),
         ("components", ", ".join(manifest.get("components", []))),
         ("positions", manifest.get("positions", "each")),
         ("pairs", f"{n}"),
-        ("excluded from score means", f"{excluded} (|clean - corrupted logit diff| < {min_gap})"),
-        ("clean logit diff", spread(values[:5])),
-        ("corrupted logit diff", spread(values[5:])),
+        ("excluded from score means", f"{excluded} (|clean - corrupted {metric}| < {min_gap})"),
+        (f"clean {metric}", said(values[:5])),
+        (f"corrupted {metric}", said(values[5:])),
     ]
 
 
@@ -222,14 +224,21 @@ def write_pngs(figures: list[tuple[str, go.Figure]], out_dir: Path, chromium: st
     return written
 
 
+def run_title(manifest: dict) -> str:
+    """What every figure title starts with: model, direction, metric."""
+    return (f"{manifest.get('model', '?')} ({manifest.get('direction', 'denoise')}, "
+            f"{manifest.get('metric', 'logit_diff')})")
+
+
 def write_report(store: Store, aggregate_rows: list[dict], min_gap: float,
                  drill_down: int = DRILL_DOWN_PAIRS, png: bool = False) -> str:
     """Write report.html (and PNGs if asked); returns a line saying what was written."""
     manifest = store.read_manifest() or {}
-    model, direction = manifest.get("model", "?"), manifest.get("direction", "denoise")
+    model = manifest.get("model", "?")
+    run = run_title(manifest)
     connection = connect_tables(store)
-    heatmaps = aggregate_figures(aggregate_rows, model, direction, label_positions(connection))
-    pairs = drill_down_figures(connection, model, direction, drill_down)
+    heatmaps = aggregate_figures(aggregate_rows, run, label_positions(connection))
+    pairs = drill_down_figures(connection, run, drill_down)
     document = page(f"patchsweep: {model}", summary_rows(connection, manifest, min_gap),
                     [("Mean score by layer and position", heatmaps), ("Individual pairs", pairs)])
     store.write_bytes(document.encode(), REPORT_FILE)
@@ -246,6 +255,7 @@ def write_report(store: Store, aggregate_rows: list[dict], min_gap: float,
 def build_report(store: Store, group_by: str | None = None, min_gap: float = DEFAULT_MIN_GAP,
                  drill_down: int = DRILL_DOWN_PAIRS, png: bool = False) -> str:
     """Aggregate the run in `store` and write its report; returns a line saying what was written."""
-    direction = (store.read_manifest() or {}).get("direction", "denoise")
-    rows = aggregate(store, direction, group_by, min_gap).to_pylist()
+    manifest = store.read_manifest() or {}
+    rows = aggregate(store, manifest.get("direction", "denoise"), group_by, min_gap,
+                     manifest.get("metric", "logit_diff")).to_pylist()
     return write_report(store, rows, min_gap, drill_down, png)
