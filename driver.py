@@ -15,7 +15,9 @@ import click
 
 from jobs.results.aggregate import DEFAULT_MIN_GAP
 from jobs.cluster import NoCluster
-from jobs.datasets.ioi import CORRUPTIONS, generate_ioi, write_jsonl
+from jobs.datasets import write_jsonl
+from jobs.datasets.greater_than import generate_greater_than
+from jobs.datasets.ioi import CORRUPTIONS, generate_ioi
 from jobs.pairfile import PairFileError
 from jobs.run import JobError, run_job
 from jobs.spec import DEFAULT_BATCH_PAIRS, JobSpec
@@ -116,6 +118,24 @@ def make_ioi(n_pairs: int, seed: int, out: str, model: str, corruption: str) -> 
         records = generate_ioi(n_pairs, seed, tokenizer, corruption)
         write_jsonl(records, out)
     click.echo(f"wrote {len(records)} {corruption} pairs to {out}", err=True)
+
+
+@cli.command("make-greater-than")
+@click.option("--n", "n_pairs", type=click.IntRange(min=1), default=200, show_default=True, help="Number of pairs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same file.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="Tokenizer source: years that are not one token for it are left out of the answer sets.")
+def make_greater_than(n_pairs: int, seed: int, out: str, model: str) -> None:
+    """Write greater-than pairs (Hanna et al. 2023): "The war lasted from the year 17YY to the year 17",
+    answer sets of the years above YY and at or below it, corrupted with YY = 01; for --metric prob_diff."""
+    from worker.model import load_tokenizer
+
+    with user_errors_reported():
+        tokenizer, _ = load_tokenizer(model)
+        records = generate_greater_than(n_pairs, seed, tokenizer)
+        write_jsonl(records, out)
+    click.echo(f"wrote {len(records)} greater-than pairs to {out}", err=True)
 
 
 @cli.command()

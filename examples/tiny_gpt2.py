@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -54,14 +55,16 @@ def build_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokeni
 
 def build_tiny_gpt2(
     out_dir: str | Path, n_layer: int = 3, n_embd: int = 32, n_head: int = 4,
-    initializer_range: float = 0.5, seed: int = 2,
+    initializer_range: float = 0.5, seed: int = 2, extra_tokens: Sequence[str] = (),
 ) -> Path:
     """Write a randomly initialised GPT2LMHeadModel and its tokenizer to `out_dir`.
 
     A wider initialisation than GPT-2's 0.02 makes clean and corrupted logit differences
     differ clearly, so normalised scores are well conditioned in tests and demos.
+    `extra_tokens` become whole tokens wherever they occur (two-digit years, for greater-than).
     """
     tokenizer = build_tokenizer(corpus())
+    tokenizer.add_tokens(list(extra_tokens))
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     torch.manual_seed(seed)
     config = GPT2Config(

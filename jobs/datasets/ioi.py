@@ -7,10 +7,8 @@ templates line up by role in an aggregated heatmap.
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jobs.tokens import decoded_pieces
@@ -119,7 +117,3 @@ def generate_ioi(n: int, seed: int, tokenizer: PreTrainedTokenizerBase, corrupti
     rng = random.Random(seed)
     return [make_pair(rng, chosen[i % len(chosen)], names, corruption, tokenizer, f"ioi-{i}")
             for i in range(n)]
-
-
-def write_jsonl(records: list[dict], path: str | Path) -> None:
-    Path(path).write_text("".join(json.dumps(record) + "\n" for record in records))
