@@ -136,7 +136,7 @@ def test_every_metric_matches_hook_reference(tiny_model, hf_model, answer_pairs,
     assert_matches_reference(result, hf_model, pairs, direction)
     if metric == "kl":   # the donor's divergence from itself
         donor = "clean_kl" if direction == "denoise" else "corrupted_kl"
-        assert set(result.pairs.column(donor).to_pylist()) == {0.0}
+        assert max(abs(kl) for kl in result.pairs.column(donor).to_pylist()) < 1e-5
 
 
 @pytest.mark.parametrize("metric", ["logprob", "kl"])

@@ -11,7 +11,7 @@ metric means the same thing whichever path computed it:
   distribution is from the donor run's. 0 for the donor itself.
 
 All but `logit_diff` need the whole vocabulary row (for the softmax's normaliser); `kl` also
-needs the donor's log-probabilities (`reference`).
+needs the donor's distribution (`Donor`).
 """
 from __future__ import annotations
 
@@ -62,21 +62,34 @@ def answer_logit_diff(answer_logits: torch.Tensor, answers: Answers) -> torch.Te
             - (answer_logits * incorrect).sum(1) / incorrect.sum(1))
 
 
-def donor_log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """What `kl` compares against: the donor run's next-token log-probabilities."""
-    return torch.log_softmax(logits.float(), dim=-1)
+@dataclass(frozen=True)
+class Donor:
+    """What `kl` compares a run against, per row: the donor run's next-token probabilities and
+    their negative entropy (sum of p log p)."""
+    probs: torch.Tensor
+    neg_entropy: torch.Tensor
+
+    @classmethod
+    def of(cls, logits: torch.Tensor) -> Donor:
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        probs = log_probs.exp()
+        return cls(probs, torch.einsum("rv,rv->r", probs, log_probs))
+
+    def __getitem__(self, rows) -> Donor:
+        return Donor(self.probs[rows], self.neg_entropy[rows])
 
 
-def vocabulary_metric(metric: str, logits: torch.Tensor, answers: Answers,
-                      reference: torch.Tensor | None = None) -> torch.Tensor:
-    """`metric` per row from the whole last-position logits [rows, V]; `reference`: the donor's
-    log-probabilities per row, for `kl`."""
+def vocabulary_metric(metric: str, logits: torch.Tensor, answers: Answers, donor: Donor | None = None) -> torch.Tensor:
+    """`metric` per row from the whole last-position logits [rows, V]; `donor`: each row's donor
+    distribution, for `kl`. One pass over the vocabulary for the softmax's normaliser, one more
+    for `kl`; no [rows, V] temporaries."""
     if metric == "logit_diff":
         return answer_logit_diff(logits.gather(1, answers.ids), answers)
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    if metric == "kl":
-        return (reference.exp() * (reference - log_probs)).sum(-1)
-    answer = log_probs.gather(1, answers.ids)
+    logits = logits.float()
+    normaliser = torch.logsumexp(logits, dim=-1)       # log p = logits - normaliser
+    if metric == "kl":    # sum p_d (log p_d - log p), where the p_d sum to 1
+        return donor.neg_entropy - torch.einsum("rv,rv->r", donor.probs, logits) + normaliser
+    answer = logits.gather(1, answers.ids) - normaliser[:, None]
     if metric == "logprob":
         return torch.logsumexp(answer.masked_fill(answers.sign <= 0, float("-inf")), dim=1)
     if metric == "prob_diff":

@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 from nnsight import TransformersModel
 
-from worker.metrics import Answers, donor_log_probs, vocabulary_metric
+from worker.metrics import Answers, Donor, vocabulary_metric
 from worker.options import DEFAULT_COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, PatchOptions, position_labels
 from worker.pairs import Pair
 from worker.reuse import resolve_method, reuse_values
@@ -176,8 +176,8 @@ def run_trace(model: TransformersModel, plan: TracePlan, metric: str) -> torch.T
                     for write in writes[(component, layer)]:
                         copy_from_donors(act, write, dim)
         logits = last_logits(model)
-        reference = donor_log_probs(logits[donor_rows]) if metric == "kl" else None
-        values = vocabulary_metric(metric, logits, answers, reference).save()
+        donor = Donor.of(logits[donor_rows]) if metric == "kl" else None
+        values = vocabulary_metric(metric, logits, answers, donor).save()
     return values.cpu()
 
 

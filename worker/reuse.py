@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from nnsight import TransformersModel
 
-from worker.metrics import Answers, answer_logit_diff, donor_log_probs, reads_vocabulary, vocabulary_metric
+from worker.metrics import Answers, Donor, answer_logit_diff, reads_vocabulary, vocabulary_metric
 from worker.options import COMPONENTS, PatchOptions
 from worker.pairs import Pair
 from worker.sites import Cell, component_output, head_mask, last_logits
@@ -38,13 +38,13 @@ if TYPE_CHECKING:  # importing GPT-2's modeling code costs the driver 2 s; a loa
 class Activations:
     """Of 2P rows (clean, corrupted per pair): block inputs for layers 0..L (the last is the
     final block's output), the heads' outputs (output projection inputs), attention and MLP
-    outputs per layer, and the metric of each row; for `kl`, each pair's donor log-probabilities."""
+    outputs per layer, and the metric of each row; for `kl`, each pair's donor distribution."""
     resid: list[torch.Tensor]
     head: list[torch.Tensor]
     attn: list[torch.Tensor]
     mlp: list[torch.Tensor]
     metric: torch.Tensor
-    reference: torch.Tensor | None
+    donor: Donor | None
 
 
 def resolve_method(model: TransformersModel, method: str) -> str:
@@ -74,7 +74,7 @@ def read_activations(model: TransformersModel, pairs: Sequence[Pair], answers: A
     donor_rows = 2 * torch.arange(len(pairs), device=device) + (0 if options.direction == "denoise" else 1)
     n_layers = len(model.transformer.h)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    reference = None   # only saved values leave a trace: set here, replaced inside for `kl`
+    donor = None   # only saved values leave a trace: set here, replaced inside for `kl`
     with torch.inference_mode(), model.trace(inputs, logits_to_keep=1):
         saved = nnsight.save({"resid": [model.transformer.drop.output], "head": [], "attn": [], "mlp": []})
         for layer in range(n_layers):
@@ -83,12 +83,12 @@ def read_activations(model: TransformersModel, pairs: Sequence[Pair], answers: A
                     saved[component].append(component_output(model, component, layer))
             saved["resid"].append(component_output(model, "resid", layer))
         logits = last_logits(model)
-        row_reference = None
+        row_donor = None
         if options.metric == "kl":
-            reference = donor_log_probs(logits[donor_rows]).save()
-            row_reference = reference.repeat_interleave(2, dim=0)
-        metric = vocabulary_metric(options.metric, logits, row_answers, row_reference).save()
-    return Activations(saved["resid"], saved["head"], saved["attn"], saved["mlp"], metric.cpu(), reference)
+            donor = nnsight.save(Donor.of(logits[donor_rows]))
+            row_donor = donor[torch.arange(len(pairs), device=device).repeat_interleave(2)]
+        metric = vocabulary_metric(options.metric, logits, row_answers, row_donor).save()
+    return Activations(saved["resid"], saved["head"], saved["attn"], saved["mlp"], metric.cpu(), donor)
 
 
 def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -146,13 +146,13 @@ def patched_layer_output(block: GPT2Block, acts: Activations, component: str, la
 
 
 def readout(model: TransformersModel, metric: str, hidden_last: torch.Tensor, answers: Answers,
-            reference: torch.Tensor | None) -> torch.Tensor:
+            donor: Donor | None) -> torch.Tensor:
     """The metric from final hidden states: the final norm, then the unembedding of the whole
     vocabulary where the metric needs it, else of the batch's answer columns only."""
     module = model._module
     final = module.transformer.ln_f(hidden_last)
     if reads_vocabulary(metric):
-        return vocabulary_metric(metric, module.lm_head(final), answers, reference)
+        return vocabulary_metric(metric, module.lm_head(final), answers, donor)
     columns, inverse = torch.unique(answers.ids, return_inverse=True)
     bias = module.lm_head.bias
     logits = F.linear(final, module.lm_head.weight[columns], None if bias is None else bias[columns])
@@ -183,8 +183,8 @@ def run_rows(model: TransformersModel, acts: Activations, prefix: list[tuple[tor
             hidden = new if hidden is None else torch.cat([hidden, new])
             order += joining
     pair_rows = torch.tensor([pair for pair, _ in order], device=device)
-    reference = None if acts.reference is None else acts.reference[pair_rows]
-    values = readout(model, options.metric, hidden[:, -1], answers[pair_rows], reference).cpu()
+    donor = None if acts.donor is None else acts.donor[pair_rows]
+    values = readout(model, options.metric, hidden[:, -1], answers[pair_rows], donor).cpu()
     position_of = {(pair, cell): i for i, (pair, cell) in enumerate(order)}
     return values[torch.tensor([position_of[row] for row in rows])]
 
