@@ -2,7 +2,8 @@
 
 Weights cannot be downloaded here, so the tests and the quick start build (or ship) a
 GPT-2-architecture checkpoint of their own; it loads through the same path as a hub id.
-Run as a script to (re)write the bundled checkpoint: `python examples/tiny_gpt2.py examples/tiny-gpt2`.
+Run as a script to (re)write the bundled checkpoints: `python examples/tiny_gpt2.py examples/tiny-gpt2`,
+and with `--years` the same model with the century and two-digit years as tokens (examples/tiny-years-gpt2).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ EOS = "<|endoftext|>"
 NAMES = ["John", "Mary", "Tom", "Anna", "James", "Lisa", "David", "Sarah", "Paul", "Kate"]
 PLACES = ["store", "garden", "school", "office", "station"]
 OBJECTS = ["drink", "ring", "book", "snack", "bone"]
+YEAR_TOKENS = ["17", *(f"{year:02d}" for year in range(100))]   # the century and every two-digit year
 TEMPLATES = [
     "When {a} and {b} went to the {place}, {c} gave a {obj} to",
     "Then, {a} and {b} had a lot of fun at the {place}. {c} gave the {obj} to",
@@ -79,4 +81,7 @@ def build_tiny_gpt2(
 
 
 if __name__ == "__main__":
-    print(build_tiny_gpt2(sys.argv[1] if len(sys.argv) > 1 else "examples/tiny-gpt2"))
+    if sys.argv[1:2] == ["--years"]:   # examples/tiny-years-gpt2: make-greater-than's years are tokens
+        print(build_tiny_gpt2(sys.argv[2] if len(sys.argv) > 2 else "examples/tiny-years-gpt2", extra_tokens=YEAR_TOKENS))
+    else:
+        print(build_tiny_gpt2(sys.argv[1] if len(sys.argv) > 1 else "examples/tiny-gpt2"))

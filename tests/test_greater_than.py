@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import GPT2LMHeadModel
 
-from examples.tiny_gpt2 import build_tiny_gpt2
+from examples.tiny_gpt2 import YEAR_TOKENS, build_tiny_gpt2
 from jobs.datasets.greater_than import generate_greater_than
 from jobs.pairfile import read_pairs
 from tests.conftest import REPO
@@ -24,7 +24,7 @@ YEARS = [f"{y:02d}" for y in range(100)]
 @pytest.fixture(scope="module")
 def years_model_dir(tmp_path_factory):
     """The tiny random GPT-2 with the century and every two-digit year as whole tokens."""
-    return build_tiny_gpt2(tmp_path_factory.mktemp("tiny-years"), extra_tokens=["17", *YEARS])
+    return build_tiny_gpt2(tmp_path_factory.mktemp("tiny-years"), extra_tokens=YEAR_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,9 @@ def test_year_sets_match_hook_reference(years_model_dir, years_pairs, metric, me
                              min_gap=0)
 
 
-def test_driver_runs_greater_than_with_prob_diff(tmp_path, years_model_dir):
+def test_driver_runs_greater_than_with_prob_diff(tmp_path):
+    """The README's commands, on the bundled tiny model whose years are tokens."""
+    years_model_dir = REPO / "examples" / "tiny-years-gpt2"
     def driver(*args):
         return subprocess.run([sys.executable, str(REPO / "driver.py"), *map(str, args)], cwd=REPO,
                               capture_output=True, text=True, timeout=300)
