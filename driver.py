@@ -25,7 +25,7 @@ from jobs.results.report import DRILL_DOWN_PAIRS, build_report
 from jobs.store import OutputConflict, Store
 from jobs.results.query import QueryError, format_table, query
 from worker.options import (DEFAULT_COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MODEL, DIRECTIONS, DTYPE_NAMES,
-                            METRICS, ModelLoadError, PatchOptions, parse_positions)
+                            METHODS, METRICS, ModelLoadError, PatchOptions, parse_positions)
 
 EXIT_USAGE = 2
 USER_ERRORS = (JobError, ModelLoadError, NoCluster, OutputConflict, PairFileError, QueryError, ValueError)
@@ -73,6 +73,11 @@ def positions_option(ctx, param, value: str) -> str:
               help="What is read at the last position: logit_diff (mean correct minus mean incorrect logit), "
                    "logprob (log total probability of correct), prob_diff (total probability of correct minus "
                    "incorrect), kl (KL(donor || run) of the next-token distribution).")
+@click.option("--method", type=click.Choice(METHODS), default="exact", show_default=True,
+              help="exact: patch every cell; atp: estimate every cell by attribution patching (two forwards and "
+                   "one backward per batch), in the `estimate` column.")
+@click.option("--verify-top", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --method atp: exact-patch each pair's K largest estimates, and K other cells drawn at random.")
 @click.option("--address", help="Join a running Ray cluster (auto or HOST:PORT). Default: start a local Ray for this run.")
 @click.option("--workers", type=click.IntRange(min=1), help="Number of actors. Default: one per GPU, or 1 CPU actor.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -98,6 +103,7 @@ def cli(ctx: click.Context, pairs: str | None, out: str | None, **options) -> No
         raise click.UsageError("--pairs FILE is required (or give a subcommand)")
     spec = JobSpec(pairs=pairs, out=out or str(Path("runs") / Path(pairs).stem), **options)
     with user_errors_reported():
+        spec.patch_options()   # a bad combination of options is refused before anything starts
         code = run_job(spec)
     sys.exit(code)
 

@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS)
-    parser.add_argument("--method", default="auto", choices=["auto", "trace", "reuse"])
+    parser.add_argument("--exact-path", default="auto", choices=["auto", "trace", "reuse"])
     parser.add_argument("--n-layer", type=int, default=12)
     parser.add_argument("--n-embd", type=int, default=768)
     args = parser.parse_args()
@@ -35,7 +35,7 @@ def main() -> None:
     model = load_model(str(build_gpt2_small(model_dir, **shape)), args.device, args.dtype)
     components = args.components.split(",")
     pairs = synthetic_pairs(args.pairs, args.tokens)
-    options = {"max_batch_tokens": args.max_batch_tokens, "method": args.method}
+    options = {"max_batch_tokens": args.max_batch_tokens, "exact_path": args.exact_path}
     patch_batch(model, pairs[:1], components, **options)  # warm-up
     start = time.perf_counter()
     result = patch_batch(model, pairs, components, **options)
@@ -43,7 +43,7 @@ def main() -> None:
     peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"model={args.n_layer} layers x {args.n_embd} wide, device={model.device} dtype={args.dtype} threads={torch.get_num_threads()} "
           f"pairs={len(pairs)} tokens={args.tokens} components={args.components} "
-          f"max_batch_tokens={args.max_batch_tokens} method={args.method}")
+          f"max_batch_tokens={args.max_batch_tokens} exact_path={args.exact_path}")
     print(f"effects rows={result.effects.num_rows} seconds={seconds:.2f} "
           f"s/pair={seconds / len(pairs):.3f} pairs/s={len(pairs) / seconds:.2f} "
           f"peak_rss={peak_rss_gb:.2f} GiB")

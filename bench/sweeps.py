@@ -3,9 +3,11 @@ metric) sweeps over the 48 benchmark pairs, in one process, relative to the firs
 
     python -m bench.sweeps attn:each head:each head:END head:all
     python -m bench.sweeps resid:each:logit_diff resid:each:logprob resid:each:prob_diff resid:each:kl
+    python -m bench.sweeps resid,attn,mlp,head resid,attn,mlp,head:each:logit_diff:atp
 
-Each argument is COMPONENTS[:POSITIONS[:METRIC]] (components comma-separated, positions as
-`--positions`, default each; metric as `--metric`, default logit_diff).
+Each argument is COMPONENTS[:POSITIONS[:METRIC[:METHOD]]] (components comma-separated,
+positions as `--positions`, default each; metric as `--metric`, default logit_diff; method
+exact or atp, default exact). For atp, "cells run" still counts the cells estimated.
 Model: GPT-2-small-shaped random (bench/gpt2_small.py); pairs: examples/pairs.jsonl four times
 over (14, 17 and 19 tokens, labelled). "cells run" counts the patched runs computed per pair
 (cells before the first differing token cost nothing and are not counted).
@@ -54,7 +56,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=4)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--method", default="auto", choices=["auto", "trace", "reuse"])
+    parser.add_argument("--exact-path", default="auto", choices=["auto", "trace", "reuse"])
     parser.add_argument("--rounds", type=int, default=1,
                         help="Time every sweep this many times, in turns, and keep each one's fastest (machine noise).")
     args = parser.parse_args()
@@ -64,18 +66,18 @@ def main() -> None:
     repeated_pairs(Path(args.pairs), args.repeat, pairs_file)
     pairs = read_pairs(pairs_file, *load_tokenizer(model_dir)).pairs
     model = load_model(model_dir, args.device, args.dtype)
-    print(f"device={model.device} dtype={args.dtype} threads={torch.get_num_threads()} method={args.method} "
+    print(f"device={model.device} dtype={args.dtype} threads={torch.get_num_threads()} exact_path={args.exact_path} "
           f"pairs={len(pairs)} tokens={sorted({p.n_tokens for p in pairs})}")
     print(f"{'sweep':30s} {'rows':>8s} {'cells run/pair':>14s} {'pairs/s':>8s} {'s/pair':>7s} "
           f"{'ms/cell':>8s} {'cell cost vs first':>18s}")
     sweeps = [parse_sweep(sweep) for sweep in args.sweeps]
     for components, options in sweeps:
-        patch_batch(model, pairs[:1], components, method=args.method, **options)   # warm-up
+        patch_batch(model, pairs[:1], components, exact_path=args.exact_path, **options)   # warm-up
     best: dict[int, float] = {}
     for _ in range(args.rounds):
         for index, (components, options) in enumerate(sweeps):
             start = time.perf_counter()
-            patch_batch(model, pairs, components, method=args.method, **options)
+            patch_batch(model, pairs, components, exact_path=args.exact_path, **options)
             best[index] = min(best.get(index, float("inf")), time.perf_counter() - start)
     first_cost = None
     for index, (sweep, (components, options)) in enumerate(zip(args.sweeps, sweeps)):
@@ -89,8 +91,8 @@ def main() -> None:
 
 
 def parse_sweep(sweep: str) -> tuple[list[str], dict]:
-    components, positions, metric = (sweep.split(":") + ["each", "logit_diff"][sweep.count(":"):])[:3]
-    return components.split(","), {"positions": positions, "metric": metric}
+    components, positions, metric, method = (sweep.split(":") + ["each", "logit_diff", "exact"][sweep.count(":"):])[:4]
+    return components.split(","), {"positions": positions, "metric": metric, "method": method}
 
 
 if __name__ == "__main__":

@@ -172,6 +172,8 @@ class Job:
             "positions": spec.positions,
             "direction": spec.direction,
             "metric": spec.metric,
+            "method": spec.method,
+            "verify_top": spec.verify_top,
             "pairs_file": spec.pairs,
             "pair_count": self.pair_count,
             "invalid_count": self.n_invalid,

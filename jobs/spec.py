@@ -15,8 +15,8 @@ from pathlib import Path
 from worker.options import DEFAULT_MAX_BATCH_TOKENS, PatchOptions
 
 DEFAULT_BATCH_PAIRS = 32
-RESULT_DECIDING = ("model", "components", "positions", "direction", "metric", "dtype", "batch_pairs",
-                   "max_batch_tokens", "skip_invalid")
+RESULT_DECIDING = ("model", "components", "positions", "direction", "metric", "method", "verify_top", "dtype",
+                   "batch_pairs", "max_batch_tokens", "skip_invalid")
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,8 @@ class JobSpec:
     positions: str = "each"
     direction: str = "denoise"
     metric: str = "logit_diff"
+    method: str = "exact"
+    verify_top: int = 0
     dtype: str = "float32"
     device: str = "auto"
     address: str | None = None
@@ -39,7 +41,8 @@ class JobSpec:
 
     def patch_options(self) -> PatchOptions:
         """What every actor is asked to do with each shard."""
-        return PatchOptions(self.components, self.positions, self.direction, self.metric, self.max_batch_tokens)
+        return PatchOptions(self.components, self.positions, self.direction, self.metric, self.max_batch_tokens,
+                            self.method, self.verify_top)
 
     def config(self) -> dict:
         """The result-deciding options plus the pair file's content hash."""

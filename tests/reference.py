@@ -22,18 +22,22 @@ def next_token_logits(model: GPT2LMHeadModel, ids: list[int]) -> torch.Tensor:
     return model(torch.tensor([ids])).logits[0, -1].double()
 
 
-def measure(metric: str, logits: torch.Tensor, pair, donor_logits: torch.Tensor) -> float:
-    """The metric of one run's last-position logits, written out term by term."""
+def metric_of(metric: str, logits: torch.Tensor, pair, donor_logits: torch.Tensor) -> torch.Tensor:
+    """The metric of one run's last-position logits, written out term by term (differentiable)."""
     probs = torch.softmax(logits, dim=0)
     if metric == "logit_diff":
         correct = sum(logits[i] for i in pair.correct_ids) / len(pair.correct_ids)
-        return float(correct - sum(logits[i] for i in pair.incorrect_ids) / len(pair.incorrect_ids))
+        return correct - sum(logits[i] for i in pair.incorrect_ids) / len(pair.incorrect_ids)
     if metric == "logprob":
-        return float(torch.log(sum(probs[i] for i in pair.correct_ids)))
+        return torch.log(sum(probs[i] for i in pair.correct_ids))
     if metric == "prob_diff":
-        return float(sum(probs[i] for i in pair.correct_ids) - sum(probs[i] for i in pair.incorrect_ids))
+        return sum(probs[i] for i in pair.correct_ids) - sum(probs[i] for i in pair.incorrect_ids)
     donor = torch.softmax(donor_logits, dim=0)
-    return float((donor * (donor.log() - probs.log())).sum())    # kl: KL(donor || run)
+    return (donor * (donor.log() - probs.log())).sum()    # kl: KL(donor || run)
+
+
+def measure(metric: str, logits: torch.Tensor, pair, donor_logits: torch.Tensor) -> float:
+    return float(metric_of(metric, logits, pair, donor_logits))
 
 
 def hook(model: GPT2LMHeadModel, component: str, layer: int, function):
@@ -98,4 +102,50 @@ def reference_patching(model: GPT2LMHeadModel, pair, components, direction: str,
                 for position in [None] if all_positions else range(len(receiver)):
                     logits = patched_logits(model, list(receiver), act, component, layer, position, channels)
                     result[(component, layer, position, head)] = measure(metric, logits, pair, donor_logits)
+    return result
+
+
+def reference_atp(model: GPT2LMHeadModel, pair, components, direction: str, all_positions: bool = False,
+                  metric: str = "logit_diff") -> dict:
+    """{(component, layer, position, head or None): AtP's estimate of the patched metric}: the
+    receiving run's metric plus (donor activation - receiving activation) . gradient of the metric
+    at the receiving run, summed over the cell's channels (and positions for all_positions);
+    plain autograd with retained gradients, one backward."""
+    donor, receiver = (
+        (pair.clean_ids, pair.corrupted_ids) if direction == "denoise"
+        else (pair.corrupted_ids, pair.clean_ids)
+    )
+    width = model.config.n_embd // model.config.n_head
+    sites = [(component, layer) for component in components for layer in range(model.config.n_layer)]
+    with torch.no_grad():
+        donor_logits = next_token_logits(model, list(donor))
+        donor_acts = {site: capture(model, list(donor), *site) for site in sites}
+    kept = {}
+
+    def keeper(site):
+        def keep(act):
+            act.retain_grad()
+            kept[site] = act
+        return keep
+
+    handles = [hook(model, *site, keeper(site)) for site in sites]
+    try:
+        with torch.enable_grad():
+            value = metric_of(metric, model(torch.tensor([list(receiver)])).logits[0, -1].double(), pair, donor_logits)
+            value.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.zero_grad(set_to_none=True)
+    result = {}
+    for component, layer in sites:
+        act = kept[(component, layer)]
+        product = ((donor_acts[(component, layer)] - act.detach()) * act.grad)[0].double()   # [T, width]
+        heads = range(model.config.n_head) if component == "head" else [None]
+        for head in heads:
+            channels = slice(None) if head is None else slice(head * width, (head + 1) * width)
+            per_position = product[:, channels].sum(-1)
+            spots = {None: per_position.sum()} if all_positions else dict(enumerate(per_position))
+            for position, change in spots.items():
+                result[(component, layer, position, head)] = float(value.detach()) + float(change)
     return result

@@ -65,11 +65,11 @@ def test_a_tokenizer_without_one_token_years_is_refused(tiny_model_dir, tmp_path
     assert line.startswith("error: only 0 of the 100 two-digit years are one token for this tokenizer")
 
 
-@pytest.mark.parametrize("method", ["trace", "reuse"])
+@pytest.mark.parametrize("path", ["trace", "reuse"])
 @pytest.mark.parametrize("metric", ["prob_diff", "logit_diff"])
-def test_year_sets_match_hook_reference(years_model_dir, years_pairs, metric, method):
+def test_year_sets_match_hook_reference(years_model_dir, years_pairs, metric, path):
     pairs = years_pairs[2].pairs
-    result = patch_batch(load_model(str(years_model_dir), device="cpu"), pairs, ["resid", "head"], method=method,
+    result = patch_batch(load_model(str(years_model_dir), device="cpu"), pairs, ["resid", "head"], exact_path=path,
                          metric=metric)
     # a random model barely tells the years apart (gaps of 0.005 in prob_diff): the values are the test here
     assert_matches_reference(result, GPT2LMHeadModel.from_pretrained(years_model_dir).eval(), pairs, "denoise",

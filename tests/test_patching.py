@@ -7,7 +7,7 @@ import pytest
 from transformers import GPT2LMHeadModel
 
 from tests.conftest import TOL, score_tolerance
-from tests.reference import next_token_logits, reference_patching
+from tests.reference import next_token_logits, reference_atp, reference_patching
 from worker.options import COMPONENTS, DEFAULT_COMPONENTS, METRICS
 from worker.patching import cells_to_run, patch_batch, patch_cells, selected_cells, split_into_traces
 
@@ -51,21 +51,21 @@ def assert_matches_reference(result, hf_model, pairs, direction, all_positions=F
         assert sum(key[0] == pair.pair_id for key in values) == len(cells)
 
 
-@pytest.mark.parametrize("method", ["trace", "reuse"])
+@pytest.mark.parametrize("path", ["trace", "reuse"])
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-def test_matches_hook_reference_for_every_cell(tiny_model, hf_model, ioi_pairs, direction, method):
+def test_matches_hook_reference_for_every_cell(tiny_model, hf_model, ioi_pairs, direction, path):
     # A small token budget forces several traces (or pair groups and row chunks) per length group.
-    result = patch_batch(tiny_model, ioi_pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, method=method)
+    result = patch_batch(tiny_model, ioi_pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, exact_path=path)
     assert len({p.n_tokens for p in ioi_pairs}) == 3
     config = hf_model.config
     assert result.effects.num_rows == sum(p.n_tokens * config.n_layer * (3 + config.n_head) for p in ioi_pairs)
     assert_matches_reference(result, hf_model, ioi_pairs, direction)
 
 
-@pytest.mark.parametrize("method", ["trace", "reuse"])
+@pytest.mark.parametrize("path", ["trace", "reuse"])
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-def test_all_positions_at_once_match_hook_reference(tiny_model, hf_model, ioi_pairs, direction, method):
-    result = patch_batch(tiny_model, ioi_pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, method=method,
+def test_all_positions_at_once_match_hook_reference(tiny_model, hf_model, ioi_pairs, direction, path):
+    result = patch_batch(tiny_model, ioi_pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, exact_path=path,
                          positions="all")
     config = hf_model.config
     assert result.effects.num_rows == len(ioi_pairs) * config.n_layer * (3 + config.n_head)
@@ -84,22 +84,22 @@ def at_labels(*names):
     return lambda pair: {i for i, label in enumerate(pair.labels) if label in names}
 
 
-@pytest.mark.parametrize("method", ["trace", "reuse"])
+@pytest.mark.parametrize("path", ["trace", "reuse"])
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-def test_listed_labels_patch_only_their_positions(tiny_model, hf_model, ioi_pairs, direction, method):
+def test_listed_labels_patch_only_their_positions(tiny_model, hf_model, ioi_pairs, direction, path):
     pairs = [labelled(pair) for pair in ioi_pairs]
-    result = patch_batch(tiny_model, pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, method=method,
+    result = patch_batch(tiny_model, pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, exact_path=path,
                          positions="early,S2,END")
     config = hf_model.config
     assert result.effects.num_rows == len(pairs) * 3 * config.n_layer * (3 + config.n_head)
     assert_matches_reference(result, hf_model, pairs, direction, wanted=at_labels("early", "S2", "END"))
 
 
-@pytest.mark.parametrize("method", ["trace", "reuse"])
+@pytest.mark.parametrize("path", ["trace", "reuse"])
 def test_labels_before_the_first_difference_score_zero_and_keep_baselines(tiny_model, hf_model, ioi_pairs,
-                                                                          method):
+                                                                          path):
     pairs = [labelled(pair) for pair in ioi_pairs]
-    result = patch_batch(tiny_model, pairs, ["resid", "head"], method=method, positions="early")
+    result = patch_batch(tiny_model, pairs, ["resid", "head"], exact_path=path, positions="early")
     assert set(result.effects.column("score").to_pylist()) == {0.0}
     assert_matches_reference(result, hf_model, pairs, "denoise", wanted=at_labels("early"))
 
@@ -122,14 +122,14 @@ def answer_pairs(hf_model, ioi_pairs) -> dict[str, list]:
     return found
 
 
-@pytest.mark.parametrize("method", ["trace", "reuse"])
+@pytest.mark.parametrize("path", ["trace", "reuse"])
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 @pytest.mark.parametrize("answers", ["single", "sets"])
 @pytest.mark.parametrize("metric", METRICS)
 def test_every_metric_matches_hook_reference(tiny_model, hf_model, answer_pairs, metric, answers, direction,
-                                             method):
+                                             path):
     pairs = answer_pairs[answers]
-    result = patch_batch(tiny_model, pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, method=method,
+    result = patch_batch(tiny_model, pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, exact_path=path,
                          metric=metric)
     assert result.effects.schema.names[5] == metric
     assert [f"clean_{metric}", f"corrupted_{metric}"] <= result.pairs.schema.names
@@ -187,18 +187,18 @@ def test_reuse_and_trace_agree_in_bfloat16_too(tiny_model_dir, ioi_pairs):
     from worker.model import load_model
 
     model = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16")
-    trace = by_cell(patch_batch(model, ioi_pairs, COMPONENTS, method="trace").effects, "logit_diff")
-    reuse = by_cell(patch_batch(model, ioi_pairs, COMPONENTS, method="reuse").effects, "logit_diff")
+    trace = by_cell(patch_batch(model, ioi_pairs, COMPONENTS, exact_path="trace").effects, "logit_diff")
+    reuse = by_cell(patch_batch(model, ioi_pairs, COMPONENTS, exact_path="reuse").effects, "logit_diff")
     assert trace.keys() == reuse.keys()
     assert max(abs(trace[k] - reuse[k]) for k in trace) < 0.25   # bfloat16 keeps ~3 significant digits
 
 
-def test_auto_method_picks_reuse_for_gpt2_and_rejects_unknown(tiny_model, ioi_pairs):
-    from worker.reuse import resolve_method
+def test_auto_exact_path_picks_reuse_for_gpt2_and_rejects_unknown(tiny_model, ioi_pairs):
+    from worker.reuse import resolve_exact_path
 
-    assert resolve_method(tiny_model, "auto") == "reuse"
-    with pytest.raises(ValueError, match="method"):
-        patch_batch(tiny_model, ioi_pairs, ["resid"], method="fastest")
+    assert resolve_exact_path(tiny_model, "auto") == "reuse"
+    with pytest.raises(ValueError, match="exact_path"):
+        patch_batch(tiny_model, ioi_pairs, ["resid"], exact_path="fastest")
 
 
 def test_padding_free_grouping_equals_solo_runs(tiny_model, ioi_pairs):
@@ -238,3 +238,44 @@ def test_rejects_unknown_component_direction_and_metric(tiny_model, ioi_pairs):
 def test_empty_input_gives_empty_tables(tiny_model):
     result = patch_batch(tiny_model, [])
     assert result.effects.num_rows == 0 and result.pairs.num_rows == 0
+
+
+@pytest.mark.parametrize("positions", ["each", "all"])
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_atp_estimates_match_an_autograd_reference(tiny_model, hf_model, answer_pairs, metric, direction, positions):
+    pairs = answer_pairs["sets"]
+    result = patch_batch(tiny_model, pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, positions=positions,
+                         metric=metric, method="atp")
+    rows = result.effects.to_pylist()
+    assert {r[metric] for r in rows} == {None} and {r["score"] for r in rows} == {None}   # nothing verified
+    baselines = {r["pair_id"]: (r[f"clean_{metric}"], r[f"corrupted_{metric}"]) for r in result.pairs.to_pylist()}
+    estimates = by_cell(result.effects, "estimate")
+    for pair in pairs:
+        expected = reference_atp(hf_model, pair, COMPONENTS, direction, positions == "all", metric)
+        clean, corrupted = baselines[pair.pair_id]
+        source, target = (clean, corrupted) if direction == "denoise" else (corrupted, clean)
+        assert sum(key[0] == pair.pair_id for key in estimates) == len(expected)
+        for (component, layer, position, head), want in expected.items():
+            got = estimates[(pair.pair_id, component, layer, position, head)] * (source - target) + target
+            assert got == pytest.approx(want, rel=1e-4, abs=TOL), (pair.pair_id, component, layer, position, head)
+
+
+@pytest.mark.parametrize("path", ["trace", "reuse"])
+def test_atp_verified_rows_are_exact_and_the_rest_are_estimates(tiny_model, ioi_pairs, path):
+    k = 5
+    atp = patch_batch(tiny_model, ioi_pairs, COMPONENTS, method="atp", verify_top=k, exact_path=path)
+    exact = by_cell(patch_batch(tiny_model, ioi_pairs, COMPONENTS, exact_path=path).effects, "logit_diff")
+    rows = atp.effects.to_pylist()
+    assert len(rows) == len(exact)
+    for pair in ioi_pairs:
+        mine = [r for r in rows if r["pair_id"] == pair.pair_id]
+        verified = [r for r in mine if r["logit_diff"] is not None]
+        assert len(verified) == 2 * k and all(r["score"] is not None for r in verified)
+        for r in verified:
+            assert r["logit_diff"] == pytest.approx(exact[(pair.pair_id, r["component"], r["layer"], r["position"],
+                                                           r["head"])], abs=TOL)
+        top = sorted(mine, key=lambda r: -abs(r["estimate"]))[:k]
+        assert all(r["logit_diff"] is not None for r in top)   # the k largest estimates are among the verified
+    again = patch_batch(tiny_model, ioi_pairs, COMPONENTS, method="atp", verify_top=k, exact_path=path)
+    assert again.effects.column("logit_diff").is_null().to_pylist() == atp.effects.column("logit_diff").is_null().to_pylist()

@@ -110,6 +110,7 @@ def load_model(
         raise _explain(source, error) from error
     _check_gpt2_like(source, model._module)
     model._module.eval()
+    model._module.requires_grad_(False)   # never trained: AtP's backward computes activation gradients only
     return model
 
 

@@ -15,6 +15,7 @@ DIRECTIONS = ("denoise", "noise")
 POSITION_MODES = ("each", "all")   # or a list of position labels
 METRICS = ("logit_diff", "logprob", "prob_diff", "kl")
 NEEDS_INCORRECT = ("logit_diff", "prob_diff")   # the others read only the correct answers, or none
+METHODS = ("exact", "atp")   # exact patching, or attribution patching (AtP) checked by exact patching
 DEFAULT_MAX_BATCH_TOKENS = 4096
 
 
@@ -46,6 +47,8 @@ class PatchOptions:
     direction: str = "denoise"
     metric: str = "logit_diff"
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    method: str = "exact"
+    verify_top: int = 0   # atp: exact-patch each pair's top K estimates and K more drawn at random
 
     def __post_init__(self) -> None:
         components = self.components
@@ -59,3 +62,7 @@ class PatchOptions:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be at least 1, got {self.max_batch_tokens}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.verify_top < 0 or (self.verify_top and self.method != "atp"):
+            raise ValueError(f"verify_top must be 0, or positive with method atp, got {self.verify_top}")

@@ -23,7 +23,8 @@ from nnsight import TransformersModel
 from worker.metrics import Answers, Donor, vocabulary_metric
 from worker.options import DEFAULT_COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, PatchOptions, position_labels
 from worker.pairs import Pair
-from worker.reuse import resolve_method, reuse_values
+from worker.attribution import atp_estimates, verified_rows
+from worker.reuse import resolve_exact_path, reuse_values
 from worker.sites import FORWARD_ORDER, Cell, component_output, head_dim, head_mask, last_logits, n_heads
 from worker.tables import effects_table, empty_effects, pairs_table
 
@@ -222,33 +223,58 @@ def trace_values(
     return clean, corrupted, torch.cat(values)
 
 
+def row_values(rows: Sequence[tuple[int, int]], receiver: torch.Tensor, work: Sequence[tuple[int, int]],
+               values: torch.Tensor) -> torch.Tensor:
+    """A value per row: the receiving run's own, except the `work` rows, which get `values`."""
+    patched = receiver[torch.tensor([p for p, _ in rows], dtype=torch.long)]
+    if work:
+        row_of = {row: i for i, row in enumerate(rows)}
+        patched[torch.tensor([row_of[item] for item in work])] = values
+    return patched
+
+
 def patch_group(
-    model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions, method: str,
+    model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions, exact_path: str,
 ) -> tuple[dict[str, list], torch.Tensor, torch.Tensor]:
-    """Patch pairs that share one token length; returns effect columns and both baselines."""
+    """Patch pairs that share one token length; returns effect columns and both baselines.
+
+    `exact`: every row's patched metric. `atp`: every row's estimate, and the patched metric of
+    the rows `verify_top` picks (null elsewhere).
+    """
     n_tokens = pairs[0].n_tokens
     assert all(p.n_tokens == n_tokens for p in pairs), "patch_group needs equal-length pairs"
     cells = patch_cells(options.components, len(model.transformer.h), n_tokens, n_heads(model), options.positions)
     rows = selected_cells(pairs, cells, position_labels(options.positions))
     work = cells_to_run(pairs, cells, rows)
-    compute = reuse_values if method == "reuse" else trace_values
-    clean, corrupted, values = compute(model, pairs, cells, work, options)
-    receiver = corrupted if options.direction == "denoise" else clean
+    exact_values = reuse_values if exact_path == "reuse" else trace_values
     row_pairs = torch.tensor([p for p, _ in rows], dtype=torch.long)
-    patched = receiver[row_pairs]
-    if work:
-        row_of = {row: i for i, row in enumerate(rows)}
-        patched[torch.tensor([row_of[item] for item in work])] = values
+    estimate, exact_rows = None, None
+    if options.method == "atp":
+        clean, corrupted, estimated = atp_estimates(model, pairs, cells, work, options)
+        receiver = corrupted if options.direction == "denoise" else clean
+        estimated = row_values(rows, receiver, work, estimated)
+        estimate = normalized_score(estimated, clean[row_pairs], corrupted[row_pairs], options.direction)
+        verified = verified_rows([p.pair_id for p in pairs], rows, estimated - receiver[row_pairs],
+                                 options.verify_top)
+        exact_rows = torch.tensor([row in verified for row in rows], dtype=torch.bool)
+        work = [item for item in work if item in verified]
+        values = exact_values(model, pairs, cells, work, options)[2] if work else torch.empty(0)
+    else:
+        clean, corrupted, values = exact_values(model, pairs, cells, work, options)
+        receiver = corrupted if options.direction == "denoise" else clean
+    patched = row_values(rows, receiver, work, values)
     scores = normalized_score(patched, clean[row_pairs], corrupted[row_pairs], options.direction)
     row_cells = [cells[c] for _, c in rows]
+    unverified = None if exact_rows is None else ~exact_rows.numpy()
     columns = {
         "pair_id": [pairs[p].pair_id for p, _ in rows],
         "component": [c.component for c in row_cells],
         "layer": [c.layer for c in row_cells],
         "position": [c.position for c in row_cells],
         "head": [c.head for c in row_cells],
-        options.metric: patched.numpy(),
-        "score": scores.numpy(),
+        options.metric: pa.array(patched.numpy(), pa.float32(), mask=unverified),
+        "score": pa.array(scores.numpy(), pa.float32(), mask=unverified),
+        "estimate": pa.array(estimate.numpy() if estimate is not None else [None] * len(rows), pa.float32()),
     }
     return columns, clean, corrupted
 
@@ -259,31 +285,35 @@ def patch_batch(
     components: Sequence[str] = DEFAULT_COMPONENTS,
     direction: str = "denoise",
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-    method: str = "auto",
     positions: str = "each",
     metric: str = "logit_diff",
+    method: str = "exact",
+    verify_top: int = 0,
+    exact_path: str = "auto",
 ) -> PatchResult:
     """Patch every (component, layer[, head], position) of every pair; the `effects` and `pairs` tables.
 
     `positions`: `each` position, `all` positions in one patch, or only the positions whose
     label is listed (`"S2,END"`); a pair without a listed label gets no rows. `metric`: what
     is read at the last position (worker/metrics.py); it names the value column.
+    `method="exact"` patches every cell; `"atp"` estimates every cell by attribution patching
+    (worker/attribution.py) and exact-patches `verify_top` of them per pair (and as many at random).
     Pairs of different token lengths are patched in separate equal-length groups, so
     padding never shifts a position. `max_batch_tokens` bounds rows x tokens per forward,
-    which bounds activation memory for long prompts and deep models. `method="trace"` runs
-    every patch inside one nnsight trace per batch; `"reuse"` reads the clean and corrupted
-    activations with nnsight and recomputes only what a patch changes (worker/reuse.py);
-    `"auto"` takes `reuse` where the model supports it.
+    which bounds activation memory for long prompts and deep models. Exact patching runs on
+    `exact_path="trace"`, every patch inside one nnsight trace per batch, or `"reuse"`, which
+    reads the clean and corrupted activations with nnsight and recomputes only what a patch
+    changes (worker/reuse.py); `"auto"` takes `reuse` where the model supports it.
     """
-    options = PatchOptions(tuple(components), positions, direction, metric, max_batch_tokens)
-    method = resolve_method(model, method)
+    options = PatchOptions(tuple(components), positions, direction, metric, max_batch_tokens, method, verify_top)
+    exact_path = resolve_exact_path(model, exact_path)
     groups: dict[int, list[int]] = defaultdict(list)
     for index, pair in enumerate(pairs):
         groups[pair.n_tokens].append(index)
     effect_parts, clean_values, corrupted_values = [], [0.0] * len(pairs), [0.0] * len(pairs)
     for indices in groups.values():
         group = [pairs[i] for i in indices]
-        columns, clean, corrupted = patch_group(model, group, options, method)
+        columns, clean, corrupted = patch_group(model, group, options, exact_path)
         effect_parts.append(effects_table(columns, direction, metric))
         for i, c, k in zip(indices, clean.tolist(), corrupted.tolist()):
             clean_values[i], corrupted_values[i] = c, k

@@ -47,15 +47,16 @@ class Activations:
     donor: Donor | None
 
 
-def resolve_method(model: TransformersModel, method: str) -> str:
-    if method not in ("auto", "trace", "reuse"):
-        raise ValueError(f"method must be auto, trace or reuse, got {method!r}")
+def resolve_exact_path(model: TransformersModel, path: str) -> str:
+    """Which exact patching path runs: `reuse` where the model's blocks allow it (`auto`), else `trace`."""
+    if path not in ("auto", "trace", "reuse"):
+        raise ValueError(f"exact_path must be auto, trace or reuse, got {path!r}")
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
     supported = all(isinstance(block, GPT2Block) for block in model._module.transformer.h)
-    if method == "reuse" and not supported:
-        raise ValueError("method='reuse' needs GPT2Block layers; use method='trace'")
-    return "reuse" if method == "auto" and supported else ("trace" if method == "auto" else method)
+    if path == "reuse" and not supported:
+        raise ValueError("exact_path='reuse' needs GPT2Block layers; use exact_path='trace'")
+    return "reuse" if path == "auto" and supported else ("trace" if path == "auto" else path)
 
 
 def baseline_rows(pairs: Sequence[Pair]) -> torch.Tensor:

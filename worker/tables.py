@@ -23,6 +23,7 @@ def effects_schema(metric: str) -> pa.Schema:
         ("head", pa.int16()),
         (metric, pa.float32()),
         ("score", pa.float32()),
+        ("estimate", pa.float32()),   # AtP's estimate of `score`; null in exact runs
     ])
 
 
