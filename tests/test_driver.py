@@ -255,6 +255,7 @@ def test_skip_invalid_runs_the_good_lines(tmp_path, tiny_model_dir):
     (["--pairs", "/no/such/file.jsonl"], "cannot read pair file"),
     (["--components", "resid,heads"], "components must be"),
     (["--positions", "each,END"], "cannot be combined with labels"),
+    (["--verify-top", "3"], "verify_top must be 0, or positive with method atp"),
 ])
 def test_usage_errors_are_one_line(tmp_path, tiny_model_dir, args, message):
     options = {"--pairs": str(EXAMPLE_PAIRS), "--model": str(tiny_model_dir), "--out": str(tmp_path / "o")}
@@ -330,3 +331,25 @@ def test_a_position_label_no_pair_has_is_one_line(tmp_path, tiny_model_dir):
     assert failed.returncode == 2
     (line,) = failed.stderr.strip().splitlines()
     assert line.startswith(f"error: {EXAMPLE_PAIRS}: --positions lists 'S3', which no line has (its labels: ")
+
+
+def test_atp_end_to_end_estimates_every_cell_and_verifies_some(tmp_path, tiny_model, tiny_model_dir, tokenizer_and_ctx):
+    out = tmp_path / "run"
+    done = run_driver("--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", out,
+                      "--components", "attn,head", "--method", "atp", "--verify-top", 3, "--batch-pairs", 5)
+    assert done.returncode == 0, done.stderr
+    pairs = read_pairs(EXAMPLE_PAIRS, *tokenizer_and_ctx).pairs
+    core = patch_batch(tiny_model, pairs, ["attn", "head"], method="atp", verify_top=3).effects.to_pylist()
+    rows = pq.read_table(out / "effects").to_pylist()
+    def key(r):
+        return r["pair_id"], r["component"], r["layer"], r["head"], r["position"]
+    ran = {key(r): r for r in rows}
+    assert ran.keys() == {key(r) for r in core}
+    for r in core:
+        assert ran[key(r)]["estimate"] == pytest.approx(r["estimate"], abs=RUN_TOL, rel=RUN_TOL)
+        assert (ran[key(r)]["logit_diff"] is None) == (r["logit_diff"] is None)
+    assert sum(r["logit_diff"] is not None for r in rows) == len(pairs) * 2 * 3
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["method"], manifest["verify_top"]) == ("atp", 3)
+    assert manifest["config"]["method"] == "atp" and manifest["config"]["verify_top"] == 3
+    assert "AtP checks" in done.stderr

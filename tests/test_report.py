@@ -19,17 +19,18 @@ from worker.options import DEFAULT_COMPONENTS as COMPONENTS
 from worker.patching import patch_batch
 
 
-def ioi_store(tmp, model, tokenizer_and_ctx, n_pairs: int, components, positions: str = "each",
-              metric: str = "logit_diff") -> tuple[Store, list[dict], object]:
-    """A run of labelled IOI pairs written as the driver would; the store, the records, the result."""
+def ioi_store(tmp, model, tokenizer_and_ctx, n_pairs: int, components, **options) -> tuple[Store, list[dict], object]:
+    """A run of labelled IOI pairs written as the driver would (`options` of patch_batch also go to
+    the manifest); the store, the records, the result."""
     records = generate_ioi(n_pairs, seed=0, tokenizer=tokenizer_and_ctx[0])
     pairs = read_pairs(write_jsonl(tmp / "ioi.jsonl", records), *tokenizer_and_ctx).pairs
-    result = patch_batch(model, pairs, components, positions=positions, metric=metric)
+    result = patch_batch(model, pairs, components, **options)
     store = Store(str(tmp / "run"))
     store.prepare("hash", overwrite=False)
     store.write_shard("part-00000", result.effects, result.pairs)
     store.write_pairs_table(["part-00000"])
-    store.write_manifest({"model": "tiny", "direction": "denoise", "metric": metric, "components": list(components)})
+    store.write_manifest({"model": "tiny", "direction": "denoise", "metric": "logit_diff", "components": list(components),
+                          **options})
     return store, records, result
 
 
@@ -220,3 +221,29 @@ def test_the_metric_names_the_columns_titles_and_summary(tmp_path, tiny_model, t
         assert row["mean_kl"] == pytest.approx(sum(kl) / len(kl), abs=1e-5)
     text = open(store.path("report.html")).read()
     assert "tiny (denoise, kl): resid, N=" in text and "<th>clean kl</th>" in text
+
+
+def test_an_atp_run_shows_estimates_and_how_they_compare_with_exact(tmp_path, tiny_model, tokenizer_and_ctx):
+    k = 4
+    store, _, result = ioi_store(tmp_path, tiny_model, tokenizer_and_ctx, 6, ["resid", "attn"], method="atp",
+                                 verify_top=k)
+    said = build_report(store, drill_down=1)
+    assert "2 heatmaps, 2 AtP checks, 2 pair drill-downs" in said
+    text = open(store.path("report.html")).read()
+    assert "tiny (denoise, logit_diff, AtP estimate): resid, N=" in text
+    effects = result.effects.to_pandas().merge(result.pairs.to_pandas(), on="pair_id")
+    kept = effects[(effects.clean_logit_diff - effects.corrupted_logit_diff).abs() >= 0.1]
+    verified = kept[kept.score.notna()]
+    for component, rows in verified.groupby("component"):
+        pearson = rows.score.corr(rows.estimate)
+        spearman = rows.score.rank().corr(rows.estimate.rank())
+        assert f"{component}, exact score vs AtP estimate on {len(rows)} verified cells: " \
+               f"Pearson {pearson:.3f}, Spearman {spearman:.3f}" in text
+    shares = []
+    for _, rows in verified.groupby("pair_id"):
+        exact_top = set(rows.score.abs().sort_values(ascending=False).index[:k])
+        atp_top = set(rows.estimate.abs().sort_values(ascending=False).index[:k])
+        shares.append(len(exact_top & atp_top) / k)
+    assert f"<td>{sum(shares) / len(shares):.3f} (mean over {len(shares)} pairs)</td>" in text
+    rows = aggregate(store, "denoise").to_pylist()
+    assert all(row["estimate_count"] > 0 and row["count"] <= row["estimate_count"] for row in rows)

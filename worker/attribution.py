@@ -116,7 +116,7 @@ def verified_rows(pair_ids: Sequence[str], rows: Sequence[tuple[int, int]], chan
     chosen = set()
     for pair, indices in by_pair.items():
         ranked = sorted(indices, key=lambda i: -abs(float(change[i])))
-        rest = ranked[k:]
+        rest = sorted(ranked[k:])   # in row order, so float noise in the ranking cannot change the draw
         drawn = random.Random(f"verify:{pair_ids[pair]}").sample(rest, min(k, len(rest)))
         chosen.update(rows[i] for i in ranked[:k] + drawn)
     return chosen

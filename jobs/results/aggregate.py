@@ -8,7 +8,8 @@ null) has the label `all`, whatever the pair's length.
 Pairs whose clean and corrupted metric values are closer than `min_gap` would make
 the per-pair score explode: they are left out of the score statistics and counted in
 `excluded_pairs`, while the dataset-level `normalized_effect` (the TransformerLens-style
-ratio of means) uses every pair.
+ratio of means) uses every pair. In an AtP run `score` (and the metric) exist only on the
+verified rows, so their statistics cover those; `*_estimate` cover every row.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ WITH p AS (
            abs("clean_{metric}" - "corrupted_{metric}") < {min_gap} AS excluded
     FROM pairs
 ), cells AS (
-    SELECT e.component, e.layer, e.head, e.position, e.score, e."{metric}" AS value, p.*,
+    SELECT e.component, e.layer, e.head, e.position, e.score, e.estimate, e."{metric}" AS value, p.*,
            CASE WHEN e.position IS NULL THEN '{all_positions}'
                 ELSE coalesce(p.labels[e.position + 1], CAST(e.position AS VARCHAR)) END AS label,
            CASE WHEN p.labels IS NULL AND e.position IS NOT NULL THEN p.n_tokens END AS length_group
@@ -37,9 +38,12 @@ SELECT component, CAST(layer AS SMALLINT) AS layer, CAST(head AS SMALLINT) AS he
        CAST(length_group AS SMALLINT) AS n_tokens,
        count(DISTINCT pair_id) FILTER (WHERE NOT excluded) AS pairs,
        count(DISTINCT pair_id) FILTER (WHERE excluded) AS excluded_pairs,
-       count(*) FILTER (WHERE NOT excluded) AS count,
+       count(score) FILTER (WHERE NOT excluded) AS count,
        avg(score) FILTER (WHERE NOT excluded) AS mean_score,
        stddev_samp(score) FILTER (WHERE NOT excluded) AS std_score,
+       count(estimate) FILTER (WHERE NOT excluded) AS estimate_count,
+       avg(estimate) FILTER (WHERE NOT excluded) AS mean_estimate,
+       stddev_samp(estimate) FILTER (WHERE NOT excluded) AS std_estimate,
        avg(value) AS "mean_{metric}",
        avg(clean) AS "mean_clean_{metric}",
        avg(corrupted) AS "mean_corrupted_{metric}",

@@ -20,6 +20,7 @@ import plotly.offline
 from jobs.results.aggregate import ALL_POSITIONS, DEFAULT_MIN_GAP, aggregate
 from jobs.store import REPORT_FILE, Store
 from jobs.results.query import connect_tables
+from jobs.results.verification import correlations, fmt, scatter_figures, top_k_agreement
 from worker.options import COMPONENTS
 
 DRILL_DOWN_PAIRS = 3
@@ -33,15 +34,15 @@ def find_chromium() -> str | None:
 
 
 def heatmap(title: str, x: list, rows: list, z, hover=None, x_title: str = "position",
-            y_title: str = "layer") -> go.Figure:
+            y_title: str = "layer", statistic: str = "score") -> go.Figure:
     """The seed tutorial's look: RdBu diverging around 0, layer 0 on top, tokens on x."""
     trace = go.Heatmap(
         z=z, x=x, y=[f"{row}" for row in rows], colorscale="RdBu", zmid=0,
-        colorbar={"title": "score"}, customdata=hover, xgap=1, ygap=1,
+        colorbar={"title": statistic}, customdata=hover, xgap=1, ygap=1,
         hovertemplate=(
             f"{y_title} %{{y}}, %{{x}}<br>mean %{{z:.3f}}<br>std %{{customdata[0]:.3f}}<br>"
             "count %{customdata[1]}<extra></extra>"
-            if hover is not None else f"{y_title} %{{y}}, %{{x}}<br>score %{{z:.3f}}<extra></extra>"
+            if hover is not None else f"{y_title} %{{y}}, %{{x}}<br>{statistic} %{{z:.3f}}<extra></extra>"
         ),
     )
     figure = go.Figure(trace)
@@ -106,7 +107,8 @@ def x_order(column: str, values: set, positions: dict[str, float]) -> list:
     return sorted(values, key=COMPONENTS.index) if column == "component" else sorted(values)
 
 
-def aggregate_figures(rows: list[dict], run: str, positions: dict[str, float]) -> list[tuple[str, go.Figure]]:
+def aggregate_figures(rows: list[dict], run: str, positions: dict[str, float],
+                      statistic: str = "score") -> list[tuple[str, go.Figure]]:
     """One heatmap per panel (see `panel_of`) present in the aggregate rows, with hover statistics;
     for `head`, the IOI paper's layer x head figure at each position label."""
     panels: dict[tuple, list[dict]] = defaultdict(list)
@@ -121,8 +123,9 @@ def aggregate_figures(rows: list[dict], run: str, positions: dict[str, float]) -
         x = x_order(column, {cell[column] for cell in cells}, positions)
         layers = sorted({cell["layer"] for cell in cells})
         at = {(cell["layer"], cell[column]): cell for cell in cells}
-        z = [[at.get((layer, value), {}).get("mean_score") for value in x] for layer in layers]
-        hover = [[[at.get((layer, value), {}).get("std_score"), at.get((layer, value), {}).get("count")]
+        count = "count" if statistic == "score" else f"{statistic}_count"
+        z = [[at.get((layer, value), {}).get(f"mean_{statistic}") for value in x] for layer in layers]
+        hover = [[[at.get((layer, value), {}).get(f"std_{statistic}"), at.get((layer, value), {}).get(count)]
                   for value in x] for layer in layers]
         n_pairs = max(cell["pairs"] for cell in cells)
         scope = "".join([f", group {group}" if group is not None else "",
@@ -130,18 +133,19 @@ def aggregate_figures(rows: list[dict], run: str, positions: dict[str, float]) -
         at_label = {None: "", ALL_POSITIONS: " at all positions"}.get(label, f" at {label}")
         title = f"{run}: {name}{at_label}, N={n_pairs} pairs{scope}"
         file_name = "-".join(str(part).replace(" ", "-") for part in key if part is not None)
-        figures.append((file_name, heatmap(title, x, layers, z, hover, column if column != "label" else "position")))
+        figures.append((file_name, heatmap(title, x, layers, z, hover, column if column != "label" else "position",
+                                           statistic=statistic)))
     return figures
 
 
-def drill_down_figures(connection, run: str, n_pairs: int) -> list[tuple[str, go.Figure]]:
+def drill_down_figures(connection, run: str, n_pairs: int, statistic: str = "score") -> list[tuple[str, go.Figure]]:
     """Score heatmaps of the first few pairs, with their own tokens on x: layer (or layer.head for
     heads) x each position patched, or `all` where every position was patched at once."""
     pairs = connection.sql(f"SELECT pair_id, tokens FROM pairs ORDER BY pair_id LIMIT {int(n_pairs)}").fetchall()
     figures = []
     for pair_id, tokens in pairs:
         effects = connection.execute(
-            "SELECT component, layer, head, position, score FROM effects WHERE pair_id = ? ORDER BY ALL",
+            f"SELECT component, layer, head, position, {statistic} FROM effects WHERE pair_id = ? ORDER BY ALL",
             [pair_id]
         ).fetchall()
         by_component: dict[str, dict] = defaultdict(dict)
@@ -155,7 +159,8 @@ def drill_down_figures(connection, run: str, n_pairs: int) -> list[tuple[str, go
             z = [[scores.get((row, p)) for p in spots] for row in rows]
             title = f"{run}: pair {pair_id}, {component}"
             y_title = "layer.head" if component == "head" else "layer"
-            figures.append((f"pair-{pair_id}-{component}", heatmap(title, x, rows, z, y_title=y_title)))
+            figures.append((f"pair-{pair_id}-{component}", heatmap(title, x, rows, z, y_title=y_title,
+                                                                   statistic=statistic)))
     return figures
 
 
@@ -191,7 +196,7 @@ def summary_rows(connection, manifest: dict, min_gap: float) -> list[tuple[str, 
 def page(title: str, summary: list[tuple[str, str]], sections: list[tuple[str, list]]) -> str:
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary)
     body = []
-    for heading, figures in sections:
+    for heading, figures in (section for section in sections if section[1]):
         body.append(f"<h2>{html.escape(heading)}</h2>")
         body += [f'<div class="figure" id="fig-{html.escape(name)}">'
                  f'{figure.to_html(full_html=False, include_plotlyjs=False)}</div>'
@@ -225,9 +230,24 @@ def write_pngs(figures: list[tuple[str, go.Figure]], out_dir: Path, chromium: st
 
 
 def run_title(manifest: dict) -> str:
-    """What every figure title starts with: model, direction, metric."""
+    """What every figure title starts with: model, direction, metric (and AtP, for its estimates)."""
+    atp = ", AtP estimate" if manifest.get("method") == "atp" else ""
     return (f"{manifest.get('model', '?')} ({manifest.get('direction', 'denoise')}, "
-            f"{manifest.get('metric', 'logit_diff')})")
+            f"{manifest.get('metric', 'logit_diff')}{atp})")
+
+
+def verification(connection, manifest: dict, run: str, min_gap: float
+                 ) -> tuple[list[tuple[str, str]], list[tuple[str, go.Figure]]]:
+    """For an AtP run with verified rows: summary lines and one scatter per component."""
+    k, metric = manifest.get("verify_top", 0), manifest.get("metric", "logit_diff")
+    if manifest.get("method") != "atp" or not k:
+        return [], []
+    agreements = correlations(connection, metric, min_gap)
+    share, n_pairs = top_k_agreement(connection, metric, min_gap, k)
+    lines = [(f"AtP vs exact, {a.component}", f"Pearson {fmt(a.pearson)}, Spearman {fmt(a.spearman)} "
+                                              f"({a.n} verified cells)") for a in agreements]
+    lines.append((f"exact top {k} that AtP ranked in its top {k}", f"{fmt(share)} (mean over {n_pairs} pairs)"))
+    return lines, scatter_figures(connection, run, metric, min_gap, agreements)
 
 
 def write_report(store: Store, aggregate_rows: list[dict], min_gap: float,
@@ -237,12 +257,16 @@ def write_report(store: Store, aggregate_rows: list[dict], min_gap: float,
     model = manifest.get("model", "?")
     run = run_title(manifest)
     connection = connect_tables(store)
-    heatmaps = aggregate_figures(aggregate_rows, run, label_positions(connection))
-    pairs = drill_down_figures(connection, run, drill_down)
-    document = page(f"patchsweep: {model}", summary_rows(connection, manifest, min_gap),
-                    [("Mean score by layer and position", heatmaps), ("Individual pairs", pairs)])
+    statistic = "estimate" if manifest.get("method") == "atp" else "score"
+    heatmaps = aggregate_figures(aggregate_rows, run, label_positions(connection), statistic)
+    pairs = drill_down_figures(connection, run, drill_down, statistic)
+    checks, scatters = verification(connection, manifest, run, min_gap)
+    document = page(f"patchsweep: {model}", summary_rows(connection, manifest, min_gap) + checks,
+                    [(f"Mean {statistic} by layer and position", heatmaps),
+                     ("AtP against exact patching (verified cells)", scatters), ("Individual pairs", pairs)])
     store.write_bytes(document.encode(), REPORT_FILE)
-    said = f"report: {store.path(REPORT_FILE)} ({len(heatmaps)} heatmaps, {len(pairs)} pair drill-downs)"
+    scattered = f", {len(scatters)} AtP checks" if scatters else ""
+    said = f"report: {store.path(REPORT_FILE)} ({len(heatmaps)} heatmaps{scattered}, {len(pairs)} pair drill-downs)"
     if not png:
         return said
     chromium = find_chromium()
