@@ -45,3 +45,22 @@ def test_resid_patching_moves_from_s2_to_end(bundled_run):
     switch = argmax.index("END")
     assert set(argmax[:switch]) == {"S2"} and set(argmax[switch:]) == {"END"}
     assert by_layer[0]["S2"] > 0.5 and by_layer[len(argmax) - 1]["END"] > 0.9
+
+
+def test_atp_ranks_the_cells_exact_patching_ranks_highest_near_the_top():
+    """On the toy IOI model (measured with 200 pairs, bench/atp_quality.py: Spearman 0.89 for
+    resid and 0.90 for attn over every cell; 97% and 98% of each pair's exact top 10 in AtP's
+    top 10), checked here on 40 pairs with bounds well below those numbers."""
+    from jobs.pairfile import read_pairs
+    from worker.model import load_model, load_tokenizer
+    from worker.patching import patch_batch
+
+    pairs = read_pairs(IOI_PAIRS, *load_tokenizer(str(TOY_MODEL))).pairs[:40]
+    model = load_model(str(TOY_MODEL), device="cpu")
+    exact = patch_batch(model, pairs, ["resid", "attn"]).effects.to_pandas()
+    exact["estimate"] = patch_batch(model, pairs, ["resid", "attn"], method="atp").effects.column("estimate").to_numpy()
+    for component, rows in exact.groupby("component"):
+        assert rows.score.rank().corr(rows.estimate.rank()) > 0.75, component
+        shares = [len(set(cells.score.abs().nlargest(10).index) & set(cells.estimate.abs().nlargest(10).index)) / 10
+                  for _, cells in rows.groupby("pair_id")]
+        assert sum(shares) / len(shares) > 0.8, component

@@ -3,14 +3,17 @@
 Per component: Pearson and Spearman correlation of exact `score` against `estimate` over the
 verified rows (each pair's top K estimates and K rows drawn at random), with a scatter plot.
 Per run: the share of each pair's K largest exact effects (among its verified rows) that AtP
-also ranked in its top K, averaged over pairs. Pairs under the min-gap rule are left out, as in
-the aggregate.
+also ranked in its top K, averaged over pairs: since the verified rows are AtP's top K and K
+random others, this is high unless the random draws find big effects AtP missed. Pairs under
+the min-gap rule are left out, as in the aggregate.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import plotly.graph_objects as go
+
+from worker.options import COMPONENTS
 
 VERIFIED = """
 SELECT e.pair_id, e.component, e.score, e.estimate
@@ -55,9 +58,10 @@ class Agreement:
 
 
 def correlations(connection, metric: str, min_gap: float) -> list[Agreement]:
+    """One per component, in the order resid, attn, mlp, head."""
     verified = VERIFIED.format(metric=metric, min_gap=float(min_gap))
     rows = connection.sql(CORRELATIONS.format(verified=verified)).fetchall()
-    return [Agreement(*row) for row in rows]
+    return sorted((Agreement(*row) for row in rows), key=lambda a: COMPONENTS.index(a.component))
 
 
 def top_k_agreement(connection, metric: str, min_gap: float, k: int) -> tuple[float | None, int]:
