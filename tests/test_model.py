@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from worker.model import load_model, load_tokenizer
 from worker.options import ModelLoadError
@@ -35,13 +35,29 @@ def test_directory_without_a_model(tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_causal_lm_that_is_not_gpt2_is_refused(tmp_path, tiny_model_dir):
+def test_an_unsupported_family_is_refused_before_loading_weights(tmp_path, tiny_model_dir):
+    from transformers import OPTConfig, OPTForCausalLM
+
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    config = OPTConfig(vocab_size=len(tokenizer), hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+                       num_attention_heads=2, word_embed_proj_dim=16)
+    OPTForCausalLM(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadError, match="LlamaForCausalLM, not a GPT-2-style causal LM"):
+    (tmp_path / "model.safetensors").unlink()   # refused from its config: the weights are never read
+    for load in (lambda: load_model(str(tmp_path), device="cpu"), lambda: load_tokenizer(str(tmp_path))):
+        with pytest.raises(ModelLoadError) as info:
+            load()
+        assert str(info.value) == (f"cannot patch {str(tmp_path)!r}: model type 'opt' is not supported; "
+                                   "patchsweep patches gpt2, gpt_neox, llama, mistral, qwen2 models")
+
+
+def test_a_checkpoint_without_a_causal_lm_head_is_refused(tmp_path, tiny_model_dir):
+    from transformers import GPT2Config, GPT2Model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    GPT2Model(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="the checkpoint is a GPT2Model, without a causal language-model head"):
         load_model(str(tmp_path), device="cpu")
 
 
@@ -61,9 +77,9 @@ def test_heads_are_refused_where_the_output_projection_does_not_take_them_side_b
 
     worker = PatchWorker(str(tiny_model_dir), "cpu", "float32", threads=1)
     assert worker.ready(["resid", "head"]) is None
-    attn = worker.model._module.transformer.h[1].attn
-    attn.num_heads -= 1
+    attn = worker.model._module.transformer.h[0].attn
+    worker.model._module.config.n_head -= 1
     assert worker.ready(["resid"]) is None
     assert worker.ready(["head"]) == (
-        f"cannot patch heads: layer 1's attention output projection takes {attn.c_proj.weight.shape[0]} inputs, "
-        f"not {attn.num_heads} heads x {attn.head_dim} channels")
+        f"cannot patch heads: layer 0's attention output projection takes {attn.c_proj.weight.shape[0]} inputs, "
+        f"not {worker.model._module.config.n_head} heads x {attn.head_dim} channels")

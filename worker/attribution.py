@@ -25,7 +25,7 @@ from nnsight import TransformersModel
 from worker.metrics import Answers, Donor, vocabulary_metric
 from worker.options import PatchOptions
 from worker.pairs import Pair
-from worker.sites import FORWARD_ORDER, Cell, component_output, head_dim, last_logits
+from worker.sites import FORWARD_ORDER, Cell, component_output, head_dim, last_logits, n_layers
 
 
 def read_gradients(model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions,
@@ -39,7 +39,7 @@ def read_gradients(model: TransformersModel, pairs: Sequence[Pair], options: Pat
     shift = 0 if options.direction == "denoise" else 1
     donor_rows = (2 * torch.arange(len(pairs), device=device) + shift).repeat_interleave(2)
     receiver_rows = 2 * torch.arange(len(pairs), device=device) + 1 - shift
-    sites = [(component, layer) for layer in range(len(model.transformer.h))
+    sites = [(component, layer) for layer in range(n_layers(model))
              for component in FORWARD_ORDER if component in components]
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     with torch.enable_grad(), model.trace(inputs, logits_to_keep=1):

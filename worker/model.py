@@ -1,7 +1,7 @@
-"""Loading a GPT-2-family checkpoint into nnsight, from a hub id or a local directory.
+"""Loading a checkpoint of a supported family into nnsight, from a hub id or a local directory.
 
 Both sources go through the same `TransformersModel` call; every way loading can fail
-(no network, bad path, not a GPT-2-style causal LM) becomes one `ModelLoadError` line.
+(no network, bad path, an unsupported family or no causal LM head) becomes one `ModelLoadError` line.
 A hub that cannot be reached is noticed in seconds and the hub client put in offline mode
 (cached files only), instead of retrying every file for most of a minute.
 """
@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 import socket
 import urllib.parse
-from typing import Any
 
 import torch
 from nnsight import TransformersModel
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
+from worker.families import UnsupportedModel, family_of
 from worker.options import DEFAULT_MODEL, DTYPE_NAMES, ModelLoadError
 
 
@@ -72,7 +72,7 @@ def _resolve_source(source: str) -> str:
     if not os.path.isdir(path):
         raise ModelLoadError(
             f"cannot load model {source!r}: no such directory "
-            "(pass --model PATH to a local GPT-2 checkpoint directory, or a hub id)"
+            "(pass --model PATH to a local checkpoint directory, or a hub id)"
         )
     return path
 
@@ -82,17 +82,20 @@ def _explain(source: str, error: Exception) -> ModelLoadError:
     where = "local directory" if os.path.isdir(source) else "model id or path"
     return ModelLoadError(
         f"cannot load {where} {source!r}: {first_line} "
-        "(no network here? pass --model PATH to a local GPT-2 checkpoint directory)"
+        "(no network here? pass --model PATH to a local checkpoint directory)"
     )
 
 
-def _check_gpt2_like(source: str, module: Any) -> None:
-    transformer = getattr(module, "transformer", None)
-    if transformer is None or not hasattr(transformer, "h") or not hasattr(module, "lm_head"):
-        raise ModelLoadError(
-            f"{source!r} is a {type(module).__name__}, not a GPT-2-style causal LM "
-            "with transformer.h blocks and an lm_head; pass --model PATH to a GPT-2 checkpoint"
-        )
+def _check_family(source: str) -> None:
+    """Refuse a model patchsweep cannot patch from its config alone, before any weights load."""
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as error:
+        raise _explain(source, error) from error
+    try:
+        family_of(config)
+    except UnsupportedModel as error:
+        raise ModelLoadError(f"cannot patch {source!r}: {error}") from None
 
 
 def load_model(
@@ -102,13 +105,13 @@ def load_model(
     source = _resolve_source(source)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    _check_family(source)
     try:
         model = TransformersModel(
             source, task="text-generation", dispatch=True, device=device, dtype=torch_dtype
         )
     except Exception as error:  # transformers/hub raise many unrelated types for one cause
         raise _explain(source, error) from error
-    _check_gpt2_like(source, model._module)
     model._module.eval()
     model._module.requires_grad_(False)   # never trained: AtP's backward computes activation gradients only
     return model
@@ -120,6 +123,7 @@ def load_tokenizer(source: str = DEFAULT_MODEL) -> tuple[PreTrainedTokenizerBase
     The driver validates pairs with these, so it never needs the model itself.
     """
     source = _resolve_source(source)
+    _check_family(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         config = AutoConfig.from_pretrained(source)

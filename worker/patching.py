@@ -25,7 +25,7 @@ from worker.options import DEFAULT_COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, PatchOp
 from worker.pairs import Pair
 from worker.attribution import atp_estimates, verified_rows
 from worker.reuse import resolve_exact_path, reuse_values
-from worker.sites import FORWARD_ORDER, Cell, component_output, head_dim, head_mask, last_logits, n_heads
+from worker.sites import FORWARD_ORDER, Cell, component_output, head_dim, head_mask, last_logits, n_heads, n_layers
 from worker.tables import effects_table, empty_effects, pairs_table
 
 
@@ -167,10 +167,9 @@ def run_trace(model: TransformersModel, plan: TracePlan, metric: str) -> torch.T
     writes = {site: [write.to(device) for write in site_writes] for site, site_writes in plan.writes.items()}
     dim = head_dim(model)
     answers, donor_rows = plan.answers.to(device), plan.donor_rows.to(device)
-    n_layers = len(model.transformer.h)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     with torch.inference_mode(), model.trace(inputs, logits_to_keep=1):
-        for layer in range(n_layers):
+        for layer in range(n_layers(model)):
             for component in FORWARD_ORDER:
                 if (component, layer) in writes:
                     act = component_output(model, component, layer)
@@ -243,7 +242,7 @@ def patch_group(
     """
     n_tokens = pairs[0].n_tokens
     assert all(p.n_tokens == n_tokens for p in pairs), "patch_group needs equal-length pairs"
-    cells = patch_cells(options.components, len(model.transformer.h), n_tokens, n_heads(model), options.positions)
+    cells = patch_cells(options.components, n_layers(model), n_tokens, n_heads(model), options.positions)
     rows = selected_cells(pairs, cells, position_labels(options.positions))
     work = cells_to_run(pairs, cells, rows)
     exact_values = reuse_values if exact_path == "reuse" else trace_values

@@ -28,7 +28,8 @@ from nnsight import TransformersModel
 from worker.metrics import Answers, Donor, answer_logit_diff, reads_vocabulary, vocabulary_metric
 from worker.options import COMPONENTS, PatchOptions
 from worker.pairs import Pair
-from worker.sites import Cell, component_output, head_mask, last_logits
+from worker.families import part
+from worker.sites import Cell, blocks, component_output, embedding_output, family, head_mask, last_logits
 
 if TYPE_CHECKING:  # importing GPT-2's modeling code costs the driver 2 s; a loaded model has it already
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block
@@ -53,7 +54,7 @@ def resolve_exact_path(model: TransformersModel, path: str) -> str:
         raise ValueError(f"exact_path must be auto, trace or reuse, got {path!r}")
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
-    supported = all(isinstance(block, GPT2Block) for block in model._module.transformer.h)
+    supported = all(isinstance(block, GPT2Block) for block in blocks(model))
     if path == "reuse" and not supported:
         raise ValueError("exact_path='reuse' needs GPT2Block layers; use exact_path='trace'")
     return "reuse" if path == "auto" and supported else ("trace" if path == "auto" else path)
@@ -73,12 +74,11 @@ def read_activations(model: TransformersModel, pairs: Sequence[Pair], answers: A
     input_ids = baseline_rows(pairs).to(device)
     row_answers = answers[torch.arange(len(pairs), device=device).repeat_interleave(2)]
     donor_rows = 2 * torch.arange(len(pairs), device=device) + (0 if options.direction == "denoise" else 1)
-    n_layers = len(model.transformer.h)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     donor = None   # only saved values leave a trace: set here, replaced inside for `kl`
     with torch.inference_mode(), model.trace(inputs, logits_to_keep=1):
-        saved = nnsight.save({"resid": [model.transformer.drop.output], "head": [], "attn": [], "mlp": []})
-        for layer in range(n_layers):
+        saved = nnsight.save({"resid": [embedding_output(model)], "head": [], "attn": [], "mlp": []})
+        for layer in range(len(blocks(model))):
             for component in ("head", "attn", "mlp"):
                 if component in options.components:
                     saved[component].append(component_output(model, component, layer))
@@ -150,13 +150,14 @@ def readout(model: TransformersModel, metric: str, hidden_last: torch.Tensor, an
             donor: Donor | None) -> torch.Tensor:
     """The metric from final hidden states: the final norm, then the unembedding of the whole
     vocabulary where the metric needs it, else of the batch's answer columns only."""
-    module = model._module
-    final = module.transformer.ln_f(hidden_last)
+    where = family(model)
+    final = part(model._module, where.final_norm)(hidden_last)
+    unembedding = part(model._module, where.unembedding)
     if reads_vocabulary(metric):
-        return vocabulary_metric(metric, module.lm_head(final), answers, donor)
+        return vocabulary_metric(metric, unembedding(final), answers, donor)
     columns, inverse = torch.unique(answers.ids, return_inverse=True)
-    bias = module.lm_head.bias
-    logits = F.linear(final, module.lm_head.weight[columns], None if bias is None else bias[columns])
+    bias = unembedding.bias
+    logits = F.linear(final, unembedding.weight[columns], None if bias is None else bias[columns])
     return answer_logit_diff(logits.gather(1, inverse), answers)
 
 
@@ -164,11 +165,10 @@ def run_rows(model: TransformersModel, acts: Activations, prefix: list[tuple[tor
              rows: list[tuple[int, Cell]], start: int, whole: bool, options: PatchOptions,
              answers: Answers) -> torch.Tensor:
     """The patched metric of rows (pair index, cell) that all patch position `start` (all of start.. if `whole`)."""
-    blocks = model._module.transformer.h
     device = acts.resid[0].device
     shift = 1 if options.direction == "denoise" else 0
     hidden, order = None, []
-    for layer, block in enumerate(blocks):
+    for layer, block in enumerate(blocks(model)):
         if hidden is not None:
             pair_rows = torch.tensor([pair for pair, _ in order], device=device)
             keys, values = prefix[layer]
@@ -220,7 +220,7 @@ def reuse_values(
             baselines.append(acts.metric)
             receivers = slice(1, None, 2) if options.direction == "denoise" else slice(0, None, 2)
             prefix = [keys_and_values(block, acts.resid[layer][receivers])
-                      for layer, block in enumerate(model._module.transformer.h)]
+                      for layer, block in enumerate(blocks(model))]
             mine = [i for i, (pair, _) in enumerate(work) if first <= pair < first + len(group)]
             spans = {i: patched_span(pairs[work[i][0]], cells[work[i][1]]) for i in mine}
             for start, whole in sorted(set(spans.values())):

@@ -1,0 +1,60 @@
+"""Where each supported model family keeps its parts: one small table per family.
+
+Patching, metrics and AtP are shared code that finds a model's blocks, attention, heads, MLP,
+final norm and unembedding through this table; "how Llama differs" is its row here. The
+family comes from the checkpoint's `config.model_type`, read before any weights load, so an
+unsupported model is refused in one line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import reduce
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Family:
+    blocks: str        # the decoder layers (a ModuleList); a block's output is `resid`
+    embedding: str     # whose output is the residual stream entering block 0
+    attention: str     # in a block: output (element 0) is the attention sublayer's output, `attn`
+    out_proj: str      # in a block: the attention output projection, whose input holds the heads side by side
+    mlp: str           # in a block: output is `mlp`
+    final_norm: str
+    unembedding: str
+    n_heads: str       # the config attribute with the number of (query) heads
+
+
+FAMILIES = {
+    "gpt2": Family("transformer.h", "transformer.drop", "attn", "attn.c_proj", "mlp", "transformer.ln_f",
+                   "lm_head", "n_head"),
+    # attention and MLP read the same block input (parallel residual); rotary positions
+    "gpt_neox": Family("gpt_neox.layers", "gpt_neox.emb_dropout", "attention", "attention.dense", "mlp",
+                       "gpt_neox.final_layer_norm", "embed_out", "num_attention_heads"),
+    # RMSNorm, gated MLP, rotary positions, grouped-query attention (heads are query heads)
+    "llama": Family("model.layers", "model.embed_tokens", "self_attn", "self_attn.o_proj", "mlp", "model.norm",
+                    "lm_head", "num_attention_heads"),
+}
+FAMILIES["mistral"] = FAMILIES["qwen2"] = FAMILIES["llama"]
+
+
+class UnsupportedModel(ValueError):
+    """A checkpoint patchsweep cannot patch; the message is one line for the user."""
+
+
+def family_of(config: Any) -> Family:
+    """The family of a checkpoint's config; refuses other model types and checkpoints whose
+    architecture has no causal LM head (a bare encoder, a classifier)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise UnsupportedModel(f"model type {model_type!r} is not supported; patchsweep patches "
+                               f"{', '.join(sorted(FAMILIES))} models")
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and not any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures):
+        raise UnsupportedModel(f"the checkpoint is a {', '.join(architectures)}, without a causal language-model "
+                               "head; patchsweep needs one (e.g. a ...ForCausalLM checkpoint)")
+    return FAMILIES[model_type]
+
+
+def part(root: Any, path: str) -> Any:
+    """`root.a.b.c` for path "a.b.c": a module, or in a trace the module's nnsight envoy."""
+    return reduce(getattr, path.split("."), root)
