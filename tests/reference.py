@@ -5,20 +5,37 @@ Deliberately naive and free of nnsight, so that it can check the worker's number
 from __future__ import annotations
 
 import torch
-from transformers import GPT2LMHeadModel
+from transformers import PreTrainedModel
 
 
-def hooked_module(model: GPT2LMHeadModel, component: str, layer: int) -> torch.nn.Module:
+PARTS = {   # family: blocks, attention, its output projection, MLP -- written here, not taken from the worker
+    "gpt2": ("transformer.h", "attn", "attn.c_proj", "mlp"),
+    "gpt_neox": ("gpt_neox.layers", "attention", "attention.dense", "mlp"),
+    "llama": ("model.layers", "self_attn", "self_attn.o_proj", "mlp"),
+    "mistral": ("model.layers", "self_attn", "self_attn.o_proj", "mlp"),
+    "qwen2": ("model.layers", "self_attn", "self_attn.o_proj", "mlp"),
+}
+
+
+def dig(root, path: str):
+    for name in path.split("."):
+        root = getattr(root, name)
+    return root
+
+
+def hooked_module(model, component: str, layer: int) -> torch.nn.Module:
     """Whose output is patched; for `head`, whose input (the heads' outputs side by side)."""
-    block = model.transformer.h[layer]
-    return {"resid": block, "attn": block.attn, "mlp": block.mlp, "head": block.attn.c_proj}[component]
+    blocks, attention, out_proj, mlp = PARTS[model.config.model_type]
+    block = dig(model, blocks)[layer]
+    return {"resid": block, "attn": dig(block, attention), "mlp": dig(block, mlp),
+            "head": dig(block, out_proj)}[component]
 
 
 def hidden(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def next_token_logits(model: GPT2LMHeadModel, ids: list[int]) -> torch.Tensor:
+def next_token_logits(model: PreTrainedModel, ids: list[int]) -> torch.Tensor:
     return model(torch.tensor([ids])).logits[0, -1].double()
 
 
@@ -40,7 +57,7 @@ def measure(metric: str, logits: torch.Tensor, pair, donor_logits: torch.Tensor)
     return float(metric_of(metric, logits, pair, donor_logits))
 
 
-def hook(model: GPT2LMHeadModel, component: str, layer: int, function):
+def hook(model: PreTrainedModel, component: str, layer: int, function):
     """`function(activation)` on the patched activation, in place: an input hook for heads, else an output hook."""
     module = hooked_module(model, component, layer)
     if component == "head":
@@ -48,7 +65,7 @@ def hook(model: GPT2LMHeadModel, component: str, layer: int, function):
     return module.register_forward_hook(lambda module, args, output: function(hidden(output)))
 
 
-def capture(model: GPT2LMHeadModel, ids: list[int], component: str, layer: int) -> torch.Tensor:
+def capture(model: PreTrainedModel, ids: list[int], component: str, layer: int) -> torch.Tensor:
     stored = {}
 
     def keep(act):
@@ -77,7 +94,7 @@ def patched_logits(model, receiver_ids, donor_act, component, layer, position, c
 
 
 @torch.no_grad()
-def reference_patching(model: GPT2LMHeadModel, pair, components, direction: str, all_positions: bool = False,
+def reference_patching(model: PreTrainedModel, pair, components, direction: str, all_positions: bool = False,
                        metric: str = "logit_diff") -> dict:
     """{(component, layer, position, head or None): the patched run's metric} plus "clean" and "corrupted".
 
@@ -92,10 +109,11 @@ def reference_patching(model: GPT2LMHeadModel, pair, components, direction: str,
         "clean": measure(metric, next_token_logits(model, list(pair.clean_ids)), pair, donor_logits),
         "corrupted": measure(metric, next_token_logits(model, list(pair.corrupted_ids)), pair, donor_logits),
     }
-    width = model.config.n_embd // model.config.n_head
+    config = model.config
+    width = config.hidden_size // config.num_attention_heads
     for component in components:
-        heads = range(model.config.n_head) if component == "head" else [None]
-        for layer in range(model.config.n_layer):
+        heads = range(config.num_attention_heads) if component == "head" else [None]
+        for layer in range(config.num_hidden_layers):
             act = capture(model, list(donor), component, layer)
             for head in heads:
                 channels = slice(None) if head is None else slice(head * width, (head + 1) * width)
@@ -105,7 +123,7 @@ def reference_patching(model: GPT2LMHeadModel, pair, components, direction: str,
     return result
 
 
-def reference_atp(model: GPT2LMHeadModel, pair, components, direction: str, all_positions: bool = False,
+def reference_atp(model: PreTrainedModel, pair, components, direction: str, all_positions: bool = False,
                   metric: str = "logit_diff") -> dict:
     """{(component, layer, position, head or None): AtP's estimate of the patched metric}: the
     receiving run's metric plus (donor activation - receiving activation) . gradient of the metric
@@ -115,8 +133,9 @@ def reference_atp(model: GPT2LMHeadModel, pair, components, direction: str, all_
         (pair.clean_ids, pair.corrupted_ids) if direction == "denoise"
         else (pair.corrupted_ids, pair.clean_ids)
     )
-    width = model.config.n_embd // model.config.n_head
-    sites = [(component, layer) for component in components for layer in range(model.config.n_layer)]
+    config = model.config
+    width = config.hidden_size // config.num_attention_heads
+    sites = [(component, layer) for component in components for layer in range(config.num_hidden_layers)]
     with torch.no_grad():
         donor_logits = next_token_logits(model, list(donor))
         donor_acts = {site: capture(model, list(donor), *site) for site in sites}
@@ -141,7 +160,7 @@ def reference_atp(model: GPT2LMHeadModel, pair, components, direction: str, all_
     for component, layer in sites:
         act = kept[(component, layer)]
         product = ((donor_acts[(component, layer)] - act.detach()) * act.grad)[0].double()   # [T, width]
-        heads = range(model.config.n_head) if component == "head" else [None]
+        heads = range(config.num_attention_heads) if component == "head" else [None]
         for head in heads:
             channels = slice(None) if head is None else slice(head * width, (head + 1) * width)
             per_position = product[:, channels].sum(-1)

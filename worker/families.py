@@ -29,7 +29,7 @@ FAMILIES = {
                    "lm_head", "n_head"),
     # attention and MLP read the same block input (parallel residual); rotary positions
     "gpt_neox": Family("gpt_neox.layers", "gpt_neox.emb_dropout", "attention", "attention.dense", "mlp",
-                       "gpt_neox.final_layer_norm", "embed_out", "num_attention_heads"),
+                       "gpt_neox.final_layer_norm", "lm_head", "num_attention_heads"),
     # RMSNorm, gated MLP, rotary positions, grouped-query attention (heads are query heads)
     "llama": Family("model.layers", "model.embed_tokens", "self_attn", "self_attn.o_proj", "mlp", "model.norm",
                     "lm_head", "num_attention_heads"),

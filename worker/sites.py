@@ -47,15 +47,16 @@ def projection_inputs(projection: torch.nn.Module) -> int:
 
 
 def head_dim(model: TransformersModel) -> int:
-    return part(blocks(model)[0], family(model).attention).head_dim
+    config = model._module.config
+    return getattr(config, "head_dim", None) or config.hidden_size // n_heads(model)
 
 
 def head_split_problem(model: TransformersModel) -> str | None:
     """Why `head` cannot be patched on `model`, or None: every layer's attention output projection
     must take the heads side by side, n_heads x head_dim inputs."""
-    heads, where = n_heads(model), family(model)
+    heads, dim, where = n_heads(model), head_dim(model), family(model)
     for layer, block in enumerate(blocks(model)):
-        inputs, dim = projection_inputs(part(block, where.out_proj)), part(block, where.attention).head_dim
+        inputs = projection_inputs(part(block, where.out_proj))
         if inputs != heads * dim:
             return (f"cannot patch heads: layer {layer}'s attention output projection takes {inputs} inputs, "
                     f"not {heads} heads x {dim} channels")
