@@ -81,3 +81,30 @@ def test_make_ioi_names_are_one_token_with_the_familys_tokenizer(family, tmp_pat
         labels = record["labels"]
         assert pair.tokens[labels.index("IO")] == "␣" + record["correct"].strip()
         assert pair.tokens[labels.index("S2")] == "␣" + record["incorrect"].strip()
+
+
+def test_driver_runs_a_llama_checkpoint_end_to_end(tmp_path):
+    """make-ioi with Llama's SentencePiece-style tokenizer, then the driver, as a user would."""
+    import json
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    from tests.conftest import REPO
+
+    model_dir = build_tiny("llama", tmp_path / "llama")
+
+    def driver(*args):
+        return subprocess.run([sys.executable, str(REPO / "driver.py"), *map(str, args)], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+
+    assert driver("make-ioi", "--n", 12, "--out", tmp_path / "ioi.jsonl", "--model", model_dir).returncode == 0
+    done = driver("--pairs", tmp_path / "ioi.jsonl", "--model", model_dir, "--out", tmp_path / "run",
+                  "--components", "resid,head", "--positions", "S2,END")
+    assert done.returncode == 0, done.stderr
+    rows = pq.read_table(tmp_path / "run" / "effects").num_rows
+    assert rows == 12 * 2 * 3 * (1 + 4)   # pairs x positions x layers x (resid + 4 query heads)
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["model"] == str(model_dir)
+    tokens = pq.read_table(tmp_path / "run" / "pairs.parquet").column("tokens").to_pylist()[0]
+    assert tokens[0] == "<s>" and "␣gave" in tokens
