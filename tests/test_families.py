@@ -1,5 +1,6 @@
 """Every supported family beyond GPT-2: tiny random checkpoints (examples/tiny_families.py), every
-component, both directions, checked against the plain-PyTorch hook reference; AtP against autograd."""
+component, both directions, both exact paths, checked against the plain-PyTorch hook reference;
+AtP against autograd."""
 from __future__ import annotations
 
 import numpy as np
@@ -29,20 +30,23 @@ def family(request, tmp_path_factory):
     return request.param, model_dir, load_model(str(model_dir), device="cpu"), hf_model, pairs
 
 
+@pytest.mark.parametrize("path", ["trace", "reuse"])
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-def test_every_component_matches_hook_reference(family, direction):
+def test_every_component_matches_hook_reference(family, direction, path):
     _, _, model, hf_model, pairs = family
-    result = patch_batch(model, pairs, COMPONENTS, direction, max_batch_tokens=40 * 16)
+    result = patch_batch(model, pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, exact_path=path)
     config = hf_model.config
     assert result.effects.num_rows == sum(p.n_tokens for p in pairs) * config.num_hidden_layers * (
         3 + config.num_attention_heads)
     assert_matches_reference(result, hf_model, pairs, direction, min_gap=0.05)
 
 
+@pytest.mark.parametrize("path", ["trace", "reuse"])
 @pytest.mark.parametrize("metric", ["kl", "logprob"])
-def test_metrics_and_all_positions_match_hook_reference(family, metric):
+def test_metrics_and_all_positions_match_hook_reference(family, metric, path):
     _, _, model, hf_model, pairs = family
-    result = patch_batch(model, pairs, ["resid", "head"], "noise", positions="all", metric=metric)
+    result = patch_batch(model, pairs, ["resid", "attn", "head"], "noise", positions="all", metric=metric,
+                         exact_path=path)
     # some random-model pairs barely differ in distribution (KL 0.002): their values are the test
     assert_matches_reference(result, hf_model, pairs, "noise", all_positions=True, min_gap=0)
 

@@ -196,7 +196,7 @@ def test_reuse_and_trace_agree_in_bfloat16_too(tiny_model_dir, ioi_pairs):
 def test_auto_exact_path_picks_reuse_for_gpt2_and_rejects_unknown(tiny_model, ioi_pairs):
     from worker.reuse import resolve_exact_path
 
-    assert resolve_exact_path(tiny_model, "auto") == "reuse"
+    assert resolve_exact_path("auto") == "reuse"
     with pytest.raises(ValueError, match="exact_path"):
         patch_batch(tiny_model, ioi_pairs, ["resid"], exact_path="fastest")
 

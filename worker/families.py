@@ -19,20 +19,25 @@ class Family:
     attention: str     # in a block: output (element 0) is the attention sublayer's output, `attn`
     out_proj: str      # in a block: the attention output projection, whose input holds the heads side by side
     mlp: str           # in a block: output is `mlp`
+    mlp_norm: str      # in a block: the norm before the MLP
     final_norm: str
     unembedding: str
     n_heads: str       # the config attribute with the number of (query) heads
+    rotary: str | None   # the module giving rotary position embeddings (cos, sin); None: absolute positions
+    cache_argument: str  # the keyword under which a block takes a key/value cache
 
 
 FAMILIES = {
-    "gpt2": Family("transformer.h", "transformer.drop", "attn", "attn.c_proj", "mlp", "transformer.ln_f",
-                   "lm_head", "n_head"),
-    # attention and MLP read the same block input (parallel residual); rotary positions
+    "gpt2": Family("transformer.h", "transformer.drop", "attn", "attn.c_proj", "mlp", "ln_2", "transformer.ln_f",
+                   "lm_head", "n_head", None, "cache"),
+    # attention and MLP read the same block input where config.use_parallel_residual; rotary positions
     "gpt_neox": Family("gpt_neox.layers", "gpt_neox.emb_dropout", "attention", "attention.dense", "mlp",
-                       "gpt_neox.final_layer_norm", "lm_head", "num_attention_heads"),
+                       "post_attention_layernorm", "gpt_neox.final_layer_norm", "lm_head", "num_attention_heads",
+                       "gpt_neox.rotary_emb", "layer_past"),
     # RMSNorm, gated MLP, rotary positions, grouped-query attention (heads are query heads)
-    "llama": Family("model.layers", "model.embed_tokens", "self_attn", "self_attn.o_proj", "mlp", "model.norm",
-                    "lm_head", "num_attention_heads"),
+    "llama": Family("model.layers", "model.embed_tokens", "self_attn", "self_attn.o_proj", "mlp",
+                    "post_attention_layernorm", "model.norm", "lm_head", "num_attention_heads", "model.rotary_emb",
+                    "cache"),
 }
 FAMILIES["mistral"] = FAMILIES["qwen2"] = FAMILIES["llama"]
 

@@ -302,10 +302,10 @@ def patch_batch(
     which bounds activation memory for long prompts and deep models. Exact patching runs on
     `exact_path="trace"`, every patch inside one nnsight trace per batch, or `"reuse"`, which
     reads the clean and corrupted activations with nnsight and recomputes only what a patch
-    changes (worker/reuse.py); `"auto"` takes `reuse` where the model supports it.
+    changes (worker/reuse.py); `"auto"` takes `reuse`.
     """
     options = PatchOptions(tuple(components), positions, direction, metric, max_batch_tokens, method, verify_top)
-    exact_path = resolve_exact_path(model, exact_path)
+    exact_path = resolve_exact_path(exact_path)
     groups: dict[int, list[int]] = defaultdict(list)
     for index, pair in enumerate(pairs):
         groups[pair.n_tokens].append(index)

@@ -6,8 +6,13 @@ activations of each pair (block inputs, attention and MLP outputs), and each pat
 is rebuilt from there: the receiver's layer-l output on positions t..T-1 with position t
 patched, then blocks l+1..L-1 on those positions only, attending to the receiver's cached
 keys and values for positions before t. That costs about (L-l)(T-t) token-layers instead
-of L*T. A head patch only changes layer l's attention output at t (the output projection of
+of L*T. The blocks are the model's own modules, called on the suffix with a stand-in key/value
+cache that holds the receiver's prefix (read in the same trace), so every family runs the
+same code; worker/families.py says where each keeps the parts a patched layer needs.
+A head patch only changes layer l's attention output at t (the output projection of
 the receiver's heads with the donor's slice for that head), so it recomputes like `attn`.
+Where attention and MLP read the same block input (GPT-NeoX's parallel residual), an
+attention patch changes the block's output by its change alone.
 A patch of every position at once (`positions="all"`) is one at positions t..T-1 with t the
 pair's first differing token: before it both runs are identical.
 Rows that share t are batched; rows join the batch at the layer they patch.
@@ -18,7 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import nnsight
 import torch
@@ -29,35 +33,31 @@ from worker.metrics import Answers, Donor, answer_logit_diff, reads_vocabulary, 
 from worker.options import COMPONENTS, PatchOptions
 from worker.pairs import Pair
 from worker.families import part
-from worker.sites import Cell, blocks, component_output, embedding_output, family, head_mask, last_logits
+from worker.sites import Cell, blocks, component_output, embedding_output, family, head_dim, head_mask, last_logits
 
-if TYPE_CHECKING:  # importing GPT-2's modeling code costs the driver 2 s; a loaded model has it already
-    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 
 @dataclass(frozen=True)
 class Activations:
     """Of 2P rows (clean, corrupted per pair): block inputs for layers 0..L (the last is the
     final block's output), the heads' outputs (output projection inputs), attention and MLP
-    outputs per layer, and the metric of each row; for `kl`, each pair's donor distribution."""
+    outputs per layer, each layer's attention keys and values (as its cache holds them), and the
+    metric of each row; for `kl`, each pair's donor distribution."""
     resid: list[torch.Tensor]
     head: list[torch.Tensor]
     attn: list[torch.Tensor]
     mlp: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
     metric: torch.Tensor
     donor: Donor | None
 
 
-def resolve_exact_path(model: TransformersModel, path: str) -> str:
-    """Which exact patching path runs: `reuse` where the model's blocks allow it (`auto`), else `trace`."""
+def resolve_exact_path(path: str) -> str:
+    """Which exact patching path runs: `reuse` (the default, `auto`) or `trace`."""
     if path not in ("auto", "trace", "reuse"):
         raise ValueError(f"exact_path must be auto, trace or reuse, got {path!r}")
-    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
-
-    supported = all(isinstance(block, GPT2Block) for block in blocks(model))
-    if path == "reuse" and not supported:
-        raise ValueError("exact_path='reuse' needs GPT2Block layers; use exact_path='trace'")
-    return "reuse" if path == "auto" and supported else ("trace" if path == "auto" else path)
+    return "reuse" if path == "auto" else path
 
 
 def baseline_rows(pairs: Sequence[Pair]) -> torch.Tensor:
@@ -76,7 +76,7 @@ def read_activations(model: TransformersModel, pairs: Sequence[Pair], answers: A
     donor_rows = 2 * torch.arange(len(pairs), device=device) + (0 if options.direction == "denoise" else 1)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     donor = None   # only saved values leave a trace: set here, replaced inside for `kl`
-    with torch.inference_mode(), model.trace(inputs, logits_to_keep=1):
+    with torch.inference_mode(), model.trace(inputs, logits_to_keep=1, use_cache=True):
         saved = nnsight.save({"resid": [embedding_output(model)], "head": [], "attn": [], "mlp": []})
         for layer in range(len(blocks(model))):
             for component in ("head", "attn", "mlp"):
@@ -89,46 +89,57 @@ def read_activations(model: TransformersModel, pairs: Sequence[Pair], answers: A
             donor = nnsight.save(Donor.of(logits[donor_rows]))
             row_donor = donor[torch.arange(len(pairs), device=device).repeat_interleave(2)]
         metric = vocabulary_metric(options.metric, logits, row_answers, row_donor).save()
-    return Activations(saved["resid"], saved["head"], saved["attn"], saved["mlp"], metric.cpu(), donor)
+        cache = model.output.cache.save()
+    return Activations(saved["resid"], saved["head"], saved["attn"], saved["mlp"],
+                       [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers],
+                       metric.cpu(), donor)
 
 
-def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    return x.view(*x.shape[:-1], -1, head_dim).transpose(1, 2)
+class PrefixCache:
+    """What a block's attention asks of a key/value cache (`update`), answered with the
+    receiver's keys and values of positions 0..t-1 put before the suffix's own."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([self.keys, keys], dim=2), torch.cat([self.values, values], dim=2)
 
 
-def keys_and_values(block: GPT2Block, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    attn = block.attn
-    _, keys, values = attn.c_attn(block.ln_1(hidden)).split(attn.split_size, dim=2)
-    return split_heads(keys, attn.head_dim), split_heads(values, attn.head_dim)
+def block_on_suffix(model: TransformersModel, block: torch.nn.Module, hidden: torch.Tensor,
+                    prefix_keys: torch.Tensor, prefix_values: torch.Tensor) -> torch.Tensor:
+    """A block on positions t..T-1 of each row, given the keys and values of positions 0..t-1."""
+    where, start, length = family(model), prefix_keys.shape[2], hidden.shape[1]
+    positions = torch.arange(start, start + length, device=hidden.device)
+    hidden_from = positions[:, None] < torch.arange(start + length, device=hidden.device)[None, :]
+    mask = torch.zeros(hidden_from.shape, dtype=hidden.dtype, device=hidden.device)
+    mask = mask.masked_fill(hidden_from, torch.finfo(hidden.dtype).min)[None, None]   # causal, over prefix + suffix
+    extra = {}
+    if where.rotary is not None:
+        position_ids = positions[None].expand(len(hidden), -1)
+        extra = {"position_ids": position_ids,
+                 "position_embeddings": part(model._module, where.rotary)(hidden, position_ids)}
+    output = block(hidden, attention_mask=mask, **{where.cache_argument: PrefixCache(prefix_keys, prefix_values)},
+                   **extra)
+    return output[0] if isinstance(output, tuple) else output
 
 
-def block_on_suffix(block: GPT2Block, hidden: torch.Tensor, prefix_keys: torch.Tensor,
-                    prefix_values: torch.Tensor) -> torch.Tensor:
-    """A GPT-2 block on positions t..T-1 of each row, given the keys and values of positions 0..t-1."""
-    attn, start, length = block.attn, prefix_keys.shape[2], hidden.shape[1]
-    queries, keys, values = attn.c_attn(block.ln_1(hidden)).split(attn.split_size, dim=2)
-    queries, keys, values = (split_heads(x, attn.head_dim) for x in (queries, keys, values))
-    keys, values = torch.cat([prefix_keys, keys], dim=2), torch.cat([prefix_values, values], dim=2)
-    causal = (torch.arange(length, device=hidden.device)[:, None] + start
-              >= torch.arange(start + length, device=hidden.device)[None, :])
-    mixed = F.scaled_dot_product_attention(queries, keys, values, attn_mask=causal, scale=attn.scaling)
-    hidden = hidden + attn.c_proj(mixed.transpose(1, 2).reshape(*hidden.shape[:2], -1))
-    return hidden + block.mlp(block.ln_2(hidden))
-
-
-def patched_attention_output(block: GPT2Block, acts: Activations, component: str, layer: int, here: slice,
-                             receivers: torch.Tensor, donors: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-    """Layer `layer`'s attention output at positions `here` with the donor's whole output, or with
-    the donor's channels of one head per row put through the output projection."""
+def attention_output(model: TransformersModel, block: torch.nn.Module, acts: Activations, component: str,
+                     layer: int, here: slice, rows: torch.Tensor, donors: torch.Tensor | None = None,
+                     heads: torch.Tensor | None = None) -> torch.Tensor:
+    """Layer `layer`'s attention output at positions `here` of `rows`; with `donors`, patched: the
+    donor's whole output, or the donor's channels of one head per row through the output projection."""
     if component == "attn":
-        return acts.attn[layer][donors, here]
-    donor, receiver = acts.head[layer][donors, here], acts.head[layer][receivers, here]
-    mask = head_mask(heads, block.attn.head_dim, donor.shape[-1])[:, None, :]
-    return block.attn.c_proj(torch.where(mask, donor, receiver))
+        return acts.attn[layer][rows if donors is None else donors, here]
+    z = acts.head[layer][rows, here]
+    if donors is not None:
+        mask = head_mask(heads, head_dim(model), z.shape[-1])[:, None, :]
+        z = torch.where(mask, acts.head[layer][donors, here], z)
+    return part(block, family(model).out_proj)(z)
 
 
-def patched_layer_output(block: GPT2Block, acts: Activations, component: str, layer: int, start: int,
-                         whole: bool, receivers: torch.Tensor, donors: torch.Tensor,
+def patched_layer_output(model: TransformersModel, block: torch.nn.Module, acts: Activations, component: str,
+                         layer: int, start: int, whole: bool, receivers: torch.Tensor, donors: torch.Tensor,
                          heads: torch.Tensor) -> torch.Tensor:
     """Layer `layer`'s output on positions start..T-1 of each receiver row, patched at `start`
     (or, if `whole`, at every one of those positions)."""
@@ -140,9 +151,13 @@ def patched_layer_output(block: GPT2Block, acts: Activations, component: str, la
     elif component == "mlp":
         suffix[:, :width] += acts.mlp[layer][donors, here] - acts.mlp[layer][receivers, here]
     else:
-        attention = patched_attention_output(block, acts, component, layer, here, receivers, donors, heads)
-        middle = acts.resid[layer][receivers, here] + attention
-        suffix[:, :width] = middle + block.mlp(block.ln_2(middle))
+        patched = attention_output(model, block, acts, component, layer, here, receivers, donors, heads)
+        if getattr(model._module.config, "use_parallel_residual", False):   # the MLP never sees the attention
+            suffix[:, :width] += patched - attention_output(model, block, acts, component, layer, here, receivers)
+        else:
+            middle = acts.resid[layer][receivers, here] + patched
+            where = family(model)
+            suffix[:, :width] = middle + part(block, where.mlp)(part(block, where.mlp_norm)(middle))
     return suffix
 
 
@@ -172,14 +187,14 @@ def run_rows(model: TransformersModel, acts: Activations, prefix: list[tuple[tor
         if hidden is not None:
             pair_rows = torch.tensor([pair for pair, _ in order], device=device)
             keys, values = prefix[layer]
-            hidden = block_on_suffix(block, hidden, keys[pair_rows, :, :start], values[pair_rows, :, :start])
+            hidden = block_on_suffix(model, block, hidden, keys[pair_rows, :, :start], values[pair_rows, :, :start])
         for component in COMPONENTS:
             joining = [(pair, cell) for pair, cell in rows if cell.layer == layer and cell.component == component]
             if not joining:
                 continue
             pairs = torch.tensor([pair for pair, _ in joining], device=device)
             heads = torch.tensor([cell.head or 0 for _, cell in joining], device=device)
-            new = patched_layer_output(block, acts, component, layer, start, whole,
+            new = patched_layer_output(model, block, acts, component, layer, start, whole,
                                        receivers=2 * pairs + shift, donors=2 * pairs + 1 - shift, heads=heads)
             hidden = new if hidden is None else torch.cat([hidden, new])
             order += joining
@@ -219,8 +234,7 @@ def reuse_values(
             acts = read_activations(model, group, answers, options)
             baselines.append(acts.metric)
             receivers = slice(1, None, 2) if options.direction == "denoise" else slice(0, None, 2)
-            prefix = [keys_and_values(block, acts.resid[layer][receivers])
-                      for layer, block in enumerate(blocks(model))]
+            prefix = [(keys[receivers], values[receivers]) for keys, values in zip(acts.keys, acts.values)]
             mine = [i for i, (pair, _) in enumerate(work) if first <= pair < first + len(group)]
             spans = {i: patched_span(pairs[work[i][0]], cells[work[i][1]]) for i in mine}
             for start, whole in sorted(set(spans.values())):
