@@ -59,7 +59,7 @@ def positions_option(ctx, param, value: str) -> str:
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--pairs", type=click.Path(dir_okay=False), help="JSONL pair file: clean, corrupted, correct, incorrect[, id, labels, metadata].")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Hub id or local directory of a GPT-2-family checkpoint.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Hub id or local directory of a gpt2, gpt_neox, llama, mistral or qwen2 checkpoint.")
 @click.option("--out", help="Output directory or URI (s3://...).  [default: runs/<pairs file stem>]")
 @click.option("--components", default=",".join(DEFAULT_COMPONENTS), show_default=True, callback=parse_components,
               help="Comma-separated subset of resid (block output), attn, mlp (sublayer outputs), "

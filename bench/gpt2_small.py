@@ -1,14 +1,17 @@
-"""A GPT-2-small-shaped random checkpoint and synthetic IOI-like pairs, for benchmarks.
+"""GPT-2-small-sized random checkpoints (of GPT-2 or another family) and synthetic IOI-like
+pairs, for benchmarks.
 
-12 layers, 768 wide, 50257 vocab (`GPT2Config()`); the tokenizer is the tiny example one,
-since benchmark pairs are made of token ids directly.
+12 layers, 768 wide, 12 heads, 50257 vocab (`GPT2Config()`; the other families the same size,
+with a gated 2048-wide MLP for Llama's kind, as many parameters as GPT-2's 3072-wide one); the
+tokenizer is the tiny example one, since benchmark pairs are made of token ids directly.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+                          LlamaForCausalLM)
 
 from examples.tiny_gpt2 import EOS, build_tokenizer, corpus
 from worker.pairs import Pair
@@ -24,6 +27,29 @@ def build_gpt2_small(out_dir: str | Path, **shape) -> Path:
     torch.manual_seed(0)
     config = GPT2Config(bos_token_id=eos_id, eos_token_id=eos_id, **shape)
     GPT2LMHeadModel(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+SMALL = {"vocab_size": 50257, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+         "max_position_embeddings": 1024}
+FAMILY_MODELS = {
+    "gpt_neox": lambda ids: GPTNeoXForCausalLM(GPTNeoXConfig(**SMALL, **ids, intermediate_size=3072)),
+    "llama": lambda ids: LlamaForCausalLM(LlamaConfig(**SMALL, **ids, intermediate_size=2048)),
+}
+
+
+def build_small(family: str, out_dir: str | Path) -> Path:
+    """A GPT-2-small-sized random checkpoint of `family` (gpt2, gpt_neox or llama)."""
+    if family == "gpt2":
+        return build_gpt2_small(out_dir)
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        return out_dir
+    tokenizer = build_tokenizer(corpus())
+    eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    torch.manual_seed(0)
+    FAMILY_MODELS[family]({"bos_token_id": eos_id, "eos_token_id": eos_id}).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

@@ -8,7 +8,7 @@ metric) sweeps over the 48 benchmark pairs, in one process, relative to the firs
 Each argument is COMPONENTS[:POSITIONS[:METRIC[:METHOD]]] (components comma-separated,
 positions as `--positions`, default each; metric as `--metric`, default logit_diff; method
 exact or atp, default exact). For atp, "cells run" still counts the cells estimated.
-Model: GPT-2-small-shaped random (bench/gpt2_small.py); pairs: examples/pairs.jsonl four times
+Model: GPT-2-small-sized random, of `--family` (bench/gpt2_small.py); pairs: examples/pairs.jsonl four times
 over (14, 17 and 19 tokens, labelled). "cells run" counts the patched runs computed per pair
 (cells before the first differing token cost nothing and are not counted).
 """
@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from bench.driver_throughput import repeated_pairs
-from bench.gpt2_small import build_gpt2_small
+from bench.gpt2_small import build_small
 from jobs.pairfile import read_pairs
 from worker.model import load_model, load_tokenizer
 from worker.options import position_labels
 from worker.patching import cells_to_run, patch_batch, patch_cells, selected_cells
-from worker.sites import n_heads
+from worker.sites import n_heads, n_layers
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,7 @@ def grouped(model, pairs, components: list[str], positions: str):
     """Per token length: the pairs, and the cells patch_batch lays out for them."""
     for n_tokens in sorted({p.n_tokens for p in pairs}):
         group = [p for p in pairs if p.n_tokens == n_tokens]
-        yield group, patch_cells(components, len(model.transformer.h), n_tokens, n_heads(model), positions)
+        yield group, patch_cells(components, n_layers(model), n_tokens, n_heads(model), positions)
 
 
 def pairs_rows(model, pairs, components: list[str], positions: str) -> list:
@@ -57,16 +57,18 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--exact-path", default="auto", choices=["auto", "trace", "reuse"])
+    parser.add_argument("--family", default="gpt2", choices=["gpt2", "gpt_neox", "llama"],
+                        help="The random GPT-2-small-sized model's family.")
     parser.add_argument("--rounds", type=int, default=1,
                         help="Time every sweep this many times, in turns, and keep each one's fastest (machine noise).")
     args = parser.parse_args()
 
-    model_dir = str(build_gpt2_small(f"{tempfile.gettempdir()}/patchsweep-gpt2-12x768"))
+    model_dir = str(build_small(args.family, f"{tempfile.gettempdir()}/patchsweep-{args.family}-12x768"))
     pairs_file = Path(tempfile.mkdtemp()) / "pairs.jsonl"
     repeated_pairs(Path(args.pairs), args.repeat, pairs_file)
     pairs = read_pairs(pairs_file, *load_tokenizer(model_dir)).pairs
     model = load_model(model_dir, args.device, args.dtype)
-    print(f"device={model.device} dtype={args.dtype} threads={torch.get_num_threads()} exact_path={args.exact_path} "
+    print(f"family={args.family} device={model.device} dtype={args.dtype} threads={torch.get_num_threads()} exact_path={args.exact_path} "
           f"pairs={len(pairs)} tokens={sorted({p.n_tokens for p in pairs})}")
     print(f"{'sweep':30s} {'rows':>8s} {'cells run/pair':>14s} {'pairs/s':>8s} {'s/pair':>7s} "
           f"{'ms/cell':>8s} {'cell cost vs first':>18s}")
