@@ -353,3 +353,17 @@ def test_atp_end_to_end_estimates_every_cell_and_verifies_some(tmp_path, tiny_mo
     assert (manifest["method"], manifest["verify_top"]) == ("atp", 3)
     assert manifest["config"]["method"] == "atp" and manifest["config"]["verify_top"] == 3
     assert "AtP checks" in done.stderr
+
+
+def test_an_unsupported_model_family_is_one_line(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer, OPTConfig
+
+    model_dir = tmp_path / "opt"
+    OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2,
+              word_embed_proj_dim=16).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(model_dir)
+    failed = run_driver("--pairs", EXAMPLE_PAIRS, "--model", model_dir, "--out", tmp_path / "o")
+    assert failed.returncode == 2
+    (line,) = failed.stderr.strip().splitlines()
+    assert line == (f"error: cannot patch {str(model_dir)!r}: model type 'opt' is not supported; "
+                    "patchsweep patches gpt2, gpt_neox, llama, mistral, qwen2 models")
