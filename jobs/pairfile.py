@@ -1,16 +1,22 @@
-"""The pair file (JSONL): reading it and validating every line against the model's tokenizer.
+"""The pair file (JSONL, gzip- or zstd-compressed JSONL, or Parquet with the same keys as
+columns): reading it and validating every line against the model's tokenizer.
 
 Every problem is collected, not raised, so a user sees all bad lines at once as
 `FILE:LINE: reason`, and `--skip-invalid` can set them aside with their reasons.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
 
 from jobs.tokens import decoded_pieces, readable
 from worker.options import NEEDS_INCORRECT, PatchOptions, position_labels
@@ -201,12 +207,31 @@ def check_labels_exist(path: str | Path, records: list[Any], wanted: Sequence[st
                             f"(its labels: {', '.join(sorted(known))})")
 
 
-def read_lines(path: str | Path) -> list[tuple[int, bytes]]:
-    """(1-based line number, raw bytes) of every non-blank line."""
+GZIP_MAGIC, ZSTD_MAGIC, PARQUET_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"PAR1"
+
+
+def read_bytes(path: str | Path) -> bytes:
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as error:
         raise PairFileError(f"{path}: cannot read pair file: {error.strerror or error}") from error
+
+
+def decompressed(path: str | Path, data: bytes) -> bytes:
+    """JSONL as written, or gzip- or zstd-compressed (told apart by their first bytes, not the name)."""
+    try:
+        if data.startswith(GZIP_MAGIC):
+            return gzip.decompress(data)
+        if data.startswith(ZSTD_MAGIC):
+            return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    except (OSError, EOFError, zstandard.ZstdError) as error:
+        raise PairFileError(f"{path}: cannot read pair file: a damaged compressed file ({error})") from error
+    return data
+
+
+def read_lines(path: str | Path) -> list[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) of every non-blank line."""
+    data = decompressed(path, read_bytes(path))
     return [(number, raw) for number, raw in enumerate(data.splitlines(), start=1) if raw.strip()]
 
 
@@ -219,8 +244,22 @@ def decode_line(raw: bytes) -> Any:
         raise BadPair(f"not JSON: {error.msg} (column {error.colno})") from None
 
 
+def parquet_rows(path: str | Path) -> list[tuple[int, bytes, Any]]:
+    """A Parquet pair file: one record per row (its 1-based number stands for the line), with the
+    JSONL keys as columns; a null is a key the row does not have."""
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (OSError, pa.ArrowException) as error:
+        raise PairFileError(f"{path}: cannot read pair file: {error}") from error
+    records = [{key: value for key, value in row.items() if value is not None} for row in rows]
+    return [(number, json.dumps(record).encode(), record) for number, record in enumerate(records, start=1)]
+
+
 def decoded_lines(path: str | Path) -> list[tuple[int, bytes, Any]]:
-    """(line number, raw bytes, the decoded JSON or the `BadPair` saying why it is not)."""
+    """(line number, raw bytes, the decoded JSON or the `BadPair` saying why it is not), from a
+    JSONL file (plain, gzip or zstd) or a Parquet file."""
+    if read_bytes(path)[:4] == PARQUET_MAGIC:
+        return parquet_rows(path)
     lines = []
     for number, raw in read_lines(path):
         try:

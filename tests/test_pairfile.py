@@ -159,3 +159,40 @@ def test_incorrect_is_needed_only_by_metrics_that_compare(tmp_path, tokenizer_an
         assert [str(line) for line in result.invalid] == [f"{path}:1: missing key 'incorrect' (the {metric} metric needs it)"]
     else:
         assert result.invalid == [] and result.pairs[0].incorrect_ids == ()
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd", "parquet"])
+def test_compressed_and_parquet_pair_files_read_like_jsonl(tmp_path, tokenizer_and_ctx, kind):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    tokenizer, n_ctx = tokenizer_and_ctx
+    n = len(tokenizer(CLEAN).input_ids)
+    records = [{**GOOD, "id": "a", "labels": ["x"] * n, "template": "t0"}, {**GOOD, "id": "b", "correct": [" John"]},
+               {**GOOD, "id": "c", "correct": " Tom Anna"}]
+    plain = read_pairs(write_jsonl(tmp_path / "pairs.jsonl", records), tokenizer, n_ctx)
+    text = (tmp_path / "pairs.jsonl").read_bytes()
+    path = tmp_path / f"pairs.{kind}"
+    if kind == "gzip":
+        path.write_bytes(gzip.compress(text))
+    elif kind == "zstd":
+        path.write_bytes(zstandard.ZstdCompressor().compress(text))
+    else:
+        rows = [{**r, "correct": r["correct"] if isinstance(r["correct"], list) else [r["correct"]]} for r in records]
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    read = read_pairs(path, tokenizer, n_ctx)
+    assert [p.pair_id for p in read.pairs] == ["a", "b"] == [p.pair_id for p in plain.pairs]
+    assert [(p.clean_ids, p.correct_ids, p.labels, p.metadata) for p in read.pairs] == \
+           [(p.clean_ids, p.correct_ids, p.labels, p.metadata) for p in plain.pairs]
+    (bad,) = read.invalid
+    assert str(bad).startswith(f"{path}:3: 'correct' answer ' Tom Anna' is 2 tokens")
+
+
+def test_a_damaged_compressed_file_is_one_error(tmp_path, tokenizer_and_ctx):
+    path = tmp_path / "pairs.jsonl.gz"
+    path.write_bytes(b"\x1f\x8b" + b"not gzip at all")
+    with pytest.raises(PairFileError, match="cannot read pair file: a damaged compressed file"):
+        read_pairs(path, *tokenizer_and_ctx)
