@@ -29,12 +29,11 @@ import torch
 import torch.nn.functional as F
 from nnsight import TransformersModel
 
+from worker.families import part
 from worker.metrics import Answers, Donor, answer_logit_diff, reads_vocabulary, vocabulary_metric
 from worker.options import COMPONENTS, PatchOptions
 from worker.pairs import Pair
-from worker.families import part
 from worker.sites import Cell, blocks, component_output, embedding_output, family, head_dim, head_mask, last_logits
-
 
 
 @dataclass(frozen=True)
