@@ -66,8 +66,9 @@ def stop_head(head: subprocess.Popen, gcs_port: int) -> None:
         current.unlink()
 
 
-def submit_until_an_agent_answers(command: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
-    """The dashboard answers before its job agent is up; until then submission is refused."""
+def submit_until_an_agent_answers(command: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The dashboard answers before its job agent is up; until then submission is refused (a
+    loaded 2-core machine has taken over 120 s to start the agent)."""
     deadline = time.time() + timeout
     while True:
         submitted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
