@@ -17,18 +17,23 @@ from examples.tiny_gpt2 import EOS, build_tokenizer, corpus
 from worker.pairs import Pair
 
 
-def build_gpt2_small(out_dir: str | Path, **shape) -> Path:
-    """`GPT2Config()` by default; `shape` overrides fields (n_layer, n_embd, n_positions, ...)."""
+def save_random(out_dir: str | Path, make_model) -> Path:
+    """Write `make_model({"bos_token_id": ..., "eos_token_id": ...})`, seeded, with the tiny
+    tokenizer to `out_dir`, unless a checkpoint is there already."""
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         return out_dir
     tokenizer = build_tokenizer(corpus())
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     torch.manual_seed(0)
-    config = GPT2Config(bos_token_id=eos_id, eos_token_id=eos_id, **shape)
-    GPT2LMHeadModel(config).save_pretrained(out_dir)
+    make_model({"bos_token_id": eos_id, "eos_token_id": eos_id}).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def build_gpt2_small(out_dir: str | Path, **shape) -> Path:
+    """`GPT2Config()` by default; `shape` overrides fields (n_layer, n_embd, n_positions, ...)."""
+    return save_random(out_dir, lambda ids: GPT2LMHeadModel(GPT2Config(**ids, **shape)))
 
 
 SMALL = {"vocab_size": 50257, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -41,17 +46,7 @@ FAMILY_MODELS = {
 
 def build_small(family: str, out_dir: str | Path) -> Path:
     """A GPT-2-small-sized random checkpoint of `family` (gpt2, gpt_neox or llama)."""
-    if family == "gpt2":
-        return build_gpt2_small(out_dir)
-    out_dir = Path(out_dir)
-    if (out_dir / "config.json").exists():
-        return out_dir
-    tokenizer = build_tokenizer(corpus())
-    eos_id = tokenizer.convert_tokens_to_ids(EOS)
-    torch.manual_seed(0)
-    FAMILY_MODELS[family]({"bos_token_id": eos_id, "eos_token_id": eos_id}).save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+    return build_gpt2_small(out_dir) if family == "gpt2" else save_random(out_dir, FAMILY_MODELS[family])
 
 
 def synthetic_pairs(n: int, n_tokens: int = 16, vocab: int = 300, seed: int = 0) -> list[Pair]:
