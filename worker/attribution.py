@@ -23,7 +23,7 @@ import torch
 from nnsight import TransformersModel
 
 from worker.metrics import Answers, Donor, vocabulary_metric
-from worker.options import PatchOptions
+from worker.options import PatchOptions, donor_offset
 from worker.pairs import Pair
 from worker.sites import FORWARD_ORDER, Cell, component_output, head_dim, last_logits, n_layers
 
@@ -36,9 +36,9 @@ def read_gradients(model: TransformersModel, pairs: Sequence[Pair], options: Pat
     device = model.device
     input_ids = torch.tensor([ids for p in pairs for ids in (p.clean_ids, p.corrupted_ids)], device=device)
     answers = Answers.of([p for p in pairs for _ in range(2)]).to(device)
-    shift = 0 if options.direction == "denoise" else 1
-    donor_rows = (2 * torch.arange(len(pairs), device=device) + shift).repeat_interleave(2)
-    receiver_rows = 2 * torch.arange(len(pairs), device=device) + 1 - shift
+    offset = donor_offset(options.direction)
+    donor_rows = (2 * torch.arange(len(pairs), device=device) + offset).repeat_interleave(2)
+    receiver_rows = 2 * torch.arange(len(pairs), device=device) + 1 - offset
     sites = [(component, layer) for layer in range(n_layers(model))
              for component in FORWARD_ORDER if component in components]
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
@@ -63,9 +63,8 @@ def first_order_effects(act: torch.Tensor, grad: torch.Tensor, direction: str, h
                         ) -> torch.Tensor:
     """Per pair, (donor - receiver) x the receiver's gradient, summed over channels: [P, T], or
     [P, T, heads] summed over each head's channels."""
-    clean, corrupted = act[0::2], act[1::2]
-    donor, receiver, grad = (clean, corrupted, grad[1::2]) if direction == "denoise" else (corrupted, clean, grad[0::2])
-    product = (donor - receiver).float() * grad.float()
+    offset = donor_offset(direction)
+    product = (act[offset::2] - act[1 - offset::2]).float() * grad[1 - offset::2].float()
     if head_width is None:
         return product.sum(-1)
     return product.view(*product.shape[:2], -1, head_width).sum(-1)
@@ -84,7 +83,7 @@ def atp_estimates(model: TransformersModel, pairs: Sequence[Pair], cells: Sequen
         group = pairs[first:first + pairs_per_group]
         values, acts, grads = read_gradients(model, group, options, components)
         baselines.append(values)
-        receiver = values[1::2] if options.direction == "denoise" else values[0::2]
+        receiver = values[1 - donor_offset(options.direction)::2]
         by_site: dict[tuple[str, int, bool], list[int]] = {}
         for i, (pair, c) in enumerate(work):
             if first <= pair < first + len(group):

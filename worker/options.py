@@ -23,6 +23,12 @@ class ModelLoadError(RuntimeError):
     """A model or tokenizer that cannot be loaded; the message is one line for the user."""
 
 
+def donor_offset(direction: str) -> int:
+    """Batches hold [clean, corrupted] rows per pair: the donor's row of the two (0 when
+    denoising, clean into corrupted); the receiver's is the other, 1 minus it."""
+    return 0 if direction == "denoise" else 1
+
+
 def parse_positions(text: str) -> str:
     """`each`, `all`, or the listed labels joined by commas (spaces and repeats dropped)."""
     parts = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))

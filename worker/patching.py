@@ -21,7 +21,7 @@ import torch
 from nnsight import TransformersModel
 
 from worker.metrics import Answers, Donor, vocabulary_metric
-from worker.options import DEFAULT_COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, PatchOptions, position_labels
+from worker.options import DEFAULT_COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, PatchOptions, donor_offset, position_labels
 from worker.pairs import Pair
 from worker.attribution import atp_estimates, verified_rows
 from worker.reuse import resolve_exact_path, reuse_values
@@ -122,7 +122,7 @@ def plan_trace(
 ) -> TracePlan:
     """Lay out one trace's rows: [clean, corrupted] per pair of `pair_indices`, then the patched rows."""
     clean_row = {p: 2 * i for i, p in enumerate(pair_indices)}
-    shift = 0 if direction == "denoise" else 1
+    shift = donor_offset(direction)
     ids, answer_rows, donor_rows = [], [], []
     for p in pair_indices:
         ids += [pairs[p].clean_ids, pairs[p].corrupted_ids]
@@ -224,8 +224,9 @@ def trace_values(
 
 def row_values(rows: Sequence[tuple[int, int]], receiver: torch.Tensor, work: Sequence[tuple[int, int]],
                values: torch.Tensor) -> torch.Tensor:
-    """A value per row: the receiving run's own, except the `work` rows, which get `values`."""
-    patched = receiver[torch.tensor([p for p, _ in rows], dtype=torch.long)]
+    """A value per row: the receiving run's own (`receiver`, one per row), except the `work` rows,
+    which get `values`."""
+    patched = receiver.clone()
     if work:
         row_of = {row: i for i, row in enumerate(rows)}
         patched[torch.tensor([row_of[item] for item in work])] = values
@@ -250,17 +251,16 @@ def patch_group(
     estimate, exact_rows = None, None
     if options.method == "atp":
         clean, corrupted, estimated = atp_estimates(model, pairs, cells, work, options)
-        receiver = corrupted if options.direction == "denoise" else clean
+    else:
+        clean, corrupted, values = exact_values(model, pairs, cells, work, options)
+    receiver = (corrupted if options.direction == "denoise" else clean)[row_pairs]
+    if options.method == "atp":
         estimated = row_values(rows, receiver, work, estimated)
         estimate = normalized_score(estimated, clean[row_pairs], corrupted[row_pairs], options.direction)
-        verified = verified_rows([p.pair_id for p in pairs], rows, estimated - receiver[row_pairs],
-                                 options.verify_top)
+        verified = verified_rows([p.pair_id for p in pairs], rows, estimated - receiver, options.verify_top)
         exact_rows = torch.tensor([row in verified for row in rows], dtype=torch.bool)
         work = [item for item in work if item in verified]
         values = exact_values(model, pairs, cells, work, options)[2] if work else torch.empty(0)
-    else:
-        clean, corrupted, values = exact_values(model, pairs, cells, work, options)
-        receiver = corrupted if options.direction == "denoise" else clean
     patched = row_values(rows, receiver, work, values)
     scores = normalized_score(patched, clean[row_pairs], corrupted[row_pairs], options.direction)
     row_cells = [cells[c] for _, c in rows]

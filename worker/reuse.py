@@ -31,7 +31,7 @@ from nnsight import TransformersModel
 
 from worker.families import part
 from worker.metrics import Answers, Donor, answer_logit_diff, reads_vocabulary, vocabulary_metric
-from worker.options import COMPONENTS, PatchOptions
+from worker.options import COMPONENTS, PatchOptions, donor_offset
 from worker.pairs import Pair
 from worker.sites import Cell, blocks, component_output, embedding_output, family, head_dim, head_mask, last_logits
 
@@ -72,7 +72,7 @@ def read_activations(model: TransformersModel, pairs: Sequence[Pair], answers: A
     device = model.device
     input_ids = baseline_rows(pairs).to(device)
     row_answers = answers[torch.arange(len(pairs), device=device).repeat_interleave(2)]
-    donor_rows = 2 * torch.arange(len(pairs), device=device) + (0 if options.direction == "denoise" else 1)
+    donor_rows = 2 * torch.arange(len(pairs), device=device) + donor_offset(options.direction)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     donor = None   # only saved values leave a trace: set here, replaced inside for `kl`
     with torch.inference_mode(), model.trace(inputs, logits_to_keep=1, use_cache=True):
@@ -105,21 +105,27 @@ class PrefixCache:
         return torch.cat([self.keys, keys], dim=2), torch.cat([self.values, values], dim=2)
 
 
-def block_on_suffix(model: TransformersModel, block: torch.nn.Module, hidden: torch.Tensor,
-                    prefix_keys: torch.Tensor, prefix_values: torch.Tensor) -> torch.Tensor:
-    """A block on positions t..T-1 of each row, given the keys and values of positions 0..t-1."""
-    where, start, length = family(model), prefix_keys.shape[2], hidden.shape[1]
-    positions = torch.arange(start, start + length, device=hidden.device)
-    hidden_from = positions[:, None] < torch.arange(start + length, device=hidden.device)[None, :]
-    mask = torch.zeros(hidden_from.shape, dtype=hidden.dtype, device=hidden.device)
-    mask = mask.masked_fill(hidden_from, torch.finfo(hidden.dtype).min)[None, None]   # causal, over prefix + suffix
-    extra = {}
+def suffix_arguments(model: TransformersModel, start: int, like: torch.Tensor) -> dict:
+    """What every block needs to run on positions start..T-1 of `like` ([rows, T - start, d]):
+    a causal mask over prefix and suffix, and where the family has them, rotary position
+    embeddings for those positions (one row, broadcast over the batch). The same for every layer."""
+    length, where = like.shape[1], family(model)
+    positions = torch.arange(start, start + length, device=like.device)
+    hidden_from = positions[:, None] < torch.arange(start + length, device=like.device)[None, :]
+    mask = torch.zeros(hidden_from.shape, dtype=like.dtype, device=like.device)
+    arguments = {"attention_mask": mask.masked_fill(hidden_from, torch.finfo(like.dtype).min)[None, None]}
     if where.rotary is not None:
-        position_ids = positions[None].expand(len(hidden), -1)
-        extra = {"position_ids": position_ids,
-                 "position_embeddings": part(model._module, where.rotary)(hidden, position_ids)}
-    output = block(hidden, attention_mask=mask, **{where.cache_argument: PrefixCache(prefix_keys, prefix_values)},
-                   **extra)
+        arguments["position_ids"] = positions[None]
+        arguments["position_embeddings"] = part(model._module, where.rotary)(like, positions[None])
+    return arguments
+
+
+def block_on_suffix(model: TransformersModel, block: torch.nn.Module, hidden: torch.Tensor,
+                    prefix_keys: torch.Tensor, prefix_values: torch.Tensor, arguments: dict) -> torch.Tensor:
+    """A block on positions t..T-1 of each row, given the keys and values of positions 0..t-1
+    and `suffix_arguments`."""
+    cache = {family(model).cache_argument: PrefixCache(prefix_keys, prefix_values)}
+    output = block(hidden, **cache, **arguments)
     return output[0] if isinstance(output, tuple) else output
 
 
@@ -180,13 +186,15 @@ def run_rows(model: TransformersModel, acts: Activations, prefix: list[tuple[tor
              answers: Answers) -> torch.Tensor:
     """The patched metric of rows (pair index, cell) that all patch position `start` (all of start.. if `whole`)."""
     device = acts.resid[0].device
-    shift = 1 if options.direction == "denoise" else 0
-    hidden, order = None, []
+    shift = 1 - donor_offset(options.direction)
+    hidden, order, arguments = None, [], None
     for layer, block in enumerate(blocks(model)):
         if hidden is not None:
             pair_rows = torch.tensor([pair for pair, _ in order], device=device)
             keys, values = prefix[layer]
-            hidden = block_on_suffix(model, block, hidden, keys[pair_rows, :, :start], values[pair_rows, :, :start])
+            arguments = arguments or suffix_arguments(model, start, hidden)
+            hidden = block_on_suffix(model, block, hidden, keys[pair_rows, :, :start], values[pair_rows, :, :start],
+                                     arguments)
         for component in COMPONENTS:
             joining = [(pair, cell) for pair, cell in rows if cell.layer == layer and cell.component == component]
             if not joining:
@@ -232,7 +240,7 @@ def reuse_values(
             answers = Answers.of(group).to(model.device)
             acts = read_activations(model, group, answers, options)
             baselines.append(acts.metric)
-            receivers = slice(1, None, 2) if options.direction == "denoise" else slice(0, None, 2)
+            receivers = slice(1 - donor_offset(options.direction), None, 2)
             prefix = [(keys[receivers], values[receivers]) for keys, values in zip(acts.keys, acts.values)]
             mine = [i for i, (pair, _) in enumerate(work) if first <= pair < first + len(group)]
             spans = {i: patched_span(pairs[work[i][0]], cells[work[i][1]]) for i in mine}
