@@ -229,9 +229,8 @@ def decompressed(path: str | Path, data: bytes) -> bytes:
     return data
 
 
-def read_lines(path: str | Path) -> list[tuple[int, bytes]]:
+def numbered_lines(data: bytes) -> list[tuple[int, bytes]]:
     """(1-based line number, raw bytes) of every non-blank line."""
-    data = decompressed(path, read_bytes(path))
     return [(number, raw) for number, raw in enumerate(data.splitlines(), start=1) if raw.strip()]
 
 
@@ -244,11 +243,11 @@ def decode_line(raw: bytes) -> Any:
         raise BadPair(f"not JSON: {error.msg} (column {error.colno})") from None
 
 
-def parquet_rows(path: str | Path) -> list[tuple[int, bytes, Any]]:
+def parquet_rows(path: str | Path, data: bytes) -> list[tuple[int, bytes, Any]]:
     """A Parquet pair file: one record per row (its 1-based number stands for the line), with the
     JSONL keys as columns; a null is a key the row does not have."""
     try:
-        rows = pq.read_table(path).to_pylist()
+        rows = pq.read_table(pa.BufferReader(data)).to_pylist()
     except (OSError, pa.ArrowException) as error:
         raise PairFileError(f"{path}: cannot read pair file: {error}") from error
     records = [{key: value for key, value in row.items() if value is not None} for row in rows]
@@ -258,10 +257,11 @@ def parquet_rows(path: str | Path) -> list[tuple[int, bytes, Any]]:
 def decoded_lines(path: str | Path) -> list[tuple[int, bytes, Any]]:
     """(line number, raw bytes, the decoded JSON or the `BadPair` saying why it is not), from a
     JSONL file (plain, gzip or zstd) or a Parquet file."""
-    if read_bytes(path)[:4] == PARQUET_MAGIC:
-        return parquet_rows(path)
+    data = read_bytes(path)
+    if data.startswith(PARQUET_MAGIC):
+        return parquet_rows(path, data)
     lines = []
-    for number, raw in read_lines(path):
+    for number, raw in numbered_lines(decompressed(path, data)):
         try:
             lines.append((number, raw, decode_line(raw)))
         except BadPair as error:

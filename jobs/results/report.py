@@ -2,8 +2,9 @@
 
 A layer x position-label heatmap of the mean score per component (per group and per token
 length where the aggregate is split that way), a layer x head heatmap per position label for
-heads, a summary of the run, and a drill-down of a few individual pairs with their actual tokens. `--png` also writes each heatmap as a PNG by
-screenshotting it in headless Chromium, when Chromium is installed.
+heads, a summary of the run, and a drill-down of a few individual pairs with their actual
+tokens. `--png` also writes each heatmap as a PNG by screenshotting it in headless Chromium,
+when Chromium is installed.
 """
 from __future__ import annotations
 
