@@ -13,7 +13,7 @@ import urllib.parse
 
 import torch
 from nnsight import TransformersModel
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from worker.families import UnsupportedModel, family_of
 from worker.options import DEFAULT_MODEL, DTYPE_NAMES, ModelLoadError
@@ -86,8 +86,9 @@ def _explain(source: str, error: Exception) -> ModelLoadError:
     )
 
 
-def _check_family(source: str) -> None:
-    """Refuse a model patchsweep cannot patch from its config alone, before any weights load."""
+def _patchable_config(source: str) -> PretrainedConfig:
+    """The checkpoint's config; a model patchsweep cannot patch is refused from it alone, before
+    any weights load."""
     try:
         config = AutoConfig.from_pretrained(source)
     except Exception as error:
@@ -96,6 +97,7 @@ def _check_family(source: str) -> None:
         family_of(config)
     except UnsupportedModel as error:
         raise ModelLoadError(f"cannot patch {source!r}: {error}") from None
+    return config
 
 
 def load_model(
@@ -105,7 +107,7 @@ def load_model(
     source = _resolve_source(source)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    _check_family(source)
+    _patchable_config(source)
     try:
         model = TransformersModel(
             source, task="text-generation", dispatch=True, device=device, dtype=torch_dtype
@@ -123,10 +125,9 @@ def load_tokenizer(source: str = DEFAULT_MODEL) -> tuple[PreTrainedTokenizerBase
     The driver validates pairs with these, so it never needs the model itself.
     """
     source = _resolve_source(source)
-    _check_family(source)
+    config = _patchable_config(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        config = AutoConfig.from_pretrained(source)
     except Exception as error:
         raise _explain(source, error) from error
     n_ctx = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings")
