@@ -21,7 +21,7 @@ import plotly.offline
 from jobs.results.aggregate import ALL_POSITIONS, DEFAULT_MIN_GAP, aggregate
 from jobs.store import REPORT_FILE, Store
 from jobs.results.query import connect_tables
-from jobs.results.verification import correlations, fmt, scatter_figures, top_k_agreement
+from jobs.results.verification import collect_verified, correlations, fmt, scatter_figures, top_k_agreement
 from worker.options import COMPONENTS
 
 DRILL_DOWN_PAIRS = 3
@@ -243,12 +243,13 @@ def verification(connection, manifest: dict, run: str, min_gap: float
     k, metric = manifest.get("verify_top", 0), manifest.get("metric", "logit_diff")
     if manifest.get("method") != "atp" or not k:
         return [], []
-    agreements = correlations(connection, metric, min_gap)
-    share, n_pairs = top_k_agreement(connection, metric, min_gap, k)
+    collect_verified(connection, metric, min_gap)
+    agreements = correlations(connection)
+    share, n_pairs = top_k_agreement(connection, k)
     lines = [(f"AtP vs exact, {a.component}", f"Pearson {fmt(a.pearson)}, Spearman {fmt(a.spearman)} "
                                               f"({a.n} verified cells)") for a in agreements]
     lines.append((f"exact top {k} that AtP ranked in its top {k}", f"{fmt(share)} (mean over {n_pairs} pairs)"))
-    return lines, scatter_figures(connection, run, metric, min_gap, agreements)
+    return lines, scatter_figures(connection, run, agreements)
 
 
 def write_report(store: Store, aggregate_rows: list[dict], min_gap: float,

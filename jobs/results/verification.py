@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 from worker.options import COMPONENTS
 
 VERIFIED = """
+CREATE OR REPLACE TEMP TABLE verified AS
 SELECT e.pair_id, e.component, e.score, e.estimate
 FROM effects e JOIN pairs p USING (pair_id)
 WHERE e.score IS NOT NULL AND e.estimate IS NOT NULL
@@ -23,24 +24,24 @@ WHERE e.score IS NOT NULL AND e.estimate IS NOT NULL
 """
 
 CORRELATIONS = """
-WITH v AS ({verified}), ranked AS (
+WITH ranked AS (
     SELECT *,   -- average ranks, so that tied values (cells before the first difference) share one
            rank() OVER (PARTITION BY component ORDER BY score)
                + (count(*) OVER (PARTITION BY component, score) - 1) / 2 AS score_rank,
            rank() OVER (PARTITION BY component ORDER BY estimate)
                + (count(*) OVER (PARTITION BY component, estimate) - 1) / 2 AS estimate_rank
-    FROM v
+    FROM verified
 )
 SELECT component, count(*) AS n, corr(score, estimate) AS pearson, corr(score_rank, estimate_rank) AS spearman
 FROM ranked GROUP BY component
 """
 
 TOP_K_AGREEMENT = """
-WITH v AS ({verified}), ranked AS (
+WITH ranked AS (
     SELECT pair_id,
            row_number() OVER (PARTITION BY pair_id ORDER BY abs(score) DESC, component, estimate) AS exact_rank,
            row_number() OVER (PARTITION BY pair_id ORDER BY abs(estimate) DESC, component, score) AS atp_rank
-    FROM v
+    FROM verified
 )
 SELECT avg(share), count(*) FROM (
     SELECT pair_id, count(*) FILTER (WHERE exact_rank <= {k} AND atp_rank <= {k}) / {k} AS share
@@ -57,27 +58,29 @@ class Agreement:
     spearman: float | None
 
 
-def correlations(connection, metric: str, min_gap: float) -> list[Agreement]:
+def collect_verified(connection, metric: str, min_gap: float) -> None:
+    """Read the verified rows of the pairs the min-gap rule keeps, once, into the temporary table
+    `verified` that the functions below query."""
+    connection.execute(VERIFIED.format(metric=metric, min_gap=float(min_gap)))
+
+
+def correlations(connection) -> list[Agreement]:
     """One per component, in the order resid, attn, mlp, head."""
-    verified = VERIFIED.format(metric=metric, min_gap=float(min_gap))
-    rows = connection.sql(CORRELATIONS.format(verified=verified)).fetchall()
+    rows = connection.sql(CORRELATIONS).fetchall()
     return sorted((Agreement(*row) for row in rows), key=lambda a: COMPONENTS.index(a.component))
 
 
-def top_k_agreement(connection, metric: str, min_gap: float, k: int) -> tuple[float | None, int]:
+def top_k_agreement(connection, k: int) -> tuple[float | None, int]:
     """The mean share, and over how many pairs."""
-    verified = VERIFIED.format(metric=metric, min_gap=float(min_gap))
-    share, pairs = connection.sql(TOP_K_AGREEMENT.format(verified=verified, k=int(k))).fetchall()[0]
+    share, pairs = connection.sql(TOP_K_AGREEMENT.format(k=int(k))).fetchall()[0]
     return share, pairs
 
 
-def scatter_figures(connection, run: str, metric: str, min_gap: float,
-                    agreements: list[Agreement]) -> list[tuple[str, go.Figure]]:
+def scatter_figures(connection, run: str, agreements: list[Agreement]) -> list[tuple[str, go.Figure]]:
     """Exact score against AtP estimate, one scatter per component, with both correlations."""
-    verified = VERIFIED.format(metric=metric, min_gap=float(min_gap))
     figures = []
     for agreement in agreements:
-        points = connection.execute(f"SELECT estimate, score FROM ({verified}) WHERE component = ?",
+        points = connection.execute("SELECT estimate, score FROM verified WHERE component = ?",
                                     [agreement.component]).fetchall()
         figure = go.Figure(go.Scatter(x=[x for x, _ in points], y=[y for _, y in points], mode="markers",
                                       marker={"size": 5, "opacity": 0.6}))
