@@ -168,3 +168,97 @@ def reference_atp(model: PreTrainedModel, pair, components, direction: str, all_
             for position, change in spots.items():
                 result[(component, layer, position, head)] = float(value.detach()) + float(change)
     return result
+
+
+QKV = {   # family: where head h's query, key and value are computed -- written here, not taken from the worker
+    "gpt2": ("attn.c_attn", "stacked"),              # [all queries | all keys | all values]
+    "gpt_neox": ("attention.query_key_value", "per_head"),   # [q k v] of head 0, then head 1, ...
+    "llama": ("self_attn.{}_proj", "separate"),
+    "mistral": ("self_attn.{}_proj", "separate"),
+    "qwen2": ("self_attn.{}_proj", "separate"),
+}
+
+
+def input_site(model: PreTrainedModel, layer: int, head: int, input: str) -> tuple[torch.nn.Module, slice]:
+    """The module computing head `head`'s q, k or v in `layer`, and that head's channels of its output
+    (query heads only for separate projections: the tests use k and v only without grouped-query attention)."""
+    path, layout = QKV[model.config.model_type]
+    config = model.config
+    width, heads = config.hidden_size // config.num_attention_heads, config.num_attention_heads
+    block = dig(model, PARTS[model.config.model_type][0])[layer]
+    which = "qkv".index(input)
+    if layout == "separate":
+        return dig(block, path.format(input)), slice(head * width, (head + 1) * width)
+    first = (3 * head + which) * width if layout == "per_head" else (which * heads + head) * width
+    return dig(block, path), slice(first, first + width)
+
+
+@torch.no_grad()
+def reference_paths(model: PreTrainedModel, pair, receiver: str, direction: str, all_positions: bool = False,
+                    metric: str = "logit_diff") -> dict:
+    """{(sender layer, sender head, sender position or None): the path-patched run's metric} for one
+    receiver spec, by the IOI paper's recipe, literally: (1) read every head's output in both runs;
+    (2) the receiving run with the sender's output from the donor and every other head's output
+    pinned to the receiving run's (hooks on every output projection's input; MLPs and norms run
+    as usual): its logits for `logits`, else record the receiver heads' q/k/v there; (3) for heads,
+    the receiving run with those inputs written in, and its logits."""
+    donor, receiving = (
+        (list(pair.clean_ids), list(pair.corrupted_ids)) if direction == "denoise"
+        else (list(pair.corrupted_ids), list(pair.clean_ids))
+    )
+    config = model.config
+    width, n_heads, n_layers = config.hidden_size // config.num_attention_heads, config.num_attention_heads, \
+        config.num_hidden_layers
+    donor_logits = next_token_logits(model, donor)
+    donor_z = [capture(model, donor, "head", layer) for layer in range(n_layers)]
+    receiving_z = [capture(model, receiving, "head", layer) for layer in range(n_layers)]
+    spec, _, label = receiver.partition("@")
+    heads = [] if spec == "logits" else [(int(item.split(":")[0].split(".")[0]), int(item.split(":")[0].split(".")[1]),
+                                          item.split(":")[1]) for item in spec.split(",")]
+    read_at = [i for i, name in enumerate(pair.labels) if name == label] if label else list(range(len(receiving)))
+    result = {}
+    for s_layer in range(n_layers):
+        for s_head in range(n_heads):
+            for position in [None] if all_positions else range(len(receiving)):
+                spots = slice(None) if position is None else [position]
+                channels = slice(s_head * width, (s_head + 1) * width)
+
+                def pin(layer):
+                    def hook(module, args):
+                        z = receiving_z[layer].clone()
+                        if layer == s_layer:
+                            z[:, spots, channels] = donor_z[layer][:, spots, channels]
+                        return (z,)
+                    return hook
+
+                handles = [hooked_module(model, "head", layer).register_forward_pre_hook(pin(layer))
+                           for layer in range(n_layers)]
+                recorded = {}
+                for layer, head, input in heads:
+                    module, wanted = input_site(model, layer, head, input)
+
+                    def record(module, args, output, key=(layer, head, input), wanted=wanted):
+                        recorded[key] = output[:, read_at, wanted].clone()
+                    handles.append(module.register_forward_hook(record))
+                try:
+                    logits = next_token_logits(model, receiving)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                if heads:
+                    handles = []
+                    for layer, head, input in heads:
+                        module, wanted = input_site(model, layer, head, input)
+
+                        def write(module, args, output, key=(layer, head, input), wanted=wanted):
+                            output = output.clone()
+                            output[:, read_at, wanted] = recorded[key]
+                            return output
+                        handles.append(module.register_forward_hook(write))
+                    try:
+                        logits = next_token_logits(model, receiving)
+                    finally:
+                        for handle in handles:
+                            handle.remove()
+                result[(s_layer, s_head, position)] = measure(metric, logits, pair, donor_logits)
+    return result

@@ -12,10 +12,13 @@ from jobs.datasets.ioi import generate_ioi
 from jobs.pairfile import encoder_for, parse_record, read_pairs
 from tests.conftest import IOI_LINES, TOL, write_jsonl
 from tests.reference import reference_atp
+from tests.test_paths import assert_paths_match_reference, labelled, paths
 from tests.test_patching import assert_matches_reference, by_cell
 from worker.model import load_model, load_tokenizer
 from worker.options import COMPONENTS
 from worker.patching import patch_batch
+from worker.receivers import parse_receivers
+from worker.sites import receivers_problem
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -112,3 +115,18 @@ def test_driver_runs_a_llama_checkpoint_end_to_end(tmp_path):
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["model"] == str(model_dir)
     tokens = pq.read_table(tmp_path / "run" / "pairs.parquet").column("tokens").to_pylist()[0]
     assert tokens[0] == "<s>" and "␣gave" in tokens
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_paths_match_hook_reference(family, direction):
+    """Logits and query receivers on every family; keys and values where each head has its own
+    (GPT-NeoX); with grouped-query attention a k or v receiver is refused in one line."""
+    name, _, model, hf_model, pairs = family
+    receivers = ["logits", "1.0:q,2.3:q@END"] + (["1.1:k,2.2:v"] if name == "gpt_neox" else [])
+    pairs = labelled(pairs)
+    result = paths(model, pairs, receivers, direction, max_batch_tokens=40 * 4)
+    for receiver in receivers:
+        assert_paths_match_reference(result, hf_model, pairs, receiver, direction, True, min_gap=0.05)
+    if name != "gpt_neox":
+        problem = receivers_problem(model, parse_receivers(["1.1:k"]))
+        assert "share each key/value head" in problem and "\n" not in problem

@@ -16,7 +16,11 @@ from typing import Any
 class Family:
     blocks: str        # the decoder layers (a ModuleList); a block's output is `resid`
     embedding: str     # whose output is the residual stream entering block 0
+    attn_norm: str     # in a block: the norm before attention (its output feeds the query/key/value projections)
     attention: str     # in a block: output (element 0) is the attention sublayer's output, `attn`
+    qkv: str           # in a block: the query/key/value projection, or with {} the q, k and v ones
+    qkv_layout: str    # how head h's q, k, v channels sit in it: "stacked" (all q | all k | all v),
+                       # "per_head" (q k v of head 0, of head 1, ...), "separate" (own modules; k, v per key/value head)
     out_proj: str      # in a block: the attention output projection, whose input holds the heads side by side
     mlp: str           # in a block: output is `mlp`
     mlp_norm: str      # in a block: the norm before the MLP
@@ -28,16 +32,17 @@ class Family:
 
 
 FAMILIES = {
-    "gpt2": Family("transformer.h", "transformer.drop", "attn", "attn.c_proj", "mlp", "ln_2", "transformer.ln_f",
-                   "lm_head", "n_head", None, "cache"),
+    "gpt2": Family("transformer.h", "transformer.drop", "ln_1", "attn", "attn.c_attn", "stacked", "attn.c_proj",
+                   "mlp", "ln_2", "transformer.ln_f", "lm_head", "n_head", None, "cache"),
     # attention and MLP read the same block input where config.use_parallel_residual; rotary positions
-    "gpt_neox": Family("gpt_neox.layers", "gpt_neox.emb_dropout", "attention", "attention.dense", "mlp",
-                       "post_attention_layernorm", "gpt_neox.final_layer_norm", "lm_head", "num_attention_heads",
-                       "gpt_neox.rotary_emb", "layer_past"),
+    "gpt_neox": Family("gpt_neox.layers", "gpt_neox.emb_dropout", "input_layernorm", "attention",
+                       "attention.query_key_value", "per_head", "attention.dense", "mlp", "post_attention_layernorm",
+                       "gpt_neox.final_layer_norm", "lm_head", "num_attention_heads", "gpt_neox.rotary_emb",
+                       "layer_past"),
     # RMSNorm, gated MLP, rotary positions, grouped-query attention (heads are query heads)
-    "llama": Family("model.layers", "model.embed_tokens", "self_attn", "self_attn.o_proj", "mlp",
-                    "post_attention_layernorm", "model.norm", "lm_head", "num_attention_heads", "model.rotary_emb",
-                    "cache"),
+    "llama": Family("model.layers", "model.embed_tokens", "input_layernorm", "self_attn", "self_attn.{}_proj",
+                    "separate", "self_attn.o_proj", "mlp", "post_attention_layernorm", "model.norm", "lm_head",
+                    "num_attention_heads", "model.rotary_emb", "cache"),
 }
 FAMILIES["mistral"] = FAMILIES["qwen2"] = FAMILIES["llama"]
 

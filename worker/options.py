@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from worker.receivers import parse_receivers
+
 DEFAULT_MODEL = "openai-community/gpt2"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 COMPONENTS = ("resid", "attn", "mlp", "head")
@@ -16,6 +18,7 @@ POSITION_MODES = ("each", "all")   # or a list of position labels
 METRICS = ("logit_diff", "logprob", "prob_diff", "kl")
 NEEDS_INCORRECT = ("logit_diff", "prob_diff")   # the others read only the correct answers, or none
 METHODS = ("exact", "atp")   # exact patching, or attribution patching (AtP) checked by exact patching
+PATHS = "paths"   # path patching (`driver.py paths`): head senders, measured through `receivers`
 DEFAULT_MAX_BATCH_TOKENS = 4096
 
 
@@ -55,6 +58,13 @@ class PatchOptions:
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     method: str = "exact"
     verify_top: int = 0   # atp: exact-patch each pair's top K estimates and K more drawn at random
+    receivers: tuple[str, ...] = ()   # paths: each receiver's canonical spec (worker/receivers.py)
+
+    def wanted_labels(self) -> list[tuple[str, tuple[str, ...]]]:
+        """The position labels every pair must carry, each list with the option that asks for it."""
+        receiver_labels = tuple(dict.fromkeys(r.label for r in parse_receivers(self.receivers) if r.label))
+        asked = (("--positions", position_labels(self.positions)), ("--receivers", receiver_labels))
+        return [(option, labels) for option, labels in asked if labels]
 
     def __post_init__(self) -> None:
         components = self.components
@@ -68,7 +78,15 @@ class PatchOptions:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be at least 1, got {self.max_batch_tokens}")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method not in (*METHODS, PATHS):
+            raise ValueError(f"method must be one of {(*METHODS, PATHS)}, got {self.method!r}")
         if self.verify_top < 0 or (self.verify_top and self.method != "atp"):
             raise ValueError(f"verify_top must be 0, or positive with method atp, got {self.verify_top}")
+        if (self.method == PATHS) != bool(self.receivers):
+            raise ValueError("receivers are what method paths measures through, and only it: "
+                             f"method {self.method!r} with receivers {list(self.receivers)}")
+        if self.method == PATHS:
+            if self.components != ("head",):
+                raise ValueError(f"path patching sends from heads: components must be ('head',), got {self.components}")
+            if tuple(r.name for r in parse_receivers(self.receivers)) != self.receivers:
+                raise ValueError(f"receivers must be canonical specs, got {list(self.receivers)}")

@@ -63,11 +63,11 @@ def baseline_rows(pairs: Sequence[Pair]) -> torch.Tensor:
     return torch.tensor([ids for pair in pairs for ids in (pair.clean_ids, pair.corrupted_ids)])
 
 
-def read_activations(model: TransformersModel, pairs: Sequence[Pair], answers: Answers,
-                     options: PatchOptions) -> Activations:
+def read_activations(model: TransformersModel, pairs: Sequence[Pair], answers: Answers, options: PatchOptions,
+                     components: Sequence[str]) -> Activations:
     """One nnsight trace over the clean and corrupted prompts, saving every activation a patch needs.
 
-    Head, attention and MLP activations are kept only for the components being patched.
+    Head, attention and MLP activations are kept only for the `components` asked for.
     """
     device = model.device
     input_ids = baseline_rows(pairs).to(device)
@@ -79,7 +79,7 @@ def read_activations(model: TransformersModel, pairs: Sequence[Pair], answers: A
         saved = nnsight.save({"resid": [embedding_output(model)], "head": [], "attn": [], "mlp": []})
         for layer in range(len(blocks(model))):
             for component in ("head", "attn", "mlp"):
-                if component in options.components:
+                if component in components:
                     saved[component].append(component_output(model, component, layer))
             saved["resid"].append(component_output(model, "resid", layer))
         logits = last_logits(model)
@@ -136,11 +136,31 @@ def attention_output(model: TransformersModel, block: torch.nn.Module, acts: Act
     donor's whole output, or the donor's channels of one head per row through the output projection."""
     if component == "attn":
         return acts.attn[layer][rows if donors is None else donors, here]
-    z = acts.head[layer][rows, here]
-    if donors is not None:
-        mask = head_mask(heads, head_dim(model), z.shape[-1])[:, None, :]
-        z = torch.where(mask, acts.head[layer][donors, here], z)
-    return part(block, family(model).out_proj)(z)
+    if donors is None:
+        return part(block, family(model).out_proj)(acts.head[layer][rows, here])
+    return heads_through_projection(model, block, acts.head[layer][rows, here], acts.head[layer][donors, here], heads)
+
+
+def heads_through_projection(model: TransformersModel, block: torch.nn.Module, z: torch.Tensor,
+                             donor_z: torch.Tensor, heads: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention output of heads' outputs `z` ([rows, positions, n_heads * head_dim]) where each
+    row's head `heads[i]` takes the donor's channels, at every position or where `at` ([rows, positions]) is True."""
+    mask = head_mask(heads, head_dim(model), z.shape[-1])[:, None, :]
+    if at is not None:
+        mask = mask & at[:, :, None]
+    return part(block, family(model).out_proj)(torch.where(mask, donor_z, z))
+
+
+def block_given_attention(model: TransformersModel, block: torch.nn.Module, hidden: torch.Tensor,
+                          attention: torch.Tensor) -> torch.Tensor:
+    """A block's output from its input `hidden` when its attention sublayer outputs `attention`: the
+    residual additions and the MLP (with its norm) recomputed, in the family's arrangement."""
+    where = family(model)
+    mlp, norm = part(block, where.mlp), part(block, where.mlp_norm)
+    if getattr(model._module.config, "use_parallel_residual", False):   # the MLP reads the block input
+        return hidden + attention + mlp(norm(hidden))
+    middle = hidden + attention
+    return middle + mlp(norm(middle))
 
 
 def patched_layer_output(model: TransformersModel, block: torch.nn.Module, acts: Activations, component: str,
@@ -157,12 +177,7 @@ def patched_layer_output(model: TransformersModel, block: torch.nn.Module, acts:
         suffix[:, :width] += acts.mlp[layer][donors, here] - acts.mlp[layer][receivers, here]
     else:
         patched = attention_output(model, block, acts, component, layer, here, receivers, donors, heads)
-        if getattr(model._module.config, "use_parallel_residual", False):   # the MLP never sees the attention
-            suffix[:, :width] += patched - attention_output(model, block, acts, component, layer, here, receivers)
-        else:
-            middle = acts.resid[layer][receivers, here] + patched
-            where = family(model)
-            suffix[:, :width] = middle + part(block, where.mlp)(part(block, where.mlp_norm)(middle))
+        suffix[:, :width] = block_given_attention(model, block, acts.resid[layer][receivers, here], patched)
     return suffix
 
 
@@ -238,7 +253,7 @@ def reuse_values(
         for first in range(0, len(pairs), pairs_per_group):
             group = pairs[first:first + pairs_per_group]
             answers = Answers.of(group).to(model.device)
-            acts = read_activations(model, group, answers, options)
+            acts = read_activations(model, group, answers, options, options.components)
             baselines.append(acts.metric)
             receivers = slice(1 - donor_offset(options.direction), None, 2)
             prefix = [(keys[receivers], values[receivers]) for keys, values in zip(acts.keys, acts.values)]

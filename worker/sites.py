@@ -12,6 +12,7 @@ import torch
 from nnsight import TransformersModel
 
 from worker.families import Family, family_of, part
+from worker.receivers import INPUTS, Receiver
 
 FORWARD_ORDER = ("head", "attn", "mlp", "resid")
 
@@ -60,6 +61,39 @@ def head_split_problem(model: TransformersModel) -> str | None:
         if inputs != heads * dim:
             return (f"cannot patch heads: layer {layer}'s attention output projection takes {inputs} inputs, "
                     f"not {heads} heads x {dim} channels")
+    return None
+
+
+def kv_groups(model: TransformersModel) -> int:
+    """Query heads per key/value head: 1, or more with grouped-query attention."""
+    return n_heads(model) // (getattr(model._module.config, "num_key_value_heads", None) or n_heads(model))
+
+
+def head_input(model: TransformersModel, block: torch.nn.Module, head: int, input: str
+               ) -> tuple[torch.nn.Module, slice]:
+    """The projection that computes head `head`'s query, key or value (`input`) in `block`, and
+    the channels of its output that are that head's."""
+    where, dim = family(model), head_dim(model)
+    if where.qkv_layout == "separate":
+        index = head if input == "q" else head // kv_groups(model)
+        return part(block, where.qkv.format(input)), slice(index * dim, (index + 1) * dim)
+    which = INPUTS.index(input)
+    first = (3 * head + which) * dim if where.qkv_layout == "per_head" else (which * n_heads(model) + head) * dim
+    return part(block, where.qkv), slice(first, first + dim)
+
+
+def receivers_problem(model: TransformersModel, receivers: tuple[Receiver, ...]) -> str | None:
+    """Why `receivers` cannot be measured on `model`, or None: each head must exist, and a key or
+    value receiver needs a head with its own keys and values (no grouped-query sharing)."""
+    layers, heads, groups = n_layers(model), n_heads(model), kv_groups(model)
+    for receiver in receivers:
+        for h in receiver.heads:
+            if not (h.layer < layers and h.head < heads):
+                return (f"receiver {receiver.name}: the model has {layers} layers of {heads} heads, "
+                        f"no head {h.layer}.{h.head}")
+            if h.input != "q" and groups > 1:
+                return (f"receiver {receiver.name}: on this model {groups} query heads share each key/value head, "
+                        f"so head {h.layer}.{h.head}'s {h.input} cannot be patched alone; use q receivers")
     return None
 
 

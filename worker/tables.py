@@ -27,6 +27,18 @@ def effects_schema(metric: str) -> pa.Schema:
     ])
 
 
+def paths_schema(metric: str) -> pa.Schema:
+    return pa.schema([
+        ("pair_id", pa.string()),
+        ("sender_layer", pa.int16()),
+        ("sender_head", pa.int16()),
+        ("sender_position", pa.int16()),   # null: the sender patched at every position
+        ("receiver", pa.string()),         # `logits`, or a head set such as 9.9:q,9.6:q@END
+        (metric, pa.float32()),
+        ("score", pa.float32()),
+    ])
+
+
 def pair_columns(metric: str) -> list[tuple[str, pa.DataType]]:
     return [
         ("pair_id", pa.string()),
@@ -44,8 +56,8 @@ def pair_columns(metric: str) -> list[tuple[str, pa.DataType]]:
     ]
 
 
-RESULT_COLUMNS = {name for metric in METRICS for name in effects_schema(metric).names} | \
-                 {name for metric in METRICS for name, _ in pair_columns(metric)}
+RESULT_COLUMNS = {name for metric in METRICS for schema in (effects_schema(metric), paths_schema(metric))
+                  for name in schema.names} | {name for metric in METRICS for name, _ in pair_columns(metric)}
 
 
 def with_metadata(table: pa.Table, direction: str, metric: str) -> pa.Table:
@@ -56,6 +68,10 @@ def with_metadata(table: pa.Table, direction: str, metric: str) -> pa.Table:
 
 def effects_table(columns: dict[str, Sequence], direction: str, metric: str) -> pa.Table:
     return with_metadata(pa.table(columns, schema=effects_schema(metric)), direction, metric)
+
+
+def paths_table(columns: dict[str, Sequence], direction: str, metric: str) -> pa.Table:
+    return with_metadata(pa.table(columns, schema=paths_schema(metric)), direction, metric)
 
 
 def empty_effects(direction: str, metric: str) -> pa.Table:

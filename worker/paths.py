@@ -1,0 +1,225 @@
+"""Path patching (Wang et al. 2022, appendix B): a sender head's effect through one receiver only.
+
+In the receiving run the sender head's output takes the donor's value, every other attention
+head keeps the receiving run's value, and MLPs and norms are recomputed ("the frozen run").
+With every head frozen, positions no longer mix: a sender's change at position t travels down
+position t's residual stream through the MLPs alone. So a sender reaches the logits only at the
+last position, and a receiver's input at position t only from a sender patched at t.
+
+The frozen run is rebuilt from one nnsight read of both prompts (worker/reuse.py), on the
+positions the receiver reads only: per layer, the receiving run's cached attention output plus
+the recomputed MLP (`block_given_attention`), for every sender of a group of pairs at once,
+each row joining at its sender's layer.
+- `logits`: the frozen run's last position goes through the final norm and the metric.
+- head receivers: the frozen stream entering each receiver's layer gives that head's query, key
+  or value (the family's projection and channels: worker/sites.py::head_input). They are written
+  into a plain receiving run, recomputed from the lowest receiver layer and the first position
+  read with the model's own blocks (as the reuse path does), and its metric is read.
+A sender at or above every receiver's layer, or at positions the receiver does not read, changes
+nothing: its row is the receiving run's own value, exactly, with no forward pass.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+import torch
+from nnsight import TransformersModel
+
+from worker.families import part
+from worker.metrics import Answers
+from worker.options import PatchOptions, donor_offset, position_labels
+from worker.pairs import Pair
+from worker.patching import normalized_score, patch_cells, selected_cells
+from worker.receivers import Receiver, parse_receivers
+from worker.reuse import (Activations, block_given_attention, block_on_suffix, heads_through_projection,
+                          read_activations, readout, suffix_arguments)
+from worker.sites import Cell, blocks, family, head_input, n_heads, n_layers
+from worker.tables import pairs_table, paths_table
+
+
+@dataclass(frozen=True)
+class PathResult:
+    paths: pa.Table
+    pairs: pa.Table
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What a group's forward passes share: the read activations, the receiving rows' prefix
+    keys and values per layer, the answers, and the receiving row of each pair (2 * pair + shift)."""
+    acts: Activations
+    prefix: list[tuple[torch.Tensor, torch.Tensor]]
+    answers: Answers
+    shift: int
+
+
+def read_positions(pair: Pair, receiver: Receiver) -> list[int]:
+    """The positions whose stream the receiver reads and a patch can change (from the first difference on)."""
+    if not receiver.heads:
+        wanted = [pair.n_tokens - 1]
+    elif receiver.label is None:
+        wanted = range(pair.n_tokens)
+    else:
+        wanted = [i for i, label in enumerate(pair.labels) if label == receiver.label]
+    return [t for t in wanted if t >= pair.first_difference]
+
+
+def reaches(cell: Cell, positions: list[int], receiver: Receiver) -> bool:
+    """Whether a sender can change what the receiver reads: below some receiver's layer, at a read position."""
+    below = not receiver.heads or cell.layer < max(receiver.layers)
+    return below and bool(positions) and (cell.position is None or cell.position in positions)
+
+
+def frozen_stream(model: TransformersModel, batch: Batch, rows: list[tuple[int, Cell]], positions: list[int],
+                  record: list[int]) -> tuple[list[int], torch.Tensor, dict[int, torch.Tensor]]:
+    """The frozen run of each (pair, sender) row on `positions`: the row indices in the order they
+    joined (by sender layer), their final stream (with `record` empty), and the stream entering
+    each layer of `record`, for the rows whose sender is below it (the first rows of that order)."""
+    acts, device = batch.acts, batch.acts.resid[0].device
+    at = torch.tensor(positions, device=device)
+    hidden, order, recorded = None, [], {}
+    for layer, block in enumerate(blocks(model)):
+        if layer in record and hidden is not None:
+            recorded[layer] = hidden
+        if record and layer >= max(record):
+            break
+        if hidden is not None:
+            receiving = 2 * torch.tensor([rows[i][0] for i in order], device=device) + batch.shift
+            hidden = block_given_attention(model, block, hidden, acts.attn[layer][:, at][receiving])
+        joining = [i for i, (_, cell) in enumerate(rows) if cell.layer == layer]
+        if not joining:
+            continue
+        pairs = torch.tensor([rows[i][0] for i in joining], device=device)
+        receiving, donors = 2 * pairs + batch.shift, 2 * pairs + 1 - batch.shift
+        heads = torch.tensor([rows[i][1].head for i in joining], device=device)
+        where = torch.stack([at == rows[i][1].position if rows[i][1].position is not None
+                             else torch.ones_like(at, dtype=torch.bool) for i in joining])
+        z = acts.head[layer][:, at]
+        attention = heads_through_projection(model, block, z[receiving], z[donors], heads, where)
+        new = block_given_attention(model, block, acts.resid[layer][:, at][receiving], attention)
+        hidden = new if hidden is None else torch.cat([hidden, new])
+        order += joining
+    return order, hidden, recorded
+
+
+def receiving_run_with_inputs(model: TransformersModel, batch: Batch, pairs: torch.Tensor, positions: list[int],
+                              receiver: Receiver, recorded: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The receiving run of each row (of pair `pairs[i]`) with its receivers' inputs at `positions`
+    taken from the frozen stream (`recorded`: per receiver layer, for the first rows); the final
+    stream at the last position."""
+    acts, device = batch.acts, batch.acts.resid[0].device
+    start, first = positions[0], min(receiver.layers)
+    at = torch.tensor(positions, device=device) - start
+    hidden = acts.resid[first][2 * pairs + batch.shift, start:]
+    arguments = suffix_arguments(model, start, hidden)
+    handles = []
+    try:
+        for layer in recorded:
+            block = blocks(model)[layer]
+            stream = part(block, family(model).attn_norm)(recorded[layer])
+            for h in (h for h in receiver.heads if h.layer == layer):
+                projection, channels = head_input(model, block, h.head, h.input)
+                handles.append(projection.register_forward_hook(overwrite(projection(stream)[..., channels], at,
+                                                                          channels)))
+        for layer, block in enumerate(blocks(model)[first:], start=first):
+            keys, values = batch.prefix[layer]
+            hidden = block_on_suffix(model, block, hidden, keys[pairs, :, :start], values[pairs, :, :start], arguments)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hidden[:, -1]
+
+
+def overwrite(inputs: torch.Tensor, at: torch.Tensor, channels: slice):
+    """A forward hook setting a projection's output to `inputs` ([n, positions, channels]) on its
+    first n rows, at suffix positions `at`, on `channels`."""
+    def hook(module, args, output):
+        output = output.clone()
+        output[:len(inputs), at, channels] = inputs
+        return output
+    return hook
+
+
+def receiver_values(model: TransformersModel, batch: Batch, group: Sequence[Pair], items: list[tuple[int, Cell]],
+                    receiver: Receiver, options: PatchOptions) -> torch.Tensor:
+    """The metric of each (pair, sender) item through `receiver`: the receiving run's own where the
+    sender cannot reach it, else the path-patched run's."""
+    values = batch.acts.metric[2 * torch.tensor([pair for pair, _ in items]) + batch.shift].clone()
+    reads = [read_positions(pair, receiver) for pair in group]
+    by_positions: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, (pair, cell) in enumerate(items):
+        if reaches(cell, reads[pair], receiver):
+            by_positions[tuple(reads[pair])].append(i)
+    for positions, live in by_positions.items():
+        per_chunk = max(1, options.max_batch_tokens // (group[0].n_tokens - positions[0]))
+        for first in range(0, len(live), per_chunk):
+            chunk = live[first:first + per_chunk]
+            order, hidden, recorded = frozen_stream(model, batch, [items[i] for i in chunk], list(positions),
+                                                    receiver.layers)
+            pairs = torch.tensor([items[chunk[i]][0] for i in order], device=hidden.device)
+            if receiver.heads:
+                final = receiving_run_with_inputs(model, batch, pairs, list(positions), receiver, recorded)
+            else:
+                final = hidden[:, -1]
+            donor = None if batch.acts.donor is None else batch.acts.donor[pairs]
+            patched = readout(model, options.metric, final, batch.answers[pairs], donor).cpu()
+            values[torch.tensor([chunk[i] for i in order])] = patched
+    return values
+
+
+def path_group(model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions
+               ) -> tuple[dict[str, list], torch.Tensor, torch.Tensor]:
+    """Path-patch pairs of one token length: the paths columns (receiver, then pair, then sender
+    order) and both baselines per pair."""
+    receivers = parse_receivers(options.receivers)
+    n_tokens = pairs[0].n_tokens
+    senders = patch_cells(("head",), n_layers(model), n_tokens, n_heads(model), options.positions)
+    rows = selected_cells(pairs, senders, position_labels(options.positions))
+    values = {receiver: torch.empty(len(rows)) for receiver in receivers}
+    metric = torch.empty(2 * len(pairs))
+    per_group = max(1, options.max_batch_tokens // (2 * n_tokens))
+    shift = 1 - donor_offset(options.direction)
+    with torch.inference_mode():
+        for first in range(0, len(pairs), per_group):
+            group = pairs[first:first + per_group]
+            answers = Answers.of(group).to(model.device)
+            acts = read_activations(model, group, answers, options, ("head", "attn"))
+            metric[2 * first:2 * (first + len(group))] = acts.metric
+            prefix = [(k[shift::2], v[shift::2]) for k, v in zip(acts.keys, acts.values)]
+            batch = Batch(acts, prefix, answers, shift)
+            mine = [i for i, (pair, _) in enumerate(rows) if first <= pair < first + len(group)]
+            items = [(rows[i][0] - first, senders[rows[i][1]]) for i in mine]
+            for receiver in receivers:
+                values[receiver][torch.tensor(mine)] = receiver_values(model, batch, group, items, receiver, options)
+    clean, corrupted = metric[0::2], metric[1::2]
+    row_pairs = torch.tensor([pair for pair, _ in rows], dtype=torch.long)
+    columns: dict[str, list] = defaultdict(list)
+    for receiver in receivers:
+        scores = normalized_score(values[receiver], clean[row_pairs], corrupted[row_pairs], options.direction)
+        columns["pair_id"] += [pairs[p].pair_id for p, _ in rows]
+        columns["sender_layer"] += [senders[c].layer for _, c in rows]
+        columns["sender_head"] += [senders[c].head for _, c in rows]
+        columns["sender_position"] += [senders[c].position for _, c in rows]
+        columns["receiver"] += [receiver.name] * len(rows)
+        columns[options.metric] += values[receiver].tolist()
+        columns["score"] += scores.tolist()
+    return columns, clean, corrupted
+
+
+def path_batch(model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions) -> PathResult:
+    """Path-patch every head sender of every pair through each of `options.receivers`; the
+    `paths` and `pairs` tables. Pairs of different token lengths go in separate groups."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for index, pair in enumerate(pairs):
+        groups[pair.n_tokens].append(index)
+    parts, clean_values, corrupted_values = [], [0.0] * len(pairs), [0.0] * len(pairs)
+    for indices in groups.values():
+        columns, clean, corrupted = path_group(model, [pairs[i] for i in indices], options)
+        parts.append(paths_table(columns, options.direction, options.metric))
+        for i, c, k in zip(indices, clean.tolist(), corrupted.tolist()):
+            clean_values[i], corrupted_values[i] = c, k
+    return PathResult(pa.concat_tables(parts),
+                      pairs_table(pairs, clean_values, corrupted_values, options.direction, options.metric))
