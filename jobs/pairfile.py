@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import zstandard
 
 from jobs.tokens import decoded_pieces, readable
-from worker.options import NEEDS_INCORRECT, PatchOptions, position_labels
+from worker.options import NEEDS_INCORRECT, PatchOptions
 from worker.pairs import Pair
 from worker.tables import RESULT_COLUMNS
 
@@ -160,7 +160,7 @@ def parse_record(record: Any, default_id: str, encoder: Encoder, n_ctx: int,
             raise BadPair("'labels' must be a list of strings, one per token")
         if len(labels) != len(clean_ids):
             raise BadPair(f"'labels' has {len(labels)} entries but the prompt has {len(clean_ids)} tokens")
-    check_wanted_labels(labels, position_labels(options.positions))
+    check_wanted_labels(labels, options)
     metadata = {k: v for k, v in record.items() if k not in KNOWN}
     for key, value in metadata.items():
         if key in RESULT_COLUMNS:
@@ -183,28 +183,27 @@ def parse_record(record: Any, default_id: str, encoder: Encoder, n_ctx: int,
     )
 
 
-def check_wanted_labels(labels: list[str] | None, wanted: Sequence[str]) -> None:
-    if not wanted:
-        return
-    if labels is None:
-        raise BadPair(f"no 'labels', which --positions {','.join(wanted)} needs")
-    missing = [label for label in wanted if label not in labels]
-    if missing:
-        raise BadPair(f"no position labelled {', '.join(map(repr, missing))} (--positions {','.join(wanted)})")
+def check_wanted_labels(labels: list[str] | None, options: PatchOptions) -> None:
+    for option, wanted in options.wanted_labels():
+        if labels is None:
+            raise BadPair(f"no 'labels', which {option} {','.join(wanted)} needs")
+        missing = [label for label in wanted if label not in labels]
+        if missing:
+            raise BadPair(f"no position labelled {', '.join(map(repr, missing))} ({option} {','.join(wanted)})")
 
 
-def check_labels_exist(path: str | Path, records: list[Any], wanted: Sequence[str]) -> None:
+def check_labels_exist(path: str | Path, records: list[Any], options: PatchOptions) -> None:
     """A listed label that no line has is a typo in the option, not a bad line: one error for the file."""
-    if not wanted:
-        return
     known = {label for r in records if isinstance(r, dict) and isinstance(r.get("labels"), list)
              for label in r["labels"] if isinstance(label, str)}
-    if not known:
-        raise PairFileError(f"{path}: --positions {','.join(wanted)} selects positions by label, but no line has 'labels'")
-    unknown = [label for label in wanted if label not in known]
-    if unknown:
-        raise PairFileError(f"{path}: --positions lists {', '.join(map(repr, unknown))}, which no line has "
-                            f"(its labels: {', '.join(sorted(known))})")
+    for option, wanted in options.wanted_labels():
+        if not known:
+            raise PairFileError(f"{path}: {option} {','.join(wanted)} selects positions by label, "
+                                "but no line has 'labels'")
+        unknown = [label for label in wanted if label not in known]
+        if unknown:
+            raise PairFileError(f"{path}: {option} lists {', '.join(map(repr, unknown))}, which no line has "
+                                f"(its labels: {', '.join(sorted(known))})")
 
 
 GZIP_MAGIC, ZSTD_MAGIC, PARQUET_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"PAR1"
@@ -286,7 +285,7 @@ def read_pairs(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int,
     `InvalidLine`s."""
     lines = decoded_lines(path)
     records = [record for _, _, record in lines]
-    check_labels_exist(path, records, position_labels(options.positions))
+    check_labels_exist(path, records, options)
     encoder = encoder_for(tokenizer, records)
     pairs, invalid, first_line_of = [], [], {}
     for number, raw, record in lines:

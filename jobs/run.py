@@ -24,7 +24,8 @@ from jobs.pairfile import InvalidLine, read_pairs
 from jobs.results.report import build_report
 from jobs.shards import Shard, plan_shards
 from jobs.spec import JobSpec, config_hash, versions
-from jobs.store import Store
+from jobs.store import Store, results_dir
+from worker.options import PatchOptions
 from worker.pairs import Pair
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_INTERRUPTED = 0, 1, 130
@@ -92,9 +93,9 @@ def validated_pairs(spec: JobSpec, phases: Phases) -> tuple[list[Pair], list[Inv
     return pair_file.pairs, pair_file.invalid
 
 
-def actor_nodes(actors: list, components: tuple[str, ...]) -> list[str]:
-    """Wait until every actor has loaded its model (and can patch `components`); the node each one runs on."""
-    for reason in ray.get([actor.ready.remote(components) for actor in actors]):
+def actor_nodes(actors: list, options: PatchOptions) -> list[str]:
+    """Wait until every actor has loaded its model (and can do what `options` ask); the node each one runs on."""
+    for reason in ray.get([actor.ready.remote(options) for actor in actors]):
         if reason is not None:
             raise JobError(reason)
     return ray.get([actor.node.remote() for actor in actors])
@@ -129,8 +130,8 @@ def dispatch(spec: JobSpec, shards: list[Shard], actors: list, nodes: list[str],
             seconds = round(time.perf_counter() - started, 3)
             submit(actor)  # the actor works on its next shard while this one is written
             try:
-                effects, pairs = ray.get(ref)
-                store.write_shard(shard.name, effects, pairs)
+                results, pairs = ray.get(ref)
+                store.write_shard(shard.name, results, pairs)
                 log.finished.add(shard.name)
                 log.seconds[shard.name] = seconds
                 log.nodes[shard.name] = nodes[actor]
@@ -174,6 +175,7 @@ class Job:
             "metric": spec.metric,
             "method": spec.method,
             "verify_top": spec.verify_top,
+            "receivers": list(spec.receivers),
             "pairs_file": spec.pairs,
             "pair_count": self.pair_count,
             "invalid_count": self.n_invalid,
@@ -195,7 +197,7 @@ def prepare_job(spec: JobSpec, pairs: list[Pair], invalid: list[InvalidLine], st
     """Plan the shards and open the output; finished shards of an earlier run count as done."""
     config = spec.config()
     shards = plan_shards(pairs, spec.batch_pairs)
-    store = Store(spec.out)
+    store = Store(spec.out, results_dir(spec.method))
     previous = store.prepare(config_hash(config), spec.overwrite)
     if invalid:
         store.write_invalid(invalid)
@@ -222,7 +224,7 @@ def compute(job: Job) -> str:
     try:
         with phases.timed("start_actors"):
             actors = start_actors(pool_shape(spec.workers, spec.device), spec.model, spec.device, spec.dtype)
-            nodes = actor_nodes(actors, spec.components)
+            nodes = actor_nodes(actors, spec.patch_options())
         with phases.timed("patch"):
             dispatch(spec, job.todo, actors, nodes, job.store, job.log)
     except KeyboardInterrupt:
@@ -252,7 +254,7 @@ def finished_before(spec: JobSpec) -> dict | None:
     Checked before Ray starts or the pair file is validated: a re-run with nothing to do
     should say so at once (`driver.py report` rebuilds the report).
     """
-    store = Store(spec.out)
+    store = Store(spec.out, results_dir(spec.method))
     manifest = store.read_manifest()
     if spec.overwrite or manifest is None or manifest.get("status") != "done":
         return None

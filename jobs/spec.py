@@ -15,8 +15,8 @@ from pathlib import Path
 from worker.options import DEFAULT_MAX_BATCH_TOKENS, PatchOptions
 
 DEFAULT_BATCH_PAIRS = 32
-RESULT_DECIDING = ("model", "components", "positions", "direction", "metric", "method", "verify_top", "dtype",
-                   "batch_pairs", "max_batch_tokens", "skip_invalid")
+RESULT_DECIDING = ("model", "components", "positions", "direction", "metric", "method", "verify_top", "receivers",
+                   "dtype", "batch_pairs", "max_batch_tokens", "skip_invalid")
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class JobSpec:
     metric: str = "logit_diff"
     method: str = "exact"
     verify_top: int = 0
+    receivers: tuple[str, ...] = ()
     dtype: str = "float32"
     device: str = "auto"
     address: str | None = None
@@ -42,13 +43,17 @@ class JobSpec:
     def patch_options(self) -> PatchOptions:
         """What every actor is asked to do with each shard."""
         return PatchOptions(self.components, self.positions, self.direction, self.metric, self.max_batch_tokens,
-                            self.method, self.verify_top)
+                            self.method, self.verify_top, self.receivers)
 
     def config(self) -> dict:
         """The result-deciding options plus the pair file's content hash."""
         fields = asdict(self)
         config = {key: fields[key] for key in RESULT_DECIDING}
         config["components"] = list(self.components)
+        if self.receivers:
+            config["receivers"] = list(self.receivers)
+        else:   # runs without receivers keep the hash they had before path patching existed
+            del config["receivers"]
         config["pairs_sha256"] = file_sha256(self.pairs)
         return config
 

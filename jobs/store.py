@@ -1,9 +1,9 @@
 """The output directory (local path or any URI pyarrow.fs understands, e.g. s3://bucket/run).
 
-Layout (DESIGN.md): effects/part-*.parquet, pairs.parquet, manifest.json, invalid.jsonl.
-A shard's pairs rows go to _pairs/part-*.parquet first and its effects part last, each to a
-temporary name then renamed, so a shard whose effects part exists is whole; pairs.parquet is
-rebuilt from the _pairs parts at the end of every run.
+Layout (DESIGN.md): effects/part-*.parquet (paths/part-*.parquet for path patching),
+pairs.parquet, manifest.json, invalid.jsonl. A shard's pairs rows go to _pairs/part-*.parquet
+first and its results part last, each to a temporary name then renamed, so a shard whose results
+part exists is whole; pairs.parquet is rebuilt from the _pairs parts at the end of every run.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from jobs.pairfile import InvalidLine
 
-EFFECTS_DIR, PAIR_PARTS_DIR = "effects", "_pairs"
+EFFECTS_DIR, PATHS_DIR, PAIR_PARTS_DIR = "effects", "paths", "_pairs"
 MANIFEST, PAIRS_FILE, INVALID_FILE = "manifest.json", "pairs.parquet", "invalid.jsonl"
 AGGREGATE_FILE, REPORT_FILE = "aggregate.parquet", "report.html"
 
@@ -27,13 +27,20 @@ class OutputConflict(RuntimeError):
     """The output directory holds a run with a different configuration."""
 
 
+def results_dir(method: str | None) -> str:
+    """Where a run's per-shard result parts go: paths/ for path patching, effects/ for the rest."""
+    return PATHS_DIR if method == "paths" else EFFECTS_DIR
+
+
 class Store:
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, results: str | None = None) -> None:
+        """`results`: the results directory (`results_dir`); by default the one of the run found here."""
         if "://" in uri:
             self.fs, self.root = pafs.FileSystem.from_uri(uri)
         else:
             self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)
         self.uri = uri
+        self.results = results or results_dir((self.read_manifest() or {}).get("method"))
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -79,12 +86,12 @@ class Store:
         if overwrite:
             self.clear()
             manifest = None
-        for directory in (EFFECTS_DIR, PAIR_PARTS_DIR):
+        for directory in (self.results, PAIR_PARTS_DIR):
             self.fs.create_dir(self.path(directory), recursive=True)
         return manifest
 
     def clear(self) -> None:
-        for directory in (EFFECTS_DIR, PAIR_PARTS_DIR):
+        for directory in (EFFECTS_DIR, PATHS_DIR, PAIR_PARTS_DIR):
             if self.exists(directory):
                 self.fs.delete_dir(self.path(directory))
         for name in (MANIFEST, PAIRS_FILE, INVALID_FILE, AGGREGATE_FILE, REPORT_FILE):
@@ -92,17 +99,17 @@ class Store:
                 self.fs.delete_file(self.path(name))
 
     def finished_shards(self) -> set[str]:
-        """Names (part-00000) of shards whose effects part is in place."""
-        selector = pafs.FileSelector(self.path(EFFECTS_DIR), allow_not_found=True)
+        """Names (part-00000) of shards whose results part is in place."""
+        selector = pafs.FileSelector(self.path(self.results), allow_not_found=True)
         return {
             info.base_name.removesuffix(".parquet")
             for info in self.fs.get_file_info(selector)
             if info.base_name.endswith(".parquet")
         }
 
-    def write_shard(self, name: str, effects: pa.Table, pairs: pa.Table) -> None:
+    def write_shard(self, name: str, results: pa.Table, pairs: pa.Table) -> None:
         self.write_table(pairs, PAIR_PARTS_DIR, f"{name}.parquet")
-        self.write_table(effects, EFFECTS_DIR, f"{name}.parquet")
+        self.write_table(results, self.results, f"{name}.parquet")
 
     def write_pairs_table(self, shard_names: Iterable[str]) -> int:
         """Gather the finished shards' pairs rows into pairs.parquet; returns the row count."""

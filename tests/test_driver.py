@@ -15,6 +15,8 @@ import pytest
 
 from jobs.pairfile import read_pairs
 from tests.conftest import EXAMPLE_PAIRS, REPO, free_port, score_tolerance, write_jsonl
+from worker.options import PatchOptions
+from worker.paths import path_batch
 from worker.patching import patch_batch
 from worker.actor import TEST_FAULT_ENV
 from worker.model import PROXY_VARIABLES
@@ -367,3 +369,53 @@ def test_an_unsupported_model_family_is_one_line(tmp_path, tiny_model_dir):
     (line,) = failed.stderr.strip().splitlines()
     assert line == (f"error: cannot patch {str(model_dir)!r}: model type 'opt' is not supported; "
                     "patchsweep patches gpt2, gpt_neox, llama, mistral, qwen2 models")
+
+
+def test_paths_end_to_end(tmp_path, tiny_model, tiny_model_dir, tokenizer_and_ctx):
+    """`driver.py paths`: the rows the in-process core gives, every (pair, sender, receiver) once;
+    the manifest, aggregate and report name the receivers; a re-run has nothing to do."""
+    out = tmp_path / "paths"
+    receivers = ["logits", "2.1:q,1.0:v@END"]
+    args = ["paths", "--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", out, "--batch-pairs", 5,
+            *[x for receiver in receivers for x in ("--receivers", receiver)]]
+    done = run_driver(*args)
+    assert done.returncode == 0, done.stderr
+    pairs = read_pairs(EXAMPLE_PAIRS, *tokenizer_and_ctx).pairs
+    config = tiny_model._module.config
+    rows = pq.read_table(out / "paths").to_pylist()
+    def key(r):
+        return r["pair_id"], r["sender_layer"], r["sender_head"], r["sender_position"], r["receiver"]
+    assert len(rows) == len({key(r) for r in rows}) == len(pairs) * config.n_layer * config.n_head * 2
+    core = path_batch(tiny_model, pairs, PatchOptions(("head",), "all", method="paths", receivers=tuple(receivers)))
+    by_key = {key(r): r["logit_diff"] for r in rows}
+    for r in core.paths.to_pylist():
+        assert by_key[key(r)] == pytest.approx(r["logit_diff"], abs=RUN_TOL), key(r)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == "paths" and manifest["receivers"] == manifest["config"]["receivers"] == receivers
+    aggregate = pq.read_table(out / "aggregate.parquet").to_pylist()
+    assert {(r["receiver"], r["label"]) for r in aggregate} == {(receiver, "all") for receiver in receivers}
+    assert len(aggregate) == 2 * config.n_layer * config.n_head
+    assert "(2 heatmaps" in done.stderr and "paths to 2.1:q,1.0:v@END" in (out / "report.html").read_text()
+    summed = run_driver("query", out, "SELECT count(*) AS n FROM paths WHERE receiver = 'logits'")
+    assert summed.returncode == 0 and summed.stdout.split()[-3] == str(len(rows) // 2)
+    again = run_driver(*args)
+    assert again.returncode == 0 and "nothing to do" in again.stderr
+
+
+@pytest.mark.parametrize("receiver, message", [
+    ("9.1:q", "error: receiver 9.1:q: the model has 3 layers of 4 heads, no head 9.1"),
+    ("1.0:q@S3", f"error: {EXAMPLE_PAIRS}: --receivers lists 'S3', which no line has (its labels: "),
+])
+def test_bad_receivers_are_one_line(tmp_path, tiny_model_dir, receiver, message):
+    failed = run_driver("paths", "--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", tmp_path / "o",
+                        "--receivers", receiver)
+    assert failed.returncode == 2
+    (line,) = failed.stderr.strip().splitlines()
+    assert line.startswith(message)
+
+
+def test_a_malformed_receiver_is_refused_before_anything_starts(tmp_path, tiny_model_dir):
+    failed = run_driver("paths", "--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", tmp_path / "o",
+                        "--receivers", "9.9:x")
+    assert failed.returncode == 2 and "'9.9:x' is not LAYER.HEAD:q|k|v" in failed.stderr
+    assert "Traceback" not in failed.stderr and not (tmp_path / "o").exists()

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoTokenizer
 
 from worker.model import load_model, load_tokenizer
-from worker.options import ModelLoadError
+from worker.options import ModelLoadError, PatchOptions
 
 
 def test_local_directory_loads_on_cpu(tiny_model, tiny_model_dir):
@@ -76,10 +76,19 @@ def test_heads_are_refused_where_the_output_projection_does_not_take_them_side_b
     from worker.actor import PatchWorker
 
     worker = PatchWorker(str(tiny_model_dir), "cpu", "float32", threads=1)
-    assert worker.ready(["resid", "head"]) is None
+    assert worker.ready(PatchOptions(("resid", "head"))) is None
     config = worker.model._module.config
     config.n_head -= 1
-    assert worker.ready(["resid"]) is None
-    assert worker.ready(["head"]) == (
+    assert worker.ready(PatchOptions(("resid",))) is None
+    assert worker.ready(PatchOptions(("head",))) == (
         f"cannot patch heads: layer 0's attention output projection takes {config.n_embd} inputs, "
         f"not {config.n_head} heads x {config.n_embd // config.n_head} channels")
+
+
+def test_receivers_are_refused_where_the_model_has_no_such_head(tiny_model_dir):
+    from worker.actor import PatchWorker
+
+    worker = PatchWorker(str(tiny_model_dir), "cpu", "float32", threads=1)
+    paths = PatchOptions(("head",), "all", method="paths", receivers=("logits", "1.0:q,3.1:v@END"))
+    assert worker.ready(paths) == "receiver 1.0:q,3.1:v@END: the model has 3 layers of 4 heads, no head 3.1"
+    assert worker.ready(PatchOptions(("head",), "all", method="paths", receivers=("2.3:k",))) is None

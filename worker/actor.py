@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 
 import pyarrow as pa
 import ray
@@ -17,10 +16,12 @@ import torch
 import transformers
 
 from worker.model import load_model
-from worker.options import ModelLoadError, PatchOptions
+from worker.options import PATHS, ModelLoadError, PatchOptions
 from worker.pairs import Pair
+from worker.paths import path_batch
 from worker.patching import patch_batch
-from worker.sites import head_split_problem
+from worker.receivers import parse_receivers
+from worker.sites import head_split_problem, receivers_problem
 
 TEST_FAULT_ENV = "PATCHSWEEP_TEST_FAULT"
 
@@ -56,17 +57,24 @@ class PatchWorker:
         except ModelLoadError as error:
             self.error = str(error)
 
-    def ready(self, components: Sequence[str] = ()) -> str | None:
-        """None once the model is loaded and can be patched at `components`, else why not."""
-        if self.error is None and "head" in components:
-            return head_split_problem(self.model)
-        return self.error
+    def ready(self, options: PatchOptions = PatchOptions()) -> str | None:
+        """None once the model is loaded and can do what `options` ask (patch heads, read receivers), else why not."""
+        if self.error is not None:
+            return self.error
+        if "head" in options.components and (problem := head_split_problem(self.model)):
+            return problem
+        return receivers_problem(self.model, parse_receivers(options.receivers))
 
     def node(self) -> str:
         """The Ray node this worker runs on ("local" outside Ray), recorded per shard."""
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
     def run_shard(self, pairs: Sequence[Pair], options: PatchOptions) -> tuple[pa.Table, pa.Table]:
+        """The shard's results (effects, or paths for path patching) and pairs tables."""
         inject_test_fault(pairs)
-        result = patch_batch(self.model, pairs, **asdict(options))
+        if options.method == PATHS:
+            result = path_batch(self.model, pairs, options)
+            return result.paths, result.pairs
+        result = patch_batch(self.model, pairs, options.components, options.direction, options.max_batch_tokens,
+                             options.positions, options.metric, options.method, options.verify_top)
         return result.effects, result.pairs

@@ -1,7 +1,8 @@
 """Dataset-level heatmap values, computed after the per-pair results (never instead of them).
 
 Rows of aggregate.parquet are (component, layer, head, position label[, group]); `head` is
-null except for the `head` component. Labels come from the pair file's `labels`; unlabelled
+null except for the `head` component. In a path-patching run they are (receiver, sender_layer,
+sender_head, sender position label[, group]). Labels come from the pair file's `labels`; unlabelled
 pairs are aligned by position index and kept apart by token length (`n_tokens` is set for
 them), so no cell mixes unaligned positions. A patch of every position at once (position
 null) has the label `all`, whatever the pair's length.
@@ -21,6 +22,14 @@ from jobs.results.query import QueryError, connect_tables
 DEFAULT_MIN_GAP = 0.1
 ALL_POSITIONS = "all"   # the label of rows that patched every position at once
 
+CELLS = {   # results view: (its cell columns, kept by name; its position column; whether it has AtP estimates)
+    "effects": (("component", "layer", "head"), "position", True),
+    "paths": (("receiver", "sender_layer", "sender_head"), "sender_position", False),
+}
+ESTIMATE_STATISTICS = """
+       count(estimate) FILTER (WHERE NOT excluded) AS estimate_count,
+       avg(estimate) FILTER (WHERE NOT excluded) AS mean_estimate,
+       stddev_samp(estimate) FILTER (WHERE NOT excluded) AS std_estimate,"""
 AGGREGATE_SQL = """
 WITH p AS (
     SELECT pair_id, n_tokens, labels, "clean_{metric}" AS clean, "corrupted_{metric}" AS corrupted,
@@ -28,22 +37,19 @@ WITH p AS (
            abs("clean_{metric}" - "corrupted_{metric}") < {min_gap} AS excluded
     FROM pairs
 ), cells AS (
-    SELECT e.component, e.layer, e.head, e.position, e.score, e.estimate, e."{metric}" AS value, p.*,
-           CASE WHEN e.position IS NULL THEN '{all_positions}'
-                ELSE coalesce(p.labels[e.position + 1], CAST(e.position AS VARCHAR)) END AS label,
-           CASE WHEN p.labels IS NULL AND e.position IS NOT NULL THEN p.n_tokens END AS length_group
-    FROM effects e JOIN p USING (pair_id)
+    SELECT {cell}, e.{position} AS position, e.score, {estimate} e."{metric}" AS value, p.*,
+           CASE WHEN e.{position} IS NULL THEN '{all_positions}'
+                ELSE coalesce(p.labels[e.{position} + 1], CAST(e.{position} AS VARCHAR)) END AS label,
+           CASE WHEN p.labels IS NULL AND e.{position} IS NOT NULL THEN p.n_tokens END AS length_group
+    FROM {table} e JOIN p USING (pair_id)
 )
-SELECT component, CAST(layer AS SMALLINT) AS layer, CAST(head AS SMALLINT) AS head, label, "group",
+SELECT {kind}, CAST({layer} AS SMALLINT) AS {layer}, CAST({head} AS SMALLINT) AS {head}, label, "group",
        CAST(length_group AS SMALLINT) AS n_tokens,
        count(DISTINCT pair_id) FILTER (WHERE NOT excluded) AS pairs,
        count(DISTINCT pair_id) FILTER (WHERE excluded) AS excluded_pairs,
        count(score) FILTER (WHERE NOT excluded) AS count,
        avg(score) FILTER (WHERE NOT excluded) AS mean_score,
-       stddev_samp(score) FILTER (WHERE NOT excluded) AS std_score,
-       count(estimate) FILTER (WHERE NOT excluded) AS estimate_count,
-       avg(estimate) FILTER (WHERE NOT excluded) AS mean_estimate,
-       stddev_samp(estimate) FILTER (WHERE NOT excluded) AS std_estimate,
+       stddev_samp(score) FILTER (WHERE NOT excluded) AS std_score,{estimate_statistics}
        avg(value) AS "mean_{metric}",
        avg(clean) AS "mean_clean_{metric}",
        avg(corrupted) AS "mean_corrupted_{metric}",
@@ -54,7 +60,7 @@ SELECT component, CAST(layer AS SMALLINT) AS layer, CAST(head AS SMALLINT) AS he
        avg(position) AS mean_position
 FROM cells
 GROUP BY ALL
-ORDER BY component, "group" NULLS FIRST, n_tokens NULLS FIRST, layer, head NULLS FIRST, mean_position
+ORDER BY {kind}, "group" NULLS FIRST, n_tokens NULLS FIRST, {layer}, {head} NULLS FIRST, mean_position
 """
 
 
@@ -69,7 +75,12 @@ def aggregate(store: Store, direction: str, group_by: str | None = None,
     columns = [row[0] for row in connection.execute("DESCRIBE pairs").fetchall()]
     if group_by is not None and group_by not in columns:
         raise QueryError(f"cannot group by {group_by!r}: pairs has no such column ({', '.join(columns)})")
+    (kind, layer, head), position, estimates = CELLS[store.results]
     sql = AGGREGATE_SQL.format(
+        table=store.results, kind=kind, layer=layer, head=head, position=position,
+        cell=", ".join(f"e.{column}" for column in (kind, layer, head)),
+        estimate="e.estimate," if estimates else "",
+        estimate_statistics=ESTIMATE_STATISTICS if estimates else "",
         group="CAST(" + quote_identifier(group_by) + " AS VARCHAR)" if group_by else "NULL::VARCHAR",
         min_gap=float(min_gap),
         noise="true" if direction == "noise" else "false",

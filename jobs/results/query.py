@@ -1,6 +1,7 @@
-"""SQL over a run's tables: DuckDB views `effects`, `pairs` and `aggregate`.
+"""SQL over a run's tables: DuckDB views `effects` (`paths` in a path-patching run), `pairs`
+and `aggregate`.
 
-The views scan Arrow datasets, so the partitioned effects/ directory is streamed from
+The views scan Arrow datasets, so the partitioned results directory is streamed from
 its Parquet parts (local or any pyarrow URI) instead of being loaded into memory. DuckDB
 is held to `DUCKDB_MEMORY_LIMIT` and spills beyond it: its default (80% of RAM) let the
 aggregation of 100,000 pairs take 1.4 GB, now about 0.5 GB at the same speed.
@@ -17,7 +18,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 
-from jobs.store import AGGREGATE_FILE, EFFECTS_DIR, PAIRS_FILE, Store
+from jobs.store import AGGREGATE_FILE, PAIRS_FILE, Store
 
 
 DUCKDB_MEMORY_LIMIT = "512MB"
@@ -29,13 +30,13 @@ class QueryError(ValueError):
 
 def connect_tables(store: Store) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with a view for every table the run has written so far."""
-    if not store.exists(EFFECTS_DIR):
-        raise QueryError(f"{store.uri}: no effects/ here; is this a patchsweep output directory?")
+    if not store.exists(store.results):
+        raise QueryError(f"{store.uri}: no {store.results}/ here; is this a patchsweep output directory?")
     # A spill directory of its own: DuckDB instances sharing one overwrite each other's files.
     spill = f"{tempfile.gettempdir()}/patchsweep-duckdb-{uuid.uuid4().hex}"
     connection = duckdb.connect(config={"memory_limit": DUCKDB_MEMORY_LIMIT, "temp_directory": spill})
     connection.execute("SET enable_progress_bar = false")  # it would cut into the driver's stderr lines
-    sources = {"effects": EFFECTS_DIR, "pairs": PAIRS_FILE, "aggregate": AGGREGATE_FILE}
+    sources = {store.results: store.results, "pairs": PAIRS_FILE, "aggregate": AGGREGATE_FILE}
     for view, name in sources.items():
         if store.exists(name):
             dataset = ds.dataset(store.path(name), filesystem=store.fs, format="parquet")

@@ -2,8 +2,8 @@
 
 A layer x position-label heatmap of the mean score per component (per group and per token
 length where the aggregate is split that way), a layer x head heatmap per position label for
-heads, a summary of the run, and a drill-down of a few individual pairs with their actual
-tokens. `--png` also writes each heatmap as a PNG by screenshotting it in headless Chromium,
+heads (and, in a path-patching run, per receiver: sender layer x sender head), a summary of the
+run, and a drill-down of a few individual pairs with their actual tokens. `--png` also writes each heatmap as a PNG by screenshotting it in headless Chromium,
 when Chromium is installed.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 import plotly.offline
 
-from jobs.results.aggregate import ALL_POSITIONS, DEFAULT_MIN_GAP, aggregate
+from jobs.results.aggregate import ALL_POSITIONS, CELLS, DEFAULT_MIN_GAP, aggregate
 from jobs.store import REPORT_FILE, Store
 from jobs.results.query import connect_tables
 from jobs.results.verification import collect_verified, correlations, fmt, scatter_figures, top_k_agreement
@@ -93,8 +93,11 @@ def panel_of(row: dict) -> tuple[tuple, str]:
 
     Heads: layer x head at one label. A component patched at every position at once: one
     layer x component panel for all of them. Otherwise: layer x position label per component.
+    Path patching: sender layer x sender head per receiver and sender position label.
     """
     scope = (row["group"], row["n_tokens"])
+    if "receiver" in row:
+        return (f"paths to {row['receiver']}", *scope, row["label"]), "head"
     if row["component"] == "head":
         return ("head", *scope, row["label"]), "head"
     if row["label"] == ALL_POSITIONS:
@@ -139,14 +142,18 @@ def aggregate_figures(rows: list[dict], run: str, positions: dict[str, float],
     return figures
 
 
-def drill_down_figures(connection, run: str, n_pairs: int, statistic: str = "score") -> list[tuple[str, go.Figure]]:
+def drill_down_figures(connection, run: str, n_pairs: int, statistic: str = "score",
+                       results: str = "effects") -> list[tuple[str, go.Figure]]:
     """Score heatmaps of the first few pairs, with their own tokens on x: layer (or layer.head for
-    heads) x each position patched, or `all` where every position was patched at once."""
+    heads) x each position patched, or `all` where every position was patched at once; in a
+    path-patching run (`results` paths), sender layer.head x sender position per receiver."""
     pairs = connection.sql(f"SELECT pair_id, tokens FROM pairs ORDER BY pair_id LIMIT {int(n_pairs)}").fetchall()
+    (kind, *layer_and_head), position_column, _ = CELLS[results]
     figures = []
     for pair_id, tokens in pairs:
         effects = connection.execute(
-            f"SELECT component, layer, head, position, {statistic} FROM effects WHERE pair_id = ? ORDER BY ALL",
+            f"SELECT {kind}, {', '.join(layer_and_head)}, {position_column}, {statistic} FROM {results} "
+            "WHERE pair_id = ? ORDER BY ALL",
             [pair_id]
         ).fetchall()
         by_component: dict[str, dict] = defaultdict(dict)
@@ -158,8 +165,8 @@ def drill_down_figures(connection, run: str, n_pairs: int, statistic: str = "sco
             spots = sorted({position for _, position in scores}, key=lambda p: -1 if p is None else p)
             x = [ALL_POSITIONS if p is None else f"{p}:{tokens[p]}" for p in spots]
             z = [[scores.get((row, p)) for p in spots] for row in rows]
-            title = f"{run}: pair {pair_id}, {component}"
-            y_title = "layer.head" if component == "head" else "layer"
+            title = f"{run}: pair {pair_id}, {'paths to ' if kind == 'receiver' else ''}{component}"
+            y_title = "layer.head" if component == "head" or kind == "receiver" else "layer"
             figures.append((f"pair-{pair_id}-{component}", heatmap(title, x, rows, z, y_title=y_title,
                                                                    statistic=statistic)))
     return figures
@@ -186,6 +193,7 @@ def summary_rows(connection, manifest: dict, min_gap: float) -> list[tuple[str, 
         ("direction", manifest.get("direction", "?")),
         ("metric", metric),
         ("components", ", ".join(manifest.get("components", []))),
+        *([("receivers", ", ".join(manifest["receivers"]))] if manifest.get("receivers") else []),
         ("positions", manifest.get("positions", "each")),
         ("pairs", f"{n}"),
         ("excluded from score means", f"{excluded} (|clean - corrupted {metric}| < {min_gap})"),
@@ -232,7 +240,7 @@ def write_pngs(figures: list[tuple[str, go.Figure]], out_dir: Path, chromium: st
 
 def run_title(manifest: dict) -> str:
     """What every figure title starts with: model, direction, metric (and AtP, for its estimates)."""
-    atp = ", AtP estimate" if manifest.get("method") == "atp" else ""
+    atp = {"atp": ", AtP estimate", "paths": ", path patching"}.get(manifest.get("method"), "")
     return (f"{manifest.get('model', '?')} ({manifest.get('direction', 'denoise')}, "
             f"{manifest.get('metric', 'logit_diff')}{atp})")
 
@@ -252,6 +260,13 @@ def verification(connection, manifest: dict, run: str, min_gap: float
     return lines, scatter_figures(connection, run, agreements)
 
 
+def sender_cells(row: dict) -> dict:
+    """A path-patching aggregate row drawn as a head's cell: its sender's layer and head."""
+    if "receiver" not in row:
+        return row
+    return {**row, "layer": row["sender_layer"], "head": row["sender_head"]}
+
+
 def write_report(store: Store, aggregate_rows: list[dict], min_gap: float,
                  drill_down: int = DRILL_DOWN_PAIRS, png: bool = False) -> str:
     """Write report.html (and PNGs if asked); returns a line saying what was written."""
@@ -260,11 +275,13 @@ def write_report(store: Store, aggregate_rows: list[dict], min_gap: float,
     run = run_title(manifest)
     connection = connect_tables(store)
     statistic = "estimate" if manifest.get("method") == "atp" else "score"
-    heatmaps = aggregate_figures(aggregate_rows, run, label_positions(connection), statistic)
-    pairs = drill_down_figures(connection, run, drill_down, statistic)
+    heatmaps = aggregate_figures([sender_cells(row) for row in aggregate_rows], run, label_positions(connection),
+                                 statistic)
+    pairs = drill_down_figures(connection, run, drill_down, statistic, store.results)
     checks, scatters = verification(connection, manifest, run, min_gap)
+    layout = "sender layer and head, per receiver" if store.results == "paths" else "layer and position"
     document = page(f"patchsweep: {model}", summary_rows(connection, manifest, min_gap) + checks,
-                    [(f"Mean {statistic} by layer and position", heatmaps),
+                    [(f"Mean {statistic} by {layout}", heatmaps),
                      ("AtP against exact patching (verified cells)", scatters), ("Individual pairs", pairs)])
     store.write_bytes(document.encode(), REPORT_FILE)
     scattered = f", {len(scatters)} AtP checks" if scatters else ""
