@@ -134,11 +134,14 @@ def aggregate_figures(rows: list[dict], run: str, positions: dict[str, float],
         n_pairs = max(cell["pairs"] for cell in cells)
         scope = "".join([f", group {group}" if group is not None else "",
                          f", {n_tokens}-token pairs" if n_tokens is not None else ""])
-        at_label = {None: "", ALL_POSITIONS: " at all positions"}.get(label, f" at {label}")
+        senders = "receiver" in cells[0]   # path patching: the label is where the senders were patched
+        at = " from senders at" if senders else " at"
+        at_label = {None: "", ALL_POSITIONS: f"{at} all positions"}.get(label, f"{at} {label}")
         title = f"{run}: {name}{at_label}, N={n_pairs} pairs{scope}"
         file_name = "-".join(str(part).replace(" ", "-") for part in key if part is not None)
-        figures.append((file_name, heatmap(title, x, layers, z, hover, column if column != "label" else "position",
-                                           statistic=statistic)))
+        x_title = "sender head" if senders else column if column != "label" else "position"
+        figures.append((file_name, heatmap(title, x, layers, z, hover, x_title,
+                                           y_title="sender layer" if senders else "layer", statistic=statistic)))
     return figures
 
 
