@@ -4,6 +4,8 @@ Deliberately naive and free of nnsight, so that it can check the worker's number
 """
 from __future__ import annotations
 
+import re
+
 import torch
 from transformers import PreTrainedModel
 
@@ -193,6 +195,20 @@ def input_site(model: PreTrainedModel, layer: int, head: int, input: str) -> tup
     return dig(block, path), slice(first, first + width)
 
 
+def logits_with_input_hooks(model: PreTrainedModel, ids: list[int], heads: list, make_hook, handles=()) -> torch.Tensor:
+    """The next-token logits of `ids` with `make_hook((layer, head, input), channels)` on the module
+    computing each listed head input (and `handles` already placed), all removed afterwards."""
+    handles = list(handles)
+    for layer, head, input in heads:
+        module, wanted = input_site(model, layer, head, input)
+        handles.append(module.register_forward_hook(make_hook((layer, head, input), wanted)))
+    try:
+        return next_token_logits(model, ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def reference_paths(model: PreTrainedModel, pair, receiver: str, direction: str, all_positions: bool = False,
                     metric: str = "logit_diff") -> dict:
@@ -213,8 +229,7 @@ def reference_paths(model: PreTrainedModel, pair, receiver: str, direction: str,
     donor_z = [capture(model, donor, "head", layer) for layer in range(n_layers)]
     receiving_z = [capture(model, receiving, "head", layer) for layer in range(n_layers)]
     spec, _, label = receiver.partition("@")
-    heads = [] if spec == "logits" else [(int(item.split(":")[0].split(".")[0]), int(item.split(":")[0].split(".")[1]),
-                                          item.split(":")[1]) for item in spec.split(",")]
+    heads = [(int(layer), int(head), input) for layer, head, input in re.findall(r"(\d+)\.(\d+):([qkv])", spec)]
     read_at = [i for i, name in enumerate(pair.labels) if name == label] if label else list(range(len(receiving)))
     result = {}
     for s_layer in range(n_layers):
@@ -231,34 +246,23 @@ def reference_paths(model: PreTrainedModel, pair, receiver: str, direction: str,
                         return (z,)
                     return hook
 
-                handles = [hooked_module(model, "head", layer).register_forward_pre_hook(pin(layer))
-                           for layer in range(n_layers)]
-                recorded = {}
-                for layer, head, input in heads:
-                    module, wanted = input_site(model, layer, head, input)
-
-                    def record(module, args, output, key=(layer, head, input), wanted=wanted):
+                def record(key, wanted):
+                    def hook(module, args, output):
                         recorded[key] = output[:, read_at, wanted].clone()
-                    handles.append(module.register_forward_hook(record))
-                try:
-                    logits = next_token_logits(model, receiving)
-                finally:
-                    for handle in handles:
-                        handle.remove()
-                if heads:
-                    handles = []
-                    for layer, head, input in heads:
-                        module, wanted = input_site(model, layer, head, input)
+                    return hook
 
-                        def write(module, args, output, key=(layer, head, input), wanted=wanted):
-                            output = output.clone()
-                            output[:, read_at, wanted] = recorded[key]
-                            return output
-                        handles.append(module.register_forward_hook(write))
-                    try:
-                        logits = next_token_logits(model, receiving)
-                    finally:
-                        for handle in handles:
-                            handle.remove()
+                def write(key, wanted):
+                    def hook(module, args, output):
+                        output = output.clone()
+                        output[:, read_at, wanted] = recorded[key]
+                        return output
+                    return hook
+
+                recorded = {}
+                pins = [hooked_module(model, "head", layer).register_forward_pre_hook(pin(layer))
+                        for layer in range(n_layers)]
+                logits = logits_with_input_hooks(model, receiving, heads, record, pins)
+                if heads:
+                    logits = logits_with_input_hooks(model, receiving, heads, write)
                 result[(s_layer, s_head, position)] = measure(metric, logits, pair, donor_logits)
     return result
