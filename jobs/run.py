@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import ray
 from tqdm import tqdm
@@ -35,22 +35,24 @@ class JobError(RuntimeError):
     """A problem the user must fix; the message is printed as it is (may span several lines)."""
 
 
+RECEIPT_KEYS = ("rows", "bytes", "seconds", "node")
+
+
 @dataclass
 class ShardLog:
-    """What happened to each shard: finished (in this run or an earlier one), failed, timings."""
+    """What happened to each shard: finished (in this run or an earlier one), failed, and what
+    the actor that wrote it reported (`Receipt`: rows, bytes, seconds, node)."""
     finished: set[str]
     failed: dict[str, str] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-    nodes: dict[str, str] = field(default_factory=dict)
+    receipts: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def resumed(cls, finished: set[str], previous: dict | None) -> "ShardLog":
-        """Finished shards keep the timings and nodes an earlier run recorded for them."""
+        """Finished shards keep the receipts an earlier run recorded for them."""
         log = cls(finished)
         for entry in (previous or {}).get("shards", []):
             if entry["name"] in finished:
-                log.seconds[entry["name"]] = entry.get("seconds")
-                log.nodes[entry["name"]] = entry.get("node")
+                log.receipts[entry["name"]] = {key: entry.get(key) for key in RECEIPT_KEYS}
         return log
 
     def status(self, name: str) -> str:
@@ -93,12 +95,11 @@ def validated_pairs(spec: JobSpec, phases: Phases) -> tuple[list[Pair], list[Inv
     return pair_file.pairs, pair_file.invalid
 
 
-def actor_nodes(actors: list, options: PatchOptions) -> list[str]:
-    """Wait until every actor has loaded its model (and can do what `options` ask); the node each one runs on."""
+def wait_until_ready(actors: list, options: PatchOptions) -> None:
+    """Wait until every actor has loaded its model and can do what `options` ask."""
     for reason in ray.get([actor.ready.remote(options) for actor in actors]):
         if reason is not None:
             raise JobError(reason)
-    return ray.get([actor.node.remote() for actor in actors])
 
 
 def short_error(error: Exception) -> str:
@@ -107,18 +108,17 @@ def short_error(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def dispatch(spec: JobSpec, shards: list[Shard], actors: list, nodes: list[str], store: Store,
-             log: ShardLog) -> None:
-    """Keep every actor busy, write each shard as it returns, record failures by shard."""
+def dispatch(spec: JobSpec, shards: list[Shard], actors: list, store: Store, log: ShardLog) -> None:
+    """Keep every actor busy; each writes its shards' parts itself and returns a receipt, which
+    is recorded; failures are recorded by shard."""
     queue = list(reversed(shards))
     in_flight: dict = {}
-    options = spec.patch_options()
+    options, writer = spec.patch_options(), store.part_writer()
 
     def submit(actor: int) -> None:
         if queue:
             shard = queue.pop()
-            ref = actors[actor].run_shard.remote(shard.pairs, options)
-            in_flight[ref] = (shard, actor, time.perf_counter())
+            in_flight[actors[actor].run_shard.remote(shard.name, shard.pairs, options, writer)] = (shard, actor)
 
     for actor in range(len(actors)):
         submit(actor)
@@ -126,15 +126,11 @@ def dispatch(spec: JobSpec, shards: list[Shard], actors: list, nodes: list[str],
               desc="patching", dynamic_ncols=True, mininterval=1.0) as progress:
         while in_flight:
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-            shard, actor, started = in_flight.pop(ref)
-            seconds = round(time.perf_counter() - started, 3)
-            submit(actor)  # the actor works on its next shard while this one is written
+            shard, actor = in_flight.pop(ref)
+            submit(actor)
             try:
-                results, pairs = ray.get(ref)
-                store.write_shard(shard.name, results, pairs)
+                log.receipts[shard.name] = asdict(ray.get(ref))
                 log.finished.add(shard.name)
-                log.seconds[shard.name] = seconds
-                log.nodes[shard.name] = nodes[actor]
             except ray.exceptions.RayError as error:
                 log.failed[shard.name] = short_error(error)
                 progress.write(f"shard {shard.name} failed: {log.failed[shard.name]}", file=sys.stderr)
@@ -181,9 +177,9 @@ class Job:
             "invalid_count": self.n_invalid,
             "versions": versions(),
             "shards": [
-                {"name": s.name, "pairs": len(s.pairs), "n_tokens": s.n_tokens,
-                 "status": log.status(s.name), "seconds": log.seconds.get(s.name),
-                 "node": log.nodes.get(s.name), "error": log.failed.get(s.name)}
+                {"name": s.name, "pairs": len(s.pairs), "n_tokens": s.n_tokens, "status": log.status(s.name),
+                 **{key: log.receipts.get(s.name, {}).get(key) for key in RECEIPT_KEYS},
+                 "error": log.failed.get(s.name)}
                 for s in self.shards
             ],
             "timings": {"started_unix": round(self.started, 3),
@@ -224,9 +220,9 @@ def compute(job: Job) -> str:
     try:
         with phases.timed("start_actors"):
             actors = start_actors(pool_shape(spec.workers, spec.device), spec.model, spec.device, spec.dtype)
-            nodes = actor_nodes(actors, spec.patch_options())
+            wait_until_ready(actors, spec.patch_options())
         with phases.timed("patch"):
-            dispatch(spec, job.todo, actors, nodes, job.store, job.log)
+            dispatch(spec, job.todo, actors, job.store, job.log)
     except KeyboardInterrupt:
         return "interrupted"
     return "done"

@@ -8,17 +8,17 @@ part exists is whole; pairs.parquet is rebuilt from the _pairs parts at the end 
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Iterable
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from jobs.pairfile import InvalidLine
+from worker.parts import PAIR_PARTS_DIR, PartWriter, atomic_output, filesystem, write_parquet
 
-EFFECTS_DIR, PATHS_DIR, PAIR_PARTS_DIR = "effects", "paths", "_pairs"
+EFFECTS_DIR, PATHS_DIR = "effects", "paths"
 MANIFEST, PAIRS_FILE, INVALID_FILE = "manifest.json", "pairs.parquet", "invalid.jsonl"
 AGGREGATE_FILE, REPORT_FILE = "aggregate.parquet", "report.html"
 
@@ -35,10 +35,7 @@ def results_dir(method: str | None) -> str:
 class Store:
     def __init__(self, uri: str, results: str | None = None) -> None:
         """`results`: the results directory (`results_dir`); by default the one of the run found here."""
-        if "://" in uri:
-            self.fs, self.root = pafs.FileSystem.from_uri(uri)
-        else:
-            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)
+        self.fs, self.root = filesystem(uri)
         self.uri = uri
         self.results = results or results_dir((self.read_manifest() or {}).get("method"))
 
@@ -56,16 +53,15 @@ class Store:
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
         """Write to a temporary name, then rename: readers see the whole file or none."""
-        final = self.path(*parts)
-        temporary = f"{final}.tmp-{uuid.uuid4().hex}"
-        with self.fs.open_output_stream(temporary) as stream:
+        with atomic_output(self.fs, self.path(*parts)) as stream:
             stream.write(data)
-        self.fs.move(temporary, final)
 
     def write_table(self, table: pa.Table, *parts: str) -> None:
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        self.write_bytes(sink.getvalue().to_pybytes(), *parts)
+        write_parquet(self.fs, self.path(*parts), table)
+
+    def part_writer(self) -> PartWriter:
+        """What an actor needs to write its shards' parts here itself."""
+        return PartWriter(self.uri if "://" in self.uri else self.root, self.results)
 
     def write_manifest(self, manifest: dict) -> None:
         self.write_bytes(json.dumps(manifest, indent=2).encode(), MANIFEST)
@@ -107,19 +103,22 @@ class Store:
             if info.base_name.endswith(".parquet")
         }
 
-    def write_shard(self, name: str, results: pa.Table, pairs: pa.Table) -> None:
-        self.write_table(pairs, PAIR_PARTS_DIR, f"{name}.parquet")
-        self.write_table(results, self.results, f"{name}.parquet")
-
     def write_pairs_table(self, shard_names: Iterable[str]) -> int:
-        """Gather the finished shards' pairs rows into pairs.parquet; returns the row count."""
-        parts = [pq.read_table(self.path(PAIR_PARTS_DIR, f"{name}.parquet"), filesystem=self.fs)
-                 for name in sorted(shard_names)]
-        if not parts:
+        """Gather the finished shards' pairs rows into pairs.parquet, one part in memory at a time;
+        returns the row count. Parts may differ in their metadata columns: each is read with the
+        union of their schemas, a column it lacks as nulls."""
+        paths = [self.path(PAIR_PARTS_DIR, f"{name}.parquet") for name in sorted(shard_names)]
+        if not paths:
             return 0
-        table = pa.concat_tables(parts, promote_options="permissive")
-        self.write_table(table, PAIRS_FILE)
-        return table.num_rows
+        schemas = [pq.read_schema(path, filesystem=self.fs) for path in paths]
+        schema = pa.unify_schemas(schemas, promote_options="permissive").with_metadata(schemas[0].metadata)
+        rows = 0
+        with atomic_output(self.fs, self.path(PAIRS_FILE)) as stream, pq.ParquetWriter(stream, schema) as writer:
+            for path in paths:
+                table = ds.dataset(path, schema=schema, filesystem=self.fs, format="parquet").to_table()
+                writer.write_table(table)
+                rows += table.num_rows
+        return rows
 
     def write_invalid(self, invalid: list[InvalidLine]) -> None:
         lines = [json.dumps({"line": bad.line, "reason": bad.reason, "text": bad.text}) + "\n"

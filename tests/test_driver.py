@@ -156,6 +156,29 @@ def test_actor_crash_is_retried_and_the_result_is_complete(tmp_path, tiny_model_
     assert_same_effects(effects_by_key(out), core_effects)
 
 
+def test_a_shard_whose_actor_dies_half_written_is_rewritten_whole(tmp_path, tiny_model_dir, many_pairs,
+                                                                  core_effects):
+    """Actors write their own parts; one dies after its shard's pairs part and before its effects
+    part. The retry writes both again: every part whole, every row once, receipts in the manifest."""
+    out, marker = tmp_path / "run", tmp_path / "crashed"
+    done = run_driver("--pairs", many_pairs, "--model", tiny_model_dir, "--out", out,
+                      "--components", "resid,mlp", "--batch-pairs", 12,
+                      env_extra={TEST_FAULT_ENV: f"crash-half-once:{marker}"})
+    assert marker.exists(), "the fault-injection hook never fired"
+    assert done.returncode == 0, done.stderr
+    assert_same_effects(effects_by_key(out), core_effects)
+    assert not [path for path in out.rglob("*") if ".tmp-" in path.name]
+    assert pq.read_table(out / "pairs.parquet").num_rows == 48
+    manifest = json.loads((out / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        effects_part = out / "effects" / f"{shard['name']}.parquet"
+        pairs_part = out / "_pairs" / f"{shard['name']}.parquet"
+        assert shard["rows"] == pq.read_table(effects_part).num_rows
+        assert shard["bytes"] == effects_part.stat().st_size + pairs_part.stat().st_size
+        assert pq.read_table(pairs_part).num_rows == shard["pairs"]
+        assert shard["seconds"] > 0 and shard["node"]
+
+
 @pytest.mark.parametrize("fault, reason", [
     ("raise-on:ex3-1", "RuntimeError: injected test fault on pair ex3-1"),
     ("crash-on:ex3-1", "actor"),

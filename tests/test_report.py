@@ -27,7 +27,9 @@ def ioi_store(tmp, model, tokenizer_and_ctx, n_pairs: int, components, **options
     result = patch_batch(model, pairs, components, **options)
     store = Store(str(tmp / "run"))
     store.prepare("hash", overwrite=False)
-    store.write_shard("part-00000", result.effects, result.pairs)
+    writer = store.part_writer()
+    writer.write_pairs("part-00000", result.pairs)
+    writer.write_results("part-00000", result.effects)
     store.write_pairs_table(["part-00000"])
     store.write_manifest({"model": "tiny", "direction": "denoise", "metric": "logit_diff", "components": list(components),
                           **options})

@@ -18,6 +18,7 @@ import transformers
 from worker.model import load_model
 from worker.options import PATHS, ModelLoadError, PatchOptions
 from worker.pairs import Pair
+from worker.parts import PartWriter, Receipt
 from worker.paths import path_batch
 from worker.patching import patch_batch
 from worker.receivers import parse_receivers
@@ -26,15 +27,22 @@ from worker.sites import head_split_problem, receivers_problem
 TEST_FAULT_ENV = "PATCHSWEEP_TEST_FAULT"
 
 
-def inject_test_fault(pairs: Sequence[Pair]) -> None:
-    """Fault injection for the driver's tests, set by `PATCHSWEEP_TEST_FAULT=KIND:ARG`.
+def inject_test_fault(pairs: Sequence[Pair], stage: str = "start") -> None:
+    """Fault injection for the driver's tests, set by `PATCHSWEEP_TEST_FAULT=KIND:ARG`; `stage` is
+    where the shard is: `start`, or `half-written` (its pairs part written, its results part not).
 
-    crash-once:MARKER  exit abruptly (as an OOM kill would) if MARKER does not exist, creating it
-    crash-on:PAIR_ID   exit abruptly whenever the shard holds PAIR_ID
-    raise-on:PAIR_ID   raise an ordinary exception whenever the shard holds PAIR_ID
-    slow:SECONDS       sleep before every shard
+    crash-once:MARKER       exit abruptly (as an OOM kill would) if MARKER does not exist, creating it
+    crash-half-once:MARKER  the same, once the shard is half written
+    crash-on:PAIR_ID        exit abruptly whenever the shard holds PAIR_ID
+    raise-on:PAIR_ID        raise an ordinary exception whenever the shard holds PAIR_ID
+    slow:SECONDS            sleep before every shard
     """
     kind, _, arg = os.environ.get(TEST_FAULT_ENV, "").partition(":")
+    if stage == "half-written":
+        if kind == "crash-half-once" and not os.path.exists(arg):
+            open(arg, "w").close()
+            os._exit(1)
+        return
     in_shard = any(pair.pair_id == arg for pair in pairs)
     if kind == "crash-once" and not os.path.exists(arg):
         open(arg, "w").close()
@@ -69,12 +77,21 @@ class PatchWorker:
         """The Ray node this worker runs on ("local" outside Ray), recorded per shard."""
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
-    def run_shard(self, pairs: Sequence[Pair], options: PatchOptions) -> tuple[pa.Table, pa.Table]:
+    def tables(self, pairs: Sequence[Pair], options: PatchOptions) -> tuple[pa.Table, pa.Table]:
         """The shard's results (effects, or paths for path patching) and pairs tables."""
-        inject_test_fault(pairs)
         if options.method == PATHS:
             result = path_batch(self.model, pairs, options)
             return result.paths, result.pairs
         result = patch_batch(self.model, pairs, options.components, options.direction, options.max_batch_tokens,
                              options.positions, options.metric, options.method, options.verify_top)
         return result.effects, result.pairs
+
+    def run_shard(self, name: str, pairs: Sequence[Pair], options: PatchOptions, writer: PartWriter) -> Receipt:
+        """Patch a shard and write its parts (pairs first, results last); what was written."""
+        started = time.perf_counter()
+        inject_test_fault(pairs)
+        results, pairs_rows = self.tables(pairs, options)
+        written = writer.write_pairs(name, pairs_rows)
+        inject_test_fault(pairs, "half-written")
+        written += writer.write_results(name, results)
+        return Receipt(results.num_rows, written, round(time.perf_counter() - started, 3), self.node())
