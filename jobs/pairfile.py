@@ -7,13 +7,18 @@ Every problem is collected, not raised, so a user sees all bad lines at once as
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
+import itertools
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
@@ -192,10 +197,9 @@ def check_wanted_labels(labels: list[str] | None, options: PatchOptions) -> None
             raise BadPair(f"no position labelled {', '.join(map(repr, missing))} ({option} {','.join(wanted)})")
 
 
-def check_labels_exist(path: str | Path, records: list[Any], options: PatchOptions) -> None:
-    """A listed label that no line has is a typo in the option, not a bad line: one error for the file."""
-    known = {label for r in records if isinstance(r, dict) and isinstance(r.get("labels"), list)
-             for label in r["labels"] if isinstance(label, str)}
+def check_labels_exist(path: str | Path, known: set[str], options: PatchOptions) -> None:
+    """A listed label that no line has (`known`: every line's labels) is a typo in the option, not
+    a bad line: one error for the file."""
     for option, wanted in options.wanted_labels():
         if not known:
             raise PairFileError(f"{path}: {option} {','.join(wanted)} selects positions by label, "
@@ -207,71 +211,75 @@ def check_labels_exist(path: str | Path, records: list[Any], options: PatchOptio
 
 
 GZIP_MAGIC, ZSTD_MAGIC, PARQUET_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"PAR1"
+CHUNK_LINES = 4096   # lines tokenized in one batched call; memory is bounded by a chunk, not the file
 
 
-def read_bytes(path: str | Path) -> bytes:
+def first_bytes(path: str | Path) -> bytes:
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as handle:
+            return handle.read(4)
     except OSError as error:
         raise PairFileError(f"{path}: cannot read pair file: {error.strerror or error}") from error
 
 
-def decompressed(path: str | Path, data: bytes) -> bytes:
-    """JSONL as written, or gzip- or zstd-compressed (told apart by their first bytes, not the name)."""
+def jsonl_lines(path: str | Path, magic: bytes) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) of every non-blank line of a JSONL file, read as a stream:
+    plain, or gzip- or zstd-compressed (told apart by their first bytes, not the name)."""
     try:
-        if data.startswith(GZIP_MAGIC):
-            return gzip.decompress(data)
-        if data.startswith(ZSTD_MAGIC):
-            return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        with open(path, "rb") as raw:
+            if magic.startswith(GZIP_MAGIC):
+                handle = gzip.GzipFile(fileobj=raw)
+            elif magic.startswith(ZSTD_MAGIC):
+                handle = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+            else:
+                handle = raw
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    yield number, line.rstrip(b"\r\n")
     except (OSError, EOFError, zstandard.ZstdError) as error:
-        raise PairFileError(f"{path}: cannot read pair file: a damaged compressed file ({error})") from error
-    return data
-
-
-def numbered_lines(data: bytes) -> list[tuple[int, bytes]]:
-    """(1-based line number, raw bytes) of every non-blank line."""
-    return [(number, raw) for number, raw in enumerate(data.splitlines(), start=1) if raw.strip()]
+        if magic.startswith((GZIP_MAGIC, ZSTD_MAGIC)):
+            raise PairFileError(f"{path}: cannot read pair file: a damaged compressed file ({error})") from error
+        raise PairFileError(f"{path}: cannot read pair file: {error.strerror or error}") from error
 
 
 def decode_line(raw: bytes) -> Any:
     try:
         return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as error:
-        raise BadPair(f"not UTF-8 text (byte {error.start})") from None
+        return BadPair(f"not UTF-8 text (byte {error.start})")
     except json.JSONDecodeError as error:
-        raise BadPair(f"not JSON: {error.msg} (column {error.colno})") from None
+        return BadPair(f"not JSON: {error.msg} (column {error.colno})")
 
 
-def parquet_rows(path: str | Path, data: bytes) -> list[tuple[int, bytes, Any]]:
-    """A Parquet pair file: one record per row (its 1-based number stands for the line), with the
-    JSONL keys as columns; a null is a key the row does not have."""
+def parquet_rows(path: str | Path) -> Iterator[tuple[int, bytes, Any]]:
+    """A Parquet pair file, a batch of rows at a time: one record per row (its 1-based number stands
+    for the line), with the JSONL keys as columns; a null is a key the row does not have."""
+    number = 0
     try:
-        rows = pq.read_table(pa.BufferReader(data)).to_pylist()
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK_LINES):
+            for row in batch.to_pylist():
+                number += 1
+                record = {key: value for key, value in row.items() if value is not None}
+                yield number, json.dumps(record).encode(), record
     except (OSError, pa.ArrowException) as error:
         raise PairFileError(f"{path}: cannot read pair file: {error}") from error
-    records = [{key: value for key, value in row.items() if value is not None} for row in rows]
-    return [(number, json.dumps(record).encode(), record) for number, record in enumerate(records, start=1)]
 
 
-def decoded_lines(path: str | Path) -> list[tuple[int, bytes, Any]]:
-    """(line number, raw bytes, the decoded JSON or the `BadPair` saying why it is not), from a
-    JSONL file (plain, gzip or zstd) or a Parquet file."""
-    data = read_bytes(path)
-    if data.startswith(PARQUET_MAGIC):
-        return parquet_rows(path, data)
-    lines = []
-    for number, raw in numbered_lines(decompressed(path, data)):
-        try:
-            lines.append((number, raw, decode_line(raw)))
-        except BadPair as error:
-            lines.append((number, raw, error))
-    return lines
+def decoded_lines(path: str | Path) -> Iterator[tuple[int, bytes, Any]]:
+    """(line number, raw bytes, the decoded JSON or the `BadPair` saying why it is not), streamed
+    from a JSONL file (plain, gzip or zstd) or a Parquet file."""
+    magic = first_bytes(path)
+    if magic == PARQUET_MAGIC:
+        return parquet_rows(path)
+    return ((number, raw, decode_line(raw)) for number, raw in jsonl_lines(path, magic))
 
 
-def encoder_for(tokenizer: PreTrainedTokenizerBase, records: list[Any]) -> Encoder:
-    """An encoder that already knows every prompt and answer string of `records`."""
+def encoder_for(tokenizer: PreTrainedTokenizerBase, records: list[Any], encoder: Encoder | None = None) -> Encoder:
+    """An encoder that already knows every prompt and answer string of `records` (a fresh one, or
+    `encoder` with its remembered strings replaced by these)."""
     objects = [r for r in records if isinstance(r, dict)]
-    encoder = Encoder(tokenizer)
+    encoder = encoder or Encoder(tokenizer)
+    encoder.known.clear()
     encoder.encode_all((r.get(key) for r in objects for key in ("clean", "corrupted")), special_tokens=True)
     answers = (r.get(key) for r in objects for key in ("correct", "incorrect"))
     encoder.encode_all((a for value in answers for a in (value if isinstance(value, list) else [value])),
@@ -279,26 +287,113 @@ def encoder_for(tokenizer: PreTrainedTokenizerBase, records: list[Any]) -> Encod
     return encoder
 
 
+def checked_lines(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int, options: PatchOptions,
+                  labels_seen: set[str]) -> Iterator[tuple[int, bytes, Pair | InvalidLine]]:
+    """Every non-blank line in file order (its number, its bytes), as a `Pair` or the `InvalidLine` saying why not,
+    tokenized `CHUNK_LINES` at a time; every label of every line is added to `labels_seen`.
+    Duplicate ids are not looked for: that takes the whole file (`read_pairs`, `scan_pairs`)."""
+    encoder, lines = None, decoded_lines(path)
+    while chunk := list(itertools.islice(lines, CHUNK_LINES)):
+        records = [record for _, _, record in chunk]
+        labels_seen.update(label for r in records if isinstance(r, dict) and isinstance(r.get("labels"), list)
+                           for label in r["labels"] if isinstance(label, str))
+        encoder = encoder_for(tokenizer, records, encoder)
+        for number, raw, record in chunk:
+            try:
+                if isinstance(record, BadPair):
+                    raise record
+                yield number, raw, parse_record(record, str(number - 1), encoder, n_ctx, options)
+            except BadPair as error:
+                yield number, raw, InvalidLine(str(path), number, raw.decode("utf-8", errors="replace"), str(error))
+
+
 def read_pairs(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int,
                options: PatchOptions = PatchOptions()) -> PairFile:
-    """Validate every line of `path` for a run with `options`; good lines become pairs, bad ones
-    `InvalidLine`s."""
-    lines = decoded_lines(path)
-    records = [record for _, _, record in lines]
-    check_labels_exist(path, records, options)
-    encoder = encoder_for(tokenizer, records)
-    pairs, invalid, first_line_of = [], [], {}
-    for number, raw, record in lines:
-        try:
-            if isinstance(record, BadPair):
-                raise record
-            pair = parse_record(record, str(number - 1), encoder, n_ctx, options)
-            if pair.pair_id in first_line_of:
-                raise BadPair(f"duplicate id {pair.pair_id!r} (first on line {first_line_of[pair.pair_id]})")
-        except BadPair as error:
-            text = raw.decode("utf-8", errors="replace")
-            invalid.append(InvalidLine(str(path), number, text, str(error)))
+    """Validate every line of `path` for a run with `options` and keep the result in memory: good
+    lines become pairs, bad ones `InvalidLine`s. (The driver streams instead: `scan_pairs`, `stream_pairs`.)"""
+    pairs, invalid, first_line_of, labels_seen = [], [], {}, set()
+    for number, raw, checked in checked_lines(path, tokenizer, n_ctx, options, labels_seen):
+        if isinstance(checked, Pair) and checked.pair_id in first_line_of:
+            checked = duplicate(path, number, raw, checked, first_line_of[checked.pair_id])
+        if isinstance(checked, InvalidLine):
+            invalid.append(checked)
             continue
-        first_line_of[pair.pair_id] = number
-        pairs.append(pair)
+        first_line_of[checked.pair_id] = number
+        pairs.append(checked)
+    check_labels_exist(path, labels_seen, options)
     return PairFile(pairs, invalid)
+
+
+def duplicate(path: str | Path, number: int, raw: bytes, pair: Pair, first: int) -> InvalidLine:
+    return InvalidLine(str(path), number, raw.decode("utf-8", errors="replace"),
+                       f"duplicate id {pair.pair_id!r} (first on line {first})")
+
+
+@dataclass(frozen=True)
+class FileScan:
+    """What the driver keeps of a validated pair file: the bad lines, and how many good pairs
+    there are of each token length (enough to plan every shard); not the pairs."""
+    invalid: list[InvalidLine]
+    lengths: dict[int, int]
+
+    @property
+    def skipped(self) -> set[int]:
+        return {bad.line for bad in self.invalid}
+
+
+def scan_pairs(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int,
+               options: PatchOptions = PatchOptions()) -> FileScan:
+    """Validate every line of `path` as `read_pairs` does, in memory that does not grow with the
+    file's pairs: each pair is dropped once counted, and ids are checked for repeats by their
+    64-bit hashes (16 bytes a pair), sorted at the end."""
+    invalid, labels_seen = [], set()
+    ids, lines, lengths = array("q"), array("q"), array("h")
+    for number, _, checked in checked_lines(path, tokenizer, n_ctx, options, labels_seen):
+        if isinstance(checked, InvalidLine):
+            invalid.append(checked)
+            continue
+        ids.append(id_hash(checked.pair_id))
+        lines.append(number)
+        lengths.append(checked.n_tokens)
+    check_labels_exist(path, labels_seen, options)
+    order = np.lexsort((np.frombuffer(lines, np.int64), np.frombuffer(ids, np.int64)))
+    sorted_ids = np.frombuffer(ids, np.int64)[order]
+    repeats = order[1:][sorted_ids[1:] == sorted_ids[:-1]]   # every occurrence after the first, by line
+    invalid += repeated_ids(path, tokenizer, n_ctx, options, {lines[i] for i in repeats.tolist()})
+    counts = np.bincount(np.frombuffer(lengths, np.int16).astype(np.int64)) if lengths else np.zeros(0, np.int64)
+    for i in repeats.tolist():
+        counts[lengths[i]] -= 1
+    return FileScan(sorted(invalid, key=lambda bad: bad.line),
+                    {length: int(count) for length, count in enumerate(counts) if count})
+
+
+def id_hash(pair_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(pair_id.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def repeated_ids(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int, options: PatchOptions,
+                 repeats: set[int]) -> list[InvalidLine]:
+    """The lines `repeats` whose id an earlier line has, as bad lines naming that first line (read
+    again: a file with repeated ids is the rare case that pays for a second look)."""
+    if not repeats:
+        return []
+    first_line_of, found = {}, []
+    for number, raw, checked in checked_lines(path, tokenizer, n_ctx, options, set()):
+        if not isinstance(checked, Pair):
+            continue
+        if number in repeats:
+            found.append(duplicate(path, number, raw, checked, first_line_of[checked.pair_id]))
+        else:
+            first_line_of.setdefault(checked.pair_id, number)
+    return found
+
+
+def stream_pairs(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int, options: PatchOptions,
+                 skipped: set[int]) -> Iterator[Pair]:
+    """The good pairs of a scanned file, in file order, a chunk of lines in memory at a time
+    (`skipped`: the scan's bad lines)."""
+    for number, _, checked in checked_lines(path, tokenizer, n_ctx, options, set()):
+        if number not in skipped:
+            if not isinstance(checked, Pair):
+                raise PairFileError(f"{path}:{number}: the file changed while the job ran ({checked.reason})")
+            yield checked

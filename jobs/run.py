@@ -1,11 +1,13 @@
-"""Running one job: validate, shard, dispatch to actors, write each shard as it returns.
+"""Running one job: validate, plan the shards, stream them to actors, record their receipts.
 
-The pair file is validated in a thread while Ray starts: loading torch, transformers and
-the tokenizer is most of the driver's start-up, and Ray's start is mostly waiting.
-Each actor has one shard in flight at a time, so the driver holds a bounded number of
-results however large the dataset, and a shard that kills its actor takes no innocent
-queued shard down with it (Ray retries only the task that was running). Each result is
-written the moment it arrives, so an interrupted or failed run keeps every finished shard.
+The pair file is validated in a thread while Ray starts (loading torch, transformers and the
+tokenizer is most of the driver's start-up, and Ray's start is mostly waiting); that pass keeps
+only the bad lines and the number of pairs of each length, enough to plan every shard. The
+file is then read again as a stream, each shard handed out as soon as it is full, so the
+driver's memory does not grow with the file. Each actor has one shard in flight at a time, and
+a shard that kills its actor takes no innocent queued shard down with it (Ray retries only the
+task that was running). Actors write their shards themselves, so an interrupted or failed run
+keeps every finished shard.
 """
 from __future__ import annotations
 
@@ -20,9 +22,9 @@ import ray
 from tqdm import tqdm
 
 from jobs.cluster import connect, pool_shape, start_actors
-from jobs.pairfile import InvalidLine, read_pairs
+from jobs.pairfile import FileScan, scan_pairs, stream_pairs
 from jobs.results.report import build_report
-from jobs.shards import Shard, plan_shards
+from jobs.shards import Shard, filled_shards, plan_shards, read_ahead
 from jobs.spec import JobSpec, config_hash, versions
 from jobs.store import Store, results_dir
 from worker.options import PatchOptions
@@ -80,19 +82,27 @@ class Phases:
             self.seconds[name] = round(time.perf_counter() - start, 3)
 
 
-def validated_pairs(spec: JobSpec, phases: Phases) -> tuple[list[Pair], list[InvalidLine]]:
+@dataclass(frozen=True)
+class Reading:
+    """What reading the pair file again as pairs needs: the tokenizer, its context, the bad lines."""
+    tokenizer: object
+    n_ctx: int
+    scan: FileScan
+
+
+def validated_file(spec: JobSpec, phases: Phases) -> Reading:
     with phases.timed("validate"):
         from worker.model import load_tokenizer  # here, in the validation thread: torch loads while Ray starts
 
         tokenizer, n_ctx = load_tokenizer(spec.model)
-        pair_file = read_pairs(spec.pairs, tokenizer, n_ctx, spec.patch_options())
-    if pair_file.invalid and not spec.skip_invalid:
-        lines = "\n".join(map(str, pair_file.invalid))
-        raise JobError(f"{lines}\n{len(pair_file.invalid)} invalid line(s) in {spec.pairs}; "
+        scan = scan_pairs(spec.pairs, tokenizer, n_ctx, spec.patch_options())
+    if scan.invalid and not spec.skip_invalid:
+        lines = "\n".join(map(str, scan.invalid))
+        raise JobError(f"{lines}\n{len(scan.invalid)} invalid line(s) in {spec.pairs}; "
                        "fix them or pass --skip-invalid to run the valid ones")
-    if not pair_file.pairs:
+    if not scan.lengths:
         raise JobError(f"{spec.pairs}: no valid pairs to run")
-    return pair_file.pairs, pair_file.invalid
+    return Reading(tokenizer, n_ctx, scan)
 
 
 def wait_until_ready(actors: list, options: PatchOptions) -> None:
@@ -108,21 +118,29 @@ def short_error(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def dispatch(spec: JobSpec, shards: list[Shard], actors: list, store: Store, log: ShardLog) -> None:
-    """Keep every actor busy; each writes its shards' parts itself and returns a receipt, which
-    is recorded; failures are recorded by shard."""
-    queue = list(reversed(shards))
+def shards_to_run(job: Job) -> Iterator[tuple[Shard, tuple[Pair, ...]]]:
+    """The unfinished shards with their pairs, as the second read of the file fills them."""
+    spec, reading = job.spec, job.reading
+    pairs = stream_pairs(spec.pairs, reading.tokenizer, reading.n_ctx, spec.patch_options(), reading.scan.skipped)
+    return filled_shards(pairs, job.shards, spec.batch_pairs, {shard.name for shard in job.todo})
+
+
+def dispatch(job: Job, actors: list) -> None:
+    """Keep every actor busy with the next full shard; each writes its shard's parts itself and
+    returns a receipt, which is recorded; failures are recorded by shard."""
+    spec, store, log = job.spec, job.store, job.log
+    source = read_ahead(shards_to_run(job), depth=len(actors))
     in_flight: dict = {}
     options, writer = spec.patch_options(), store.part_writer()
 
     def submit(actor: int) -> None:
-        if queue:
-            shard = queue.pop()
-            in_flight[actors[actor].run_shard.remote(shard.name, shard.pairs, options, writer)] = (shard, actor)
+        if (next_shard := next(source, None)) is not None:
+            shard, pairs = next_shard
+            in_flight[actors[actor].run_shard.remote(shard.name, pairs, options, writer)] = (shard, actor)
 
     for actor in range(len(actors)):
         submit(actor)
-    with tqdm(total=sum(len(s.pairs) for s in shards), unit="pair", file=sys.stderr,
+    with tqdm(total=sum(s.size for s in job.todo), unit="pair", file=sys.stderr,
               desc="patching", dynamic_ncols=True, mininterval=1.0) as progress:
         while in_flight:
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
@@ -134,7 +152,7 @@ def dispatch(spec: JobSpec, shards: list[Shard], actors: list, store: Store, log
             except ray.exceptions.RayError as error:
                 log.failed[shard.name] = short_error(error)
                 progress.write(f"shard {shard.name} failed: {log.failed[shard.name]}", file=sys.stderr)
-            progress.update(len(shard.pairs))
+            progress.update(shard.size)
 
 
 @dataclass
@@ -142,10 +160,10 @@ class Job:
     """One run's state as the manifest reports it."""
     spec: JobSpec
     config: dict
+    reading: Reading
     shards: list[Shard]
     store: Store
     log: ShardLog
-    n_invalid: int
     n_resumed: int
     started: float
     phases: Phases
@@ -156,7 +174,11 @@ class Job:
 
     @property
     def pair_count(self) -> int:
-        return sum(len(s.pairs) for s in self.shards)
+        return sum(s.size for s in self.shards)
+
+    @property
+    def n_invalid(self) -> int:
+        return len(self.reading.scan.invalid)
 
     def manifest(self, status: str) -> dict:
         spec, log = self.spec, self.log
@@ -177,7 +199,7 @@ class Job:
             "invalid_count": self.n_invalid,
             "versions": versions(),
             "shards": [
-                {"name": s.name, "pairs": len(s.pairs), "n_tokens": s.n_tokens, "status": log.status(s.name),
+                {"name": s.name, "pairs": s.size, "n_tokens": s.n_tokens, "status": log.status(s.name),
                  **{key: log.receipts.get(s.name, {}).get(key) for key in RECEIPT_KEYS},
                  "error": log.failed.get(s.name)}
                 for s in self.shards
@@ -188,17 +210,16 @@ class Job:
         }
 
 
-def prepare_job(spec: JobSpec, pairs: list[Pair], invalid: list[InvalidLine], started: float,
-                phases: Phases) -> Job:
+def prepare_job(spec: JobSpec, reading: Reading, started: float, phases: Phases) -> Job:
     """Plan the shards and open the output; finished shards of an earlier run count as done."""
     config = spec.config()
-    shards = plan_shards(pairs, spec.batch_pairs)
+    shards = plan_shards(reading.scan.lengths, spec.batch_pairs)
     store = Store(spec.out, results_dir(spec.method))
     previous = store.prepare(config_hash(config), spec.overwrite)
-    if invalid:
-        store.write_invalid(invalid)
+    if reading.scan.invalid:
+        store.write_invalid(reading.scan.invalid)
     log = ShardLog.resumed(store.finished_shards() & {s.name for s in shards}, previous)
-    job = Job(spec, config, shards, store, log, len(invalid), len(log.finished), started, phases)
+    job = Job(spec, config, reading, shards, store, log, len(log.finished), started, phases)
     store.write_manifest(job.manifest("running"))
     return job
 
@@ -222,7 +243,7 @@ def compute(job: Job) -> str:
             actors = start_actors(pool_shape(spec.workers, spec.device), spec.model, spec.device, spec.dtype)
             wait_until_ready(actors, spec.patch_options())
         with phases.timed("patch"):
-            dispatch(spec, job.todo, actors, job.store, job.log)
+            dispatch(job, actors)
     except KeyboardInterrupt:
         return "interrupted"
     return "done"
@@ -232,6 +253,8 @@ def finish(job: Job, status: str) -> int:
     """Write the pairs table, the final manifest and the report; the process exit code."""
     if job.log.failed:
         status = "failed"
+    # a shard an actor finished after the driver stopped listening (Ctrl-C) is finished all the same
+    job.log.finished |= job.store.finished_shards() & {shard.name for shard in job.shards}
     with job.phases.timed("pairs_table"):
         n_pairs = job.store.write_pairs_table(job.log.finished)
     job.store.write_manifest(job.manifest(status))
@@ -271,8 +294,8 @@ def run_job(spec: JobSpec) -> int:
         return EXIT_OK
     started, phases = time.time(), Phases()
     with ThreadPoolExecutor(max_workers=1) as pool:
-        validation = pool.submit(validated_pairs, spec, phases)
+        validation = pool.submit(validated_file, spec, phases)
         with ray_running(spec.address, phases):
-            job = prepare_job(spec, *validation.result(), started, phases)
+            job = prepare_job(spec, validation.result(), started, phases)
             status = compute(job) if job.todo else "done"
     return finish(job, status)

@@ -84,7 +84,14 @@ class Store:
             manifest = None
         for directory in (self.results, PAIR_PARTS_DIR):
             self.fs.create_dir(self.path(directory), recursive=True)
+            self.remove_temporaries(directory)
         return manifest
+
+    def remove_temporaries(self, directory: str) -> None:
+        """Delete what writers killed mid-write left behind (never renamed, so never part of the run)."""
+        for info in self.fs.get_file_info(pafs.FileSelector(self.path(directory))):
+            if ".tmp-" in info.base_name:
+                self.fs.delete_file(info.path)
 
     def clear(self) -> None:
         for directory in (EFFECTS_DIR, PATHS_DIR, PAIR_PARTS_DIR):

@@ -1,6 +1,8 @@
 """Pair file validation: every rule of DESIGN.md, reported as FILE:LINE: reason."""
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from jobs.pairfile import PairFileError, read_pairs
@@ -196,3 +198,36 @@ def test_a_damaged_compressed_file_is_one_error(tmp_path, tokenizer_and_ctx):
     path.write_bytes(b"\x1f\x8b" + b"not gzip at all")
     with pytest.raises(PairFileError, match="cannot read pair file: a damaged compressed file"):
         read_pairs(path, *tokenizer_and_ctx)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "zstd", "parquet"])
+def test_the_streamed_scan_and_read_equal_reading_the_whole_file(tmp_path, tokenizer_and_ctx, monkeypatch, kind):
+    """What the driver does (a validating scan keeping counts and bad lines, then a second read
+    yielding the good pairs) a few lines at a time equals `read_pairs` on the whole file: the same
+    pairs in the same order, the same bad lines, repeated ids found across chunks."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    from jobs import pairfile
+
+    tokenizer, n_ctx = tokenizer_and_ctx
+    lines = [dict(zip(("clean", "corrupted", "correct", "incorrect"), line)) for line in IOI_LINES]
+    records = [{**lines[i % 4], "id": f"p{i % 11}"} for i in range(23)]   # ids repeat from the 12th line on
+    records[5] = {**records[5], "correct": " Tom Anna"}
+    records[9] = {**records[9], "id": "p2"}
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    if kind == "zstd":
+        path = tmp_path / "pairs.jsonl.zst"
+        path.write_bytes(zstandard.ZstdCompressor().compress((tmp_path / "pairs.jsonl").read_bytes()))
+    elif kind == "parquet":
+        path = tmp_path / "pairs.parquet"
+        pq.write_table(pa.Table.from_pylist(records), path)
+    whole = read_pairs(path, tokenizer, n_ctx)
+    monkeypatch.setattr(pairfile, "CHUNK_LINES", 4)
+    scan = pairfile.scan_pairs(path, tokenizer, n_ctx)
+    streamed = list(pairfile.stream_pairs(path, tokenizer, n_ctx, PatchOptions(), scan.skipped))
+    assert streamed == whole.pairs and len(streamed) == 11
+    assert scan.invalid == whole.invalid and len(scan.invalid) == 12
+    assert "duplicate id 'p2' (first on line 3)" in str(scan.invalid[1])
+    assert scan.lengths == dict(sorted(Counter(p.n_tokens for p in whole.pairs).items()))
