@@ -60,6 +60,7 @@ def fake_run(root: str, rows: int, parts: int = 50) -> Store:
             "head": pa.nulls(n, pa.int16()),
             "logit_diff": rng.normal(size=n).astype(np.float32),
             "score": rng.normal(size=n).astype(np.float32),
+            "estimate": pa.nulls(n, pa.float32()),
         }, schema=effects_schema("logit_diff"))
         store.write_table(table, "effects", f"part-{part:05d}.parquet")
     return store

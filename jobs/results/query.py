@@ -21,7 +21,7 @@ import pyarrow.dataset as ds
 from jobs.store import AGGREGATE_FILE, PAIRS_FILE, Store
 
 
-DUCKDB_MEMORY_LIMIT = "512MB"
+DUCKDB_MEMORY_LIMIT = "256MB"
 
 
 class QueryError(ValueError):
@@ -36,6 +36,10 @@ def connect_tables(store: Store) -> duckdb.DuckDBPyConnection:
     spill = f"{tempfile.gettempdir()}/patchsweep-duckdb-{uuid.uuid4().hex}"
     connection = duckdb.connect(config={"memory_limit": DUCKDB_MEMORY_LIMIT, "temp_directory": spill})
     connection.execute("SET enable_progress_bar = false")  # it would cut into the driver's stderr lines
+    # Arrow scans carry no row counts, so the join orderer guessed one row for each view and could
+    # build its hash table on effects (millions of rows, which did not spill: 0.9 GB for 100,000
+    # pairs). Joins run as written instead: the big view first (probed), pairs second (built).
+    connection.execute("SET disabled_optimizers = 'join_order,build_side_probe_side'")
     sources = {store.results: store.results, "pairs": PAIRS_FILE, "aggregate": AGGREGATE_FILE}
     for view, name in sources.items():
         if store.exists(name):
