@@ -4,7 +4,7 @@ and `aggregate`.
 The views scan Arrow datasets, so the partitioned results directory is streamed from
 its Parquet parts (local or any pyarrow URI) instead of being loaded into memory. DuckDB
 is held to `DUCKDB_MEMORY_LIMIT` and spills beyond it: its default (80% of RAM) let the
-aggregation of 100,000 pairs take 1.4 GB, now about 0.5 GB at the same speed.
+aggregation of 100,000 pairs take 1.4 GB; the report of 100,000 pairs now peaks at 0.6 GB.
 """
 from __future__ import annotations
 
