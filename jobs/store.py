@@ -8,7 +8,7 @@ part exists is whole; pairs.parquet is rebuilt from the _pairs parts at the end 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -19,6 +19,8 @@ from jobs.pairfile import InvalidLine
 from worker.parts import PAIR_PARTS_DIR, PartWriter, atomic_output, filesystem, write_parquet
 
 EFFECTS_DIR, PATHS_DIR = "effects", "paths"
+PAIRS_ROW_GROUP = 65_536
+BATCH_PARTS = 1000   # parts read together; a dataset keeps the footer of every part it has read (~30 KB)
 MANIFEST, PAIRS_FILE, INVALID_FILE = "manifest.json", "pairs.parquet", "invalid.jsonl"
 AGGREGATE_FILE, REPORT_FILE = "aggregate.parquet", "report.html"
 
@@ -110,6 +112,19 @@ class Store:
             if info.base_name.endswith(".parquet")
         }
 
+    def shard_batches(self) -> Iterator[list[str]]:
+        """The finished shards' names, `BATCH_PARTS` at a time: read a large run's parts in such
+        batches, each with a dataset of its own, and memory does not grow with the run (one
+        dataset over 31,000 parts held 1 GB of their footers)."""
+        names = sorted(self.finished_shards())
+        for first in range(0, len(names), BATCH_PARTS):
+            yield names[first:first + BATCH_PARTS]
+
+    def parts(self, directory: str, names: list[str], schema: pa.Schema | None = None) -> ds.Dataset:
+        """The parts `names` of `directory` (the results directory or `_pairs`) as one dataset."""
+        return ds.dataset([self.path(directory, f"{name}.parquet") for name in names], schema=schema,
+                          filesystem=self.fs, format="parquet")
+
     def write_pairs_table(self, shard_names: Iterable[str]) -> int:
         """Gather the finished shards' pairs rows into pairs.parquet, one part in memory at a time;
         returns the row count. Parts may differ in their metadata columns: each is read with the
@@ -119,12 +134,14 @@ class Store:
             return 0
         schemas = [pq.read_schema(path, filesystem=self.fs) for path in paths]
         schema = pa.unify_schemas(schemas, promote_options="permissive").with_metadata(schemas[0].metadata)
-        rows = 0
+        rows, held = 0, []
         with atomic_output(self.fs, self.path(PAIRS_FILE)) as stream, pq.ParquetWriter(stream, schema) as writer:
-            for path in paths:
-                table = ds.dataset(path, schema=schema, filesystem=self.fs, format="parquet").to_table()
-                writer.write_table(table)
-                rows += table.num_rows
+            for index, path in enumerate(paths):
+                held.append(ds.dataset(path, schema=schema, filesystem=self.fs, format="parquet").to_table())
+                if sum(t.num_rows for t in held) >= PAIRS_ROW_GROUP or index == len(paths) - 1:
+                    table = pa.concat_tables(held)   # row groups of a useful size, not one per shard
+                    writer.write_table(table, row_group_size=PAIRS_ROW_GROUP)
+                    rows, held = rows + table.num_rows, []
         return rows
 
     def write_invalid(self, invalid: list[InvalidLine]) -> None:

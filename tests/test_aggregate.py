@@ -42,9 +42,12 @@ def known_run(tmp_path):
     store = Store(str(tmp_path / "run"))
     store.prepare("hash", overwrite=False)
     pair_schema = pa.schema(pair_columns("logit_diff") + [("template", pa.string())])
-    store.write_table(pa.Table.from_pylist(pairs, schema=pair_schema), "pairs.parquet")
-    store.write_table(pa.Table.from_pylist(rows[:30], schema=effects_schema("logit_diff")), "effects", "part-00000.parquet")
-    store.write_table(pa.Table.from_pylist(rows[30:], schema=effects_schema("logit_diff")), "effects", "part-00001.parquet")
+    writer = store.part_writer()
+    for shard, ids in (("part-00000", "ab"), ("part-00001", "cd")):   # as the driver writes them: a shard's pairs
+        writer.write_pairs(shard, pa.Table.from_pylist([p for p in pairs if p["pair_id"] in ids], schema=pair_schema))
+        writer.write_results(shard, pa.Table.from_pylist([r for r in rows if r["pair_id"] in ids],
+                                                         schema=effects_schema("logit_diff")))
+    store.write_pairs_table(["part-00000", "part-00001"])
     return store, pd.DataFrame(pairs), pd.DataFrame(rows)
 
 

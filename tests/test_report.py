@@ -97,7 +97,7 @@ def test_drill_down_shows_heads_at_the_listed_positions(tmp_path, tiny_model, to
                                        positions="S2,END")
     config = tiny_model._module.config
     connection = connect_tables(store)
-    figures = dict(drill_down_figures(connection, "tiny", 1))
+    figures = dict(drill_down_figures(connection, store, "tiny", 1))
     pair_id, tokens, labels = connection.sql("SELECT pair_id, tokens, labels FROM pairs ORDER BY pair_id").fetchall()[0]
     spots = [i for i, label in enumerate(labels) if label in ("S2", "END")]
     heads, mlp = figures[f"pair-{pair_id}-head"].data[0], figures[f"pair-{pair_id}-mlp"].data[0]
@@ -165,7 +165,7 @@ def test_pairs_table_and_drill_down_show_tokens_as_text(ioi_run):
     record = next(r for r in records if r["id"] == pair_id)
     assert "".join(tokens).replace("␣", " ") == record["clean"]
     assert not any("Ġ" in token for token in tokens)
-    (name, figure), *_ = drill_down_figures(connection, "tiny", 1)
+    (name, figure), *_ = drill_down_figures(connection, store, "tiny", 1)
     assert list(figure.data[0].x) == [f"{i}:{token}" for i, token in enumerate(tokens)]
     assert any(x.endswith(":␣" + record["correct"].strip()) for x in figure.data[0].x)
 

@@ -15,9 +15,10 @@ verified rows, so their statistics cover those; `*_estimate` cover every row.
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from jobs.store import AGGREGATE_FILE, Store
-from jobs.results.query import QueryError, connect_tables
+from jobs.store import AGGREGATE_FILE, PAIR_PARTS_DIR, PAIRS_FILE, Store
+from jobs.results.query import QueryError, duckdb_connection
 
 DEFAULT_MIN_GAP = 0.1
 ALL_POSITIONS = "all"   # the label of rows that patched every position at once
@@ -26,45 +27,59 @@ CELLS = {   # results view: (its cell columns, kept by name; its position column
     "effects": (("component", "layer", "head"), "position", True),
     "paths": (("receiver", "sender_layer", "sender_head"), "sender_position", False),
 }
-# Two stages, so that memory does not grow with the pair count: per (cell, pair) sums, then per
-# cell; a count of distinct pairs per cell (a hash set of ids in every group) took 0.9 GB for
-# 100,000 pairs and could not spill.
+# In stages, so that memory does not grow with the run: per batch of shards (`Store.shard_batches`:
+# their results parts joined with their pairs parts), sums per (cell, pair)
+# then per cell; at the end, the batches' sums per cell. A count of distinct pairs per cell (a
+# hash set of ids in every group) over the whole run took 0.9 GB for 100,000 pairs and 2.8 GB
+# (then ran out of memory) for 1,000,000.
 ESTIMATE_SUMS = """
            count(estimate) AS n_e, sum(estimate::DOUBLE) AS s_e, sum(estimate::DOUBLE * estimate) AS ss_e,"""
-ESTIMATE_TOTALS = """
+ESTIMATE_BATCH_TOTALS = """
            coalesce(sum(n_e) FILTER (WHERE NOT excluded), 0) AS n_e, sum(s_e) FILTER (WHERE NOT excluded) AS s_e,
            sum(ss_e) FILTER (WHERE NOT excluded) AS ss_e,"""
+ESTIMATE_TOTALS = """
+           sum(n_e)::BIGINT AS n_e, sum(s_e) AS s_e, sum(ss_e) AS ss_e,"""
 ESTIMATE_STATISTICS = """
        n_e AS estimate_count, s_e / nullif(n_e, 0) AS mean_estimate,
        CASE WHEN n_e > 1 THEN sqrt(greatest((ss_e - s_e * s_e / n_e) / (n_e - 1), 0)) END AS std_estimate,"""
-AGGREGATE_SQL = """
+BATCH_SQL = """
 WITH p AS (
     SELECT pair_id, n_tokens, labels, "clean_{metric}"::DOUBLE AS clean, "corrupted_{metric}"::DOUBLE AS corrupted,
            {group} AS "group",
            abs("clean_{metric}" - "corrupted_{metric}") < {min_gap} AS excluded
-    FROM pairs
+    FROM batch_pairs
 ), cells AS (
     SELECT {cell}, e.{position} AS position, e.score::DOUBLE AS score, {estimate} e."{metric}"::DOUBLE AS value,
            p.pair_id, p.clean, p.corrupted, p."group", p.excluded,
            CASE WHEN e.{position} IS NULL THEN '{all_positions}'
                 ELSE coalesce(p.labels[e.{position} + 1], CAST(e.{position} AS VARCHAR)) END AS label,
            CASE WHEN p.labels IS NULL AND e.{position} IS NOT NULL THEN p.n_tokens END AS length_group
-    FROM {table} e JOIN p USING (pair_id)
+    FROM batch e JOIN p USING (pair_id)
 ), per_pair AS (
     SELECT {kind}, {layer}, {head}, label, "group", length_group, pair_id, excluded, clean, corrupted,
            count(score) AS n, sum(score) AS s, sum(score * score) AS ss,{estimate_sums}
            count(*) AS n_rows, count(value) AS n_v, sum(value) AS v, count(position) AS n_pos, sum(position) AS pos
     FROM cells
     GROUP BY ALL
-), sums AS (
+)
+SELECT {kind}, {layer}, {head}, label, "group", length_group,
+       count(*) FILTER (WHERE NOT excluded) AS pairs,
+       count(*) FILTER (WHERE excluded) AS excluded_pairs,
+       coalesce(sum(n) FILTER (WHERE NOT excluded), 0) AS n, sum(s) FILTER (WHERE NOT excluded) AS s,
+       sum(ss) FILTER (WHERE NOT excluded) AS ss,{estimate_batch_totals}
+       sum(n_rows) AS n_rows, sum(n_v) AS n_v, sum(v) AS v, sum(clean * n_rows) AS clean,
+       sum(corrupted * n_rows) AS corrupted, sum(n_pos) AS n_pos, sum(pos) AS pos
+FROM per_pair
+GROUP BY ALL
+"""
+AGGREGATE_SQL = """
+WITH sums AS (
     SELECT {kind}, {layer}, {head}, label, "group", length_group,
-           count(*) FILTER (WHERE NOT excluded) AS pairs,
-           count(*) FILTER (WHERE excluded) AS excluded_pairs,
-           coalesce(sum(n) FILTER (WHERE NOT excluded), 0) AS n, sum(s) FILTER (WHERE NOT excluded) AS s,
-           sum(ss) FILTER (WHERE NOT excluded) AS ss,{estimate_totals}
-           sum(n_rows) AS n_rows, sum(n_v) AS n_v, sum(v) AS v, sum(clean * n_rows) AS clean,
-           sum(corrupted * n_rows) AS corrupted, sum(n_pos) AS n_pos, sum(pos) AS pos
-    FROM per_pair
+           sum(pairs)::BIGINT AS pairs, sum(excluded_pairs)::BIGINT AS excluded_pairs, sum(n)::BIGINT AS n,
+           sum(s) AS s, sum(ss) AS ss,{estimate_totals}
+           sum(n_rows) AS n_rows, sum(n_v) AS n_v, sum(v) AS v, sum(clean) AS clean, sum(corrupted) AS corrupted,
+           sum(n_pos) AS n_pos, sum(pos) AS pos
+    FROM batches
     GROUP BY ALL
 )
 SELECT {kind}, CAST({layer} AS SMALLINT) AS {layer}, CAST({head} AS SMALLINT) AS {head}, label, "group",
@@ -90,17 +105,20 @@ def quote_identifier(name: str) -> str:
 
 def aggregate(store: Store, direction: str, group_by: str | None = None,
               min_gap: float = DEFAULT_MIN_GAP, metric: str = "logit_diff") -> pa.Table:
-    """Compute the aggregate table of the run in `store` and write aggregate.parquet."""
-    connection = connect_tables(store)
-    columns = [row[0] for row in connection.execute("DESCRIBE pairs").fetchall()]
-    if group_by is not None and group_by not in columns:
-        raise QueryError(f"cannot group by {group_by!r}: pairs has no such column ({', '.join(columns)})")
+    """Compute the aggregate table of the run in `store` (its finished shards: results and pairs
+    parts) and write aggregate.parquet."""
+    if not store.exists(PAIRS_FILE):
+        raise QueryError(f"{store.uri}: no {PAIRS_FILE} here; is this a patchsweep output directory?")
+    schema = pq.read_schema(store.path(PAIRS_FILE), filesystem=store.fs)   # every pairs part's columns
+    if group_by is not None and group_by not in schema.names:
+        raise QueryError(f"cannot group by {group_by!r}: pairs has no such column ({', '.join(schema.names)})")
     (kind, layer, head), position, estimates = CELLS[store.results]
-    sql = AGGREGATE_SQL.format(
-        table=store.results, kind=kind, layer=layer, head=head, position=position,
+    fields = dict(
+        kind=kind, layer=layer, head=head, position=position,
         cell=", ".join(f"e.{column}" for column in (kind, layer, head)),
         estimate="e.estimate," if estimates else "",
         estimate_sums=ESTIMATE_SUMS if estimates else "",
+        estimate_batch_totals=ESTIMATE_BATCH_TOTALS if estimates else "",
         estimate_totals=ESTIMATE_TOTALS if estimates else "",
         estimate_statistics=ESTIMATE_STATISTICS if estimates else "",
         group="CAST(" + quote_identifier(group_by) + " AS VARCHAR)" if group_by else "NULL::VARCHAR",
@@ -109,6 +127,14 @@ def aggregate(store: Store, direction: str, group_by: str | None = None,
         all_positions=ALL_POSITIONS,
         metric=metric,
     )
-    table = connection.sql(sql).to_arrow_table()
+    connection, batches = duckdb_connection(), []
+    for names in store.shard_batches():
+        connection.register("batch", store.parts(store.results, names))
+        connection.register("batch_pairs", store.parts(PAIR_PARTS_DIR, names, schema))
+        batches.append(connection.sql(BATCH_SQL.format(**fields)).to_arrow_table())
+    if not batches:
+        raise QueryError(f"{store.uri}: no finished shards to aggregate")
+    connection.register("batches", pa.concat_tables(batches))
+    table = connection.sql(AGGREGATE_SQL.format(**fields)).to_arrow_table()
     store.write_table(table, AGGREGATE_FILE)
     return table

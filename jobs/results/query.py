@@ -28,11 +28,9 @@ class QueryError(ValueError):
     """Bad SQL or a missing table; the message is one line."""
 
 
-def connect_tables(store: Store) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with a view for every table the run has written so far."""
-    if not store.exists(store.results):
-        raise QueryError(f"{store.uri}: no {store.results}/ here; is this a patchsweep output directory?")
-    # A spill directory of its own: DuckDB instances sharing one overwrite each other's files.
+def duckdb_connection() -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection held to `DUCKDB_MEMORY_LIMIT`, spilling to a directory of its own
+    (DuckDB instances sharing one overwrite each other's files)."""
     spill = f"{tempfile.gettempdir()}/patchsweep-duckdb-{uuid.uuid4().hex}"
     connection = duckdb.connect(config={"memory_limit": DUCKDB_MEMORY_LIMIT, "temp_directory": spill})
     connection.execute("SET enable_progress_bar = false")  # it would cut into the driver's stderr lines
@@ -40,6 +38,14 @@ def connect_tables(store: Store) -> duckdb.DuckDBPyConnection:
     # build its hash table on effects (millions of rows, which did not spill: 0.9 GB for 100,000
     # pairs). Joins run as written instead: the big view first (probed), pairs second (built).
     connection.execute("SET disabled_optimizers = 'join_order,build_side_probe_side'")
+    return connection
+
+
+def connect_tables(store: Store) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with a view for every table the run has written so far."""
+    if not store.exists(store.results):
+        raise QueryError(f"{store.uri}: no {store.results}/ here; is this a patchsweep output directory?")
+    connection = duckdb_connection()
     sources = {store.results: store.results, "pairs": PAIRS_FILE, "aggregate": AGGREGATE_FILE}
     for view, name in sources.items():
         if store.exists(name):

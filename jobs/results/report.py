@@ -17,6 +17,8 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 import plotly.offline
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from jobs.results.aggregate import ALL_POSITIONS, CELLS, DEFAULT_MIN_GAP, aggregate
 from jobs.store import REPORT_FILE, Store
@@ -145,19 +147,24 @@ def aggregate_figures(rows: list[dict], run: str, positions: dict[str, float],
     return figures
 
 
-def drill_down_figures(connection, run: str, n_pairs: int, statistic: str = "score",
-                       results: str = "effects") -> list[tuple[str, go.Figure]]:
+def drill_down_figures(connection, store: Store, run: str, n_pairs: int,
+                       statistic: str = "score") -> list[tuple[str, go.Figure]]:
     """Score heatmaps of the first few pairs, with their own tokens on x: layer (or layer.head for
     heads) x each position patched, or `all` where every position was patched at once; in a
-    path-patching run (`results` paths), sender layer.head x sender position per receiver."""
+    path-patching run, sender layer.head x sender position per receiver. Their rows are read a
+    batch of parts at a time (`Store.shard_batches`)."""
     pairs = connection.sql(f"SELECT pair_id, tokens FROM pairs ORDER BY pair_id LIMIT {int(n_pairs)}").fetchall()
-    (kind, *layer_and_head), position_column, _ = CELLS[results]
+    if not pairs:
+        return []
+    (kind, *layer_and_head), position_column, _ = CELLS[store.results]
+    columns = ["pair_id", kind, *layer_and_head, position_column, statistic]
+    chosen = pc.field("pair_id").isin([pair_id for pair_id, _ in pairs])
+    connection.register("drill_down", pa.concat_tables(
+        [store.parts(store.results, names).to_table(columns=columns, filter=chosen) for names in store.shard_batches()]))
     figures = []
     for pair_id, tokens in pairs:
         effects = connection.execute(
-            f"SELECT {kind}, {', '.join(layer_and_head)}, {position_column}, {statistic} FROM {results} "
-            "WHERE pair_id = ? ORDER BY ALL",
-            [pair_id]
+            f"SELECT {', '.join(columns[1:])} FROM drill_down WHERE pair_id = ? ORDER BY ALL", [pair_id]
         ).fetchall()
         by_component: dict[str, dict] = defaultdict(dict)
         for component, layer, head, position, score in effects:
@@ -280,7 +287,7 @@ def write_report(store: Store, aggregate_rows: list[dict], min_gap: float,
     statistic = "estimate" if manifest.get("method") == "atp" else "score"
     heatmaps = aggregate_figures([sender_cells(row) for row in aggregate_rows], run, label_positions(connection),
                                  statistic)
-    pairs = drill_down_figures(connection, run, drill_down, statistic, store.results)
+    pairs = drill_down_figures(connection, store, run, drill_down, statistic)
     checks, scatters = verification(connection, manifest, run, min_gap)
     layout = "sender layer and head, per receiver" if store.results == "paths" else "layer and position"
     document = page(f"patchsweep: {model}", summary_rows(connection, manifest, min_gap) + checks,
