@@ -1,0 +1,114 @@
+"""The driver at scale: peak memory, wall time per phase and pairs/s for a large pair file.
+
+    python -m bench.scale --pairs 100000 --workers 2                 # the whole driver, tiny model
+    python -m bench.scale --pairs 100000 --workers 2 --repo ../old   # the same, another checkout's driver
+    python -m bench.scale --pairs 10000000 --read-only               # validation and sharding alone
+
+The pair file is examples/pairs.jsonl over and over with fresh ids (zstd-compressed with
+`--zstd`), written to `--scratch`. The whole driver runs as a subprocess whose peak resident
+memory (VmHWM) is read from /proc while it runs; `--read-only` runs the driver's two reads of
+the file in this process (scan: validate and count; stream: tokenize again and fill every
+shard, each dropped once full) and reports this process's peak resident memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import zstandard
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_pairs(source: Path, n_pairs: int, target: Path, compress: bool) -> None:
+    """`n_pairs` lines: the source file's lines again and again, each with a fresh id."""
+    records = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+    with open(target, "wb") as raw:
+        sink = zstandard.ZstdCompressor().stream_writer(raw) if compress else raw
+        for start in range(0, n_pairs, 10_000):
+            lines = [json.dumps({**records[i % len(records)], "id": f"p{i}"}) + "\n"
+                     for i in range(start, min(n_pairs, start + 10_000))]
+            sink.write("".join(lines).encode())
+        if compress:
+            sink.flush(zstandard.FLUSH_FRAME)
+
+
+def peak_rss_of(process: subprocess.Popen) -> float:
+    """Wait for `process`, polling its peak resident memory (MiB) from /proc while it lives."""
+    peak = 0.0
+    while process.poll() is None:
+        try:
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            peak = max(peak, int(next(line.split()[1] for line in status.splitlines()
+                                      if line.startswith("VmHWM:"))) / 1024)
+        except (OSError, StopIteration):
+            pass
+        time.sleep(0.5)
+    return peak
+
+
+def whole_driver(pairs_file: Path, n_pairs: int, args) -> None:
+    out = Path(args.scratch) / f"run-{n_pairs}"
+    command = [sys.executable, str(Path(args.repo) / "driver.py"), "--pairs", str(pairs_file), "--model",
+               str(REPO / args.model), "--out", str(out), "--workers", str(args.workers), "--device", "cpu",
+               "--components", args.components, "--batch-pairs", str(args.batch_pairs), "--overwrite"]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=args.repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = peak_rss_of(process)
+    wall = time.perf_counter() - start
+    if process.returncode:
+        raise SystemExit(process.stderr.read().decode()[-2000:])
+    phases = json.loads((out / "manifest.json").read_text())["timings"]["phase_seconds"]
+    print(f"driver ({args.repo}): pairs={n_pairs} workers={args.workers} wall={wall:.1f}s "
+          f"pairs/s={n_pairs / wall:.0f} patch phase pairs/s={n_pairs / phases['patch']:.0f} "
+          f"driver peak RSS={peak:.0f} MiB")
+    print("  phases: " + " ".join(f"{name}={seconds:.1f}s" for name, seconds in phases.items()))
+
+
+def read_only(pairs_file: Path, n_pairs: int, args) -> None:
+    from jobs.pairfile import scan_pairs, stream_pairs
+    from jobs.shards import filled_shards, plan_shards
+    from worker.model import load_tokenizer
+    from worker.options import PatchOptions
+
+    tokenizer, n_ctx = load_tokenizer(str(REPO / args.model))
+    start = time.perf_counter()
+    scan = scan_pairs(pairs_file, tokenizer, n_ctx)
+    scanned = time.perf_counter()
+    shards = plan_shards(scan.lengths, args.batch_pairs)
+    pairs = stream_pairs(pairs_file, tokenizer, n_ctx, PatchOptions(), scan.skipped)
+    filled = sum(1 for _ in filled_shards(pairs, shards, args.batch_pairs, {s.name for s in shards}))
+    streamed = time.perf_counter()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"read only: pairs={n_pairs} shards={filled} scan {scanned - start:.1f}s = "
+          f"{n_pairs / (scanned - start):.0f} pairs/s; stream and fill {streamed - scanned:.1f}s = "
+          f"{n_pairs / (streamed - scanned):.0f} pairs/s; peak RSS={peak:.0f} MiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, nargs="+", default=[100_000])
+    parser.add_argument("--model", default="examples/tiny-gpt2")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--components", default="resid")
+    parser.add_argument("--batch-pairs", type=int, default=32)
+    parser.add_argument("--repo", default=str(REPO), help="The checkout whose driver.py runs.")
+    parser.add_argument("--read-only", action="store_true", help="Validation and sharding only, in process.")
+    parser.add_argument("--zstd", action="store_true", help="Write the pair file zstd-compressed.")
+    parser.add_argument("--scratch", default=tempfile.gettempdir())
+    args = parser.parse_args()
+    for n_pairs in args.pairs:
+        pairs_file = Path(args.scratch) / f"scale-{n_pairs}.jsonl{'.zst' if args.zstd else ''}"
+        if not pairs_file.exists():
+            write_pairs(REPO / "examples" / "pairs.jsonl", n_pairs, pairs_file, args.zstd)
+        (read_only if args.read_only else whole_driver)(pairs_file, n_pairs, args)
+
+
+if __name__ == "__main__":
+    main()
