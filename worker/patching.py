@@ -13,7 +13,7 @@ cells with position None), or only the positions whose label is listed.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -235,8 +235,8 @@ def row_values(rows: Sequence[tuple[int, int]], receiver: torch.Tensor, work: Se
 
 def patch_group(
     model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions, exact_path: str,
-) -> tuple[dict[str, list], torch.Tensor, torch.Tensor]:
-    """Patch pairs that share one token length; returns effect columns and both baselines.
+) -> tuple[pa.Table, torch.Tensor, torch.Tensor]:
+    """Patch pairs that share one token length; returns their effects and both baselines.
 
     `exact`: every row's patched metric. `atp`: every row's estimate, and the patched metric of
     the rows `verify_top` picks (null elsewhere).
@@ -275,7 +275,7 @@ def patch_group(
         "score": pa.array(scores.numpy(), pa.float32(), mask=unverified),
         "estimate": pa.array(estimate.numpy() if estimate is not None else [None] * len(rows), pa.float32()),
     }
-    return columns, clean, corrupted
+    return effects_table(columns, options.direction, options.metric), clean, corrupted
 
 
 def patch_batch(
@@ -306,15 +306,23 @@ def patch_batch(
     """
     options = PatchOptions(tuple(components), positions, direction, metric, max_batch_tokens, method, verify_top)
     exact_path = resolve_exact_path(exact_path)
+    parts, pairs_rows = per_length(pairs, options, lambda group: patch_group(model, group, options, exact_path))
+    effects = pa.concat_tables(parts) if parts else empty_effects(direction, metric)
+    return PatchResult(effects, pairs_rows)
+
+
+def per_length(pairs: Sequence[Pair], options: PatchOptions,
+               run_group: Callable[[list[Pair]], tuple[pa.Table, torch.Tensor, torch.Tensor]]
+               ) -> tuple[list[pa.Table], pa.Table]:
+    """`run_group` on each group of pairs of one token length (so padding never shifts a position):
+    the groups' result tables, and the pairs table with each pair's clean and corrupted baselines."""
     groups: dict[int, list[int]] = defaultdict(list)
     for index, pair in enumerate(pairs):
         groups[pair.n_tokens].append(index)
-    effect_parts, clean_values, corrupted_values = [], [0.0] * len(pairs), [0.0] * len(pairs)
+    parts, clean_values, corrupted_values = [], [0.0] * len(pairs), [0.0] * len(pairs)
     for indices in groups.values():
-        group = [pairs[i] for i in indices]
-        columns, clean, corrupted = patch_group(model, group, options, exact_path)
-        effect_parts.append(effects_table(columns, direction, metric))
+        table, clean, corrupted = run_group([pairs[i] for i in indices])
+        parts.append(table)
         for i, c, k in zip(indices, clean.tolist(), corrupted.tolist()):
             clean_values[i], corrupted_values[i] = c, k
-    effects = pa.concat_tables(effect_parts) if effect_parts else empty_effects(direction, metric)
-    return PatchResult(effects, pairs_table(pairs, clean_values, corrupted_values, direction, metric))
+    return parts, pairs_table(pairs, clean_values, corrupted_values, options.direction, options.metric)

@@ -29,31 +29,20 @@ import torch
 from nnsight import TransformersModel
 
 from worker.families import part
-from worker.metrics import Answers
-from worker.options import PatchOptions, donor_offset, position_labels
+from worker.options import PatchOptions, position_labels
 from worker.pairs import Pair
-from worker.patching import normalized_score, patch_cells, selected_cells
+from worker.patching import normalized_score, patch_cells, per_length, selected_cells
 from worker.receivers import Receiver, parse_receivers
-from worker.reuse import (Activations, block_given_attention, block_on_suffix, heads_through_projection,
-                          read_activations, readout, suffix_arguments)
+from worker.reuse import (GroupRead, block_given_attention, block_on_suffix, heads_through_projection, read_groups,
+                          readout, suffix_arguments)
 from worker.sites import Cell, blocks, family, head_input, n_heads, n_layers
-from worker.tables import pairs_table, paths_table
+from worker.tables import paths_table
 
 
 @dataclass(frozen=True)
 class PathResult:
     paths: pa.Table
     pairs: pa.Table
-
-
-@dataclass(frozen=True)
-class Batch:
-    """What a group's forward passes share: the read activations, the receiving rows' prefix
-    keys and values per layer, the answers, and the receiving row of each pair (2 * pair + shift)."""
-    acts: Activations
-    prefix: list[tuple[torch.Tensor, torch.Tensor]]
-    answers: Answers
-    shift: int
 
 
 def read_positions(pair: Pair, receiver: Receiver) -> list[int]:
@@ -73,12 +62,12 @@ def reaches(cell: Cell, positions: list[int], receiver: Receiver) -> bool:
     return below and bool(positions) and (cell.position is None or cell.position in positions)
 
 
-def frozen_stream(model: TransformersModel, batch: Batch, rows: list[tuple[int, Cell]], positions: list[int],
+def frozen_stream(model: TransformersModel, read: GroupRead, rows: list[tuple[int, Cell]], positions: list[int],
                   record: list[int]) -> tuple[list[int], torch.Tensor, dict[int, torch.Tensor]]:
     """The frozen run of each (pair, sender) row on `positions`: the row indices in the order they
     joined (by sender layer), their final stream (with `record` empty), and the stream entering
     each layer of `record`, for the rows whose sender is below it (the first rows of that order)."""
-    acts, device = batch.acts, batch.acts.resid[0].device
+    acts, device = read.acts, read.acts.resid[0].device
     at = torch.tensor(positions, device=device)
     hidden, order, recorded = None, [], {}
     for layer, block in enumerate(blocks(model)):
@@ -87,13 +76,13 @@ def frozen_stream(model: TransformersModel, batch: Batch, rows: list[tuple[int, 
         if record and layer >= max(record):
             break
         if hidden is not None:
-            receiving = 2 * torch.tensor([rows[i][0] for i in order], device=device) + batch.shift
+            receiving = 2 * torch.tensor([rows[i][0] for i in order], device=device) + read.receiving
             hidden = block_given_attention(model, block, hidden, acts.attn[layer][:, at][receiving])
         joining = [i for i, (_, cell) in enumerate(rows) if cell.layer == layer]
         if not joining:
             continue
         pairs = torch.tensor([rows[i][0] for i in joining], device=device)
-        receiving, donors = 2 * pairs + batch.shift, 2 * pairs + 1 - batch.shift
+        receiving, donors = 2 * pairs + read.receiving, 2 * pairs + 1 - read.receiving
         heads = torch.tensor([rows[i][1].head for i in joining], device=device)
         where = torch.stack([at == rows[i][1].position if rows[i][1].position is not None
                              else torch.ones_like(at, dtype=torch.bool) for i in joining])
@@ -105,15 +94,15 @@ def frozen_stream(model: TransformersModel, batch: Batch, rows: list[tuple[int, 
     return order, hidden, recorded
 
 
-def receiving_run_with_inputs(model: TransformersModel, batch: Batch, pairs: torch.Tensor, positions: list[int],
+def receiving_run_with_inputs(model: TransformersModel, read: GroupRead, pairs: torch.Tensor, positions: list[int],
                               receiver: Receiver, recorded: dict[int, torch.Tensor]) -> torch.Tensor:
     """The receiving run of each row (of pair `pairs[i]`) with its receivers' inputs at `positions`
     taken from the frozen stream (`recorded`: per receiver layer, for the first rows); the final
     stream at the last position."""
-    acts, device = batch.acts, batch.acts.resid[0].device
+    acts, device = read.acts, read.acts.resid[0].device
     start, first = positions[0], min(receiver.layers)
     at = torch.tensor(positions, device=device) - start
-    hidden = acts.resid[first][2 * pairs + batch.shift, start:]
+    hidden = acts.resid[first][2 * pairs + read.receiving, start:]
     arguments = suffix_arguments(model, start, hidden)
     handles = []
     try:
@@ -125,7 +114,7 @@ def receiving_run_with_inputs(model: TransformersModel, batch: Batch, pairs: tor
                 handles.append(projection.register_forward_hook(overwrite(projection(stream)[..., channels], at,
                                                                           channels)))
         for layer, block in enumerate(blocks(model)[first:], start=first):
-            keys, values = batch.prefix[layer]
+            keys, values = read.prefix[layer]
             hidden = block_on_suffix(model, block, hidden, keys[pairs, :, :start], values[pairs, :, :start], arguments)
     finally:
         for handle in handles:
@@ -143,11 +132,12 @@ def overwrite(inputs: torch.Tensor, at: torch.Tensor, channels: slice):
     return hook
 
 
-def receiver_values(model: TransformersModel, batch: Batch, group: Sequence[Pair], items: list[tuple[int, Cell]],
-                    receiver: Receiver, options: PatchOptions) -> torch.Tensor:
+def receiver_values(model: TransformersModel, read: GroupRead, items: list[tuple[int, Cell]], receiver: Receiver,
+                    options: PatchOptions) -> torch.Tensor:
     """The metric of each (pair, sender) item through `receiver`: the receiving run's own where the
     sender cannot reach it, else the path-patched run's."""
-    values = batch.acts.metric[2 * torch.tensor([pair for pair, _ in items]) + batch.shift].clone()
+    values = read.acts.metric[2 * torch.tensor([pair for pair, _ in items]) + read.receiving].clone()
+    group = read.pairs
     reads = [read_positions(pair, receiver) for pair in group]
     by_positions: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for i, (pair, cell) in enumerate(items):
@@ -157,43 +147,38 @@ def receiver_values(model: TransformersModel, batch: Batch, group: Sequence[Pair
         per_chunk = max(1, options.max_batch_tokens // (group[0].n_tokens - positions[0]))
         for first in range(0, len(live), per_chunk):
             chunk = live[first:first + per_chunk]
-            order, hidden, recorded = frozen_stream(model, batch, [items[i] for i in chunk], list(positions),
+            order, hidden, recorded = frozen_stream(model, read, [items[i] for i in chunk], list(positions),
                                                     receiver.layers)
             pairs = torch.tensor([items[chunk[i]][0] for i in order], device=hidden.device)
             if receiver.heads:
-                final = receiving_run_with_inputs(model, batch, pairs, list(positions), receiver, recorded)
+                final = receiving_run_with_inputs(model, read, pairs, list(positions), receiver, recorded)
             else:
                 final = hidden[:, -1]
-            donor = None if batch.acts.donor is None else batch.acts.donor[pairs]
-            patched = readout(model, options.metric, final, batch.answers[pairs], donor).cpu()
+            donor = None if read.acts.donor is None else read.acts.donor[pairs]
+            patched = readout(model, options.metric, final, read.answers[pairs], donor).cpu()
             values[torch.tensor([chunk[i] for i in order])] = patched
     return values
 
 
 def path_group(model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions
-               ) -> tuple[dict[str, list], torch.Tensor, torch.Tensor]:
-    """Path-patch pairs of one token length: the paths columns (receiver, then pair, then sender
+               ) -> tuple[pa.Table, torch.Tensor, torch.Tensor]:
+    """Path-patch pairs of one token length: their paths rows (receiver, then pair, then sender
     order) and both baselines per pair."""
     receivers = parse_receivers(options.receivers)
     n_tokens = pairs[0].n_tokens
     senders = patch_cells(("head",), n_layers(model), n_tokens, n_heads(model), options.positions)
     rows = selected_cells(pairs, senders, position_labels(options.positions))
     values = {receiver: torch.empty(len(rows)) for receiver in receivers}
-    metric = torch.empty(2 * len(pairs))
-    per_group = max(1, options.max_batch_tokens // (2 * n_tokens))
-    shift = 1 - donor_offset(options.direction)
+    baselines = []
     with torch.inference_mode():
-        for first in range(0, len(pairs), per_group):
-            group = pairs[first:first + per_group]
-            answers = Answers.of(group).to(model.device)
-            acts = read_activations(model, group, answers, options, ("head", "attn"))
-            metric[2 * first:2 * (first + len(group))] = acts.metric
-            prefix = [(k[shift::2], v[shift::2]) for k, v in zip(acts.keys, acts.values)]
-            batch = Batch(acts, prefix, answers, shift)
-            mine = [i for i, (pair, _) in enumerate(rows) if first <= pair < first + len(group)]
+        for read in read_groups(model, pairs, options, ("head", "attn")):
+            baselines.append(read.acts.metric)
+            first = read.first
+            mine = [i for i, (pair, _) in enumerate(rows) if first <= pair < first + len(read.pairs)]
             items = [(rows[i][0] - first, senders[rows[i][1]]) for i in mine]
             for receiver in receivers:
-                values[receiver][torch.tensor(mine)] = receiver_values(model, batch, group, items, receiver, options)
+                values[receiver][torch.tensor(mine)] = receiver_values(model, read, items, receiver, options)
+    metric = torch.cat(baselines)
     clean, corrupted = metric[0::2], metric[1::2]
     row_pairs = torch.tensor([pair for pair, _ in rows], dtype=torch.long)
     columns: dict[str, list] = defaultdict(list)
@@ -206,20 +191,11 @@ def path_group(model: TransformersModel, pairs: Sequence[Pair], options: PatchOp
         columns["receiver"] += [receiver.name] * len(rows)
         columns[options.metric] += values[receiver].tolist()
         columns["score"] += scores.tolist()
-    return columns, clean, corrupted
+    return paths_table(columns, options.direction, options.metric), clean, corrupted
 
 
 def path_batch(model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions) -> PathResult:
     """Path-patch every head sender of every pair through each of `options.receivers`; the
     `paths` and `pairs` tables. Pairs of different token lengths go in separate groups."""
-    groups: dict[int, list[int]] = defaultdict(list)
-    for index, pair in enumerate(pairs):
-        groups[pair.n_tokens].append(index)
-    parts, clean_values, corrupted_values = [], [0.0] * len(pairs), [0.0] * len(pairs)
-    for indices in groups.values():
-        columns, clean, corrupted = path_group(model, [pairs[i] for i in indices], options)
-        parts.append(paths_table(columns, options.direction, options.metric))
-        for i, c, k in zip(indices, clean.tolist(), corrupted.tolist()):
-            clean_values[i], corrupted_values[i] = c, k
-    return PathResult(pa.concat_tables(parts),
-                      pairs_table(pairs, clean_values, corrupted_values, options.direction, options.metric))
+    parts, pairs_rows = per_length(pairs, options, lambda group: path_group(model, group, options))
+    return PathResult(pa.concat_tables(parts), pairs_rows)

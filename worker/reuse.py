@@ -21,7 +21,7 @@ Only the last position's final hidden state is unembedded: on the answer columns
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import nnsight
@@ -50,6 +50,33 @@ class Activations:
     values: list[torch.Tensor]
     metric: torch.Tensor
     donor: Donor | None
+
+
+@dataclass(frozen=True)
+class GroupRead:
+    """A group of pairs read by one trace, and what every patched run of the group shares: the
+    activations, the answers, the receiving rows' prefix keys and values per layer. The receiving
+    run of the group's pair i is row 2 * i + `receiving` of the activations."""
+    first: int   # the index of the group's first pair among all the pairs
+    pairs: Sequence[Pair]
+    acts: Activations
+    answers: Answers
+    prefix: list[tuple[torch.Tensor, torch.Tensor]]
+    receiving: int
+
+
+def read_groups(model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions,
+                components: Sequence[str]) -> Iterator[GroupRead]:
+    """The pairs (of one token length) in groups whose clean and corrupted prompts fit
+    `max_batch_tokens`, each read once (`read_activations`, keeping `components`)."""
+    per_group = max(1, options.max_batch_tokens // (2 * pairs[0].n_tokens))
+    receiving = 1 - donor_offset(options.direction)
+    for first in range(0, len(pairs), per_group):
+        group = pairs[first:first + per_group]
+        answers = Answers.of(group).to(model.device)
+        acts = read_activations(model, group, answers, options, components)
+        prefix = [(keys[receiving::2], values[receiving::2]) for keys, values in zip(acts.keys, acts.values)]
+        yield GroupRead(first, group, acts, answers, prefix, receiving)
 
 
 def resolve_exact_path(path: str) -> str:
@@ -244,27 +271,21 @@ def reuse_values(
     Pairs are taken in groups whose clean and corrupted prompts fit `max_batch_tokens`, and
     each group's rows are run in chunks of at most `max_batch_tokens // T` rows.
     """
-    n_tokens = pairs[0].n_tokens
-    pairs_per_group = max(1, options.max_batch_tokens // (2 * n_tokens))
-    rows_per_chunk = max(1, options.max_batch_tokens // n_tokens)
+    rows_per_chunk = max(1, options.max_batch_tokens // pairs[0].n_tokens)
     values = torch.empty(len(work))
     baselines = []
     with torch.inference_mode():
-        for first in range(0, len(pairs), pairs_per_group):
-            group = pairs[first:first + pairs_per_group]
-            answers = Answers.of(group).to(model.device)
-            acts = read_activations(model, group, answers, options, options.components)
-            baselines.append(acts.metric)
-            receivers = slice(1 - donor_offset(options.direction), None, 2)
-            prefix = [(keys[receivers], values[receivers]) for keys, values in zip(acts.keys, acts.values)]
-            mine = [i for i, (pair, _) in enumerate(work) if first <= pair < first + len(group)]
+        for read in read_groups(model, pairs, options, options.components):
+            baselines.append(read.acts.metric)
+            first = read.first
+            mine = [i for i, (pair, _) in enumerate(work) if first <= pair < first + len(read.pairs)]
             spans = {i: patched_span(pairs[work[i][0]], cells[work[i][1]]) for i in mine}
             for start, whole in sorted(set(spans.values())):
                 at_start = [i for i in mine if spans[i] == (start, whole)]
                 for chunk in range(0, len(at_start), rows_per_chunk):
                     indices = at_start[chunk:chunk + rows_per_chunk]
                     rows = [(work[i][0] - first, cells[work[i][1]]) for i in indices]
-                    values[torch.tensor(indices)] = run_rows(model, acts, prefix, rows, start, whole, options,
-                                                             answers)
+                    values[torch.tensor(indices)] = run_rows(model, read.acts, read.prefix, rows, start, whole,
+                                                             options, read.answers)
     metric = torch.cat(baselines)
     return metric[0::2], metric[1::2], values
