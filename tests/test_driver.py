@@ -151,24 +151,15 @@ def test_missing_shards_are_recomputed_and_nothing_else(tmp_path, tiny_model_dir
     assert_same_effects(effects_by_key(out), core_effects)
 
 
-def test_actor_crash_is_retried_and_the_result_is_complete(tmp_path, tiny_model_dir, many_pairs, core_effects):
+@pytest.mark.parametrize("fault", ["crash-once", "crash-half-once"])
+def test_a_shard_whose_actor_dies_is_rewritten_whole(tmp_path, tiny_model_dir, many_pairs, core_effects, fault):
+    """Actors write their own parts; one dies (as an OOM kill would) before patching a shard, or
+    after writing its pairs part and before its effects part. The retry writes both again: every
+    part whole, every row once, receipts in the manifest."""
     out, marker = tmp_path / "run", tmp_path / "crashed"
     done = run_driver("--pairs", many_pairs, "--model", tiny_model_dir, "--out", out,
                       "--components", "resid,mlp", "--batch-pairs", 12,
-                      env_extra={TEST_FAULT_ENV: f"crash-once:{marker}"})
-    assert marker.exists(), "the fault-injection hook never fired"
-    assert done.returncode == 0, done.stderr
-    assert_same_effects(effects_by_key(out), core_effects)
-
-
-def test_a_shard_whose_actor_dies_half_written_is_rewritten_whole(tmp_path, tiny_model_dir, many_pairs,
-                                                                  core_effects):
-    """Actors write their own parts; one dies after its shard's pairs part and before its effects
-    part. The retry writes both again: every part whole, every row once, receipts in the manifest."""
-    out, marker = tmp_path / "run", tmp_path / "crashed"
-    done = run_driver("--pairs", many_pairs, "--model", tiny_model_dir, "--out", out,
-                      "--components", "resid,mlp", "--batch-pairs", 12,
-                      env_extra={TEST_FAULT_ENV: f"crash-half-once:{marker}"})
+                      env_extra={TEST_FAULT_ENV: f"{fault}:{marker}"})
     assert marker.exists(), "the fault-injection hook never fired"
     assert done.returncode == 0, done.stderr
     assert_same_effects(effects_by_key(out), core_effects)
