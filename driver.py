@@ -3,6 +3,7 @@
 Thin on purpose: it parses options and calls into jobs/; every expected failure is one
 message on stderr and a non-zero exit, never a traceback.
 """
+
 from __future__ import annotations
 
 import gc
@@ -13,19 +14,30 @@ from pathlib import Path
 
 import click
 
-from jobs.results.aggregate import DEFAULT_MIN_GAP
 from jobs.cluster import NoCluster
 from jobs.datasets import write_jsonl
 from jobs.datasets.greater_than import generate_greater_than
 from jobs.datasets.ioi import CORRUPTIONS, generate_ioi
 from jobs.pairfile import PairFileError
+from jobs.results.aggregate import DEFAULT_MIN_GAP
+from jobs.results.query import QueryError, format_table, query
+from jobs.results.report import DRILL_DOWN_PAIRS, build_report
 from jobs.run import JobError, run_job
 from jobs.spec import DEFAULT_BATCH_PAIRS, JobSpec
-from jobs.results.report import DRILL_DOWN_PAIRS, build_report
 from jobs.store import OutputConflict, Store
-from jobs.results.query import QueryError, format_table, query
-from worker.options import (DEFAULT_COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MODEL, DIRECTIONS, DTYPE_NAMES,
-                            METHODS, METRICS, PATHS, ModelLoadError, PatchOptions, parse_positions)
+from worker.options import (
+    DEFAULT_COMPONENTS,
+    DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_MODEL,
+    DIRECTIONS,
+    DTYPE_NAMES,
+    METHODS,
+    METRICS,
+    PATHS,
+    ModelLoadError,
+    PatchOptions,
+    parse_positions,
+)
 from worker.receivers import parse_receivers
 
 EXIT_USAGE = 2
@@ -69,64 +81,125 @@ def run_options(positions_help: str, positions_default: str):
     """The options every run takes (the main command and `paths`): input, model, output, how
     the metric is read, where and in what batches it runs."""
     options = [
-        click.option("--pairs", type=click.Path(dir_okay=False),
-                     help="Pair file (JSONL, gzip/zstd JSONL or Parquet): clean, corrupted, correct, incorrect[, id, "
-                          "labels, metadata]."),
-        click.option("--model", default=DEFAULT_MODEL, show_default=True,
-                     help="Hub id or local directory of a gpt2, gpt_neox, llama, mistral or qwen2 checkpoint."),
-        click.option("--out", help="Output directory or URI (s3://...).  [default: runs/<pairs file stem>, "
-                                   "runs/<pairs file stem>-paths for paths]"),
-        click.option("--positions", default=positions_default, show_default=True, callback=positions_option,
-                     help=positions_help),
-        click.option("--direction", type=click.Choice(DIRECTIONS), default="denoise", show_default=True,
-                     help="denoise: clean activations into the corrupted run (score 1 = clean); noise: the reverse "
-                          "(score 1 = corrupted-like)."),
-        click.option("--metric", type=click.Choice(METRICS), default="logit_diff", show_default=True,
-                     help="What is read at the last position: logit_diff (mean correct minus mean incorrect logit), "
-                          "logprob (log total probability of correct), prob_diff (total probability of correct minus "
-                          "incorrect), kl (KL(donor || run) of the next-token distribution)."),
-        click.option("--address", help="Join a running Ray cluster (auto or HOST:PORT). Default: start a local Ray "
-                                       "for this run."),
-        click.option("--workers", type=click.IntRange(min=1),
-                     help="Number of actors. Default: one per GPU, or 1 CPU actor."),
+        click.option(
+            "--pairs",
+            type=click.Path(dir_okay=False),
+            help="Pair file (JSONL, gzip/zstd JSONL or Parquet): clean, corrupted, correct, incorrect[, id, "
+            "labels, metadata].",
+        ),
+        click.option(
+            "--model",
+            default=DEFAULT_MODEL,
+            show_default=True,
+            help="Hub id or local directory of a gpt2, gpt_neox, llama, mistral or qwen2 checkpoint.",
+        ),
+        click.option(
+            "--out",
+            help="Output directory or URI (s3://...).  [default: runs/<pairs file stem>, "
+            "runs/<pairs file stem>-paths for paths]",
+        ),
+        click.option(
+            "--positions", default=positions_default, show_default=True, callback=positions_option, help=positions_help
+        ),
+        click.option(
+            "--direction",
+            type=click.Choice(DIRECTIONS),
+            default="denoise",
+            show_default=True,
+            help="denoise: clean activations into the corrupted run (score 1 = clean); noise: the reverse "
+            "(score 1 = corrupted-like).",
+        ),
+        click.option(
+            "--metric",
+            type=click.Choice(METRICS),
+            default="logit_diff",
+            show_default=True,
+            help="What is read at the last position: logit_diff (mean correct minus mean incorrect logit), "
+            "logprob (log total probability of correct), prob_diff (total probability of correct minus "
+            "incorrect), kl (KL(donor || run) of the next-token distribution).",
+        ),
+        click.option(
+            "--address", help="Join a running Ray cluster (auto or HOST:PORT). Default: start a local Ray for this run."
+        ),
+        click.option(
+            "--workers", type=click.IntRange(min=1), help="Number of actors. Default: one per GPU, or 1 CPU actor."
+        ),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
-        click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="float32", show_default=True,
-                     help="Model weights dtype (half types on GPU only)."),
-        click.option("--batch-pairs", type=click.IntRange(min=1), default=DEFAULT_BATCH_PAIRS, show_default=True,
-                     help="Pairs per shard (the unit of dispatch, output file and resume)."),
-        click.option("--max-batch-tokens", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH_TOKENS,
-                     show_default=True, help="Rows x tokens per forward pass inside an actor; bounds activation memory."),
-        click.option("--skip-invalid", is_flag=True,
-                     help="Run the valid pairs; write bad lines with reasons to OUT/invalid.jsonl."),
-        click.option("--overwrite", is_flag=True,
-                     help="Replace an output directory written with a different configuration."),
+        click.option(
+            "--dtype",
+            type=click.Choice(DTYPE_NAMES),
+            default="float32",
+            show_default=True,
+            help="Model weights dtype (half types on GPU only).",
+        ),
+        click.option(
+            "--batch-pairs",
+            type=click.IntRange(min=1),
+            default=DEFAULT_BATCH_PAIRS,
+            show_default=True,
+            help="Pairs per shard (the unit of dispatch, output file and resume).",
+        ),
+        click.option(
+            "--max-batch-tokens",
+            type=click.IntRange(min=1),
+            default=DEFAULT_MAX_BATCH_TOKENS,
+            show_default=True,
+            help="Rows x tokens per forward pass inside an actor; bounds activation memory.",
+        ),
+        click.option(
+            "--skip-invalid",
+            is_flag=True,
+            help="Run the valid pairs; write bad lines with reasons to OUT/invalid.jsonl.",
+        ),
+        click.option(
+            "--overwrite", is_flag=True, help="Replace an output directory written with a different configuration."
+        ),
     ]
 
     def apply(command):
         for option in reversed(options):
             command = option(command)
         return command
+
     return apply
 
 
 def run(spec: JobSpec) -> None:
     with user_errors_reported():
-        spec.patch_options()   # a bad combination of options is refused before anything starts
+        spec.patch_options()  # a bad combination of options is refused before anything starts
         code = run_job(spec)
     sys.exit(code)
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@run_options("each: every position on its own; all: every position in one patch (position null); "
-             "or labels such as S2,END: only positions with those labels (pairs need them).", "each")
-@click.option("--components", default=",".join(DEFAULT_COMPONENTS), show_default=True, callback=parse_components,
-              help="Comma-separated subset of resid (block output), attn, mlp (sublayer outputs), "
-                   "head (each attention head's output before the output projection).")
-@click.option("--method", type=click.Choice(METHODS), default="exact", show_default=True,
-              help="exact: patch every cell; atp: estimate every cell by attribution patching (two forwards and "
-                   "one backward per batch), in the `estimate` column.")
-@click.option("--verify-top", type=click.IntRange(min=0), default=0, show_default=True,
-              help="With --method atp: exact-patch each pair's K largest estimates, and K other cells drawn at random.")
+@run_options(
+    "each: every position on its own; all: every position in one patch (position null); "
+    "or labels such as S2,END: only positions with those labels (pairs need them).",
+    "each",
+)
+@click.option(
+    "--components",
+    default=",".join(DEFAULT_COMPONENTS),
+    show_default=True,
+    callback=parse_components,
+    help="Comma-separated subset of resid (block output), attn, mlp (sublayer outputs), "
+    "head (each attention head's output before the output projection).",
+)
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default="exact",
+    show_default=True,
+    help="exact: patch every cell; atp: estimate every cell by attribution patching (two forwards and "
+    "one backward per batch), in the `estimate` column.",
+)
+@click.option(
+    "--verify-top",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="With --method atp: exact-patch each pair's K largest estimates, and K other cells drawn at random.",
+)
 @click.pass_context
 def cli(ctx: click.Context, pairs: str | None, out: str | None, **options) -> None:
     """Activation patching at dataset scale.
@@ -144,14 +217,27 @@ def cli(ctx: click.Context, pairs: str | None, out: str | None, **options) -> No
 
 
 @cli.command("paths")
-@run_options("all: each sender head patched at every position (sender_position null); each: at every position "
-             "on its own; or labels such as S2,END: at the positions with those labels.", "all")
-@click.option("--receivers", multiple=True, required=True, callback=receivers_option,
-              help="What the senders' effect is measured through (repeat for several): logits, or receiver heads' "
-                   "query/key/value inputs as LAYER.HEAD:q|k|v[,...][@LABEL], e.g. 9.9:q,9.6:q,10.0:q@END "
-                   "(at the positions labelled END; every position without @).")
-@click.option("--senders", type=click.Choice(["heads"]), default="heads", show_default=True,
-              help="What sends: every attention head of every layer.")
+@run_options(
+    "all: each sender head patched at every position (sender_position null); each: at every position "
+    "on its own; or labels such as S2,END: at the positions with those labels.",
+    "all",
+)
+@click.option(
+    "--receivers",
+    multiple=True,
+    required=True,
+    callback=receivers_option,
+    help="What the senders' effect is measured through (repeat for several): logits, or receiver heads' "
+    "query/key/value inputs as LAYER.HEAD:q|k|v[,...][@LABEL], e.g. 9.9:q,9.6:q,10.0:q@END "
+    "(at the positions labelled END; every position without @).",
+)
+@click.option(
+    "--senders",
+    type=click.Choice(["heads"]),
+    default="heads",
+    show_default=True,
+    help="What sends: every attention head of every layer.",
+)
 def paths(pairs: str | None, out: str | None, receivers: tuple[str, ...], senders: str, **options) -> None:
     """Path patching (Wang et al. 2022): each head's effect through the receivers only.
 
@@ -163,17 +249,35 @@ def paths(pairs: str | None, out: str | None, receivers: tuple[str, ...], sender
     """
     if pairs is None:
         raise click.UsageError("--pairs FILE is required")
-    run(JobSpec(pairs=pairs, out=out or str(Path("runs") / f"{Path(pairs).stem}-paths"), components=("head",),
-                method=PATHS, receivers=receivers, **options))
+    run(
+        JobSpec(
+            pairs=pairs,
+            out=out or str(Path("runs") / f"{Path(pairs).stem}-paths"),
+            components=("head",),
+            method=PATHS,
+            receivers=receivers,
+            **options,
+        )
+    )
 
 
 @cli.command("make-ioi")
 @click.option("--n", "n_pairs", type=click.IntRange(min=1), default=200, show_default=True, help="Number of pairs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same file.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Tokenizer source: names that are not one token for it are dropped.")
-@click.option("--corruption", type=click.Choice(CORRUPTIONS), default="swap", show_default=True,
-              help="swap: S2 replaced by IO (the answer flips); abc: IO, S1 and S2 replaced by three unrelated names.")
+@click.option(
+    "--model",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="Tokenizer source: names that are not one token for it are dropped.",
+)
+@click.option(
+    "--corruption",
+    type=click.Choice(CORRUPTIONS),
+    default="swap",
+    show_default=True,
+    help="swap: S2 replaced by IO (the answer flips); abc: IO, S1 and S2 replaced by three unrelated names.",
+)
 def make_ioi(n_pairs: int, seed: int, out: str, model: str, corruption: str) -> None:
     """Write IOI pairs (Wang et al. 2022 templates, both orders) with role labels."""
     from worker.model import load_tokenizer  # torch and transformers: only the commands that need them load them
@@ -189,8 +293,12 @@ def make_ioi(n_pairs: int, seed: int, out: str, model: str, corruption: str) -> 
 @click.option("--n", "n_pairs", type=click.IntRange(min=1), default=200, show_default=True, help="Number of pairs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same file.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True,
-              help="Tokenizer source: years that are not one token for it are left out of the answer sets.")
+@click.option(
+    "--model",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="Tokenizer source: years that are not one token for it are left out of the answer sets.",
+)
 def make_greater_than(n_pairs: int, seed: int, out: str, model: str) -> None:
     """Write greater-than pairs (Hanna et al. 2023): "The war lasted from the year 17YY to the year 17",
     answer sets of the years above YY and at or below it, corrupted with YY = 01; for --metric prob_diff."""
@@ -206,10 +314,20 @@ def make_greater_than(n_pairs: int, seed: int, out: str, model: str) -> None:
 @cli.command()
 @click.argument("out")
 @click.option("--group-by", help="Also split the heatmaps by this pairs column (e.g. template).")
-@click.option("--min-gap", type=float, default=DEFAULT_MIN_GAP, show_default=True,
-              help="Leave pairs with |clean - corrupted logit diff| below this out of score means.")
-@click.option("--drill-down", type=click.IntRange(min=0), default=DRILL_DOWN_PAIRS, show_default=True,
-              help="How many individual pairs to show with their tokens.")
+@click.option(
+    "--min-gap",
+    type=float,
+    default=DEFAULT_MIN_GAP,
+    show_default=True,
+    help="Leave pairs with |clean - corrupted logit diff| below this out of score means.",
+)
+@click.option(
+    "--drill-down",
+    type=click.IntRange(min=0),
+    default=DRILL_DOWN_PAIRS,
+    show_default=True,
+    help="How many individual pairs to show with their tokens.",
+)
 @click.option("--png", is_flag=True, help="Also write each heatmap as OUT/png/*.png (needs Chromium).")
 def report(out: str, group_by: str | None, min_gap: float, drill_down: int, png: bool) -> None:
     """Rebuild OUT/aggregate.parquet and OUT/report.html from a run's tables."""
@@ -220,8 +338,9 @@ def report(out: str, group_by: str | None, min_gap: float, drill_down: int, png:
 @cli.command("query")
 @click.argument("out")
 @click.argument("sql")
-@click.option("--format", "output_format", type=click.Choice(["table", "csv", "json"]), default="table",
-              show_default=True)
+@click.option(
+    "--format", "output_format", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True
+)
 def query_command(out: str, sql: str, output_format: str) -> None:
     """Run SQL over the views effects (paths in a path-patching run), pairs and aggregate of the run in OUT.
 

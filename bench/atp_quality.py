@@ -8,6 +8,7 @@ estimate with the exact score over every cell, and per component the mean share 
 pair's exact top K cells that AtP also ranks in its top K; and both methods' time.
 Pairs with |clean - corrupted| < 0.1 are left out, as in the report.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,7 @@ def main() -> None:
     parser.add_argument("--direction", default="denoise")
     args = parser.parse_args()
 
-    pairs = read_pairs(args.pairs_file, *load_tokenizer(args.model)).pairs[:args.pairs]
+    pairs = read_pairs(args.pairs_file, *load_tokenizer(args.model)).pairs[: args.pairs]
     model = load_model(args.model, device="cpu")
     components = args.components.split(",")
     timings, tables = {}, {}
@@ -48,11 +49,15 @@ def main() -> None:
     kept = (gaps.clean_logit_diff - gaps.corrupted_logit_diff).abs() >= 0.1
     frame = exact.assign(estimate=estimate.values)
     frame = frame[frame.pair_id.map(kept)]
-    print(f"model={args.model} pairs={len(pairs)} (kept {int(kept.sum())}) components={args.components} "
-          f"direction={args.direction} threads={torch.get_num_threads()}")
-    print(f"exact {timings['exact']:.1f} s ({len(pairs) / timings['exact']:.2f} pairs/s), "
-          f"atp {timings['atp']:.1f} s ({len(pairs) / timings['atp']:.2f} pairs/s), "
-          f"atp {timings['exact'] / timings['atp']:.1f}x faster")
+    print(
+        f"model={args.model} pairs={len(pairs)} (kept {int(kept.sum())}) components={args.components} "
+        f"direction={args.direction} threads={torch.get_num_threads()}"
+    )
+    print(
+        f"exact {timings['exact']:.1f} s ({len(pairs) / timings['exact']:.2f} pairs/s), "
+        f"atp {timings['atp']:.1f} s ({len(pairs) / timings['atp']:.2f} pairs/s), "
+        f"atp {timings['exact'] / timings['atp']:.1f}x faster"
+    )
     print(f"{'component':10s} {'cells':>8s} {'pearson':>8s} {'spearman':>9s} {f'top-{args.top} share':>13s}")
     for component, rows in frame.groupby("component", sort=False):
         shares = []
@@ -60,8 +65,10 @@ def main() -> None:
             exact_top = set(cells.score.abs().nlargest(args.top).index)
             atp_top = set(cells.estimate.abs().nlargest(args.top).index)
             shares.append(len(exact_top & atp_top) / args.top)
-        print(f"{component:10s} {len(rows):8d} {rows.score.corr(rows.estimate):8.3f} "
-              f"{rows.score.rank().corr(rows.estimate.rank()):9.3f} {sum(shares) / len(shares):13.3f}")
+        print(
+            f"{component:10s} {len(rows):8d} {rows.score.corr(rows.estimate):8.3f} "
+            f"{rows.score.rank().corr(rows.estimate.rank()):9.3f} {sum(shares) / len(shares):13.3f}"
+        )
     for (component, layer), rows in frame.groupby(["component", "layer"], sort=False):
         print(f"  {component} layer {layer}: pearson {rows.score.corr(rows.estimate):.3f}")
 

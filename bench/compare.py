@@ -10,6 +10,7 @@ Model: GPT-2-small-shaped random (bench/gpt2_small.py). The seed shape patches b
 only, so it is timed on `resid` whatever `--components` says; the ratio column divides by it.
 Every method's logit differences are compared with the worker's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ def by_key(rows: list[dict]) -> dict:
     return {(r["pair_id"], r["component"], r["layer"], r["position"]): r["logit_diff"] for r in rows}
 
 
-def driver_run(pairs_file: Path, model_dir: str, workers: int, out: Path, components: str,
-               device: str) -> tuple[float, dict]:
+def driver_run(
+    pairs_file: Path, model_dir: str, workers: int, out: Path, components: str, device: str
+) -> tuple[float, dict]:
     seconds = run_driver(pairs_file, model_dir, workers, out, components, device=device)
     return seconds, by_key(pq.read_table(out / "effects").to_pylist())
 
@@ -67,12 +69,20 @@ def main() -> None:
     components = args.components.split(",")
 
     def seed(subset):
-        return {(p.pair_id, "resid", *k): v for p in subset
-                for k, v in seed_shape_patching(model, p).items() if isinstance(k, tuple)}
+        return {
+            (p.pair_id, "resid", *k): v
+            for p in subset
+            for k, v in seed_shape_patching(model, p).items()
+            if isinstance(k, tuple)
+        }
 
     def hooks(subset):
-        return {(p.pair_id, *k): v for p in subset
-                for k, v in reference_patching(hf_model, p, components, "denoise").items() if isinstance(k, tuple)}
+        return {
+            (p.pair_id, *k): v
+            for p in subset
+            for k, v in reference_patching(hf_model, p, components, "denoise").items()
+            if isinstance(k, tuple)
+        }
 
     def worker(subset):
         return by_key(patch_batch(model, subset, components).effects.to_pylist())
@@ -80,23 +90,28 @@ def main() -> None:
     for method in (seed, hooks, worker):
         method(pairs[:1])  # warm-up
     rows = []
-    for name, method, subset in [("seed shape (nnsight invokes)", seed, slow_pairs),
-                                 ("TL-style hooks", hooks, slow_pairs),
-                                 ("patchsweep worker", worker, pairs)]:
+    for name, method, subset in [
+        ("seed shape (nnsight invokes)", seed, slow_pairs),
+        ("TL-style hooks", hooks, slow_pairs),
+        ("patchsweep worker", worker, pairs),
+    ]:
         start = time.perf_counter()
         values = method(subset)
         rows.append((name, len(subset) / (time.perf_counter() - start), values, peak_rss_gib()))
     on_gpu = model.device.type == "cuda"
     for workers in (1,) if on_gpu else (1, 2):
-        seconds, values = driver_run(pairs_file, model_dir, workers, scratch / f"run-{workers}", args.components,
-                                     "cuda" if on_gpu else "cpu")
+        seconds, values = driver_run(
+            pairs_file, model_dir, workers, scratch / f"run-{workers}", args.components, "cuda" if on_gpu else "cpu"
+        )
         rows.append((f"driver, {workers} {'GPU' if on_gpu else 'CPU'} actor(s)", len(pairs) / seconds, values, None))
 
     reference = rows[2][2]
     seed_rate = rows[0][1]
-    print(f"device={model.device} threads={torch.get_num_threads()} pairs={len(pairs)} "
-          f"tokens={sorted({p.n_tokens for p in pairs})} components={args.components} (seed shape: resid); "
-          f"seed/hooks timed on {len(slow_pairs)} pairs")
+    print(
+        f"device={model.device} threads={torch.get_num_threads()} pairs={len(pairs)} "
+        f"tokens={sorted({p.n_tokens for p in pairs})} components={args.components} (seed shape: resid); "
+        f"seed/hooks timed on {len(slow_pairs)} pairs"
+    )
     print(f"{'method':30s} {'pairs/s':>8s} {'x seed':>7s} {'max |diff|':>11s} {'peak RSS (GiB)':>15s}")
     for name, rate, values, rss in rows:
         diff = max(abs(values[key] - reference[key]) for key in values)

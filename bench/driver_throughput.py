@@ -5,6 +5,7 @@ and of its patch phase alone (first shard sent to last shard written; the part a
     python -m bench.driver_throughput --model gpt2-small --pairs examples/pairs.jsonl --repeat 2
 `--model gpt2-small` builds the GPT-2-small-shaped random checkpoint of bench/gpt2_small.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,14 +28,39 @@ def repeated_pairs(source: Path, repeat: int, target: Path) -> int:
     return len(copies)
 
 
-def run_driver(pairs_file: Path, model: str, workers: int, out: Path, components: str = "resid",
-               batch_pairs: int = 32, device: str = "cpu") -> float:
+def run_driver(
+    pairs_file: Path,
+    model: str,
+    workers: int,
+    out: Path,
+    components: str = "resid",
+    batch_pairs: int = 32,
+    device: str = "cpu",
+) -> float:
     """Run the driver end to end (`workers` CPU actors, or GPU actors with device cuda); its wall seconds."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, str(REPO / "driver.py"), "--pairs", str(pairs_file), "--model", model,
-                    "--out", str(out), "--components", components, "--workers", str(workers),
-                    "--device", device, "--batch-pairs", str(batch_pairs)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "driver.py"),
+            "--pairs",
+            str(pairs_file),
+            "--model",
+            model,
+            "--out",
+            str(out),
+            "--components",
+            components,
+            "--workers",
+            str(workers),
+            "--device",
+            device,
+            "--batch-pairs",
+            str(batch_pairs),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return time.perf_counter() - start
 
 
@@ -59,9 +85,11 @@ def main() -> None:
             out = Path(scratch) / f"run-{workers}"
             wall = run_driver(pairs_file, model, workers, out, args.components, args.batch_pairs)
             phases = json.loads((out / "manifest.json").read_text())["timings"]["phase_seconds"]
-            print(f"workers={workers} wall={wall:.1f}s pairs/s={n_pairs / wall:.2f} "
-                  f"patch phase {phases['patch']:.1f}s = {n_pairs / phases['patch']:.2f} pairs/s; "
-                  + " ".join(f"{name}={seconds:.1f}s" for name, seconds in phases.items()))
+            print(
+                f"workers={workers} wall={wall:.1f}s pairs/s={n_pairs / wall:.2f} "
+                f"patch phase {phases['patch']:.1f}s = {n_pairs / phases['patch']:.2f} pairs/s; "
+                + " ".join(f"{name}={seconds:.1f}s" for name, seconds in phases.items())
+            )
 
 
 if __name__ == "__main__":

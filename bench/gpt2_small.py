@@ -5,13 +5,13 @@ pairs, for benchmarks.
 with a gated 2048-wide MLP for Llama's kind, as many parameters as GPT-2's 3072-wide one); the
 tokenizer is the tiny example one, since benchmark pairs are made of token ids directly.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
-                          LlamaForCausalLM)
+from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from examples.tiny_gpt2 import EOS, build_tokenizer, corpus
 from worker.pairs import Pair
@@ -36,8 +36,13 @@ def build_gpt2_small(out_dir: str | Path, **shape) -> Path:
     return save_random(out_dir, lambda ids: GPT2LMHeadModel(GPT2Config(**ids, **shape)))
 
 
-SMALL = {"vocab_size": 50257, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-         "max_position_embeddings": 1024}
+SMALL = {
+    "vocab_size": 50257,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 1024,
+}
 FAMILY_MODELS = {
     "gpt_neox": lambda ids: GPTNeoXForCausalLM(GPTNeoXConfig(**SMALL, **ids, intermediate_size=3072)),
     "llama": lambda ids: LlamaForCausalLM(LlamaConfig(**SMALL, **ids, intermediate_size=2048)),
@@ -57,10 +62,18 @@ def synthetic_pairs(n: int, n_tokens: int = 16, vocab: int = 300, seed: int = 0)
         clean = torch.randint(0, vocab, (n_tokens,), generator=generator).tolist()
         corrupted = list(clean)
         corrupted[n_tokens - 3] = (clean[n_tokens - 3] + 1) % vocab
-        pairs.append(Pair(
-            pair_id=str(i), clean="", corrupted="", correct=("",), incorrect=("",),
-            clean_ids=tuple(clean), corrupted_ids=tuple(corrupted),
-            correct_ids=(clean[n_tokens - 3],), incorrect_ids=(corrupted[n_tokens - 3],),
-            tokens=tuple(map(str, clean)),
-        ))
+        pairs.append(
+            Pair(
+                pair_id=str(i),
+                clean="",
+                corrupted="",
+                correct=("",),
+                incorrect=("",),
+                clean_ids=tuple(clean),
+                corrupted_ids=tuple(corrupted),
+                correct_ids=(clean[n_tokens - 3],),
+                incorrect_ids=(corrupted[n_tokens - 3],),
+                tokens=tuple(map(str, clean)),
+            )
+        )
     return pairs

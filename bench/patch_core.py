@@ -1,7 +1,8 @@
 """Time the worker's patching core alone (no Ray): seconds per pair on one process.
 
-    python -m bench.patch_core --pairs 8 --components resid
+python -m bench.patch_core --pairs 8 --components resid
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,8 @@ import torch
 
 from bench.gpt2_small import build_gpt2_small, synthetic_pairs
 from worker.model import load_model
-from worker.patching import patch_batch
 from worker.options import DEFAULT_MAX_BATCH_TOKENS
+from worker.patching import patch_batch
 
 
 def main() -> None:
@@ -41,12 +42,17 @@ def main() -> None:
     result = patch_batch(model, pairs, components, **options)
     seconds = time.perf_counter() - start
     peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"model={args.n_layer} layers x {args.n_embd} wide, device={model.device} dtype={args.dtype} threads={torch.get_num_threads()} "
-          f"pairs={len(pairs)} tokens={args.tokens} components={args.components} "
-          f"max_batch_tokens={args.max_batch_tokens} exact_path={args.exact_path}")
-    print(f"effects rows={result.effects.num_rows} seconds={seconds:.2f} "
-          f"s/pair={seconds / len(pairs):.3f} pairs/s={len(pairs) / seconds:.2f} "
-          f"peak_rss={peak_rss_gb:.2f} GiB")
+    print(
+        f"model={args.n_layer} layers x {args.n_embd} wide, device={model.device} dtype={args.dtype} "
+        f"threads={torch.get_num_threads()} "
+        f"pairs={len(pairs)} tokens={args.tokens} components={args.components} "
+        f"max_batch_tokens={args.max_batch_tokens} exact_path={args.exact_path}"
+    )
+    print(
+        f"effects rows={result.effects.num_rows} seconds={seconds:.2f} "
+        f"s/pair={seconds / len(pairs):.3f} pairs/s={len(pairs) / seconds:.2f} "
+        f"peak_rss={peak_rss_gb:.2f} GiB"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ pair, one whole forward of the receiving prompt per sender for `logits` and two 
 receivers (frozen run, then the run with the receivers' inputs); "recipe s" prices them at this
 machine's measured cost of one prompt's forward in a batch of 64.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,9 @@ def forward_seconds(model, pairs, rows: int = 64) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--receivers", action="append", help="A receiver spec (repeat); default: logits and "
-                                                              "9.9:q,9.6:q,10.0:q@END")
+    parser.add_argument(
+        "--receivers", action="append", help="A receiver spec (repeat); default: logits and 9.9:q,9.6:q,10.0:q@END"
+    )
     parser.add_argument("--positions", default="all")
     parser.add_argument("--pairs", default=str(REPO / "examples" / "pairs.jsonl"))
     parser.add_argument("--repeat", type=int, default=4)
@@ -60,17 +62,24 @@ def main() -> None:
     repeated_pairs(Path(args.pairs), args.repeat, pairs_file)
     pairs = read_pairs(pairs_file, *load_tokenizer(model_dir)).pairs
     model = load_model(model_dir, args.device, args.dtype)
-    senders = n_layers(model) * n_heads(model) * (1 if args.positions == "all" else sum(p.n_tokens for p in pairs)
-                                                  / len(pairs))
-    print(f"family={args.family} device={model.device} dtype={args.dtype} threads={torch.get_num_threads()} "
-          f"pairs={len(pairs)} tokens={sorted({p.n_tokens for p in pairs})} positions={args.positions} "
-          f"senders/pair={senders:.0f}")
+    senders = (
+        n_layers(model)
+        * n_heads(model)
+        * (1 if args.positions == "all" else sum(p.n_tokens for p in pairs) / len(pairs))
+    )
+    print(
+        f"family={args.family} device={model.device} dtype={args.dtype} threads={torch.get_num_threads()} "
+        f"pairs={len(pairs)} tokens={sorted({p.n_tokens for p in pairs})} positions={args.positions} "
+        f"senders/pair={senders:.0f}"
+    )
     per_forward = forward_seconds(model, pairs)
-    print(f"{'receiver':28s} {'rows':>7s} {'pairs/s':>8s} {'s/pair':>7s} {'recipe forwards/pair':>21s} "
-          f"{'recipe s/pair':>14s} {'speed-up':>9s}")
+    print(
+        f"{'receiver':28s} {'rows':>7s} {'pairs/s':>8s} {'s/pair':>7s} {'recipe forwards/pair':>21s} "
+        f"{'recipe s/pair':>14s} {'speed-up':>9s}"
+    )
     options = {r: PatchOptions(("head",), args.positions, method="paths", receivers=(r,)) for r in receivers}
     for receiver in receivers:
-        path_batch(model, pairs[:1], options[receiver])   # warm-up
+        path_batch(model, pairs[:1], options[receiver])  # warm-up
     best: dict[str, float] = {}
     for _ in range(args.rounds):
         for receiver in receivers:
@@ -81,8 +90,10 @@ def main() -> None:
         seconds = best[receiver] / len(pairs)
         forwards = 2 + senders * (1 if receiver == "logits" else 2)
         recipe = forwards * per_forward
-        print(f"{receiver:28s} {rows:7d} {1 / seconds:8.2f} {seconds:7.3f} {forwards:21.0f} {recipe:14.3f} "
-              f"{recipe / seconds:9.1f}")
+        print(
+            f"{receiver:28s} {rows:7d} {1 / seconds:8.2f} {seconds:7.3f} {forwards:21.0f} {recipe:14.3f} "
+            f"{recipe / seconds:9.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 Writes a fake run (50 Parquet parts, IOI-like labels) to a temp dir, then times SQL through
 `jobs.results.query.query` and the full aggregation.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,18 +16,34 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.results.aggregate import aggregate
-from jobs.store import Store
 from jobs.results.query import query
+from jobs.store import Store
 from worker.tables import effects_schema, pair_columns
 
-LABELS = ["start", "start", "IO", "and", "S1", "S1+1", "middle", "middle", "middle", "middle",
-          "S2", "action", "action", "action", "END"]
+LABELS = [
+    "start",
+    "start",
+    "IO",
+    "and",
+    "S1",
+    "S1+1",
+    "middle",
+    "middle",
+    "middle",
+    "middle",
+    "S2",
+    "action",
+    "action",
+    "action",
+    "END",
+]
 QUERIES = {
     "count(*)": "SELECT count(*) FROM effects",
     "mean score by component, layer": "SELECT component, layer, avg(score) FROM effects GROUP BY ALL",
     "join pairs, filter label END": (
         "SELECT e.layer, avg(e.score) FROM effects e JOIN pairs p USING (pair_id) "
-        "WHERE p.labels[e.position + 1] = 'END' GROUP BY 1"),
+        "WHERE p.labels[e.position + 1] = 'END' GROUP BY 1"
+    ),
     "top 10 cells of one pair": "SELECT * FROM effects WHERE pair_id = 'p123' ORDER BY score DESC LIMIT 10",
 }
 
@@ -41,10 +58,20 @@ def fake_run(root: str, rows: int, parts: int = 50) -> Store:
     pairs = {name: [] for name, _ in columns}
     rng = np.random.default_rng(0)
     for i in range(n_pairs):
-        for name, value in [("pair_id", f"p{i}"), ("clean", ""), ("corrupted", ""), ("correct", [" A"]),
-                            ("incorrect", [" B"]), ("correct_ids", [1]), ("incorrect_ids", [2]),
-                            ("n_tokens", n_tokens), ("tokens", LABELS), ("labels", LABELS),
-                            ("clean_logit_diff", 3.0 + rng.normal()), ("corrupted_logit_diff", -3.0 + rng.normal())]:
+        for name, value in [
+            ("pair_id", f"p{i}"),
+            ("clean", ""),
+            ("corrupted", ""),
+            ("correct", [" A"]),
+            ("incorrect", [" B"]),
+            ("correct_ids", [1]),
+            ("incorrect_ids", [2]),
+            ("n_tokens", n_tokens),
+            ("tokens", LABELS),
+            ("labels", LABELS),
+            ("clean_logit_diff", 3.0 + rng.normal()),
+            ("corrupted_logit_diff", -3.0 + rng.normal()),
+        ]:
             pairs[name].append(value)
     store.write_table(pa.table(pairs, schema=pa.schema(columns)), "pairs.parquet")
     grid_component = np.repeat(components, n_layers * n_tokens)
@@ -52,16 +79,19 @@ def fake_run(root: str, rows: int, parts: int = 50) -> Store:
     grid_position = np.tile(np.arange(n_tokens), n_layers * len(components))
     for part, ids in enumerate(np.array_split(np.arange(n_pairs), parts)):
         n = len(ids) * per_pair
-        table = pa.table({
-            "pair_id": np.repeat([f"p{i}" for i in ids], per_pair),
-            "component": np.tile(grid_component, len(ids)),
-            "layer": np.tile(grid_layer, len(ids)).astype(np.int16),
-            "position": np.tile(grid_position, len(ids)).astype(np.int16),
-            "head": pa.nulls(n, pa.int16()),
-            "logit_diff": rng.normal(size=n).astype(np.float32),
-            "score": rng.normal(size=n).astype(np.float32),
-            "estimate": pa.nulls(n, pa.float32()),
-        }, schema=effects_schema("logit_diff"))
+        table = pa.table(
+            {
+                "pair_id": np.repeat([f"p{i}" for i in ids], per_pair),
+                "component": np.tile(grid_component, len(ids)),
+                "layer": np.tile(grid_layer, len(ids)).astype(np.int16),
+                "position": np.tile(grid_position, len(ids)).astype(np.int16),
+                "head": pa.nulls(n, pa.int16()),
+                "logit_diff": rng.normal(size=n).astype(np.float32),
+                "score": rng.normal(size=n).astype(np.float32),
+                "estimate": pa.nulls(n, pa.float32()),
+            },
+            schema=effects_schema("logit_diff"),
+        )
         store.write_table(table, "effects", f"part-{part:05d}.parquet")
     return store
 

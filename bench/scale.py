@@ -10,6 +10,7 @@ memory (VmHWM) is read from /proc while it runs; `--read-only` runs the driver's
 the file in this process (scan: validate and count; stream: tokenize again and fill every
 shard, each dropped once full) and reports this process's peak resident memory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,10 @@ def write_pairs(source: Path, n_pairs: int, target: Path, compress: bool) -> Non
     with open(target, "wb") as raw:
         sink = zstandard.ZstdCompressor().stream_writer(raw) if compress else raw
         for start in range(0, n_pairs, 10_000):
-            lines = [json.dumps({**records[i % len(records)], "id": f"p{i}"}) + "\n"
-                     for i in range(start, min(n_pairs, start + 10_000))]
+            lines = [
+                json.dumps({**records[i % len(records)], "id": f"p{i}"}) + "\n"
+                for i in range(start, min(n_pairs, start + 10_000))
+            ]
             sink.write("".join(lines).encode())
         if compress:
             sink.flush(zstandard.FLUSH_FRAME)
@@ -45,8 +48,9 @@ def peak_rss_of(process: subprocess.Popen) -> float:
     while process.poll() is None:
         try:
             status = Path(f"/proc/{process.pid}/status").read_text()
-            peak = max(peak, int(next(line.split()[1] for line in status.splitlines()
-                                      if line.startswith("VmHWM:"))) / 1024)
+            peak = max(
+                peak, int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
+            )
         except (OSError, StopIteration):
             pass
         time.sleep(0.5)
@@ -55,9 +59,25 @@ def peak_rss_of(process: subprocess.Popen) -> float:
 
 def whole_driver(pairs_file: Path, n_pairs: int, args) -> None:
     out = Path(args.scratch) / f"run-{n_pairs}"
-    command = [sys.executable, str(Path(args.repo) / "driver.py"), "--pairs", str(pairs_file), "--model",
-               str(REPO / args.model), "--out", str(out), "--workers", str(args.workers), "--device", "cpu",
-               "--components", args.components, "--batch-pairs", str(args.batch_pairs), "--overwrite"]
+    command = [
+        sys.executable,
+        str(Path(args.repo) / "driver.py"),
+        "--pairs",
+        str(pairs_file),
+        "--model",
+        str(REPO / args.model),
+        "--out",
+        str(out),
+        "--workers",
+        str(args.workers),
+        "--device",
+        "cpu",
+        "--components",
+        args.components,
+        "--batch-pairs",
+        str(args.batch_pairs),
+        "--overwrite",
+    ]
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=args.repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = peak_rss_of(process)
@@ -65,9 +85,11 @@ def whole_driver(pairs_file: Path, n_pairs: int, args) -> None:
     if process.returncode:
         raise SystemExit(process.stderr.read().decode()[-2000:])
     phases = json.loads((out / "manifest.json").read_text())["timings"]["phase_seconds"]
-    print(f"driver ({args.repo}): pairs={n_pairs} workers={args.workers} wall={wall:.1f}s "
-          f"pairs/s={n_pairs / wall:.0f} patch phase pairs/s={n_pairs / phases['patch']:.0f} "
-          f"driver peak RSS={peak:.0f} MiB")
+    print(
+        f"driver ({args.repo}): pairs={n_pairs} workers={args.workers} wall={wall:.1f}s "
+        f"pairs/s={n_pairs / wall:.0f} patch phase pairs/s={n_pairs / phases['patch']:.0f} "
+        f"driver peak RSS={peak:.0f} MiB"
+    )
     print("  phases: " + " ".join(f"{name}={seconds:.1f}s" for name, seconds in phases.items()))
 
 
@@ -86,9 +108,11 @@ def read_only(pairs_file: Path, n_pairs: int, args) -> None:
     filled = sum(1 for _ in filled_shards(pairs, shards, args.batch_pairs, {s.name for s in shards}))
     streamed = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"read only: pairs={n_pairs} shards={filled} scan {scanned - start:.1f}s = "
-          f"{n_pairs / (scanned - start):.0f} pairs/s; stream and fill {streamed - scanned:.1f}s = "
-          f"{n_pairs / (streamed - scanned):.0f} pairs/s; peak RSS={peak:.0f} MiB")
+    print(
+        f"read only: pairs={n_pairs} shards={filled} scan {scanned - start:.1f}s = "
+        f"{n_pairs / (scanned - start):.0f} pairs/s; stream and fill {streamed - scanned:.1f}s = "
+        f"{n_pairs / (streamed - scanned):.0f} pairs/s; peak RSS={peak:.0f} MiB"
+    )
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ One trace per pair: a clean invoke, a corrupted invoke and one invoke per (layer
 that waits at a barrier for the clean activation of its layer. It lives in a module of its
 own because nnsight reads trace bodies from source files.
 """
+
 from __future__ import annotations
 
 import nnsight

@@ -12,6 +12,7 @@ Model: GPT-2-small-sized random, of `--family` (bench/gpt2_small.py); pairs: exa
 over (14, 17 and 19 tokens, labelled). "cells run" counts the patched runs computed per pair
 (cells before the first differing token cost nothing and are not counted).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,13 +41,18 @@ def grouped(model, pairs, components: list[str], positions: str):
 
 
 def pairs_rows(model, pairs, components: list[str], positions: str) -> list:
-    return [row for group, cells in grouped(model, pairs, components, positions)
-            for row in selected_cells(group, cells, position_labels(positions))]
+    return [
+        row
+        for group, cells in grouped(model, pairs, components, positions)
+        for row in selected_cells(group, cells, position_labels(positions))
+    ]
 
 
 def cells_run(model, pairs, components: list[str], positions: str) -> int:
-    return sum(len(cells_to_run(group, cells, selected_cells(group, cells, position_labels(positions))))
-               for group, cells in grouped(model, pairs, components, positions))
+    return sum(
+        len(cells_to_run(group, cells, selected_cells(group, cells, position_labels(positions))))
+        for group, cells in grouped(model, pairs, components, positions)
+    )
 
 
 def main() -> None:
@@ -57,10 +63,18 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--exact-path", default="auto", choices=["auto", "trace", "reuse"])
-    parser.add_argument("--family", default="gpt2", choices=["gpt2", "gpt_neox", "llama"],
-                        help="The random GPT-2-small-sized model's family.")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="Time every sweep this many times, in turns, and keep each one's fastest (machine noise).")
+    parser.add_argument(
+        "--family",
+        default="gpt2",
+        choices=["gpt2", "gpt_neox", "llama"],
+        help="The random GPT-2-small-sized model's family.",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="Time every sweep this many times, in turns, and keep each one's fastest (machine noise).",
+    )
     args = parser.parse_args()
 
     model_dir = str(build_small(args.family, f"{tempfile.gettempdir()}/patchsweep-{args.family}-12x768"))
@@ -68,13 +82,18 @@ def main() -> None:
     repeated_pairs(Path(args.pairs), args.repeat, pairs_file)
     pairs = read_pairs(pairs_file, *load_tokenizer(model_dir)).pairs
     model = load_model(model_dir, args.device, args.dtype)
-    print(f"family={args.family} device={model.device} dtype={args.dtype} threads={torch.get_num_threads()} exact_path={args.exact_path} "
-          f"pairs={len(pairs)} tokens={sorted({p.n_tokens for p in pairs})}")
-    print(f"{'sweep':30s} {'rows':>8s} {'cells run/pair':>14s} {'pairs/s':>8s} {'s/pair':>7s} "
-          f"{'ms/cell':>8s} {'cell cost vs first':>18s}")
+    print(
+        f"family={args.family} device={model.device} dtype={args.dtype} threads={torch.get_num_threads()} "
+        f"exact_path={args.exact_path} "
+        f"pairs={len(pairs)} tokens={sorted({p.n_tokens for p in pairs})}"
+    )
+    print(
+        f"{'sweep':30s} {'rows':>8s} {'cells run/pair':>14s} {'pairs/s':>8s} {'s/pair':>7s} "
+        f"{'ms/cell':>8s} {'cell cost vs first':>18s}"
+    )
     sweeps = [parse_sweep(sweep) for sweep in args.sweeps]
     for components, options in sweeps:
-        patch_batch(model, pairs[:1], components, exact_path=args.exact_path, **options)   # warm-up
+        patch_batch(model, pairs[:1], components, exact_path=args.exact_path, **options)  # warm-up
     best: dict[int, float] = {}
     for _ in range(args.rounds):
         for index, (components, options) in enumerate(sweeps):
@@ -88,12 +107,14 @@ def main() -> None:
         run = cells_run(model, pairs, components, options["positions"])
         cost = seconds / run
         first_cost = first_cost or cost
-        print(f"{sweep:30s} {rows:8d} {run / len(pairs):14.1f} {len(pairs) / seconds:8.2f} "
-              f"{seconds / len(pairs):7.3f} {1000 * cost:8.2f} {cost / first_cost:18.2f}")
+        print(
+            f"{sweep:30s} {rows:8d} {run / len(pairs):14.1f} {len(pairs) / seconds:8.2f} "
+            f"{seconds / len(pairs):7.3f} {1000 * cost:8.2f} {cost / first_cost:18.2f}"
+        )
 
 
 def parse_sweep(sweep: str) -> tuple[list[str], dict]:
-    components, positions, metric, method = (sweep.split(":") + ["each", "logit_diff", "exact"][sweep.count(":"):])[:4]
+    components, positions, metric, method = (sweep.split(":") + ["each", "logit_diff", "exact"][sweep.count(":") :])[:4]
     return components.split(","), {"positions": positions, "metric": metric, "method": method}
 
 

@@ -6,6 +6,7 @@ SentencePiece-style one (words marked with ▁, `<s>` before every prompt) for L
 Llama, Mistral and Qwen2 use grouped-query attention (4 query heads, 2 key/value heads); Qwen2
 ties its unembedding to the embedding. `python examples/tiny_families.py DIR` writes all four.
 """
+
 from __future__ import annotations
 
 import sys
@@ -13,8 +14,17 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from examples.tiny_gpt2 import EOS, build_tokenizer, corpus
 
@@ -34,9 +44,17 @@ def build_sentencepiece_style_tokenizer(texts: list[str], vocab_size: int = 512)
 
 
 def tiny_config(family: str, vocab_size: int, bos: int, eos: int, initializer_range: float = 0.5):
-    shape = {"vocab_size": vocab_size, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
-             "intermediate_size": 64, "max_position_embeddings": 64, "initializer_range": initializer_range,
-             "bos_token_id": bos, "eos_token_id": eos}
+    shape = {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+        "initializer_range": initializer_range,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+    }
     if family == "gpt_neox":
         return GPTNeoXConfig(**shape, rotary_pct=0.5, use_parallel_residual=True)
     grouped = {**shape, "num_key_value_heads": 2}
@@ -47,8 +65,12 @@ def tiny_config(family: str, vocab_size: int, bos: int, eos: int, initializer_ra
     return Qwen2Config(**grouped, tie_word_embeddings=True)
 
 
-MODEL_CLASSES = {"gpt_neox": GPTNeoXForCausalLM, "llama": LlamaForCausalLM, "mistral": MistralForCausalLM,
-                 "qwen2": Qwen2ForCausalLM}
+MODEL_CLASSES = {
+    "gpt_neox": GPTNeoXForCausalLM,
+    "llama": LlamaForCausalLM,
+    "mistral": MistralForCausalLM,
+    "qwen2": Qwen2ForCausalLM,
+}
 
 
 def build_tiny(family: str, out_dir: str | Path, seed: int = 2) -> Path:

@@ -5,6 +5,7 @@ GPT-2-architecture checkpoint of their own; it loads through the same path as a 
 Run as a script to (re)write the bundled checkpoints: `python examples/tiny_gpt2.py examples/tiny-gpt2`,
 and with `--years` the same model with the century and two-digit years as tokens (examples/tiny-years-gpt2).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -20,7 +21,7 @@ EOS = "<|endoftext|>"
 NAMES = ["John", "Mary", "Tom", "Anna", "James", "Lisa", "David", "Sarah", "Paul", "Kate"]
 PLACES = ["store", "garden", "school", "office", "station"]
 OBJECTS = ["drink", "ring", "book", "snack", "bone"]
-YEAR_TOKENS = ["17", *(f"{year:02d}" for year in range(100))]   # the century and every two-digit year
+YEAR_TOKENS = ["17", *(f"{year:02d}" for year in range(100))]  # the century and every two-digit year
 TEMPLATES = [
     "When {a} and {b} went to the {place}, {c} gave a {obj} to",
     "Then, {a} and {b} had a lot of fun at the {place}. {c} gave the {obj} to",
@@ -50,14 +51,17 @@ def build_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokeni
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS)
 
 
 def build_tiny_gpt2(
-    out_dir: str | Path, n_layer: int = 3, n_embd: int = 32, n_head: int = 4,
-    initializer_range: float = 0.5, seed: int = 2, extra_tokens: Sequence[str] = (),
+    out_dir: str | Path,
+    n_layer: int = 3,
+    n_embd: int = 32,
+    n_head: int = 4,
+    initializer_range: float = 0.5,
+    seed: int = 2,
+    extra_tokens: Sequence[str] = (),
 ) -> Path:
     """Write a randomly initialised GPT2LMHeadModel and its tokenizer to `out_dir`.
 
@@ -70,8 +74,14 @@ def build_tiny_gpt2(
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=64, n_embd=n_embd, n_layer=n_layer,
-        n_head=n_head, initializer_range=initializer_range, bos_token_id=eos_id, eos_token_id=eos_id,
+        vocab_size=len(tokenizer),
+        n_positions=64,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        initializer_range=initializer_range,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
     )
     model = GPT2LMHeadModel(config).eval()
     out_dir = Path(out_dir)
@@ -81,7 +91,9 @@ def build_tiny_gpt2(
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--years"]:   # examples/tiny-years-gpt2: make-greater-than's years are tokens
-        print(build_tiny_gpt2(sys.argv[2] if len(sys.argv) > 2 else "examples/tiny-years-gpt2", extra_tokens=YEAR_TOKENS))
+    if sys.argv[1:2] == ["--years"]:  # examples/tiny-years-gpt2: make-greater-than's years are tokens
+        print(
+            build_tiny_gpt2(sys.argv[2] if len(sys.argv) > 2 else "examples/tiny-years-gpt2", extra_tokens=YEAR_TOKENS)
+        )
     else:
         print(build_tiny_gpt2(sys.argv[1] if len(sys.argv) > 1 else "examples/tiny-gpt2"))

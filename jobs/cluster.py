@@ -5,6 +5,7 @@ No address starts an embedded local Ray that lives as long as the driver; an add
 makes the plain init attach. One actor per GPU when the cluster has GPUs, else
 `workers` CPU actors that split the CPUs between them.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,18 +15,18 @@ from dataclasses import dataclass
 import ray
 from ray._private.services import canonicalize_bootstrap_address_or_die
 
-
-MAX_RESTARTS = -1       # a dead actor (process exit, OOM kill) always comes back ...
-MAX_TASK_RETRIES = 2    # ... but a shard that keeps killing it is given up and reported
-PROBE_SECONDS = 5       # how long an address may take to accept a connection before it counts as down
+MAX_RESTARTS = -1  # a dead actor (process exit, OOM kill) always comes back ...
+MAX_TASK_RETRIES = 2  # ... but a shard that keeps killing it is given up and reported
+PROBE_SECONDS = 5  # how long an address may take to accept a connection before it counts as down
 
 
 class NoCluster(ConnectionError):
     """No Ray cluster answers at the address asked for; the message is one line for the user."""
 
     def __init__(self, address: str, why: str = "") -> None:
-        super().__init__(f"no running Ray cluster at {address}{why}; start one with ray start --head, "
-                         "or leave out --address")
+        super().__init__(
+            f"no running Ray cluster at {address}{why}; start one with ray start --head, or leave out --address"
+        )
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,7 @@ def connect(address: str | None) -> None:
     else:
         # "local" starts a fresh Ray even where a stale `ray start` left its address behind;
         # its warnings are about a cluster the user never asked for (e.g. token auth), so quiet.
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                 logging_level="ERROR")
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
 
 
 def pool_shape(workers: int | None, device: str) -> PoolShape:
@@ -93,7 +93,9 @@ def start_actors(shape: PoolShape, model: str, device: str, dtype: str) -> list:
     from worker.actor import PatchWorker  # torch and nnsight: kept out of the driver's start-up
 
     actor_class = ray.remote(PatchWorker).options(
-        num_cpus=shape.num_cpus, num_gpus=shape.num_gpus,
-        max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES,
+        num_cpus=shape.num_cpus,
+        num_gpus=shape.num_gpus,
+        max_restarts=MAX_RESTARTS,
+        max_task_retries=MAX_TASK_RETRIES,
     )
     return [actor_class.remote(model, device, dtype, shape.threads) for _ in range(shape.n_actors)]

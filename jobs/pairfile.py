@@ -4,6 +4,7 @@ columns): reading it and validating every line against the model's tokenizer.
 Every problem is collected, not raised, so a user sees all bad lines at once as
 `FILE:LINE: reason`, and `--skip-invalid` can set them aside with their reasons.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -104,7 +105,7 @@ def answer_token(encoder: Encoder, key: str, value: Any) -> tuple[str, int]:
         pieces = list(encoder.tokens(ids))
         raise BadPair(
             f"{key!r} answer {value!r} is {len(ids)} tokens {pieces}, must be exactly one "
-            "(a leading space is often part of the token, e.g. \" John\")"
+            '(a leading space is often part of the token, e.g. " John")'
         )
     return value, ids[0]
 
@@ -130,8 +131,9 @@ def prompt_ids(encoder: Encoder, key: str, value: Any) -> list[int]:
     return encoder(value, special_tokens=True)
 
 
-def parse_record(record: Any, default_id: str, encoder: Encoder, n_ctx: int,
-                 options: PatchOptions = PatchOptions()) -> Pair:
+def parse_record(
+    record: Any, default_id: str, encoder: Encoder, n_ctx: int, options: PatchOptions = PatchOptions()
+) -> Pair:
     """Validate one decoded JSON line and turn it into a tokenized `Pair`, for a run with `options`
     (its metric decides whether `incorrect` is needed, its positions which labels must be there)."""
     if not isinstance(record, dict):
@@ -152,10 +154,14 @@ def parse_record(record: Any, default_id: str, encoder: Encoder, n_ctx: int,
     if clean_ids == corrupted_ids:
         raise BadPair("clean and corrupted tokenize identically, so there is nothing to patch")
     correct, correct_ids = answer_set(encoder, "correct", record["correct"])
-    incorrect, incorrect_ids = answer_set(encoder, "incorrect", record["incorrect"]) if "incorrect" in record else ((), ())
+    incorrect, incorrect_ids = (
+        answer_set(encoder, "incorrect", record["incorrect"]) if "incorrect" in record else ((), ())
+    )
     both = [text for text, token in zip(correct, correct_ids) if token in incorrect_ids]
     if both:
-        raise BadPair(f"{', '.join(map(repr, both))} {'is' if len(both) == 1 else 'are'} in both 'correct' and 'incorrect'")
+        raise BadPair(
+            f"{', '.join(map(repr, both))} {'is' if len(both) == 1 else 'are'} in both 'correct' and 'incorrect'"
+        )
     pair_id = record.get("id", default_id)
     if isinstance(pair_id, bool) or not isinstance(pair_id, (str, int)):
         raise BadPair(f"'id' must be a string, got {type(pair_id).__name__}")
@@ -202,16 +208,19 @@ def check_labels_exist(path: str | Path, known: set[str], options: PatchOptions)
     a bad line: one error for the file."""
     for option, wanted in options.wanted_labels():
         if not known:
-            raise PairFileError(f"{path}: {option} {','.join(wanted)} selects positions by label, "
-                                "but no line has 'labels'")
+            raise PairFileError(
+                f"{path}: {option} {','.join(wanted)} selects positions by label, but no line has 'labels'"
+            )
         unknown = [label for label in wanted if label not in known]
         if unknown:
-            raise PairFileError(f"{path}: {option} lists {', '.join(map(repr, unknown))}, which no line has "
-                                f"(its labels: {', '.join(sorted(known))})")
+            raise PairFileError(
+                f"{path}: {option} lists {', '.join(map(repr, unknown))}, which no line has "
+                f"(its labels: {', '.join(sorted(known))})"
+            )
 
 
 GZIP_MAGIC, ZSTD_MAGIC, PARQUET_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"PAR1"
-CHUNK_LINES = 4096   # lines tokenized in one batched call; memory is bounded by a chunk, not the file
+CHUNK_LINES = 4096  # lines tokenized in one batched call; memory is bounded by a chunk, not the file
 
 
 def first_bytes(path: str | Path) -> bytes:
@@ -282,21 +291,28 @@ def encoder_for(tokenizer: PreTrainedTokenizerBase, records: list[Any], encoder:
     encoder.known.clear()
     encoder.encode_all((r.get(key) for r in objects for key in ("clean", "corrupted")), special_tokens=True)
     answers = (r.get(key) for r in objects for key in ("correct", "incorrect"))
-    encoder.encode_all((a for value in answers for a in (value if isinstance(value, list) else [value])),
-                       special_tokens=False)
+    encoder.encode_all(
+        (a for value in answers for a in (value if isinstance(value, list) else [value])), special_tokens=False
+    )
     return encoder
 
 
-def checked_lines(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int, options: PatchOptions,
-                  labels_seen: set[str]) -> Iterator[tuple[int, bytes, Pair | InvalidLine]]:
+def checked_lines(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int, options: PatchOptions, labels_seen: set[str]
+) -> Iterator[tuple[int, bytes, Pair | InvalidLine]]:
     """Every non-blank line in file order (its number, its bytes), as a `Pair` or the `InvalidLine` saying why not,
     tokenized `CHUNK_LINES` at a time; every label of every line is added to `labels_seen`.
     Duplicate ids are not looked for: that takes the whole file (`read_pairs`, `scan_pairs`)."""
     encoder, lines = None, decoded_lines(path)
     while chunk := list(itertools.islice(lines, CHUNK_LINES)):
         records = [record for _, _, record in chunk]
-        labels_seen.update(label for r in records if isinstance(r, dict) and isinstance(r.get("labels"), list)
-                           for label in r["labels"] if isinstance(label, str))
+        labels_seen.update(
+            label
+            for r in records
+            if isinstance(r, dict) and isinstance(r.get("labels"), list)
+            for label in r["labels"]
+            if isinstance(label, str)
+        )
         encoder = encoder_for(tokenizer, records, encoder)
         for number, raw, record in chunk:
             try:
@@ -307,8 +323,9 @@ def checked_lines(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: i
                 yield number, raw, InvalidLine(str(path), number, raw.decode("utf-8", errors="replace"), str(error))
 
 
-def read_pairs(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int,
-               options: PatchOptions = PatchOptions()) -> PairFile:
+def read_pairs(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int, options: PatchOptions = PatchOptions()
+) -> PairFile:
     """Validate every line of `path` for a run with `options` and keep the result in memory: good
     lines become pairs, bad ones `InvalidLine`s. (The driver streams instead: `scan_pairs`, `stream_pairs`.)"""
     pairs, invalid, first_line_of, labels_seen = [], [], {}, set()
@@ -325,14 +342,19 @@ def read_pairs(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int,
 
 
 def duplicate(path: str | Path, number: int, raw: bytes, pair: Pair, first: int) -> InvalidLine:
-    return InvalidLine(str(path), number, raw.decode("utf-8", errors="replace"),
-                       f"duplicate id {pair.pair_id!r} (first on line {first})")
+    return InvalidLine(
+        str(path),
+        number,
+        raw.decode("utf-8", errors="replace"),
+        f"duplicate id {pair.pair_id!r} (first on line {first})",
+    )
 
 
 @dataclass(frozen=True)
 class FileScan:
     """What the driver keeps of a validated pair file: the bad lines, and how many good pairs
     there are of each token length (enough to plan every shard); not the pairs."""
+
     invalid: list[InvalidLine]
     lengths: dict[int, int]
 
@@ -341,8 +363,9 @@ class FileScan:
         return {bad.line for bad in self.invalid}
 
 
-def scan_pairs(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int,
-               options: PatchOptions = PatchOptions()) -> FileScan:
+def scan_pairs(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int, options: PatchOptions = PatchOptions()
+) -> FileScan:
     """Validate every line of `path` as `read_pairs` does, in memory that does not grow with the
     file's pairs: each pair is dropped once counted, and ids are checked for repeats by their
     64-bit hashes (16 bytes a pair), sorted at the end."""
@@ -358,21 +381,23 @@ def scan_pairs(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int,
     check_labels_exist(path, labels_seen, options)
     order = np.lexsort((np.frombuffer(lines, np.int64), np.frombuffer(ids, np.int64)))
     sorted_ids = np.frombuffer(ids, np.int64)[order]
-    repeats = order[1:][sorted_ids[1:] == sorted_ids[:-1]]   # every occurrence after the first, by line
+    repeats = order[1:][sorted_ids[1:] == sorted_ids[:-1]]  # every occurrence after the first, by line
     invalid += repeated_ids(path, tokenizer, n_ctx, options, {lines[i] for i in repeats.tolist()})
     counts = np.bincount(np.frombuffer(lengths, np.int16).astype(np.int64)) if lengths else np.zeros(0, np.int64)
     for i in repeats.tolist():
         counts[lengths[i]] -= 1
-    return FileScan(sorted(invalid, key=lambda bad: bad.line),
-                    {length: int(count) for length, count in enumerate(counts) if count})
+    return FileScan(
+        sorted(invalid, key=lambda bad: bad.line), {length: int(count) for length, count in enumerate(counts) if count}
+    )
 
 
 def id_hash(pair_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(pair_id.encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def repeated_ids(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int, options: PatchOptions,
-                 repeats: set[int]) -> list[InvalidLine]:
+def repeated_ids(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int, options: PatchOptions, repeats: set[int]
+) -> list[InvalidLine]:
     """The lines `repeats` whose id an earlier line has, as bad lines naming that first line (read
     again: a file with repeated ids is the rare case that pays for a second look)."""
     if not repeats:
@@ -388,8 +413,9 @@ def repeated_ids(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: in
     return found
 
 
-def stream_pairs(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int, options: PatchOptions,
-                 skipped: set[int]) -> Iterator[Pair]:
+def stream_pairs(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int, options: PatchOptions, skipped: set[int]
+) -> Iterator[Pair]:
     """The good pairs of a scanned file, in file order, a chunk of lines in memory at a time
     (`skipped`: the scan's bad lines)."""
     for number, _, checked in checked_lines(path, tokenizer, n_ctx, options, set()):

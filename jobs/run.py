@@ -9,6 +9,7 @@ a shard that kills its actor takes no innocent queued shard down with it (Ray re
 task that was running). Actors write their shards themselves, so an interrupted or failed run
 keeps every finished shard.
 """
+
 from __future__ import annotations
 
 import sys
@@ -44,12 +45,13 @@ RECEIPT_KEYS = ("rows", "bytes", "seconds", "node")
 class ShardLog:
     """What happened to each shard: finished (in this run or an earlier one), failed, and what
     the actor that wrote it reported (`Receipt`: rows, bytes, seconds, node)."""
+
     finished: set[str]
     failed: dict[str, str] = field(default_factory=dict)
     receipts: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
-    def resumed(cls, finished: set[str], previous: dict | None) -> "ShardLog":
+    def resumed(cls, finished: set[str], previous: dict | None) -> ShardLog:
         """Finished shards keep the receipts an earlier run recorded for them."""
         log = cls(finished)
         for entry in (previous or {}).get("shards", []):
@@ -70,6 +72,7 @@ class Phases:
     Phases are listed in the order they began (validation overlaps Ray's start); a phase
     still under way has no seconds yet.
     """
+
     seconds: dict[str, float | None] = field(default_factory=dict)
 
     @contextmanager
@@ -85,6 +88,7 @@ class Phases:
 @dataclass(frozen=True)
 class Reading:
     """What reading the pair file again as pairs needs: the tokenizer, its context, the bad lines."""
+
     tokenizer: object
     n_ctx: int
     scan: FileScan
@@ -98,8 +102,10 @@ def validated_file(spec: JobSpec, phases: Phases) -> Reading:
         scan = scan_pairs(spec.pairs, tokenizer, n_ctx, spec.patch_options())
     if scan.invalid and not spec.skip_invalid:
         lines = "\n".join(map(str, scan.invalid))
-        raise JobError(f"{lines}\n{len(scan.invalid)} invalid line(s) in {spec.pairs}; "
-                       "fix them or pass --skip-invalid to run the valid ones")
+        raise JobError(
+            f"{lines}\n{len(scan.invalid)} invalid line(s) in {spec.pairs}; "
+            "fix them or pass --skip-invalid to run the valid ones"
+        )
     if not scan.lengths:
         raise JobError(f"{spec.pairs}: no valid pairs to run")
     return Reading(tokenizer, n_ctx, scan)
@@ -140,8 +146,14 @@ def dispatch(job: Job, actors: list) -> None:
 
     for actor in range(len(actors)):
         submit(actor)
-    with tqdm(total=sum(s.size for s in job.todo), unit="pair", file=sys.stderr,
-              desc="patching", dynamic_ncols=True, mininterval=1.0) as progress:
+    with tqdm(
+        total=sum(s.size for s in job.todo),
+        unit="pair",
+        file=sys.stderr,
+        desc="patching",
+        dynamic_ncols=True,
+        mininterval=1.0,
+    ) as progress:
         while in_flight:
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
             shard, actor = in_flight.pop(ref)
@@ -158,6 +170,7 @@ def dispatch(job: Job, actors: list) -> None:
 @dataclass
 class Job:
     """One run's state as the manifest reports it."""
+
     spec: JobSpec
     config: dict
     reading: Reading
@@ -199,14 +212,21 @@ class Job:
             "invalid_count": self.n_invalid,
             "versions": versions(),
             "shards": [
-                {"name": s.name, "pairs": s.size, "n_tokens": s.n_tokens, "status": log.status(s.name),
-                 **{key: log.receipts.get(s.name, {}).get(key) for key in RECEIPT_KEYS},
-                 "error": log.failed.get(s.name)}
+                {
+                    "name": s.name,
+                    "pairs": s.size,
+                    "n_tokens": s.n_tokens,
+                    "status": log.status(s.name),
+                    **{key: log.receipts.get(s.name, {}).get(key) for key in RECEIPT_KEYS},
+                    "error": log.failed.get(s.name),
+                }
                 for s in self.shards
             ],
-            "timings": {"started_unix": round(self.started, 3),
-                        "wall_seconds": round(time.time() - self.started, 3),
-                        "phase_seconds": self.phases.seconds},
+            "timings": {
+                "started_unix": round(self.started, 3),
+                "wall_seconds": round(time.time() - self.started, 3),
+                "phase_seconds": self.phases.seconds,
+            },
         }
 
 
@@ -260,10 +280,13 @@ def finish(job: Job, status: str) -> int:
     job.store.write_manifest(job.manifest(status))
     if n_pairs:
         print(build_report(job.store), file=sys.stderr)
-    print(f"{status}: {n_pairs} of {job.pair_count} pairs in "
-          f"{len(job.log.finished)} of {len(job.shards)} shards ({job.n_resumed} already done, "
-          f"{len(job.log.failed)} failed, {job.n_invalid} invalid lines skipped), "
-          f"{time.time() - job.started:.1f} s -> {job.store.uri}", file=sys.stderr)
+    print(
+        f"{status}: {n_pairs} of {job.pair_count} pairs in "
+        f"{len(job.log.finished)} of {len(job.shards)} shards ({job.n_resumed} already done, "
+        f"{len(job.log.failed)} failed, {job.n_invalid} invalid lines skipped), "
+        f"{time.time() - job.started:.1f} s -> {job.store.uri}",
+        file=sys.stderr,
+    )
     return {"done": EXIT_OK, "failed": EXIT_FAILED_SHARDS}.get(status, EXIT_INTERRUPTED)
 
 
@@ -289,8 +312,11 @@ def run_job(spec: JobSpec) -> int:
     """Run (or resume) `spec`; returns the process exit code."""
     done = finished_before(spec)
     if done is not None:
-        print(f"done: nothing to do, all {done['pair_count']} pairs are already in {spec.out} "
-              f"(rebuild the report with: python driver.py report {spec.out})", file=sys.stderr)
+        print(
+            f"done: nothing to do, all {done['pair_count']} pairs are already in {spec.out} "
+            f"(rebuild the report with: python driver.py report {spec.out})",
+            file=sys.stderr,
+        )
         return EXIT_OK
     started, phases = time.time(), Phases()
     with ThreadPoolExecutor(max_workers=1) as pool:

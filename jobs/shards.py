@@ -7,6 +7,7 @@ what lets a re-run skip the shards whose files already exist. The pairs themselv
 again as a stream and routed to their planned shard; a shard is handed out the moment it is
 full, so at most one shard per token length is ever being filled.
 """
+
 from __future__ import annotations
 
 import queue
@@ -23,7 +24,7 @@ from worker.pairs import Pair
 class Shard:
     index: int
     n_tokens: int
-    size: int   # pairs
+    size: int  # pairs
 
     @property
     def name(self) -> str:
@@ -41,8 +42,9 @@ def plan_shards(lengths: Mapping[int, int], batch_pairs: int) -> list[Shard]:
     return shards
 
 
-def filled_shards(pairs: Iterable[Pair], shards: list[Shard], batch_pairs: int,
-                  wanted: set[str]) -> Iterator[tuple[Shard, tuple[Pair, ...]]]:
+def filled_shards(
+    pairs: Iterable[Pair], shards: list[Shard], batch_pairs: int, wanted: set[str]
+) -> Iterator[tuple[Shard, tuple[Pair, ...]]]:
     """Route `pairs` (the good pairs in file order) into their planned shards; yield each shard
     named in `wanted` with its pairs as soon as it is full (the others' pairs are dropped)."""
     first = {}
@@ -73,7 +75,7 @@ def read_ahead(items: Iterator, depth: int) -> Iterator:
         try:
             for item in items:
                 ahead.put(item)
-        except BaseException as error:   # handed to the consumer, which raises it
+        except BaseException as error:  # handed to the consumer, which raises it
             ahead.put(error)
         ahead.put(done)
 

@@ -3,6 +3,7 @@
 Two runs into the same output directory must agree on this hash; that is the check that
 lets a re-run resume safely and refuses to mix results of different configurations.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,8 +16,20 @@ from pathlib import Path
 from worker.options import DEFAULT_MAX_BATCH_TOKENS, PatchOptions
 
 DEFAULT_BATCH_PAIRS = 32
-RESULT_DECIDING = ("model", "components", "positions", "direction", "metric", "method", "verify_top", "receivers",
-                   "dtype", "batch_pairs", "max_batch_tokens", "skip_invalid")
+RESULT_DECIDING = (
+    "model",
+    "components",
+    "positions",
+    "direction",
+    "metric",
+    "method",
+    "verify_top",
+    "receivers",
+    "dtype",
+    "batch_pairs",
+    "max_batch_tokens",
+    "skip_invalid",
+)
 
 
 @dataclass(frozen=True)
@@ -42,8 +55,16 @@ class JobSpec:
 
     def patch_options(self) -> PatchOptions:
         """What every actor is asked to do with each shard."""
-        return PatchOptions(self.components, self.positions, self.direction, self.metric, self.max_batch_tokens,
-                            self.method, self.verify_top, self.receivers)
+        return PatchOptions(
+            self.components,
+            self.positions,
+            self.direction,
+            self.metric,
+            self.max_batch_tokens,
+            self.method,
+            self.verify_top,
+            self.receivers,
+        )
 
     def config(self) -> dict:
         """The result-deciding options plus the pair file's content hash."""
@@ -52,7 +73,7 @@ class JobSpec:
         config["components"] = list(self.components)
         if self.receivers:
             config["receivers"] = list(self.receivers)
-        else:   # runs without receivers keep the hash they had before path patching existed
+        else:  # runs without receivers keep the hash they had before path patching existed
             del config["receivers"]
         config["pairs_sha256"] = file_sha256(self.pairs)
         return config

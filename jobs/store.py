@@ -5,6 +5,7 @@ pairs.parquet, manifest.json, invalid.jsonl. A shard's pairs rows go to _pairs/p
 first and its results part last, each to a temporary name then renamed, so a shard whose results
 part exists is whole; pairs.parquet is rebuilt from the _pairs parts at the end of every run.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ from worker.parts import PAIR_PARTS_DIR, PartWriter, atomic_output, filesystem, 
 
 EFFECTS_DIR, PATHS_DIR = "effects", "paths"
 PAIRS_ROW_GROUP = 65_536
-BATCH_PARTS = 1000   # parts read together; a dataset keeps the footer of every part it has read (~30 KB)
+BATCH_PARTS = 1000  # parts read together; a dataset keeps the footer of every part it has read (~30 KB)
 MANIFEST, PAIRS_FILE, INVALID_FILE = "manifest.json", "pairs.parquet", "invalid.jsonl"
 AGGREGATE_FILE, REPORT_FILE = "aggregate.parquet", "report.html"
 
@@ -74,13 +75,12 @@ class Store:
         Returns the manifest of the run being resumed, if any.
         """
         manifest = self.read_manifest()
-        if manifest is not None and manifest.get("config_hash") != config_hash:
-            if not overwrite:
-                raise OutputConflict(
-                    f"{self.uri} holds a run with a different configuration "
-                    f"(model {manifest.get('config', {}).get('model')!r}, hash {manifest.get('config_hash')}); "
-                    "pass --overwrite to replace it, or choose another --out"
-                )
+        if manifest is not None and manifest.get("config_hash") != config_hash and not overwrite:
+            raise OutputConflict(
+                f"{self.uri} holds a run with a different configuration "
+                f"(model {manifest.get('config', {}).get('model')!r}, hash {manifest.get('config_hash')}); "
+                "pass --overwrite to replace it, or choose another --out"
+            )
         if overwrite:
             self.clear()
             manifest = None
@@ -118,12 +118,16 @@ class Store:
         dataset over 31,000 parts held 1 GB of their footers)."""
         names = sorted(self.finished_shards())
         for first in range(0, len(names), BATCH_PARTS):
-            yield names[first:first + BATCH_PARTS]
+            yield names[first : first + BATCH_PARTS]
 
     def parts(self, directory: str, names: list[str], schema: pa.Schema | None = None) -> ds.Dataset:
         """The parts `names` of `directory` (the results directory or `_pairs`) as one dataset."""
-        return ds.dataset([self.path(directory, f"{name}.parquet") for name in names], schema=schema,
-                          filesystem=self.fs, format="parquet")
+        return ds.dataset(
+            [self.path(directory, f"{name}.parquet") for name in names],
+            schema=schema,
+            filesystem=self.fs,
+            format="parquet",
+        )
 
     def write_pairs_table(self, shard_names: Iterable[str]) -> int:
         """Gather the finished shards' pairs rows into pairs.parquet, one part in memory at a time;
@@ -139,12 +143,11 @@ class Store:
             for index, path in enumerate(paths):
                 held.append(ds.dataset(path, schema=schema, filesystem=self.fs, format="parquet").to_table())
                 if sum(t.num_rows for t in held) >= PAIRS_ROW_GROUP or index == len(paths) - 1:
-                    table = pa.concat_tables(held)   # row groups of a useful size, not one per shard
+                    table = pa.concat_tables(held)  # row groups of a useful size, not one per shard
                     writer.write_table(table, row_group_size=PAIRS_ROW_GROUP)
                     rows, held = rows + table.num_rows, []
         return rows
 
     def write_invalid(self, invalid: list[InvalidLine]) -> None:
-        lines = [json.dumps({"line": bad.line, "reason": bad.reason, "text": bad.text}) + "\n"
-                 for bad in invalid]
+        lines = [json.dumps({"line": bad.line, "reason": bad.reason, "text": bad.text}) + "\n" for bad in invalid]
         self.write_bytes("".join(lines).encode(), INVALID_FILE)

@@ -4,6 +4,7 @@ Byte-level BPE names tokens by their byte pieces (`ĠGeorge` for " George"), whi
 noise on a heatmap axis. Each token is decoded on its own instead, and the whitespace that
 would vanish on screen is made visible: `␣George`, `↵`, `⇥`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -24,8 +25,10 @@ def decoded_pieces(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> li
     """
     texts = tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
     pieces = tokenizer.convert_ids_to_tokens(list(ids))
-    return [piece.replace(SENTENCEPIECE_SPACE, " ") if piece.startswith(SENTENCEPIECE_SPACE) else text
-            for piece, text in zip(pieces, texts)]
+    return [
+        piece.replace(SENTENCEPIECE_SPACE, " ") if piece.startswith(SENTENCEPIECE_SPACE) else text
+        for piece, text in zip(pieces, texts)
+    ]
 
 
 def readable(text: str) -> str:

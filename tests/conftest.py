@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny random GPT-2 with its own BPE tokenizer, built once per session."""
+
 from __future__ import annotations
 
 import json
@@ -25,15 +26,32 @@ def score_tolerance(score: float, clean: float, corrupted: float, tol: float = T
     """
     return tol * (2 + 2 * abs(score)) / max(abs(clean - corrupted), tol)
 
+
 IOI_LINES = [
-    ("When John and Mary went to the store, Mary gave a drink to",
-     "When John and Mary went to the store, John gave a drink to", " John", " Mary"),
-    ("When Tom and Anna went to the school, Anna gave a ring to",
-     "When Tom and Anna went to the school, Tom gave a ring to", " Tom", " Anna"),
-    ("After the lunch, Lisa and Paul went to the garden. Paul gave a drink to",
-     "After the lunch, Lisa and Paul went to the garden. Lisa gave a drink to", " Lisa", " Paul"),
-    ("Then, Kate and David had a lot of fun at the office. David gave the ring to",
-     "Then, Kate and David had a lot of fun at the office. Kate gave the ring to", " Kate", " David"),
+    (
+        "When John and Mary went to the store, Mary gave a drink to",
+        "When John and Mary went to the store, John gave a drink to",
+        " John",
+        " Mary",
+    ),
+    (
+        "When Tom and Anna went to the school, Anna gave a ring to",
+        "When Tom and Anna went to the school, Tom gave a ring to",
+        " Tom",
+        " Anna",
+    ),
+    (
+        "After the lunch, Lisa and Paul went to the garden. Paul gave a drink to",
+        "After the lunch, Lisa and Paul went to the garden. Lisa gave a drink to",
+        " Lisa",
+        " Paul",
+    ),
+    (
+        "Then, Kate and David had a lot of fun at the office. David gave the ring to",
+        "Then, Kate and David had a lot of fun at the office. Kate gave the ring to",
+        " Kate",
+        " David",
+    ),
 ]
 
 

@@ -2,6 +2,7 @@
 
 Deliberately naive and free of nnsight, so that it can check the worker's numbers.
 """
+
 from __future__ import annotations
 
 import re
@@ -9,8 +10,7 @@ import re
 import torch
 from transformers import PreTrainedModel
 
-
-PARTS = {   # family: blocks, attention, its output projection, MLP -- written here, not taken from the worker
+PARTS = {  # family: blocks, attention, its output projection, MLP -- written here, not taken from the worker
     "gpt2": ("transformer.h", "attn", "attn.c_proj", "mlp"),
     "gpt_neox": ("gpt_neox.layers", "attention", "attention.dense", "mlp"),
     "llama": ("model.layers", "self_attn", "self_attn.o_proj", "mlp"),
@@ -29,8 +29,9 @@ def hooked_module(model, component: str, layer: int) -> torch.nn.Module:
     """Whose output is patched; for `head`, whose input (the heads' outputs side by side)."""
     blocks, attention, out_proj, mlp = PARTS[model.config.model_type]
     block = dig(model, blocks)[layer]
-    return {"resid": block, "attn": dig(block, attention), "mlp": dig(block, mlp),
-            "head": dig(block, out_proj)}[component]
+    return {"resid": block, "attn": dig(block, attention), "mlp": dig(block, mlp), "head": dig(block, out_proj)}[
+        component
+    ]
 
 
 def hidden(output):
@@ -52,7 +53,7 @@ def metric_of(metric: str, logits: torch.Tensor, pair, donor_logits: torch.Tenso
     if metric == "prob_diff":
         return sum(probs[i] for i in pair.correct_ids) - sum(probs[i] for i in pair.incorrect_ids)
     donor = torch.softmax(donor_logits, dim=0)
-    return (donor * (donor.log() - probs.log())).sum()    # kl: KL(donor || run)
+    return (donor * (donor.log() - probs.log())).sum()  # kl: KL(donor || run)
 
 
 def measure(metric: str, logits: torch.Tensor, pair, donor_logits: torch.Tensor) -> float:
@@ -96,15 +97,15 @@ def patched_logits(model, receiver_ids, donor_act, component, layer, position, c
 
 
 @torch.no_grad()
-def reference_patching(model: PreTrainedModel, pair, components, direction: str, all_positions: bool = False,
-                       metric: str = "logit_diff") -> dict:
+def reference_patching(
+    model: PreTrainedModel, pair, components, direction: str, all_positions: bool = False, metric: str = "logit_diff"
+) -> dict:
     """{(component, layer, position, head or None): the patched run's metric} plus "clean" and "corrupted".
 
     Every position one at a time, or with `all_positions` one patch of all of them (position None).
     """
     donor, receiver = (
-        (pair.clean_ids, pair.corrupted_ids) if direction == "denoise"
-        else (pair.corrupted_ids, pair.clean_ids)
+        (pair.clean_ids, pair.corrupted_ids) if direction == "denoise" else (pair.corrupted_ids, pair.clean_ids)
     )
     donor_logits = next_token_logits(model, list(donor))
     result = {
@@ -125,15 +126,15 @@ def reference_patching(model: PreTrainedModel, pair, components, direction: str,
     return result
 
 
-def reference_atp(model: PreTrainedModel, pair, components, direction: str, all_positions: bool = False,
-                  metric: str = "logit_diff") -> dict:
+def reference_atp(
+    model: PreTrainedModel, pair, components, direction: str, all_positions: bool = False, metric: str = "logit_diff"
+) -> dict:
     """{(component, layer, position, head or None): AtP's estimate of the patched metric}: the
     receiving run's metric plus (donor activation - receiving activation) . gradient of the metric
     at the receiving run, summed over the cell's channels (and positions for all_positions);
     plain autograd with retained gradients, one backward."""
     donor, receiver = (
-        (pair.clean_ids, pair.corrupted_ids) if direction == "denoise"
-        else (pair.corrupted_ids, pair.clean_ids)
+        (pair.clean_ids, pair.corrupted_ids) if direction == "denoise" else (pair.corrupted_ids, pair.clean_ids)
     )
     config = model.config
     width = config.hidden_size // config.num_attention_heads
@@ -147,6 +148,7 @@ def reference_atp(model: PreTrainedModel, pair, components, direction: str, all_
         def keep(act):
             act.retain_grad()
             kept[site] = act
+
         return keep
 
     handles = [hook(model, *site, keeper(site)) for site in sites]
@@ -161,7 +163,7 @@ def reference_atp(model: PreTrainedModel, pair, components, direction: str, all_
     result = {}
     for component, layer in sites:
         act = kept[(component, layer)]
-        product = ((donor_acts[(component, layer)] - act.detach()) * act.grad)[0].double()   # [T, width]
+        product = ((donor_acts[(component, layer)] - act.detach()) * act.grad)[0].double()  # [T, width]
         heads = range(config.num_attention_heads) if component == "head" else [None]
         for head in heads:
             channels = slice(None) if head is None else slice(head * width, (head + 1) * width)
@@ -172,9 +174,9 @@ def reference_atp(model: PreTrainedModel, pair, components, direction: str, all_
     return result
 
 
-QKV = {   # family: where head h's query, key and value are computed -- written here, not taken from the worker
-    "gpt2": ("attn.c_attn", "stacked"),              # [all queries | all keys | all values]
-    "gpt_neox": ("attention.query_key_value", "per_head"),   # [q k v] of head 0, then head 1, ...
+QKV = {  # family: where head h's query, key and value are computed -- written here, not taken from the worker
+    "gpt2": ("attn.c_attn", "stacked"),  # [all queries | all keys | all values]
+    "gpt_neox": ("attention.query_key_value", "per_head"),  # [q k v] of head 0, then head 1, ...
     "llama": ("self_attn.{}_proj", "separate"),
     "mistral": ("self_attn.{}_proj", "separate"),
     "qwen2": ("self_attn.{}_proj", "separate"),
@@ -210,8 +212,9 @@ def logits_with_input_hooks(model: PreTrainedModel, ids: list[int], heads: list,
 
 
 @torch.no_grad()
-def reference_paths(model: PreTrainedModel, pair, receiver: str, direction: str, all_positions: bool = False,
-                    metric: str = "logit_diff") -> dict:
+def reference_paths(
+    model: PreTrainedModel, pair, receiver: str, direction: str, all_positions: bool = False, metric: str = "logit_diff"
+) -> dict:
     """{(sender layer, sender head, sender position or None): the path-patched run's metric} for one
     receiver spec, by the IOI paper's recipe, literally: (1) read every head's output in both runs;
     (2) the receiving run with the sender's output from the donor and every other head's output
@@ -219,12 +222,16 @@ def reference_paths(model: PreTrainedModel, pair, receiver: str, direction: str,
     as usual): its logits for `logits`, else record the receiver heads' q/k/v there; (3) for heads,
     the receiving run with those inputs written in, and its logits."""
     donor, receiving = (
-        (list(pair.clean_ids), list(pair.corrupted_ids)) if direction == "denoise"
+        (list(pair.clean_ids), list(pair.corrupted_ids))
+        if direction == "denoise"
         else (list(pair.corrupted_ids), list(pair.clean_ids))
     )
     config = model.config
-    width, n_heads, n_layers = config.hidden_size // config.num_attention_heads, config.num_attention_heads, \
-        config.num_hidden_layers
+    width, n_heads, n_layers = (
+        config.hidden_size // config.num_attention_heads,
+        config.num_attention_heads,
+        config.num_hidden_layers,
+    )
     donor_logits = next_token_logits(model, donor)
     donor_z = [capture(model, donor, "head", layer) for layer in range(n_layers)]
     receiving_z = [capture(model, receiving, "head", layer) for layer in range(n_layers)]
@@ -244,11 +251,13 @@ def reference_paths(model: PreTrainedModel, pair, receiver: str, direction: str,
                         if layer == s_layer:
                             z[:, spots, channels] = donor_z[layer][:, spots, channels]
                         return (z,)
+
                     return hook
 
                 def record(key, wanted):
                     def hook(module, args, output):
                         recorded[key] = output[:, read_at, wanted].clone()
+
                     return hook
 
                 def write(key, wanted):
@@ -256,11 +265,14 @@ def reference_paths(model: PreTrainedModel, pair, receiver: str, direction: str,
                         output = output.clone()
                         output[:, read_at, wanted] = recorded[key]
                         return output
+
                     return hook
 
                 recorded = {}
-                pins = [hooked_module(model, "head", layer).register_forward_pre_hook(pin(layer))
-                        for layer in range(n_layers)]
+                pins = [
+                    hooked_module(model, "head", layer).register_forward_pre_hook(pin(layer))
+                    for layer in range(n_layers)
+                ]
                 logits = logits_with_input_hooks(model, receiving, heads, record, pins)
                 if heads:
                     logits = logits_with_input_hooks(model, receiving, heads, write)

@@ -1,4 +1,5 @@
 """Aggregation and SQL queries against a by-hand pandas computation on a known result set."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,18 +8,29 @@ import pyarrow as pa
 import pytest
 
 from jobs.results.aggregate import aggregate
-from jobs.store import Store
 from jobs.results.query import QueryError, query
+from jobs.store import Store
 from worker.tables import effects_schema, pair_columns
 
 RNG = np.random.default_rng(0)
 
 
 def pair_row(pair_id, n_tokens, labels, clean, corrupted, template):
-    return {"pair_id": pair_id, "clean": "c", "corrupted": "k", "correct": [" A"], "incorrect": [" B"],
-            "correct_ids": [1], "incorrect_ids": [2], "n_tokens": n_tokens,
-            "tokens": [f"t{i}" for i in range(n_tokens)], "labels": labels,
-            "clean_logit_diff": clean, "corrupted_logit_diff": corrupted, "template": template}
+    return {
+        "pair_id": pair_id,
+        "clean": "c",
+        "corrupted": "k",
+        "correct": [" A"],
+        "incorrect": [" B"],
+        "correct_ids": [1],
+        "incorrect_ids": [2],
+        "n_tokens": n_tokens,
+        "tokens": [f"t{i}" for i in range(n_tokens)],
+        "labels": labels,
+        "clean_logit_diff": clean,
+        "corrupted_logit_diff": corrupted,
+        "template": template,
+    }
 
 
 @pytest.fixture
@@ -28,7 +40,7 @@ def known_run(tmp_path):
         pair_row("a", 3, ["S1", "S2", "END"], 3.0, -1.0, "t0"),
         pair_row("b", 4, ["S1", "x", "S2", "END"], 2.0, 0.0, "t1"),
         pair_row("c", 3, None, 1.5, -0.5, "t0"),
-        pair_row("d", 3, None, 1.0, 0.99, "t1"),   # gap 0.01: excluded from scores
+        pair_row("d", 3, None, 1.0, 0.99, "t1"),  # gap 0.01: excluded from scores
     ]
     rows = []
     for p in pairs:
@@ -36,17 +48,29 @@ def known_run(tmp_path):
             for layer in range(2):
                 for position in range(p["n_tokens"]):
                     logit_diff = float(RNG.normal())
-                    score = (logit_diff - p["corrupted_logit_diff"]) / (p["clean_logit_diff"] - p["corrupted_logit_diff"])
-                    rows.append({"pair_id": p["pair_id"], "component": component, "layer": layer,
-                                 "position": position, "head": None, "logit_diff": logit_diff, "score": score})
+                    score = (logit_diff - p["corrupted_logit_diff"]) / (
+                        p["clean_logit_diff"] - p["corrupted_logit_diff"]
+                    )
+                    rows.append(
+                        {
+                            "pair_id": p["pair_id"],
+                            "component": component,
+                            "layer": layer,
+                            "position": position,
+                            "head": None,
+                            "logit_diff": logit_diff,
+                            "score": score,
+                        }
+                    )
     store = Store(str(tmp_path / "run"))
     store.prepare("hash", overwrite=False)
-    pair_schema = pa.schema(pair_columns("logit_diff") + [("template", pa.string())])
+    pair_schema = pa.schema([*pair_columns("logit_diff"), ("template", pa.string())])
     writer = store.part_writer()
-    for shard, ids in (("part-00000", "ab"), ("part-00001", "cd")):   # as the driver writes them: a shard's pairs
+    for shard, ids in (("part-00000", "ab"), ("part-00001", "cd")):  # as the driver writes them: a shard's pairs
         writer.write_pairs(shard, pa.Table.from_pylist([p for p in pairs if p["pair_id"] in ids], schema=pair_schema))
-        writer.write_results(shard, pa.Table.from_pylist([r for r in rows if r["pair_id"] in ids],
-                                                         schema=effects_schema("logit_diff")))
+        writer.write_results(
+            shard, pa.Table.from_pylist([r for r in rows if r["pair_id"] in ids], schema=effects_schema("logit_diff"))
+        )
     store.write_pairs_table(["part-00000", "part-00001"])
     return store, pd.DataFrame(pairs), pd.DataFrame(rows)
 
@@ -59,7 +83,7 @@ def by_hand(pairs: pd.DataFrame, effects: pd.DataFrame, min_gap: float) -> pd.Da
     expected = {}
     for key, group in cells.groupby(["component", "layer", "label", "n_group"], dropna=False):
         kept = group[~group["excluded"]]
-        expected[key[:3] + (None if np.isnan(key[3]) else int(key[3]),)] = {
+        expected[(*key[:3], None if np.isnan(key[3]) else int(key[3]))] = {
             "count": len(kept),
             "excluded_pairs": group.loc[group["excluded"], "pair_id"].nunique(),
             "mean_score": kept["score"].mean() if len(kept) else None,
@@ -102,14 +126,16 @@ def test_group_by_metadata_column(known_run):
 
 
 def test_query_counts_and_errors(known_run):
-    store, pairs, effects = known_run
+    store, _, effects = known_run
     aggregate(store, "denoise")
     assert query(store.uri, "SELECT count(*) AS n FROM effects").column("n")[0].as_py() == len(effects)
     assert query(store.uri, "SELECT count(*) AS n FROM pairs WHERE template = 't0'").column("n")[0].as_py() == 2
     n = query(store.uri, "SELECT count(DISTINCT component) AS n FROM aggregate").column("n")[0].as_py()
     assert n == 2
-    joined = query(store.uri, "SELECT p.template, count(*) AS n FROM effects e JOIN pairs p USING (pair_id) "
-                              "GROUP BY ALL ORDER BY 1")
+    joined = query(
+        store.uri,
+        "SELECT p.template, count(*) AS n FROM effects e JOIN pairs p USING (pair_id) GROUP BY ALL ORDER BY 1",
+    )
     assert joined.to_pylist() == [{"template": "t0", "n": 24}, {"template": "t1", "n": 28}]
     with pytest.raises(QueryError, match="SQL error") as info:
         query(store.uri, "SELEC nonsense")
@@ -125,14 +151,25 @@ def test_query_command_prints_a_table_and_refuses_bad_sql_in_one_line(known_run)
 
     store, _, effects = known_run
     driver = str(Path(__file__).resolve().parent.parent / "driver.py")
-    shown = subprocess.run([sys.executable, driver, "query", store.uri,
-                            "SELECT component, count(*) AS n FROM effects GROUP BY 1 ORDER BY 1"],
-                           capture_output=True, text=True)
+    shown = subprocess.run(
+        [
+            sys.executable,
+            driver,
+            "query",
+            store.uri,
+            "SELECT component, count(*) AS n FROM effects GROUP BY 1 ORDER BY 1",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert shown.returncode == 0
     assert shown.stdout.splitlines()[0].split() == ["component", "n"]
     assert "mlp        26" in shown.stdout and "(2 rows)" in shown.stdout
-    as_json = subprocess.run([sys.executable, driver, "query", store.uri, "SELECT count(*) AS n FROM effects",
-                              "--format", "json"], capture_output=True, text=True)
+    as_json = subprocess.run(
+        [sys.executable, driver, "query", store.uri, "SELECT count(*) AS n FROM effects", "--format", "json"],
+        capture_output=True,
+        text=True,
+    )
     assert as_json.stdout.strip() == f'{{"n": {len(effects)}}}'
     bad = subprocess.run([sys.executable, driver, "query", store.uri, "SELEC 1"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: SQL error")

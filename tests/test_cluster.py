@@ -1,4 +1,5 @@
 """Running on real Ray clusters: several nodes, `ray job submit`, and the launcher config."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,15 @@ def test_two_nodes_share_the_shards(tmp_path, tiny_model_dir):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
     try:
-        spec = JobSpec(pairs=str(EXAMPLE_PAIRS), out=str(tmp_path / "run"), model=str(tiny_model_dir),
-                       components=("resid",), address=cluster.address, workers=2, batch_pairs=2)
+        spec = JobSpec(
+            pairs=str(EXAMPLE_PAIRS),
+            out=str(tmp_path / "run"),
+            model=str(tiny_model_dir),
+            components=("resid",),
+            address=cluster.address,
+            workers=2,
+            batch_pairs=2,
+        )
         assert run_job(spec) == 0
     finally:
         ray.shutdown()
@@ -61,7 +69,7 @@ def stop_head(head: subprocess.Popen, gcs_port: int) -> None:
         head.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
-    current = Path(get_default_ray_temp_dir()) / "ray_current_cluster"   # honours RAY_TMPDIR
+    current = Path(get_default_ray_temp_dir()) / "ray_current_cluster"  # honours RAY_TMPDIR
     if current.exists() and current.read_text().strip().endswith(f":{gcs_port}"):
         current.unlink()
 
@@ -80,8 +88,13 @@ def submit_until_an_agent_answers(command: list[str], env: dict, timeout: float 
 def generate_token(home: Path) -> Path:
     """What the README tells a user to run once: `ray get-auth-token --generate` (in a fresh HOME)."""
     home.mkdir()
-    generated = subprocess.run([RAY, "get-auth-token", "--generate"], env={**os.environ, "HOME": str(home)},
-                               capture_output=True, text=True, timeout=60)
+    generated = subprocess.run(
+        [RAY, "get-auth-token", "--generate"],
+        env={**os.environ, "HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert generated.returncode == 0, generated.stderr
     token = home / ".ray" / "auth_token"
     assert token.read_text().strip() in generated.stdout
@@ -98,21 +111,59 @@ def test_ray_job_submit_runs_the_driver(tmp_path, tiny_model_dir):
     token = generate_token(home)
     dashboard, gcs_port = free_port(), free_port()
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs_port),
-         "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dashboard), "--disable-usage-stats"],
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--num-cpus",
+            "2",
+            "--port",
+            str(gcs_port),
+            "--node-ip-address",
+            "127.0.0.1",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard),
+            "--disable-usage-stats",
+        ],
         env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)},
-        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url, out = f"http://127.0.0.1:{dashboard}", tmp_path / "run"
-    command = [RAY, "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
-               sys.executable, "driver.py", "--pairs", "examples/pairs.jsonl",
-               "--model", str(tiny_model_dir), "--out", str(out), "--components", "resid"]
+    command = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        url,
+        "--working-dir",
+        str(REPO),
+        "--",
+        sys.executable,
+        "driver.py",
+        "--pairs",
+        "examples/pairs.jsonl",
+        "--model",
+        str(tiny_model_dir),
+        "--out",
+        str(out),
+        "--components",
+        "resid",
+    ]
     client = {key: value for key, value in os.environ.items() if not key.startswith("RAY_AUTH_TOKEN")}
     try:
         wait_for_dashboard(url, head)
-        tokenless = subprocess.run(command, env={**client, "HOME": str(tmp_path), "RAY_AUTH_MODE": "token"},
-                                   capture_output=True, text=True, timeout=120)
+        tokenless = subprocess.run(
+            command,
+            env={**client, "HOME": str(tmp_path), "RAY_AUTH_MODE": "token"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert tokenless.returncode != 0 and "authentication token" in tokenless.stderr
         submitted = submit_until_an_agent_answers(command, {**client, "HOME": str(home), "RAY_AUTH_MODE": "token"})
     finally:

@@ -1,4 +1,5 @@
 """The driver end to end, in subprocesses: results, resume, crash recovery, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -15,11 +16,11 @@ import pytest
 
 from jobs.pairfile import read_pairs
 from tests.conftest import EXAMPLE_PAIRS, REPO, free_port, score_tolerance, write_jsonl
-from worker.options import PatchOptions
-from worker.paths import path_batch
-from worker.patching import patch_batch
 from worker.actor import TEST_FAULT_ENV
 from worker.model import PROXY_VARIABLES
+from worker.options import PatchOptions
+from worker.patching import patch_batch
+from worker.paths import path_batch
 
 # Driver runs against the in-process core: other processes, other batches, and on a loaded
 # machine other BLAS thread splits, so the same cell's logit difference has differed by up
@@ -34,8 +35,7 @@ def driver_command(*args) -> list[str]:
 
 def run_driver(*args, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run(driver_command(*args), cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(driver_command(*args), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def effects_by_key(out: Path) -> dict:
@@ -48,6 +48,7 @@ def effects_by_key(out: Path) -> dict:
 @dataclass(frozen=True)
 class Core:
     """What the single-process core computed: (logit_diff, score) per cell, baselines per pair."""
+
     effects: dict
     baselines: dict
 
@@ -74,16 +75,30 @@ def core_effects(tiny_model, tokenizer_and_ctx, many_pairs) -> Core:
     """The single-process patching core on the same pairs: what every driver run must match."""
     pairs = read_pairs(many_pairs, *tokenizer_and_ctx).pairs
     result = patch_batch(tiny_model, pairs, ["resid", "mlp"])
-    effects = {(r["pair_id"], r["component"], r["layer"], r["position"]): (r["logit_diff"], r["score"])
-               for r in result.effects.to_pylist()}
+    effects = {
+        (r["pair_id"], r["component"], r["layer"], r["position"]): (r["logit_diff"], r["score"])
+        for r in result.effects.to_pylist()
+    }
     baselines = {r["pair_id"]: (r["clean_logit_diff"], r["corrupted_logit_diff"]) for r in result.pairs.to_pylist()}
     return Core(effects, baselines)
 
 
 def test_end_to_end_matches_core_and_writes_the_tables(tmp_path, tiny_model_dir, many_pairs, core_effects):
     out = tmp_path / "run"
-    done = run_driver("--pairs", many_pairs, "--model", tiny_model_dir, "--out", out,
-                      "--components", "resid,mlp", "--batch-pairs", 5, "--workers", 2)
+    done = run_driver(
+        "--pairs",
+        many_pairs,
+        "--model",
+        tiny_model_dir,
+        "--out",
+        out,
+        "--components",
+        "resid,mlp",
+        "--batch-pairs",
+        5,
+        "--workers",
+        2,
+    )
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     assert_same_effects(effects_by_key(out), core_effects)
@@ -105,10 +120,21 @@ def test_end_to_end_matches_core_and_writes_the_tables(tmp_path, tiny_model_dir,
 
 def test_resume_after_the_driver_is_killed(tmp_path, tiny_model_dir, many_pairs, core_effects):
     out = tmp_path / "run"
-    args = ("--pairs", many_pairs, "--model", tiny_model_dir, "--out", out,
-            "--components", "resid,mlp", "--batch-pairs", 1)
-    process = subprocess.Popen(driver_command(*args), cwd=REPO, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = (
+        "--pairs",
+        many_pairs,
+        "--model",
+        tiny_model_dir,
+        "--out",
+        out,
+        "--components",
+        "resid,mlp",
+        "--batch-pairs",
+        1,
+    )
+    process = subprocess.Popen(
+        driver_command(*args), cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while len(list(out.glob("effects/part-*.parquet"))) < 3 and time.time() < deadline:
         time.sleep(0.02)
@@ -128,15 +154,27 @@ def test_resume_after_the_driver_is_killed(tmp_path, tiny_model_dir, many_pairs,
     written = {name: (out / name).stat().st_mtime_ns for name in ("manifest.json", "report.html", "pairs.parquet")}
     again = run_driver(*args)
     assert again.returncode == 0, again.stderr
-    assert again.stderr.strip() == (f"done: nothing to do, all 48 pairs are already in {out} "
-                                    f"(rebuild the report with: python driver.py report {out})")
+    assert again.stderr.strip() == (
+        f"done: nothing to do, all 48 pairs are already in {out} "
+        f"(rebuild the report with: python driver.py report {out})"
+    )
     assert {name: (out / name).stat().st_mtime_ns for name in written} == written
 
 
 def test_missing_shards_are_recomputed_and_nothing_else(tmp_path, tiny_model_dir, many_pairs, core_effects):
     out = tmp_path / "run"
-    args = ("--pairs", many_pairs, "--model", tiny_model_dir, "--out", out,
-            "--components", "resid,mlp", "--batch-pairs", 8)
+    args = (
+        "--pairs",
+        many_pairs,
+        "--model",
+        tiny_model_dir,
+        "--out",
+        out,
+        "--components",
+        "resid,mlp",
+        "--batch-pairs",
+        8,
+    )
     assert run_driver(*args).returncode == 0
     kept = out / "effects" / "part-00000.parquet"
     kept_mtime = kept.stat().st_mtime_ns
@@ -157,9 +195,19 @@ def test_a_shard_whose_actor_dies_is_rewritten_whole(tmp_path, tiny_model_dir, m
     after writing its pairs part and before its effects part. The retry writes both again: every
     part whole, every row once, receipts in the manifest."""
     out, marker = tmp_path / "run", tmp_path / "crashed"
-    done = run_driver("--pairs", many_pairs, "--model", tiny_model_dir, "--out", out,
-                      "--components", "resid,mlp", "--batch-pairs", 12,
-                      env_extra={TEST_FAULT_ENV: f"{fault}:{marker}"})
+    done = run_driver(
+        "--pairs",
+        many_pairs,
+        "--model",
+        tiny_model_dir,
+        "--out",
+        out,
+        "--components",
+        "resid,mlp",
+        "--batch-pairs",
+        12,
+        env_extra={TEST_FAULT_ENV: f"{fault}:{marker}"},
+    )
     assert marker.exists(), "the fault-injection hook never fired"
     assert done.returncode == 0, done.stderr
     assert_same_effects(effects_by_key(out), core_effects)
@@ -175,15 +223,29 @@ def test_a_shard_whose_actor_dies_is_rewritten_whole(tmp_path, tiny_model_dir, m
         assert shard["seconds"] > 0 and shard["node"]
 
 
-@pytest.mark.parametrize("fault, reason", [
-    ("raise-on:ex3-1", "RuntimeError: injected test fault on pair ex3-1"),
-    ("crash-on:ex3-1", "actor"),
-])
-def test_a_failing_shard_is_reported_and_the_rest_lands(tmp_path, tiny_model_dir, many_pairs,
-                                                          core_effects, fault, reason):
+@pytest.mark.parametrize(
+    "fault, reason",
+    [
+        ("raise-on:ex3-1", "RuntimeError: injected test fault on pair ex3-1"),
+        ("crash-on:ex3-1", "actor"),
+    ],
+)
+def test_a_failing_shard_is_reported_and_the_rest_lands(
+    tmp_path, tiny_model_dir, many_pairs, core_effects, fault, reason
+):
     out = tmp_path / "run"
-    args = ("--pairs", many_pairs, "--model", tiny_model_dir, "--out", out,
-            "--components", "resid,mlp", "--batch-pairs", 6)
+    args = (
+        "--pairs",
+        many_pairs,
+        "--model",
+        tiny_model_dir,
+        "--out",
+        out,
+        "--components",
+        "resid,mlp",
+        "--batch-pairs",
+        6,
+    )
     failed = run_driver(*args, env_extra={TEST_FAULT_ENV: fault})
     assert failed.returncode == 1
     manifest = json.loads((out / "manifest.json").read_text())
@@ -199,11 +261,16 @@ def test_a_failing_shard_is_reported_and_the_rest_lands(tmp_path, tiny_model_dir
 
 def test_ctrl_c_stops_cleanly_and_keeps_finished_shards(tmp_path, tiny_model_dir, many_pairs):
     out = tmp_path / "run"
-    args = ("--pairs", many_pairs, "--model", tiny_model_dir, "--out", out,
-            "--components", "resid", "--batch-pairs", 4)
-    process = subprocess.Popen(driver_command(*args), cwd=REPO, start_new_session=True,
-                               env={**os.environ, TEST_FAULT_ENV: "slow:0.5"},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    args = ("--pairs", many_pairs, "--model", tiny_model_dir, "--out", out, "--components", "resid", "--batch-pairs", 4)
+    process = subprocess.Popen(
+        driver_command(*args),
+        cwd=REPO,
+        start_new_session=True,
+        env={**os.environ, TEST_FAULT_ENV: "slow:0.5"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not list(out.glob("effects/part-*.parquet")) and time.time() < deadline:
         time.sleep(0.05)
@@ -220,8 +287,9 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_shards(tmp_path, tiny_model_dir
 
 def test_out_may_be_a_filesystem_uri(tmp_path, tiny_model_dir):
     out = tmp_path / "uri-run"
-    done = run_driver("--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", out.as_uri(),
-                      "--components", "resid")
+    done = run_driver(
+        "--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", out.as_uri(), "--components", "resid"
+    )
     assert done.returncode == 0, done.stderr
     assert pq.read_table(out / "pairs.parquet").num_rows == 12
     assert (out / "report.html").exists() and (out / "aggregate.parquet").exists()
@@ -242,19 +310,27 @@ def test_different_config_is_refused_unless_overwrite(tmp_path, tiny_model_dir):
 
 def test_bad_lines_are_listed_and_nothing_runs(tmp_path, tiny_model_dir):
     good = json.loads(EXAMPLE_PAIRS.read_text().splitlines()[0])
-    path = write_jsonl(tmp_path / "bad.jsonl", [
-        good,
-        "{not json",
-        {"clean": good["clean"], "corrupted": good["corrupted"], "correct": " John"},
-        {**good, "id": "x", "correct": " John Mary"},
-        {**good, "id": "y", "corrupted": good["corrupted"] + " Mary"},
-        {**good},
-    ])
+    path = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            good,
+            "{not json",
+            {"clean": good["clean"], "corrupted": good["corrupted"], "correct": " John"},
+            {**good, "id": "x", "correct": " John Mary"},
+            {**good, "id": "y", "corrupted": good["corrupted"] + " Mary"},
+            {**good},
+        ],
+    )
     failed = run_driver("--pairs", path, "--model", tiny_model_dir, "--out", tmp_path / "run")
     assert failed.returncode == 2
     assert "Traceback" not in failed.stderr
-    for line, reason in [(2, "not JSON"), (3, "missing key 'incorrect'"), (4, "is 2 tokens"),
-                         (5, "lengths"), (6, "duplicate id 'ex0'")]:
+    for line, reason in [
+        (2, "not JSON"),
+        (3, "missing key 'incorrect'"),
+        (4, "is 2 tokens"),
+        (5, "lengths"),
+        (6, "duplicate id 'ex0'"),
+    ]:
         assert f"{path}:{line}: " in failed.stderr and reason in failed.stderr
     assert not (tmp_path / "run").exists()
 
@@ -263,21 +339,25 @@ def test_skip_invalid_runs_the_good_lines(tmp_path, tiny_model_dir):
     good = json.loads(EXAMPLE_PAIRS.read_text().splitlines()[0])
     path = write_jsonl(tmp_path / "mixed.jsonl", [good, "{not json"])
     out = tmp_path / "run"
-    done = run_driver("--pairs", path, "--model", tiny_model_dir, "--out", out,
-                      "--components", "resid", "--skip-invalid")
+    done = run_driver(
+        "--pairs", path, "--model", tiny_model_dir, "--out", out, "--components", "resid", "--skip-invalid"
+    )
     assert done.returncode == 0, done.stderr
     (invalid,) = [json.loads(line) for line in (out / "invalid.jsonl").read_text().splitlines()]
     assert invalid["line"] == 2 and invalid["text"] == "{not json" and "not JSON" in invalid["reason"]
     assert pq.read_table(out / "pairs.parquet").column("pair_id").to_pylist() == ["ex0"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "/no/such/model"], "no such directory"),
-    (["--pairs", "/no/such/file.jsonl"], "cannot read pair file"),
-    (["--components", "resid,heads"], "components must be"),
-    (["--positions", "each,END"], "cannot be combined with labels"),
-    (["--verify-top", "3"], "verify_top must be 0, or positive with method atp"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/no/such/model"], "no such directory"),
+        (["--pairs", "/no/such/file.jsonl"], "cannot read pair file"),
+        (["--components", "resid,heads"], "components must be"),
+        (["--positions", "each,END"], "cannot be combined with labels"),
+        (["--verify-top", "3"], "verify_top must be 0, or positive with method atp"),
+    ],
+)
 def test_usage_errors_are_one_line(tmp_path, tiny_model_dir, args, message):
     options = {"--pairs": str(EXAMPLE_PAIRS), "--model": str(tiny_model_dir), "--out": str(tmp_path / "o")}
     options.update(dict(zip(args[::2], args[1::2])))
@@ -288,8 +368,7 @@ def test_usage_errors_are_one_line(tmp_path, tiny_model_dir, args, message):
 
 def test_the_driver_starts_without_torch_or_transformers():
     """Queries, reports and --help stay fast: only validation (in a thread) and actors load them."""
-    probe = ("import sys, driver; "
-             "print(sorted(m for m in ('torch', 'transformers', 'nnsight') if m in sys.modules))")
+    probe = "import sys, driver; print(sorted(m for m in ('torch', 'transformers', 'nnsight') if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.strip() == "[]"
@@ -298,8 +377,17 @@ def test_the_driver_starts_without_torch_or_transformers():
 @pytest.mark.parametrize("address", ["auto", "127.0.0.1:{port}"])
 def test_no_ray_cluster_at_the_address_is_one_line(tmp_path, tiny_model_dir, address):
     address = address.format(port=free_port())
-    failed = run_driver("--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", tmp_path / "o",
-                        "--address", address, env_extra={"RAY_TMPDIR": str(tmp_path)})  # no `ray start` recorded here
+    failed = run_driver(
+        "--pairs",
+        EXAMPLE_PAIRS,
+        "--model",
+        tiny_model_dir,
+        "--out",
+        tmp_path / "o",
+        "--address",
+        address,
+        env_extra={"RAY_TMPDIR": str(tmp_path)},
+    )  # no `ray start` recorded here
     assert failed.returncode == 2, failed.stderr
     assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr
     (line,) = failed.stderr.strip().splitlines()
@@ -309,10 +397,16 @@ def test_no_ray_cluster_at_the_address_is_one_line(tmp_path, tiny_model_dir, add
 
 def test_an_unreachable_hub_fails_at_once_in_one_line(tmp_path):
     """The default hub model with no network: one line, not a minute of retries printed on the way."""
-    no_proxy = {name: "" for name in PROXY_VARIABLES}
+    no_proxy = dict.fromkeys(PROXY_VARIABLES, "")
     endpoint = f"http://127.0.0.1:{free_port()}"
-    failed = run_driver("--pairs", EXAMPLE_PAIRS, "--out", tmp_path / "o", timeout=120,
-                        env_extra={**no_proxy, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf")})
+    failed = run_driver(
+        "--pairs",
+        EXAMPLE_PAIRS,
+        "--out",
+        tmp_path / "o",
+        timeout=120,
+        env_extra={**no_proxy, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf")},
+    )
     assert failed.returncode == 2
     (line,) = failed.stderr.strip().splitlines()
     assert line.startswith("error: cannot load model id or path 'openai-community/gpt2'")
@@ -324,8 +418,20 @@ def test_heads_and_chosen_positions_end_to_end(tmp_path, tiny_model, tiny_model_
     """`--components resid,head --positions ...`: head rows carry their head, the rest null; the
     rows are those the in-process core gives; the report draws layer x head per label."""
     out = tmp_path / "run"
-    done = run_driver("--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", out,
-                      "--components", "resid,head", "--positions", positions, "--batch-pairs", 5)
+    done = run_driver(
+        "--pairs",
+        EXAMPLE_PAIRS,
+        "--model",
+        tiny_model_dir,
+        "--out",
+        out,
+        "--components",
+        "resid,head",
+        "--positions",
+        positions,
+        "--batch-pairs",
+        5,
+    )
     assert done.returncode == 0, done.stderr
     pairs = read_pairs(EXAMPLE_PAIRS, *tokenizer_and_ctx).pairs
     config = tiny_model._module.config
@@ -335,21 +441,24 @@ def test_heads_and_chosen_positions_end_to_end(tmp_path, tiny_model, tiny_model_
     assert {r["head"] for r in rows if r["component"] == "resid"} == {None}
     assert {r["head"] for r in rows if r["component"] == "head"} == set(range(config.n_head))
     core = patch_batch(tiny_model, pairs, ["resid", "head"], positions=positions).effects.to_pylist()
+
     def key(r):
         return r["pair_id"], r["component"], r["layer"], r["head"], r["position"]
+
     by_key = {key(r): r["logit_diff"] for r in rows}
     assert by_key.keys() == {key(r) for r in core}
     for r in core:
         assert by_key[key(r)] == pytest.approx(r["logit_diff"], abs=RUN_TOL)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["positions"] == manifest["config"]["positions"] == positions
-    panels = {"S2,END": 1 + 2, "all": 1 + 1}[positions]   # resid (or the all-positions panel), then heads per label
+    panels = {"S2,END": 1 + 2, "all": 1 + 1}[positions]  # resid (or the all-positions panel), then heads per label
     assert f"({panels} heatmaps" in done.stderr
 
 
 def test_a_position_label_no_pair_has_is_one_line(tmp_path, tiny_model_dir):
-    failed = run_driver("--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", tmp_path / "o",
-                        "--positions", "S2,S3")
+    failed = run_driver(
+        "--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", tmp_path / "o", "--positions", "S2,S3"
+    )
     assert failed.returncode == 2
     (line,) = failed.stderr.strip().splitlines()
     assert line.startswith(f"error: {EXAMPLE_PAIRS}: --positions lists 'S3', which no line has (its labels: ")
@@ -357,14 +466,30 @@ def test_a_position_label_no_pair_has_is_one_line(tmp_path, tiny_model_dir):
 
 def test_atp_end_to_end_estimates_every_cell_and_verifies_some(tmp_path, tiny_model, tiny_model_dir, tokenizer_and_ctx):
     out = tmp_path / "run"
-    done = run_driver("--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", out,
-                      "--components", "attn,head", "--method", "atp", "--verify-top", 3, "--batch-pairs", 5)
+    done = run_driver(
+        "--pairs",
+        EXAMPLE_PAIRS,
+        "--model",
+        tiny_model_dir,
+        "--out",
+        out,
+        "--components",
+        "attn,head",
+        "--method",
+        "atp",
+        "--verify-top",
+        3,
+        "--batch-pairs",
+        5,
+    )
     assert done.returncode == 0, done.stderr
     pairs = read_pairs(EXAMPLE_PAIRS, *tokenizer_and_ctx).pairs
     core = patch_batch(tiny_model, pairs, ["attn", "head"], method="atp", verify_top=3).effects.to_pylist()
     rows = pq.read_table(out / "effects").to_pylist()
+
     def key(r):
         return r["pair_id"], r["component"], r["layer"], r["head"], r["position"]
+
     ran = {key(r): r for r in rows}
     assert ran.keys() == {key(r) for r in core}
     for r in core:
@@ -381,14 +506,17 @@ def test_an_unsupported_model_family_is_one_line(tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer, OPTConfig
 
     model_dir = tmp_path / "opt"
-    OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2,
-              word_embed_proj_dim=16).save_pretrained(model_dir)
+    OPTConfig(
+        vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2, word_embed_proj_dim=16
+    ).save_pretrained(model_dir)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(model_dir)
     failed = run_driver("--pairs", EXAMPLE_PAIRS, "--model", model_dir, "--out", tmp_path / "o")
     assert failed.returncode == 2
     (line,) = failed.stderr.strip().splitlines()
-    assert line == (f"error: cannot patch {str(model_dir)!r}: model type 'opt' is not supported; "
-                    "patchsweep patches gpt2, gpt_neox, llama, mistral, qwen2 models")
+    assert line == (
+        f"error: cannot patch {str(model_dir)!r}: model type 'opt' is not supported; "
+        "patchsweep patches gpt2, gpt_neox, llama, mistral, qwen2 models"
+    )
 
 
 def test_paths_end_to_end(tmp_path, tiny_model, tiny_model_dir, tokenizer_and_ctx):
@@ -396,15 +524,27 @@ def test_paths_end_to_end(tmp_path, tiny_model, tiny_model_dir, tokenizer_and_ct
     the manifest, aggregate and report name the receivers; a re-run has nothing to do."""
     out = tmp_path / "paths"
     receivers = ["logits", "2.1:q,1.0:v@END"]
-    args = ["paths", "--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", out, "--batch-pairs", 5,
-            *[x for receiver in receivers for x in ("--receivers", receiver)]]
+    args = [
+        "paths",
+        "--pairs",
+        EXAMPLE_PAIRS,
+        "--model",
+        tiny_model_dir,
+        "--out",
+        out,
+        "--batch-pairs",
+        5,
+        *[x for receiver in receivers for x in ("--receivers", receiver)],
+    ]
     done = run_driver(*args)
     assert done.returncode == 0, done.stderr
     pairs = read_pairs(EXAMPLE_PAIRS, *tokenizer_and_ctx).pairs
     config = tiny_model._module.config
     rows = pq.read_table(out / "paths").to_pylist()
+
     def key(r):
         return r["pair_id"], r["sender_layer"], r["sender_head"], r["sender_position"], r["receiver"]
+
     assert len(rows) == len({key(r) for r in rows}) == len(pairs) * config.n_layer * config.n_head * 2
     core = path_batch(tiny_model, pairs, PatchOptions(("head",), "all", method="paths", receivers=tuple(receivers)))
     by_key = {key(r): r["logit_diff"] for r in rows}
@@ -422,20 +562,25 @@ def test_paths_end_to_end(tmp_path, tiny_model, tiny_model_dir, tokenizer_and_ct
     assert again.returncode == 0 and "nothing to do" in again.stderr
 
 
-@pytest.mark.parametrize("receiver, message", [
-    ("9.1:q", "error: receiver 9.1:q: the model has 3 layers of 4 heads, no head 9.1"),
-    ("1.0:q@S3", f"error: {EXAMPLE_PAIRS}: --receivers lists 'S3', which no line has (its labels: "),
-])
+@pytest.mark.parametrize(
+    "receiver, message",
+    [
+        ("9.1:q", "error: receiver 9.1:q: the model has 3 layers of 4 heads, no head 9.1"),
+        ("1.0:q@S3", f"error: {EXAMPLE_PAIRS}: --receivers lists 'S3', which no line has (its labels: "),
+    ],
+)
 def test_bad_receivers_are_one_line(tmp_path, tiny_model_dir, receiver, message):
-    failed = run_driver("paths", "--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", tmp_path / "o",
-                        "--receivers", receiver)
+    failed = run_driver(
+        "paths", "--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", tmp_path / "o", "--receivers", receiver
+    )
     assert failed.returncode == 2
     (line,) = failed.stderr.strip().splitlines()
     assert line.startswith(message)
 
 
 def test_a_malformed_receiver_is_refused_before_anything_starts(tmp_path, tiny_model_dir):
-    failed = run_driver("paths", "--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", tmp_path / "o",
-                        "--receivers", "9.9:x")
+    failed = run_driver(
+        "paths", "--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", tmp_path / "o", "--receivers", "9.9:x"
+    )
     assert failed.returncode == 2 and "'9.9:x' is not LAYER.HEAD:q|k|v" in failed.stderr
     assert "Traceback" not in failed.stderr and not (tmp_path / "o").exists()

@@ -1,6 +1,7 @@
 """Every supported family beyond GPT-2: tiny random checkpoints (examples/tiny_families.py), every
 component, both directions, both exact paths, checked against the plain-PyTorch hook reference;
 AtP against autograd."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,8 @@ from jobs.datasets.ioi import generate_ioi
 from jobs.pairfile import encoder_for, parse_record, read_pairs
 from tests.conftest import IOI_LINES, TOL, write_jsonl
 from tests.reference import reference_atp
-from tests.test_paths import assert_paths_match_reference, labelled, paths
 from tests.test_patching import assert_matches_reference, by_cell
+from tests.test_paths import assert_paths_match_reference, labelled, paths
 from worker.model import load_model, load_tokenizer
 from worker.options import COMPONENTS
 from worker.patching import patch_batch
@@ -40,7 +41,8 @@ def test_every_component_matches_hook_reference(family, direction, path):
     result = patch_batch(model, pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, exact_path=path)
     config = hf_model.config
     assert result.effects.num_rows == sum(p.n_tokens for p in pairs) * config.num_hidden_layers * (
-        3 + config.num_attention_heads)
+        3 + config.num_attention_heads
+    )
     assert_matches_reference(result, hf_model, pairs, direction, min_gap=0.05)
 
 
@@ -48,8 +50,9 @@ def test_every_component_matches_hook_reference(family, direction, path):
 @pytest.mark.parametrize("metric", ["kl", "logprob"])
 def test_metrics_and_all_positions_match_hook_reference(family, metric, path):
     _, _, model, hf_model, pairs = family
-    result = patch_batch(model, pairs, ["resid", "attn", "head"], "noise", positions="all", metric=metric,
-                         exact_path=path)
+    result = patch_batch(
+        model, pairs, ["resid", "attn", "head"], "noise", positions="all", metric=metric, exact_path=path
+    )
     # some random-model pairs barely differ in distribution (KL 0.002): their values are the test
     assert_matches_reference(result, hf_model, pairs, "noise", all_positions=True, min_gap=0)
 
@@ -79,7 +82,7 @@ def test_bfloat16_follows_float32(family):
 
 
 def test_make_ioi_names_are_one_token_with_the_familys_tokenizer(family, tmp_path):
-    name, model_dir, _, _, _ = family
+    _, model_dir, _, _, _ = family
     tokenizer, n_ctx = load_tokenizer(str(model_dir))
     records = generate_ioi(20, seed=0, tokenizer=tokenizer)
     pair_file = read_pairs(write_jsonl(tmp_path / "ioi.jsonl", records), tokenizer, n_ctx)
@@ -103,15 +106,30 @@ def test_driver_runs_a_llama_checkpoint_end_to_end(tmp_path):
     model_dir = build_tiny("llama", tmp_path / "llama")
 
     def driver(*args):
-        return subprocess.run([sys.executable, str(REPO / "driver.py"), *map(str, args)], cwd=REPO,
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, str(REPO / "driver.py"), *map(str, args)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     assert driver("make-ioi", "--n", 12, "--out", tmp_path / "ioi.jsonl", "--model", model_dir).returncode == 0
-    done = driver("--pairs", tmp_path / "ioi.jsonl", "--model", model_dir, "--out", tmp_path / "run",
-                  "--components", "resid,head", "--positions", "S2,END")
+    done = driver(
+        "--pairs",
+        tmp_path / "ioi.jsonl",
+        "--model",
+        model_dir,
+        "--out",
+        tmp_path / "run",
+        "--components",
+        "resid,head",
+        "--positions",
+        "S2,END",
+    )
     assert done.returncode == 0, done.stderr
     rows = pq.read_table(tmp_path / "run" / "effects").num_rows
-    assert rows == 12 * 2 * 3 * (1 + 4)   # pairs x positions x layers x (resid + 4 query heads)
+    assert rows == 12 * 2 * 3 * (1 + 4)  # pairs x positions x layers x (resid + 4 query heads)
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["model"] == str(model_dir)
     tokens = pq.read_table(tmp_path / "run" / "pairs.parquet").column("tokens").to_pylist()[0]
     assert tokens[0] == "<s>" and "␣gave" in tokens

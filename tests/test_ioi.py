@@ -1,4 +1,5 @@
 """The IOI generator: roles, labels, lengths and determinism."""
+
 from __future__ import annotations
 
 import subprocess
@@ -10,7 +11,6 @@ from jobs.datasets.ioi import BABA_TEMPLATES, generate_ioi, single_token_names, 
 from jobs.pairfile import read_pairs
 from jobs.tokens import decoded_pieces, readable
 from tests.conftest import REPO, write_jsonl
-
 
 
 def test_fifteen_templates_in_both_orders():
@@ -51,9 +51,23 @@ def test_pairs_have_roles_labels_and_equal_lengths(tmp_path, tokenizer_and_ctx, 
 def test_same_seed_same_file_through_the_cli(tmp_path, tiny_model_dir):
     def make(seed: int, name: str) -> bytes:
         out = tmp_path / name
-        subprocess.run([sys.executable, str(REPO / "driver.py"), "make-ioi", "--n", "40", "--seed",
-                        str(seed), "--out", str(out), "--model", str(tiny_model_dir)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "driver.py"),
+                "make-ioi",
+                "--n",
+                "40",
+                "--seed",
+                str(seed),
+                "--out",
+                str(out),
+                "--model",
+                str(tiny_model_dir),
+            ],
+            check=True,
+            capture_output=True,
+        )
         return out.read_bytes()
 
     assert make(7, "a.jsonl") == make(7, "b.jsonl")

@@ -1,4 +1,5 @@
 """Model loading: local directories like hub ids, and one clear error for everything else."""
+
 from __future__ import annotations
 
 import pytest
@@ -23,14 +24,14 @@ def test_bfloat16_on_cpu(tiny_model_dir):
 
 @pytest.mark.parametrize("source", ["/no/such/model", "./missing-dir", "a/b/c"])
 def test_missing_directory(source):
-    with pytest.raises(ModelLoadError, match="no such directory.*--model PATH"):
+    with pytest.raises(ModelLoadError, match=r"no such directory.*--model PATH"):
         load_model(source)
     with pytest.raises(ModelLoadError, match="no such directory"):
         load_tokenizer(source)
 
 
 def test_directory_without_a_model(tmp_path):
-    with pytest.raises(ModelLoadError, match="cannot load local directory.*--model PATH") as info:
+    with pytest.raises(ModelLoadError, match=r"cannot load local directory.*--model PATH") as info:
         load_model(str(tmp_path))
     assert "\n" not in str(info.value)
 
@@ -39,16 +40,24 @@ def test_an_unsupported_family_is_refused_before_loading_weights(tmp_path, tiny_
     from transformers import OPTConfig, OPTForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    config = OPTConfig(vocab_size=len(tokenizer), hidden_size=16, ffn_dim=32, num_hidden_layers=1,
-                       num_attention_heads=2, word_embed_proj_dim=16)
+    config = OPTConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        ffn_dim=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        word_embed_proj_dim=16,
+    )
     OPTForCausalLM(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    (tmp_path / "model.safetensors").unlink()   # refused from its config: the weights are never read
+    (tmp_path / "model.safetensors").unlink()  # refused from its config: the weights are never read
     for load in (lambda: load_model(str(tmp_path), device="cpu"), lambda: load_tokenizer(str(tmp_path))):
         with pytest.raises(ModelLoadError) as info:
             load()
-        assert str(info.value) == (f"cannot patch {str(tmp_path)!r}: model type 'opt' is not supported; "
-                                   "patchsweep patches gpt2, gpt_neox, llama, mistral, qwen2 models")
+        assert str(info.value) == (
+            f"cannot patch {str(tmp_path)!r}: model type 'opt' is not supported; "
+            "patchsweep patches gpt2, gpt_neox, llama, mistral, qwen2 models"
+        )
 
 
 def test_a_checkpoint_without_a_causal_lm_head_is_refused(tmp_path, tiny_model_dir):
@@ -82,7 +91,8 @@ def test_heads_are_refused_where_the_output_projection_does_not_take_them_side_b
     assert worker.ready(PatchOptions(("resid",))) is None
     assert worker.ready(PatchOptions(("head",))) == (
         f"cannot patch heads: layer 0's attention output projection takes {config.n_embd} inputs, "
-        f"not {config.n_head} heads x {config.n_embd // config.n_head} channels")
+        f"not {config.n_head} heads x {config.n_embd // config.n_head} channels"
+    )
 
 
 def test_receivers_are_refused_where_the_model_has_no_such_head(tiny_model_dir):

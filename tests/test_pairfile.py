@@ -1,4 +1,5 @@
 """Pair file validation: every rule of DESIGN.md, reported as FILE:LINE: reason."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -32,7 +33,7 @@ def test_good_lines_become_pairs_with_metadata(tmp_path, tokenizer_and_ctx):
     assert first.pair_id == "0" and first.metadata == {"template": "t0", "weight": 2}
     assert second.pair_id == "b" and second.correct_ids == (john,) and second.correct == (" John",)
     assert first.n_tokens == len(tokenizer(CLEAN).input_ids)
-    assert first.tokens[:3] == ("When", "␣John", "␣and")   # decoded text, not byte-level pieces (ĠJohn)
+    assert first.tokens[:3] == ("When", "␣John", "␣and")  # decoded text, not byte-level pieces (ĠJohn)
 
 
 def test_batched_encoding_equals_one_call_per_string(tmp_path, tokenizer_and_ctx):
@@ -46,29 +47,35 @@ def test_batched_encoding_equals_one_call_per_string(tmp_path, tokenizer_and_ctx
         assert pair.incorrect_ids == tuple(tokenizer(incorrect, add_special_tokens=False).input_ids)
 
 
-@pytest.mark.parametrize("record, reason", [
-    ('{"clean": "x",', "not JSON"),
-    ("[1, 2]", "must be a JSON object"),
-    ({"clean": CLEAN, "corrupted": CORRUPTED}, "missing keys 'correct', 'incorrect'"),
-    ({**GOOD, "correct": " John Mary"}, "is 2 tokens"),
-    ({**GOOD, "correct": ""}, "is 0 tokens"),
-    ({**GOOD, "incorrect": 10**9}, "outside the vocabulary"),
-    ({**GOOD, "incorrect": 1.5}, "must be a string or a token id"),
-    ({**GOOD, "corrupted": CORRUPTED + " Mary"}, "lengths 14 vs 15"),
-    ({**GOOD, "corrupted": CLEAN}, "tokenize identically"),
-    ({**GOOD, "clean": ""}, "'clean' must be a non-empty string"),
-    ({**GOOD, "incorrect": " John"}, "' John' is in both 'correct' and 'incorrect'"),
-    ({**GOOD, "correct": []}, "'correct' is an empty list"),
-    ({**GOOD, "correct": [" John", " Tom Anna"]}, "'correct' answer ' Tom Anna' is 2 tokens"),
-    ({**GOOD, "incorrect": [" Mary", " Tom", " Mary"]}, "'incorrect' has the answer ' Mary' twice"),
-    ({**GOOD, "incorrect": [" Mary", " Tom", " John", " Anna"]}, "' John' is in both"),
-    ({k: v for k, v in GOOD.items() if k != "incorrect"}, "missing key 'incorrect' (the logit_diff metric needs it)"),
-    ({**GOOD, "labels": ["a", "b"]}, "'labels' has 2 entries but the prompt has 14 tokens"),
-    ({**GOOD, "labels": "S1"}, "list of strings"),
-    ({**GOOD, "id": [1]}, "'id' must be a string"),
-    ({**GOOD, "template": {"a": 1}}, "must be a scalar"),
-    ({**GOOD, "tokens": "x"}, "clashes with an output column"),
-])
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        ('{"clean": "x",', "not JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ({"clean": CLEAN, "corrupted": CORRUPTED}, "missing keys 'correct', 'incorrect'"),
+        ({**GOOD, "correct": " John Mary"}, "is 2 tokens"),
+        ({**GOOD, "correct": ""}, "is 0 tokens"),
+        ({**GOOD, "incorrect": 10**9}, "outside the vocabulary"),
+        ({**GOOD, "incorrect": 1.5}, "must be a string or a token id"),
+        ({**GOOD, "corrupted": CORRUPTED + " Mary"}, "lengths 14 vs 15"),
+        ({**GOOD, "corrupted": CLEAN}, "tokenize identically"),
+        ({**GOOD, "clean": ""}, "'clean' must be a non-empty string"),
+        ({**GOOD, "incorrect": " John"}, "' John' is in both 'correct' and 'incorrect'"),
+        ({**GOOD, "correct": []}, "'correct' is an empty list"),
+        ({**GOOD, "correct": [" John", " Tom Anna"]}, "'correct' answer ' Tom Anna' is 2 tokens"),
+        ({**GOOD, "incorrect": [" Mary", " Tom", " Mary"]}, "'incorrect' has the answer ' Mary' twice"),
+        ({**GOOD, "incorrect": [" Mary", " Tom", " John", " Anna"]}, "' John' is in both"),
+        (
+            {k: v for k, v in GOOD.items() if k != "incorrect"},
+            "missing key 'incorrect' (the logit_diff metric needs it)",
+        ),
+        ({**GOOD, "labels": ["a", "b"]}, "'labels' has 2 entries but the prompt has 14 tokens"),
+        ({**GOOD, "labels": "S1"}, "list of strings"),
+        ({**GOOD, "id": [1]}, "'id' must be a string"),
+        ({**GOOD, "template": {"a": 1}}, "must be a scalar"),
+        ({**GOOD, "tokens": "x"}, "clashes with an output column"),
+    ],
+)
 def test_each_bad_rule_names_file_and_line(tmp_path, tokenizer_and_ctx, record, reason):
     path, result = validate(tmp_path, tokenizer_and_ctx, [GOOD, GOOD | {"id": "x"}, record])
     assert len(result.pairs) == 2
@@ -97,7 +104,7 @@ def test_duplicate_ids_including_default_ids(tmp_path, tokenizer_and_ctx):
 def test_all_bad_lines_are_reported_with_their_text(tmp_path, tokenizer_and_ctx):
     records = ["nope", GOOD, {**GOOD, "correct": " John Mary"}]
     _, result = validate(tmp_path, tokenizer_and_ctx, records)
-    assert [(e.line, e.text) for e in result.invalid][0] == (1, "nope")
+    assert (result.invalid[0].line, result.invalid[0].text) == (1, "nope")
     assert [e.line for e in result.invalid] == [1, 3]
 
 
@@ -117,8 +124,11 @@ def test_listed_position_labels_must_be_on_every_pair(tmp_path, tokenizer_and_ct
     tokenizer, n_ctx = tokenizer_and_ctx
     n = len(tokenizer(CLEAN).input_ids)
     labels = ["x"] * (n - 2) + ["S2", "END"]
-    records = [{**GOOD, "id": "a", "labels": labels}, {**GOOD, "id": "b"},
-               {**GOOD, "id": "c", "labels": ["x"] * (n - 1) + ["END"]}]
+    records = [
+        {**GOOD, "id": "a", "labels": labels},
+        {**GOOD, "id": "b"},
+        {**GOOD, "id": "c", "labels": ["x"] * (n - 1) + ["END"]},
+    ]
     path = write_jsonl(tmp_path / "pairs.jsonl", records)
     result = read_pairs(path, tokenizer, n_ctx, PatchOptions(positions="S2,END"))
     assert [pair.pair_id for pair in result.pairs] == ["a"]
@@ -126,13 +136,16 @@ def test_listed_position_labels_must_be_on_every_pair(tmp_path, tokenizer_and_ct
         f"{path}:2: no 'labels', which --positions S2,END needs",
         f"{path}:3: no position labelled 'S2' (--positions S2,END)",
     ]
-    assert read_pairs(path, tokenizer, n_ctx).invalid == []   # labels are optional otherwise
+    assert read_pairs(path, tokenizer, n_ctx).invalid == []  # labels are optional otherwise
 
 
-@pytest.mark.parametrize("labelled, message", [
-    (True, "--positions lists 'S3', which no line has (its labels: END, S2, x)"),
-    (False, "--positions S3 selects positions by label, but no line has 'labels'"),
-])
+@pytest.mark.parametrize(
+    "labelled, message",
+    [
+        (True, "--positions lists 'S3', which no line has (its labels: END, S2, x)"),
+        (False, "--positions S3 selects positions by label, but no line has 'labels'"),
+    ],
+)
 def test_a_label_no_line_has_is_one_error_for_the_file(tmp_path, tokenizer_and_ctx, labelled, message):
     tokenizer, n_ctx = tokenizer_and_ctx
     n = len(tokenizer(CLEAN).input_ids)
@@ -146,19 +159,23 @@ def test_a_label_no_line_has_is_one_error_for_the_file(tmp_path, tokenizer_and_c
 def test_answer_sets_of_strings_and_ids(tmp_path, tokenizer_and_ctx):
     tokenizer, _ = tokenizer_and_ctx
     tom = tokenizer(" Tom").input_ids[0]
-    path, result = validate(tmp_path, tokenizer_and_ctx, [{**GOOD, "correct": [" John", tom], "incorrect": [" Mary"]}])
+    _, result = validate(tmp_path, tokenizer_and_ctx, [{**GOOD, "correct": [" John", tom], "incorrect": [" Mary"]}])
     (pair,) = result.pairs
     assert pair.correct == (" John", " Tom") and pair.correct_ids == (tokenizer(" John").input_ids[0], tom)
     assert pair.incorrect == (" Mary",)
 
 
-@pytest.mark.parametrize("metric, needed", [("logit_diff", True), ("prob_diff", True), ("logprob", False), ("kl", False)])
+@pytest.mark.parametrize(
+    "metric, needed", [("logit_diff", True), ("prob_diff", True), ("logprob", False), ("kl", False)]
+)
 def test_incorrect_is_needed_only_by_metrics_that_compare(tmp_path, tokenizer_and_ctx, metric, needed):
     tokenizer, n_ctx = tokenizer_and_ctx
     path = write_jsonl(tmp_path / "pairs.jsonl", [{k: v for k, v in GOOD.items() if k != "incorrect"}])
     result = read_pairs(path, tokenizer, n_ctx, PatchOptions(metric=metric))
     if needed:
-        assert [str(line) for line in result.invalid] == [f"{path}:1: missing key 'incorrect' (the {metric} metric needs it)"]
+        assert [str(line) for line in result.invalid] == [
+            f"{path}:1: missing key 'incorrect' (the {metric} metric needs it)"
+        ]
     else:
         assert result.invalid == [] and result.pairs[0].incorrect_ids == ()
 
@@ -173,8 +190,11 @@ def test_compressed_and_parquet_pair_files_read_like_jsonl(tmp_path, tokenizer_a
 
     tokenizer, n_ctx = tokenizer_and_ctx
     n = len(tokenizer(CLEAN).input_ids)
-    records = [{**GOOD, "id": "a", "labels": ["x"] * n, "template": "t0"}, {**GOOD, "id": "b", "correct": [" John"]},
-               {**GOOD, "id": "c", "correct": " Tom Anna"}]
+    records = [
+        {**GOOD, "id": "a", "labels": ["x"] * n, "template": "t0"},
+        {**GOOD, "id": "b", "correct": [" John"]},
+        {**GOOD, "id": "c", "correct": " Tom Anna"},
+    ]
     plain = read_pairs(write_jsonl(tmp_path / "pairs.jsonl", records), tokenizer, n_ctx)
     text = (tmp_path / "pairs.jsonl").read_bytes()
     path = tmp_path / f"pairs.{kind}"
@@ -187,8 +207,9 @@ def test_compressed_and_parquet_pair_files_read_like_jsonl(tmp_path, tokenizer_a
         pq.write_table(pa.Table.from_pylist(rows), path)
     read = read_pairs(path, tokenizer, n_ctx)
     assert [p.pair_id for p in read.pairs] == ["a", "b"] == [p.pair_id for p in plain.pairs]
-    assert [(p.clean_ids, p.correct_ids, p.labels, p.metadata) for p in read.pairs] == \
-           [(p.clean_ids, p.correct_ids, p.labels, p.metadata) for p in plain.pairs]
+    assert [(p.clean_ids, p.correct_ids, p.labels, p.metadata) for p in read.pairs] == [
+        (p.clean_ids, p.correct_ids, p.labels, p.metadata) for p in plain.pairs
+    ]
     (bad,) = read.invalid
     assert str(bad).startswith(f"{path}:3: 'correct' answer ' Tom Anna' is 2 tokens")
 
@@ -213,7 +234,7 @@ def test_the_streamed_scan_and_read_equal_reading_the_whole_file(tmp_path, token
 
     tokenizer, n_ctx = tokenizer_and_ctx
     lines = [dict(zip(("clean", "corrupted", "correct", "incorrect"), line)) for line in IOI_LINES]
-    records = [{**lines[i % 4], "id": f"p{i % 11}"} for i in range(23)]   # ids repeat from the 12th line on
+    records = [{**lines[i % 4], "id": f"p{i % 11}"} for i in range(23)]  # ids repeat from the 12th line on
     records[5] = {**records[5], "correct": " Tom Anna"}
     records[9] = {**records[9], "id": "p2"}
     path = write_jsonl(tmp_path / "pairs.jsonl", records)

@@ -1,4 +1,5 @@
 """The nnsight patching core against an independent plain-PyTorch hook reference."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,8 +23,9 @@ def by_cell(effects, column):
     return {(r["pair_id"], r["component"], r["layer"], r["position"], r["head"]): r[column] for r in rows}
 
 
-def assert_matches_reference(result, hf_model, pairs, direction, all_positions=False, wanted=None, tol=TOL,
-                             min_gap=50 * TOL):
+def assert_matches_reference(
+    result, hf_model, pairs, direction, all_positions=False, wanted=None, tol=TOL, min_gap=50 * TOL
+):
     """Every row of `result` equals the hook reference, and every expected cell has a row.
 
     `wanted(pair)`: the positions a label list selects for `pair` (default: every cell).
@@ -65,8 +67,9 @@ def test_matches_hook_reference_for_every_cell(tiny_model, hf_model, ioi_pairs, 
 @pytest.mark.parametrize("path", ["trace", "reuse"])
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_all_positions_at_once_match_hook_reference(tiny_model, hf_model, ioi_pairs, direction, path):
-    result = patch_batch(tiny_model, ioi_pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, exact_path=path,
-                         positions="all")
+    result = patch_batch(
+        tiny_model, ioi_pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, exact_path=path, positions="all"
+    )
     config = hf_model.config
     assert result.effects.num_rows == len(ioi_pairs) * config.n_layer * (3 + config.n_head)
     assert result.effects.column("position").null_count == result.effects.num_rows
@@ -88,16 +91,16 @@ def at_labels(*names):
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_listed_labels_patch_only_their_positions(tiny_model, hf_model, ioi_pairs, direction, path):
     pairs = [labelled(pair) for pair in ioi_pairs]
-    result = patch_batch(tiny_model, pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, exact_path=path,
-                         positions="early,S2,END")
+    result = patch_batch(
+        tiny_model, pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, exact_path=path, positions="early,S2,END"
+    )
     config = hf_model.config
     assert result.effects.num_rows == len(pairs) * 3 * config.n_layer * (3 + config.n_head)
     assert_matches_reference(result, hf_model, pairs, direction, wanted=at_labels("early", "S2", "END"))
 
 
 @pytest.mark.parametrize("path", ["trace", "reuse"])
-def test_labels_before_the_first_difference_score_zero_and_keep_baselines(tiny_model, hf_model, ioi_pairs,
-                                                                          path):
+def test_labels_before_the_first_difference_score_zero_and_keep_baselines(tiny_model, hf_model, ioi_pairs, path):
     pairs = [labelled(pair) for pair in ioi_pairs]
     result = patch_batch(tiny_model, pairs, ["resid", "head"], exact_path=path, positions="early")
     assert set(result.effects.column("score").to_pylist()) == {0.0}
@@ -116,9 +119,15 @@ def answer_pairs(hf_model, ioi_pairs) -> dict[str, list]:
         for name, k in (("single", 1), ("sets", 3)):
             correct = tuple(clean_top[:k])
             incorrect = tuple([t for t in corrupted_top if t not in correct][:k])
-            found[name].append(dataclasses.replace(
-                pair, correct_ids=correct, incorrect_ids=incorrect,
-                correct=tuple(map(str, correct)), incorrect=tuple(map(str, incorrect))))
+            found[name].append(
+                dataclasses.replace(
+                    pair,
+                    correct_ids=correct,
+                    incorrect_ids=incorrect,
+                    correct=tuple(map(str, correct)),
+                    incorrect=tuple(map(str, incorrect)),
+                )
+            )
     return found
 
 
@@ -126,15 +135,15 @@ def answer_pairs(hf_model, ioi_pairs) -> dict[str, list]:
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 @pytest.mark.parametrize("answers", ["single", "sets"])
 @pytest.mark.parametrize("metric", METRICS)
-def test_every_metric_matches_hook_reference(tiny_model, hf_model, answer_pairs, metric, answers, direction,
-                                             path):
+def test_every_metric_matches_hook_reference(tiny_model, hf_model, answer_pairs, metric, answers, direction, path):
     pairs = answer_pairs[answers]
-    result = patch_batch(tiny_model, pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, exact_path=path,
-                         metric=metric)
+    result = patch_batch(
+        tiny_model, pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, exact_path=path, metric=metric
+    )
     assert result.effects.schema.names[5] == metric
     assert [f"clean_{metric}", f"corrupted_{metric}"] <= result.pairs.schema.names
     assert_matches_reference(result, hf_model, pairs, direction)
-    if metric == "kl":   # the donor's divergence from itself
+    if metric == "kl":  # the donor's divergence from itself
         donor = "clean_kl" if direction == "denoise" else "corrupted_kl"
         assert max(abs(kl) for kl in result.pairs.column(donor).to_pylist()) < 1e-5
 
@@ -172,8 +181,7 @@ def test_last_layer_resid_at_last_position_restores_donor(tiny_model, ioi_pairs)
 def test_positions_before_first_difference_score_zero_at_layer_zero(tiny_model, ioi_pairs):
     result = patch_batch(tiny_model, ioi_pairs, COMPONENTS)
     first_diff = {
-        p.pair_id: next(i for i, (a, b) in enumerate(zip(p.clean_ids, p.corrupted_ids)) if a != b)
-        for p in ioi_pairs
+        p.pair_id: next(i for i, (a, b) in enumerate(zip(p.clean_ids, p.corrupted_ids)) if a != b) for p in ioi_pairs
     }
     checked = 0
     for row in result.effects.to_pylist():
@@ -190,7 +198,7 @@ def test_reuse_and_trace_agree_in_bfloat16_too(tiny_model_dir, ioi_pairs):
     trace = by_cell(patch_batch(model, ioi_pairs, COMPONENTS, exact_path="trace").effects, "logit_diff")
     reuse = by_cell(patch_batch(model, ioi_pairs, COMPONENTS, exact_path="reuse").effects, "logit_diff")
     assert trace.keys() == reuse.keys()
-    assert max(abs(trace[k] - reuse[k]) for k in trace) < 0.25   # bfloat16 keeps ~3 significant digits
+    assert max(abs(trace[k] - reuse[k]) for k in trace) < 0.25  # bfloat16 keeps ~3 significant digits
 
 
 def test_auto_exact_path_picks_reuse_for_gpt2_and_rejects_unknown(tiny_model, ioi_pairs):
@@ -245,10 +253,18 @@ def test_empty_input_gives_empty_tables(tiny_model):
 @pytest.mark.parametrize("metric", METRICS)
 def test_atp_estimates_match_an_autograd_reference(tiny_model, hf_model, answer_pairs, metric, direction, positions):
     pairs = answer_pairs["sets"]
-    result = patch_batch(tiny_model, pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, positions=positions,
-                         metric=metric, method="atp")
+    result = patch_batch(
+        tiny_model,
+        pairs,
+        COMPONENTS,
+        direction,
+        max_batch_tokens=40 * 16,
+        positions=positions,
+        metric=metric,
+        method="atp",
+    )
     rows = result.effects.to_pylist()
-    assert {r[metric] for r in rows} == {None} and {r["score"] for r in rows} == {None}   # nothing verified
+    assert {r[metric] for r in rows} == {None} and {r["score"] for r in rows} == {None}  # nothing verified
     baselines = {r["pair_id"]: (r[f"clean_{metric}"], r[f"corrupted_{metric}"]) for r in result.pairs.to_pylist()}
     estimates = by_cell(result.effects, "estimate")
     for pair in pairs:
@@ -273,9 +289,13 @@ def test_atp_verified_rows_are_exact_and_the_rest_are_estimates(tiny_model, ioi_
         verified = [r for r in mine if r["logit_diff"] is not None]
         assert len(verified) == 2 * k and all(r["score"] is not None for r in verified)
         for r in verified:
-            assert r["logit_diff"] == pytest.approx(exact[(pair.pair_id, r["component"], r["layer"], r["position"],
-                                                           r["head"])], abs=TOL)
+            assert r["logit_diff"] == pytest.approx(
+                exact[(pair.pair_id, r["component"], r["layer"], r["position"], r["head"])], abs=TOL
+            )
         top = sorted(mine, key=lambda r: -abs(r["estimate"]))[:k]
-        assert all(r["logit_diff"] is not None for r in top)   # the k largest estimates are among the verified
+        assert all(r["logit_diff"] is not None for r in top)  # the k largest estimates are among the verified
     again = patch_batch(tiny_model, ioi_pairs, COMPONENTS, method="atp", verify_top=k, exact_path=path)
-    assert again.effects.column("logit_diff").is_null().to_pylist() == atp.effects.column("logit_diff").is_null().to_pylist()
+    assert (
+        again.effects.column("logit_diff").is_null().to_pylist()
+        == atp.effects.column("logit_diff").is_null().to_pylist()
+    )

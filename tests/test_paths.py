@@ -1,5 +1,6 @@
 """Path patching (worker/paths.py) against a literal plain-PyTorch hook reference of the IOI
 paper's recipe, and the checks its definition implies."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +11,8 @@ from transformers import GPT2LMHeadModel
 from tests.conftest import TOL, score_tolerance
 from tests.reference import reference_paths
 from worker.options import PatchOptions
-from worker.paths import path_batch
 from worker.patching import patch_batch
+from worker.paths import path_batch
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +22,12 @@ def hf_model(tiny_model_dir):
 
 def labelled(pairs):
     """The pairs with position labels: `S2` at the first differing token, `END` last, `x` elsewhere."""
+
     def labels(pair):
         names = ["x"] * pair.n_tokens
         names[pair.first_difference], names[-1] = "S2", "END"
         return tuple(names)
+
     return [dataclasses.replace(pair, labels=labels(pair)) for pair in pairs]
 
 
@@ -34,12 +37,16 @@ def paths(model, pairs, receivers, direction="denoise", positions="all", metric=
 
 
 def by_sender(table, receiver, column):
-    return {(r["pair_id"], r["sender_layer"], r["sender_head"], r["sender_position"]): r[column]
-            for r in table.to_pylist() if r["receiver"] == receiver}
+    return {
+        (r["pair_id"], r["sender_layer"], r["sender_head"], r["sender_position"]): r[column]
+        for r in table.to_pylist()
+        if r["receiver"] == receiver
+    }
 
 
-def assert_paths_match_reference(result, hf_model, pairs, receiver, direction, all_positions, metric="logit_diff",
-                                 min_gap=50 * TOL):
+def assert_paths_match_reference(
+    result, hf_model, pairs, receiver, direction, all_positions, metric="logit_diff", min_gap=50 * TOL
+):
     values, scores = by_sender(result.paths, receiver, metric), by_sender(result.paths, receiver, "score")
     baselines = {r["pair_id"]: r for r in result.pairs.to_pylist()}
     for pair in pairs:
@@ -52,8 +59,10 @@ def assert_paths_match_reference(result, hf_model, pairs, receiver, direction, a
             assert values[key] == pytest.approx(want, abs=TOL), (receiver, key)
             if abs(clean - corrupted) > min_gap:
                 want_score = (want - target) / (source - target)
-                assert scores[key] == pytest.approx(want_score,
-                                                    abs=score_tolerance(want_score, clean, corrupted)), (receiver, key)
+                assert scores[key] == pytest.approx(want_score, abs=score_tolerance(want_score, clean, corrupted)), (
+                    receiver,
+                    key,
+                )
 
 
 RECEIVERS = ["logits", "1.0:q,1.2:q,2.1:q@END", "1.3:v,2.0:v", "2.2:k,1.1:v@S2"]
@@ -65,7 +74,7 @@ def test_matches_hook_reference(tiny_model, hf_model, ioi_pairs, direction, posi
     pairs = labelled(ioi_pairs)
     # a small token budget splits the pairs into groups and the senders into chunks
     result = paths(tiny_model, pairs, RECEIVERS, direction, positions, max_batch_tokens=40 * 4)
-    senders = sum(3 * 4 * (1 if positions == "all" else p.n_tokens) for p in pairs)   # 3 layers of 4 heads
+    senders = sum(3 * 4 * (1 if positions == "all" else p.n_tokens) for p in pairs)  # 3 layers of 4 heads
     assert result.paths.num_rows == len(RECEIVERS) * senders
     for receiver in RECEIVERS:
         assert_paths_match_reference(result, hf_model, pairs, receiver, direction, positions == "all")
@@ -97,9 +106,14 @@ def test_last_layer_logits_path_is_activation_patching(tiny_model, ioi_pairs, di
     path patching to `logits` equals activation patching of that head (at the same positions)."""
     path_rows = paths(tiny_model, ioi_pairs, ["logits"], direction, positions).paths.to_pylist()
     effects = patch_batch(tiny_model, ioi_pairs, ["head"], direction, positions=positions).effects.to_pylist()
-    patched = {(r["pair_id"], r["layer"], r["head"], r["position"]): r["logit_diff"] for r in effects if r["layer"] == 2}
-    last = {(r["pair_id"], r["sender_layer"], r["sender_head"], r["sender_position"]): r["logit_diff"]
-            for r in path_rows if r["sender_layer"] == 2}
+    patched = {
+        (r["pair_id"], r["layer"], r["head"], r["position"]): r["logit_diff"] for r in effects if r["layer"] == 2
+    }
+    last = {
+        (r["pair_id"], r["sender_layer"], r["sender_head"], r["sender_position"]): r["logit_diff"]
+        for r in path_rows
+        if r["sender_layer"] == 2
+    }
     assert last.keys() == patched.keys()
     for key, value in last.items():
         assert value == pytest.approx(patched[key], abs=TOL), key
@@ -117,8 +131,10 @@ def test_paths_to_the_last_layer_and_logits_add_up_to_activation_patching(tiny_m
     rows = paths(tiny_model, ioi_pairs, ["logits", last_layer], direction, "each").paths.to_pylist()
     effects = patch_batch(tiny_model, ioi_pairs, ["head"], direction).effects.to_pylist()
     patched = {(r["pair_id"], r["layer"], r["head"], r["position"]): r["logit_diff"] for r in effects}
-    receiving = {r["pair_id"]: r["corrupted_logit_diff" if direction == "denoise" else "clean_logit_diff"]
-                 for r in paths(tiny_model, ioi_pairs, ["logits"], direction).pairs.to_pylist()}
+    receiving = {
+        r["pair_id"]: r["corrupted_logit_diff" if direction == "denoise" else "clean_logit_diff"]
+        for r in paths(tiny_model, ioi_pairs, ["logits"], direction).pairs.to_pylist()
+    }
     n_tokens = {p.pair_id: p.n_tokens for p in ioi_pairs}
     checked = 0
     for r in rows:

@@ -1,19 +1,26 @@
 """report.html: one inlined plotly.js, a heatmap per component, rendered by headless Chromium."""
+
 from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from jobs.datasets.ioi import generate_ioi
 from jobs.pairfile import read_pairs
 from jobs.results.aggregate import aggregate
-from jobs.results.report import (CHROMIUM_FLAGS, aggregate_figures, build_report, drill_down_figures, find_chromium,
-                         label_positions)
-from jobs.results.query import connect_tables
+from jobs.results.query import connect_tables, query
+from jobs.results.report import (
+    CHROMIUM_FLAGS,
+    aggregate_figures,
+    build_report,
+    drill_down_figures,
+    find_chromium,
+    label_positions,
+)
 from jobs.store import Store
-from jobs.results.query import query
 from tests.conftest import write_jsonl
 from worker.options import DEFAULT_COMPONENTS as COMPONENTS
 from worker.patching import patch_batch
@@ -31,8 +38,9 @@ def ioi_store(tmp, model, tokenizer_and_ctx, n_pairs: int, components, **options
     writer.write_pairs("part-00000", result.pairs)
     writer.write_results("part-00000", result.effects)
     store.write_pairs_table(["part-00000"])
-    store.write_manifest({"model": "tiny", "direction": "denoise", "metric": "logit_diff", "components": list(components),
-                          **options})
+    store.write_manifest(
+        {"model": "tiny", "direction": "denoise", "metric": "logit_diff", "components": list(components), **options}
+    )
     return store, records, result
 
 
@@ -71,10 +79,12 @@ def mean_scores(result, key) -> dict[tuple, float]:
     return {k: sum(v) / len(v) for k, v in scores.items()}
 
 
-def test_all_positions_get_a_layer_by_component_panel_and_heads_one_of_their_own(tmp_path, tiny_model,
-                                                                                 tokenizer_and_ctx):
-    store, _, result = ioi_store(tmp_path, tiny_model, tokenizer_and_ctx, 4, ["resid", "attn", "mlp", "head"],
-                                 positions="all")
+def test_all_positions_get_a_layer_by_component_panel_and_heads_one_of_their_own(
+    tmp_path, tiny_model, tokenizer_and_ctx
+):
+    store, _, result = ioi_store(
+        tmp_path, tiny_model, tokenizer_and_ctx, 4, ["resid", "attn", "mlp", "head"], positions="all"
+    )
     config = tiny_model._module.config
     means = mean_scores(result, lambda row: (row["component"], row["layer"], row["head"]))
     rows = aggregate(store, "denoise").to_pylist()
@@ -93,8 +103,7 @@ def test_all_positions_get_a_layer_by_component_panel_and_heads_one_of_their_own
 
 
 def test_drill_down_shows_heads_at_the_listed_positions(tmp_path, tiny_model, tokenizer_and_ctx):
-    store, records, result = ioi_store(tmp_path, tiny_model, tokenizer_and_ctx, 2, ["head", "mlp"],
-                                       positions="S2,END")
+    store, _, result = ioi_store(tmp_path, tiny_model, tokenizer_and_ctx, 2, ["head", "mlp"], positions="S2,END")
     config = tiny_model._module.config
     connection = connect_tables(store)
     figures = dict(drill_down_figures(connection, store, "tiny", 1))
@@ -103,23 +112,31 @@ def test_drill_down_shows_heads_at_the_listed_positions(tmp_path, tiny_model, to
     heads, mlp = figures[f"pair-{pair_id}-head"].data[0], figures[f"pair-{pair_id}-mlp"].data[0]
     assert list(heads.x) == list(mlp.x) == [f"{i}:{tokens[i]}" for i in spots]
     assert list(heads.y) == [f"{layer}.{head}" for layer in range(config.n_layer) for head in range(config.n_head)]
-    score = {(r["layer"], r["head"], r["position"]): r["score"] for r in result.effects.to_pylist()
-             if r["pair_id"] == pair_id and r["component"] == "head"}
-    for row, (layer, head) in enumerate((layer, head) for layer in range(config.n_layer) for head in range(config.n_head)):
+    score = {
+        (r["layer"], r["head"], r["position"]): r["score"]
+        for r in result.effects.to_pylist()
+        if r["pair_id"] == pair_id and r["component"] == "head"
+    }
+    for row, (layer, head) in enumerate(
+        (layer, head) for layer in range(config.n_layer) for head in range(config.n_head)
+    ):
         assert heads.z[row] == pytest.approx([score[(layer, head, i)] for i in spots])
 
 
 def test_report_has_one_plotly_and_a_heatmap_per_component(ioi_run):
-    store, n_layers, records = ioi_run
+    store, _, records = ioi_run
     said = build_report(store, drill_down=2)
     assert "3 heatmaps" in said
-    html = (store.path("report.html"))
-    text = open(html).read()
+    html = store.path("report.html")
+    text = Path(html).read_text()
     assert text.startswith("<!DOCTYPE html>")
     assert len(re.findall(r"plotly\.js v\d", text)) == 1, "plotly.js must be inlined exactly once"
     assert "cdn" not in text.lower().split("<body>")[1][:10000], "no network references in the figures"
-    kept = query(store.uri, "SELECT count(*) AS n FROM pairs "
-                            "WHERE abs(clean_logit_diff - corrupted_logit_diff) >= 0.1").column("n")[0].as_py()
+    kept = (
+        query(store.uri, "SELECT count(*) AS n FROM pairs WHERE abs(clean_logit_diff - corrupted_logit_diff) >= 0.1")
+        .column("n")[0]
+        .as_py()
+    )
     assert 0 < kept <= len(records)
     for component in COMPONENTS:
         assert f'id="fig-{component}"' in text
@@ -165,7 +182,7 @@ def test_pairs_table_and_drill_down_show_tokens_as_text(ioi_run):
     record = next(r for r in records if r["id"] == pair_id)
     assert "".join(tokens).replace("␣", " ") == record["clean"]
     assert not any("Ġ" in token for token in tokens)
-    (name, figure), *_ = drill_down_figures(connection, store, "tiny", 1)
+    (_, figure), *_ = drill_down_figures(connection, store, "tiny", 1)
     assert list(figure.data[0].x) == [f"{i}:{token}" for i, token in enumerate(tokens)]
     assert any(x.endswith(":␣" + record["correct"].strip()) for x in figure.data[0].x)
 
@@ -184,9 +201,18 @@ def test_chromium_renders_every_plot(ioi_run, tmp_path):
     store, _, _ = ioi_run
     build_report(store, drill_down=1)
     dom = subprocess.run(
-        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path}/profile", "--virtual-time-budget=10000",
-         "--dump-dom", f"file://{store.path('report.html')}"],
-        capture_output=True, text=True, timeout=120, check=True,
+        [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path}/profile",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            f"file://{store.path('report.html')}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     ).stdout
     figures = dom.count('class="figure"')
     assert figures == 3 + 3
@@ -221,17 +247,18 @@ def test_the_metric_names_the_columns_titles_and_summary(tmp_path, tiny_model, t
     for row in rows:
         kl = values[(row["layer"], row["label"])]
         assert row["mean_kl"] == pytest.approx(sum(kl) / len(kl), abs=1e-5)
-    text = open(store.path("report.html")).read()
+    text = Path(store.path("report.html")).read_text()
     assert "tiny (denoise, kl): resid, N=" in text and "<th>clean kl</th>" in text
 
 
 def test_an_atp_run_shows_estimates_and_how_they_compare_with_exact(tmp_path, tiny_model, tokenizer_and_ctx):
     k = 4
-    store, _, result = ioi_store(tmp_path, tiny_model, tokenizer_and_ctx, 6, ["resid", "attn"], method="atp",
-                                 verify_top=k)
+    store, _, result = ioi_store(
+        tmp_path, tiny_model, tokenizer_and_ctx, 6, ["resid", "attn"], method="atp", verify_top=k
+    )
     said = build_report(store, drill_down=1)
     assert "2 heatmaps, 2 AtP checks, 2 pair drill-downs" in said
-    text = open(store.path("report.html")).read()
+    text = Path(store.path("report.html")).read_text()
     assert "tiny (denoise, logit_diff, AtP estimate): resid, N=" in text
     effects = result.effects.to_pandas().merge(result.pairs.to_pandas(), on="pair_id")
     kept = effects[(effects.clean_logit_diff - effects.corrupted_logit_diff).abs() >= 0.1]
@@ -239,8 +266,10 @@ def test_an_atp_run_shows_estimates_and_how_they_compare_with_exact(tmp_path, ti
     for component, rows in verified.groupby("component"):
         pearson = rows.score.corr(rows.estimate)
         spearman = rows.score.rank().corr(rows.estimate.rank())
-        assert f"{component}, exact score vs AtP estimate on {len(rows)} verified cells: " \
-               f"Pearson {pearson:.3f}, Spearman {spearman:.3f}" in text
+        assert (
+            f"{component}, exact score vs AtP estimate on {len(rows)} verified cells: "
+            f"Pearson {pearson:.3f}, Spearman {spearman:.3f}" in text
+        )
     shares = []
     for _, rows in verified.groupby("pair_id"):
         exact_top = set(rows.score.abs().sort_values(ascending=False).index[:k])

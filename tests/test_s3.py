@@ -1,6 +1,7 @@
 """`--out s3://...` for real: a local S3 API server (moto's server mode) on a loopback port,
 reached through pyarrow's S3 filesystem with an endpoint override, as a user would point
 patchsweep at any S3-compatible endpoint. Credentials come from the standard AWS variables."""
+
 from __future__ import annotations
 
 import json
@@ -42,14 +43,28 @@ def bucket_uri(endpoint: str, bucket: str, prefix: str) -> str:
 
 def listing(uri: str) -> list[str]:
     fs, root = pafs.FileSystem.from_uri(uri)
-    return sorted(info.path[len(root) + 1:] for info in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-                  if info.type == pafs.FileType.File)
+    return sorted(
+        info.path[len(root) + 1 :]
+        for info in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        if info.type == pafs.FileType.File
+    )
 
 
 def test_a_run_report_and_query_in_a_bucket(s3_endpoint, tiny_model_dir):
     uri = bucket_uri(s3_endpoint, "runs", "tiny")
-    done = run_driver("--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", uri, "--components", "resid",
-                      "--batch-pairs", 5, env_extra=CREDENTIALS)
+    done = run_driver(
+        "--pairs",
+        EXAMPLE_PAIRS,
+        "--model",
+        tiny_model_dir,
+        "--out",
+        uri,
+        "--components",
+        "resid",
+        "--batch-pairs",
+        5,
+        env_extra=CREDENTIALS,
+    )
     assert done.returncode == 0, done.stderr
     files = listing(uri)
     assert {"manifest.json", "pairs.parquet", "aggregate.parquet", "report.html"} <= set(files)
@@ -57,16 +72,27 @@ def test_a_run_report_and_query_in_a_bucket(s3_endpoint, tiny_model_dir):
     assert not any(".tmp-" in f for f in files)
     rebuilt = run_driver("report", uri, "--group-by", "template", env_extra=CREDENTIALS)
     assert rebuilt.returncode == 0 and "heatmaps" in rebuilt.stderr, rebuilt.stderr
-    counted = run_driver("query", uri, "SELECT count(DISTINCT pair_id) AS n FROM effects", "--format", "json",
-                         env_extra=CREDENTIALS)
+    counted = run_driver(
+        "query", uri, "SELECT count(DISTINCT pair_id) AS n FROM effects", "--format", "json", env_extra=CREDENTIALS
+    )
     assert counted.returncode == 0, counted.stderr
     assert [json.loads(line) for line in counted.stdout.splitlines()] == [{"n": 12}]
 
 
 def test_a_failed_run_resumes_from_the_bucket(s3_endpoint, tiny_model_dir):
     uri = bucket_uri(s3_endpoint, "resume", "tiny")
-    args = ("--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", uri, "--components", "resid",
-            "--batch-pairs", 5)
+    args = (
+        "--pairs",
+        EXAMPLE_PAIRS,
+        "--model",
+        tiny_model_dir,
+        "--out",
+        uri,
+        "--components",
+        "resid",
+        "--batch-pairs",
+        5,
+    )
     failed = run_driver(*args, env_extra={**CREDENTIALS, TEST_FAULT_ENV: "raise-on:ex3"})
     assert failed.returncode == 1, failed.stderr
     manifest_before = [f for f in listing(uri) if f.startswith("effects/")]

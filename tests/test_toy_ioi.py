@@ -1,4 +1,5 @@
 """The bundled toy IOI model: it does the task, and patching shows the IOI shape (S2 early, END late)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -27,16 +28,32 @@ def test_toy_model_does_ioi_on_held_out_templates():
 @pytest.fixture(scope="module")
 def bundled_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ioi") / "run"
-    done = subprocess.run([sys.executable, str(REPO / "driver.py"), "--pairs", str(IOI_PAIRS),
-                           "--model", str(TOY_MODEL), "--out", str(out), "--components", "resid"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "driver.py"),
+            "--pairs",
+            str(IOI_PAIRS),
+            "--model",
+            str(TOY_MODEL),
+            "--out",
+            str(out),
+            "--components",
+            "resid",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     return out
 
 
 def test_resid_patching_moves_from_s2_to_end(bundled_run):
-    rows = query(str(bundled_run), "SELECT layer, label, mean_score FROM aggregate "
-                                   "WHERE component = 'resid' ORDER BY layer").to_pylist()
+    rows = query(
+        str(bundled_run), "SELECT layer, label, mean_score FROM aggregate WHERE component = 'resid' ORDER BY layer"
+    ).to_pylist()
     by_layer = defaultdict(dict)
     for row in rows:
         by_layer[row["layer"]][row["label"]] = row["mean_score"]
@@ -61,6 +78,8 @@ def test_atp_ranks_the_cells_exact_patching_ranks_highest_near_the_top():
     exact["estimate"] = patch_batch(model, pairs, ["resid", "attn"], method="atp").effects.column("estimate").to_numpy()
     for component, rows in exact.groupby("component"):
         assert rows.score.rank().corr(rows.estimate.rank()) > 0.75, component
-        shares = [len(set(cells.score.abs().nlargest(10).index) & set(cells.estimate.abs().nlargest(10).index)) / 10
-                  for _, cells in rows.groupby("pair_id")]
+        shares = [
+            len(set(cells.score.abs().nlargest(10).index) & set(cells.estimate.abs().nlargest(10).index)) / 10
+            for _, cells in rows.groupby("pair_id")
+        ]
         assert sum(shares) / len(shares) > 0.8, component

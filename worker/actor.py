@@ -4,6 +4,7 @@ A plain class, so it runs the same in a test without Ray; the driver wraps it wi
 `ray.remote`. Model loading errors are kept, not raised, so the driver can show the
 user their one-line message instead of an actor-death traceback.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,8 @@ from worker.model import load_model
 from worker.options import PATHS, ModelLoadError, PatchOptions
 from worker.pairs import Pair
 from worker.parts import PartWriter, Receipt
-from worker.paths import path_batch
 from worker.patching import patch_batch
+from worker.paths import path_batch
 from worker.receivers import parse_receivers
 from worker.sites import head_split_problem, receivers_problem
 
@@ -82,8 +83,17 @@ class PatchWorker:
         if options.method == PATHS:
             result = path_batch(self.model, pairs, options)
             return result.paths, result.pairs
-        result = patch_batch(self.model, pairs, options.components, options.direction, options.max_batch_tokens,
-                             options.positions, options.metric, options.method, options.verify_top)
+        result = patch_batch(
+            self.model,
+            pairs,
+            options.components,
+            options.direction,
+            options.max_batch_tokens,
+            options.positions,
+            options.metric,
+            options.method,
+            options.verify_top,
+        )
         return result.effects, result.pairs
 
     def run_shard(self, name: str, pairs: Sequence[Pair], options: PatchOptions, writer: PartWriter) -> Receipt:

@@ -13,6 +13,7 @@ are frozen (worker/model.py), so the backward computes activation gradients only
 First order only: AtP is known to be poor for big activations (the residual stream, GPT-2's
 first MLP) and where attention saturates; `--verify-top` measures how poor on the run's pairs.
 """
+
 from __future__ import annotations
 
 import random
@@ -28,8 +29,9 @@ from worker.pairs import Pair
 from worker.sites import FORWARD_ORDER, Cell, component_output, head_dim, last_logits, n_layers
 
 
-def read_gradients(model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions,
-                   components: set[str]) -> tuple[torch.Tensor, dict, dict]:
+def read_gradients(
+    model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions, components: set[str]
+) -> tuple[torch.Tensor, dict, dict]:
     """One trace over the clean and corrupted prompts (rows 2p, 2p+1) with a backward of the
     receivers' metric: the metric of every row, and per (component, layer) the activations and
     their gradients."""
@@ -39,8 +41,9 @@ def read_gradients(model: TransformersModel, pairs: Sequence[Pair], options: Pat
     offset = donor_offset(options.direction)
     donor_rows = (2 * torch.arange(len(pairs), device=device) + offset).repeat_interleave(2)
     receiver_rows = 2 * torch.arange(len(pairs), device=device) + 1 - offset
-    sites = [(component, layer) for layer in range(n_layers(model))
-             for component in FORWARD_ORDER if component in components]
+    sites = [
+        (component, layer) for layer in range(n_layers(model)) for component in FORWARD_ORDER if component in components
+    ]
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     with torch.enable_grad(), model.trace(inputs, logits_to_keep=1):
         acts = nnsight.save({})
@@ -59,20 +62,23 @@ def read_gradients(model: TransformersModel, pairs: Sequence[Pair], options: Pat
     return values.cpu(), {site: act.detach() for site, act in acts.items()}, grads
 
 
-def first_order_effects(act: torch.Tensor, grad: torch.Tensor, direction: str, head_width: int | None
-                        ) -> torch.Tensor:
+def first_order_effects(act: torch.Tensor, grad: torch.Tensor, direction: str, head_width: int | None) -> torch.Tensor:
     """Per pair, (donor - receiver) x the receiver's gradient, summed over channels: [P, T], or
     [P, T, heads] summed over each head's channels."""
     offset = donor_offset(direction)
-    product = (act[offset::2] - act[1 - offset::2]).float() * grad[1 - offset::2].float()
+    product = (act[offset::2] - act[1 - offset :: 2]).float() * grad[1 - offset :: 2].float()
     if head_width is None:
         return product.sum(-1)
     return product.view(*product.shape[:2], -1, head_width).sum(-1)
 
 
-def atp_estimates(model: TransformersModel, pairs: Sequence[Pair], cells: Sequence[Cell],
-                  work: Sequence[tuple[int, int]], options: PatchOptions
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def atp_estimates(
+    model: TransformersModel,
+    pairs: Sequence[Pair],
+    cells: Sequence[Cell],
+    work: Sequence[tuple[int, int]],
+    options: PatchOptions,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clean and corrupted metric per pair, and the estimated patched metric per `work` item."""
     n_tokens = pairs[0].n_tokens
     pairs_per_group = max(1, options.max_batch_tokens // (2 * n_tokens))
@@ -80,18 +86,22 @@ def atp_estimates(model: TransformersModel, pairs: Sequence[Pair], cells: Sequen
     dim = head_dim(model)
     baselines, estimates = [], torch.empty(len(work))
     for first in range(0, len(pairs), pairs_per_group):
-        group = pairs[first:first + pairs_per_group]
+        group = pairs[first : first + pairs_per_group]
         values, acts, grads = read_gradients(model, group, options, components)
         baselines.append(values)
-        receiver = values[1 - donor_offset(options.direction)::2]
+        receiver = values[1 - donor_offset(options.direction) :: 2]
         by_site: dict[tuple[str, int, bool], list[int]] = {}
         for i, (pair, c) in enumerate(work):
             if first <= pair < first + len(group):
                 cell = cells[c]
                 by_site.setdefault((cell.component, cell.layer, cell.position is None), []).append(i)
         for (component, layer, whole), indices in by_site.items():
-            effect = first_order_effects(acts[(component, layer)], grads[(component, layer)], options.direction,
-                                         dim if component == "head" else None).cpu()
+            effect = first_order_effects(
+                acts[(component, layer)],
+                grads[(component, layer)],
+                options.direction,
+                dim if component == "head" else None,
+            ).cpu()
             if whole:
                 effect = effect.sum(1, keepdim=True)
             pair_index = torch.tensor([work[i][0] - first for i in indices])
@@ -104,8 +114,9 @@ def atp_estimates(model: TransformersModel, pairs: Sequence[Pair], cells: Sequen
     return metric[0::2], metric[1::2], estimates
 
 
-def verified_rows(pair_ids: Sequence[str], rows: Sequence[tuple[int, int]], change: torch.Tensor,
-                  k: int) -> set[tuple[int, int]]:
+def verified_rows(
+    pair_ids: Sequence[str], rows: Sequence[tuple[int, int]], change: torch.Tensor, k: int
+) -> set[tuple[int, int]]:
     """Per pair: the `k` rows whose estimated change is largest in size, and `k` more drawn at
     random from the rest (seeded by the pair's id, so a re-run draws the same), so that what
     AtP misses is measured too."""
@@ -115,7 +126,7 @@ def verified_rows(pair_ids: Sequence[str], rows: Sequence[tuple[int, int]], chan
     chosen = set()
     for pair, indices in by_pair.items():
         ranked = sorted(indices, key=lambda i: -abs(float(change[i])))
-        rest = sorted(ranked[k:])   # in row order, so float noise in the ranking cannot change the draw
+        rest = sorted(ranked[k:])  # in row order, so float noise in the ranking cannot change the draw
         drawn = random.Random(f"verify:{pair_ids[pair]}").sample(rest, min(k, len(rest)))
         chosen.update(rows[i] for i in ranked[:k] + drawn)
     return chosen

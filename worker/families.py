@@ -5,6 +5,7 @@ final norm and unembedding through this table; "how Llama differs" is its row he
 family comes from the checkpoint's `config.model_type`, read before any weights load, so an
 unsupported model is refused in one line.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,35 +15,74 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Family:
-    blocks: str        # the decoder layers (a ModuleList); a block's output is `resid`
-    embedding: str     # whose output is the residual stream entering block 0
-    attn_norm: str     # in a block: the norm before attention (its output feeds the query/key/value projections)
-    attention: str     # in a block: output (element 0) is the attention sublayer's output, `attn`
-    qkv: str           # in a block: the query/key/value projection, or with {} the q, k and v ones
-    qkv_layout: str    # how head h's q, k, v channels sit in it: "stacked" (all q | all k | all v),
-                       # "per_head" (q k v of head 0, of head 1, ...), "separate" (own modules; k, v per key/value head)
-    out_proj: str      # in a block: the attention output projection, whose input holds the heads side by side
-    mlp: str           # in a block: output is `mlp`
-    mlp_norm: str      # in a block: the norm before the MLP
+    blocks: str  # the decoder layers (a ModuleList); a block's output is `resid`
+    embedding: str  # whose output is the residual stream entering block 0
+    attn_norm: str  # in a block: the norm before attention (its output feeds the query/key/value projections)
+    attention: str  # in a block: output (element 0) is the attention sublayer's output, `attn`
+    qkv: str  # in a block: the query/key/value projection, or with {} the q, k and v ones
+    qkv_layout: str  # how head h's q, k, v channels sit in it: "stacked" (all q | all k | all v),
+    # "per_head" (q k v of head 0, of head 1, ...), "separate" (own modules; k, v per key/value head)
+    out_proj: str  # in a block: the attention output projection, whose input holds the heads side by side
+    mlp: str  # in a block: output is `mlp`
+    mlp_norm: str  # in a block: the norm before the MLP
     final_norm: str
     unembedding: str
-    n_heads: str       # the config attribute with the number of (query) heads
-    rotary: str | None   # the module giving rotary position embeddings (cos, sin); None: absolute positions
+    n_heads: str  # the config attribute with the number of (query) heads
+    rotary: str | None  # the module giving rotary position embeddings (cos, sin); None: absolute positions
     cache_argument: str  # the keyword under which a block takes a key/value cache
 
 
 FAMILIES = {
-    "gpt2": Family("transformer.h", "transformer.drop", "ln_1", "attn", "attn.c_attn", "stacked", "attn.c_proj",
-                   "mlp", "ln_2", "transformer.ln_f", "lm_head", "n_head", None, "cache"),
+    "gpt2": Family(
+        "transformer.h",
+        "transformer.drop",
+        "ln_1",
+        "attn",
+        "attn.c_attn",
+        "stacked",
+        "attn.c_proj",
+        "mlp",
+        "ln_2",
+        "transformer.ln_f",
+        "lm_head",
+        "n_head",
+        None,
+        "cache",
+    ),
     # attention and MLP read the same block input where config.use_parallel_residual; rotary positions
-    "gpt_neox": Family("gpt_neox.layers", "gpt_neox.emb_dropout", "input_layernorm", "attention",
-                       "attention.query_key_value", "per_head", "attention.dense", "mlp", "post_attention_layernorm",
-                       "gpt_neox.final_layer_norm", "lm_head", "num_attention_heads", "gpt_neox.rotary_emb",
-                       "layer_past"),
+    "gpt_neox": Family(
+        "gpt_neox.layers",
+        "gpt_neox.emb_dropout",
+        "input_layernorm",
+        "attention",
+        "attention.query_key_value",
+        "per_head",
+        "attention.dense",
+        "mlp",
+        "post_attention_layernorm",
+        "gpt_neox.final_layer_norm",
+        "lm_head",
+        "num_attention_heads",
+        "gpt_neox.rotary_emb",
+        "layer_past",
+    ),
     # RMSNorm, gated MLP, rotary positions, grouped-query attention (heads are query heads)
-    "llama": Family("model.layers", "model.embed_tokens", "input_layernorm", "self_attn", "self_attn.{}_proj",
-                    "separate", "self_attn.o_proj", "mlp", "post_attention_layernorm", "model.norm", "lm_head",
-                    "num_attention_heads", "model.rotary_emb", "cache"),
+    "llama": Family(
+        "model.layers",
+        "model.embed_tokens",
+        "input_layernorm",
+        "self_attn",
+        "self_attn.{}_proj",
+        "separate",
+        "self_attn.o_proj",
+        "mlp",
+        "post_attention_layernorm",
+        "model.norm",
+        "lm_head",
+        "num_attention_heads",
+        "model.rotary_emb",
+        "cache",
+    ),
 }
 FAMILIES["mistral"] = FAMILIES["qwen2"] = FAMILIES["llama"]
 
@@ -56,12 +96,15 @@ def family_of(config: Any) -> Family:
     architecture has no causal LM head (a bare encoder, a classifier)."""
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
-        raise UnsupportedModel(f"model type {model_type!r} is not supported; patchsweep patches "
-                               f"{', '.join(sorted(FAMILIES))} models")
+        raise UnsupportedModel(
+            f"model type {model_type!r} is not supported; patchsweep patches {', '.join(sorted(FAMILIES))} models"
+        )
     architectures = getattr(config, "architectures", None) or []
     if architectures and not any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures):
-        raise UnsupportedModel(f"the checkpoint is a {', '.join(architectures)}, without a causal language-model "
-                               "head; patchsweep needs one (e.g. a ...ForCausalLM checkpoint)")
+        raise UnsupportedModel(
+            f"the checkpoint is a {', '.join(architectures)}, without a causal language-model "
+            "head; patchsweep needs one (e.g. a ...ForCausalLM checkpoint)"
+        )
     return FAMILIES[model_type]
 
 

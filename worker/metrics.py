@@ -13,6 +13,7 @@ metric means the same thing whichever path computed it:
 All but `logit_diff` need the whole vocabulary row (for the softmax's normaliser); `kl` also
 needs the donor's distribution (`Donor`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -27,8 +28,9 @@ from worker.pairs import Pair
 class Answers:
     """Per row: the correct then the incorrect answer ids, padded to one width, and each id's
     sign (+1 correct, -1 incorrect, 0 padding)."""
-    ids: torch.Tensor    # [rows, K] long
-    sign: torch.Tensor   # [rows, K] float
+
+    ids: torch.Tensor  # [rows, K] long
+    sign: torch.Tensor  # [rows, K] float
 
     @classmethod
     def of(cls, pairs: Sequence[Pair]) -> Answers:
@@ -39,8 +41,9 @@ class Answers:
             padding = width - len(row)
             ids.append(row + [p.correct_ids[0]] * padding)
             sign.append([1.0] * len(p.correct_ids) + [-1.0] * len(p.incorrect_ids) + [0.0] * padding)
-        return cls(torch.tensor(ids, dtype=torch.long).view(len(pairs), width),
-                   torch.tensor(sign).view(len(pairs), width))
+        return cls(
+            torch.tensor(ids, dtype=torch.long).view(len(pairs), width), torch.tensor(sign).view(len(pairs), width)
+        )
 
     def __getitem__(self, rows) -> Answers:
         return Answers(self.ids[rows], self.sign[rows])
@@ -58,14 +61,14 @@ def answer_logit_diff(answer_logits: torch.Tensor, answers: Answers) -> torch.Te
     """`logit_diff` from the logits of `answers.ids` alone ([rows, K])."""
     correct, incorrect = (answers.sign > 0).float(), (answers.sign < 0).float()
     answer_logits = answer_logits.float()
-    return ((answer_logits * correct).sum(1) / correct.sum(1)
-            - (answer_logits * incorrect).sum(1) / incorrect.sum(1))
+    return (answer_logits * correct).sum(1) / correct.sum(1) - (answer_logits * incorrect).sum(1) / incorrect.sum(1)
 
 
 @dataclass(frozen=True)
 class Donor:
     """What `kl` compares a run against, per row: the donor run's next-token probabilities and
     their negative entropy (sum of p log p)."""
+
     probs: torch.Tensor
     neg_entropy: torch.Tensor
 
@@ -86,8 +89,8 @@ def vocabulary_metric(metric: str, logits: torch.Tensor, answers: Answers, donor
     if metric == "logit_diff":
         return answer_logit_diff(logits.gather(1, answers.ids), answers)
     logits = logits.float()
-    normaliser = torch.logsumexp(logits, dim=-1)       # log p = logits - normaliser
-    if metric == "kl":    # sum p_d (log p_d - log p), where the p_d sum to 1
+    normaliser = torch.logsumexp(logits, dim=-1)  # log p = logits - normaliser
+    if metric == "kl":  # sum p_d (log p_d - log p), where the p_d sum to 1
         return donor.neg_entropy - torch.einsum("rv,rv->r", donor.probs, logits) + normaliser
     answer = logits.gather(1, answers.ids) - normaliser[:, None]
     if metric == "logprob":

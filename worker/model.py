@@ -5,6 +5,7 @@ Both sources go through the same `TransformersModel` call; every way loading can
 A hub that cannot be reached is noticed in seconds and the hub client put in offline mode
 (cached files only), instead of retrying every file for most of a minute.
 """
+
 from __future__ import annotations
 
 import os
@@ -100,22 +101,18 @@ def _patchable_config(source: str) -> PretrainedConfig:
     return config
 
 
-def load_model(
-    source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32"
-) -> TransformersModel:
+def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32") -> TransformersModel:
     """Load `source` (hub id or local directory) as an nnsight model ready for patching."""
     source = _resolve_source(source)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     _patchable_config(source)
     try:
-        model = TransformersModel(
-            source, task="text-generation", dispatch=True, device=device, dtype=torch_dtype
-        )
+        model = TransformersModel(source, task="text-generation", dispatch=True, device=device, dtype=torch_dtype)
     except Exception as error:  # transformers/hub raise many unrelated types for one cause
         raise _explain(source, error) from error
     model._module.eval()
-    model._module.requires_grad_(False)   # never trained: AtP's backward computes activation gradients only
+    model._module.requires_grad_(False)  # never trained: AtP's backward computes activation gradients only
     return model
 
 
@@ -130,5 +127,5 @@ def load_tokenizer(source: str = DEFAULT_MODEL) -> tuple[PreTrainedTokenizerBase
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as error:
         raise _explain(source, error) from error
-    n_ctx = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings")
+    n_ctx = getattr(config, "n_positions", None) or config.max_position_embeddings
     return tokenizer, int(n_ctx)

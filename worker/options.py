@@ -3,6 +3,7 @@
 Free of torch and transformers on purpose, so the driver can check options, answer
 `--help` and run queries without loading either (about 3 s on a small machine).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,13 +13,13 @@ from worker.receivers import parse_receivers
 DEFAULT_MODEL = "openai-community/gpt2"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 COMPONENTS = ("resid", "attn", "mlp", "head")
-DEFAULT_COMPONENTS = ("resid", "attn", "mlp")   # `head` has n_heads times the cells: asked for by name
+DEFAULT_COMPONENTS = ("resid", "attn", "mlp")  # `head` has n_heads times the cells: asked for by name
 DIRECTIONS = ("denoise", "noise")
-POSITION_MODES = ("each", "all")   # or a list of position labels
+POSITION_MODES = ("each", "all")  # or a list of position labels
 METRICS = ("logit_diff", "logprob", "prob_diff", "kl")
-NEEDS_INCORRECT = ("logit_diff", "prob_diff")   # the others read only the correct answers, or none
-METHODS = ("exact", "atp")   # exact patching, or attribution patching (AtP) checked by exact patching
-PATHS = "paths"   # path patching (`driver.py paths`): head senders, measured through `receivers`
+NEEDS_INCORRECT = ("logit_diff", "prob_diff")  # the others read only the correct answers, or none
+METHODS = ("exact", "atp")  # exact patching, or attribution patching (AtP) checked by exact patching
+PATHS = "paths"  # path patching (`driver.py paths`): head senders, measured through `receivers`
 DEFAULT_MAX_BATCH_TOKENS = 4096
 
 
@@ -51,14 +52,15 @@ def position_labels(positions: str) -> tuple[str, ...]:
 class PatchOptions:
     """What a job asks of a worker for every shard: which cells, which way, read out how, in
     forwards of what size. Checked on construction, so a worker never starts on bad options."""
+
     components: tuple[str, ...] = DEFAULT_COMPONENTS
     positions: str = "each"
     direction: str = "denoise"
     metric: str = "logit_diff"
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     method: str = "exact"
-    verify_top: int = 0   # atp: exact-patch each pair's top K estimates and K more drawn at random
-    receivers: tuple[str, ...] = ()   # paths: each receiver's canonical spec (worker/receivers.py)
+    verify_top: int = 0  # atp: exact-patch each pair's top K estimates and K more drawn at random
+    receivers: tuple[str, ...] = ()  # paths: each receiver's canonical spec (worker/receivers.py)
 
     def wanted_labels(self) -> list[tuple[str, tuple[str, ...]]]:
         """The position labels every pair must carry, each list with the option that asks for it."""
@@ -83,8 +85,10 @@ class PatchOptions:
         if self.verify_top < 0 or (self.verify_top and self.method != "atp"):
             raise ValueError(f"verify_top must be 0, or positive with method atp, got {self.verify_top}")
         if (self.method == PATHS) != bool(self.receivers):
-            raise ValueError("receivers are what method paths measures through, and only it: "
-                             f"method {self.method!r} with receivers {list(self.receivers)}")
+            raise ValueError(
+                "receivers are what method paths measures through, and only it: "
+                f"method {self.method!r} with receivers {list(self.receivers)}"
+            )
         if self.method == PATHS:
             if self.components != ("head",):
                 raise ValueError(f"path patching sends from heads: components must be ('head',), got {self.components}")

@@ -1,4 +1,5 @@
 """A validated, tokenized clean/corrupted pair: what the driver hands to an actor."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,8 +11,8 @@ class Pair:
     pair_id: str
     clean: str
     corrupted: str
-    correct: tuple[str, ...]          # the answer set: one answer or several, each one token
-    incorrect: tuple[str, ...]        # empty where the metric needs none
+    correct: tuple[str, ...]  # the answer set: one answer or several, each one token
+    incorrect: tuple[str, ...]  # empty where the metric needs none
     clean_ids: tuple[int, ...]
     corrupted_ids: tuple[int, ...]
     correct_ids: tuple[int, ...]

@@ -7,6 +7,7 @@ results part last, so a shard whose results part exists is whole; a retried shar
 same two names again and replaces what an earlier attempt left, never adding rows. The actor
 sends the driver a small `Receipt` instead of the tables, so results do not flow through it.
 """
+
 from __future__ import annotations
 
 import os
@@ -52,6 +53,7 @@ def write_parquet(fs: pafs.FileSystem, path: str, table: pa.Table) -> int:
 class Receipt:
     """What an actor reports for a shard it wrote: result rows, bytes of both parts, its own
     seconds (patching and writing), the Ray node it ran on."""
+
     rows: int
     bytes: int
     seconds: float
@@ -62,6 +64,7 @@ class Receipt:
 class PartWriter:
     """Where a run's shard parts go: `root` (an absolute local path or a URI) and the results
     directory under it (`effects` or `paths`). Small and picklable: the driver hands it to actors."""
+
     root: str
     results: str
 

@@ -10,6 +10,7 @@ token are never run: their activations are identical in both prompts, so the sco
 `positions` picks the cells: every position (`each`), all positions in one patch (`all`,
 cells with position None), or only the positions whose label is listed.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -20,10 +21,10 @@ import pyarrow as pa
 import torch
 from nnsight import TransformersModel
 
+from worker.attribution import atp_estimates, verified_rows
 from worker.metrics import Answers, Donor, vocabulary_metric
 from worker.options import DEFAULT_COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, PatchOptions, donor_offset, position_labels
 from worker.pairs import Pair
-from worker.attribution import atp_estimates, verified_rows
 from worker.reuse import resolve_exact_path, reuse_values
 from worker.sites import FORWARD_ORDER, Cell, component_output, head_dim, head_mask, last_logits, n_heads, n_layers
 from worker.tables import effects_table, empty_effects, pairs_table
@@ -33,8 +34,9 @@ from worker.tables import effects_table, empty_effects, pairs_table
 class Write:
     """Copy `donors[i]`'s activations at `positions[i]` (one position, or all of them) into row
     `rows[i]`, only on head `heads[i]`'s channels when heads are given."""
+
     rows: torch.Tensor
-    positions: torch.Tensor   # [n, 1] or [n, n_tokens]
+    positions: torch.Tensor  # [n, 1] or [n, n_tokens]
     donors: torch.Tensor
     heads: torch.Tensor | None = None
 
@@ -47,9 +49,9 @@ class Write:
 class TracePlan:
     pair_indices: list[int]
     input_ids: torch.Tensor
-    answers: Answers                             # per row, its pair's answers
-    donor_rows: torch.Tensor                     # per row, the row of its pair's donor run
-    writes: dict[tuple[str, int], list[Write]]   # (component, layer): one Write per number of positions
+    answers: Answers  # per row, its pair's answers
+    donor_rows: torch.Tensor  # per row, the row of its pair's donor run
+    writes: dict[tuple[str, int], list[Write]]  # (component, layer): one Write per number of positions
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,9 @@ class PatchResult:
     pairs: pa.Table
 
 
-def patch_cells(components: Sequence[str], n_layers: int, n_tokens: int, heads: int = 0,
-                positions: str = "each") -> list[Cell]:
+def patch_cells(
+    components: Sequence[str], n_layers: int, n_tokens: int, heads: int = 0, positions: str = "each"
+) -> list[Cell]:
     """Every (component, layer[, head], position) of a prompt, in the order results are reported.
 
     With `positions="all"` a cell patches every position at once (position None).
@@ -67,8 +70,10 @@ def patch_cells(components: Sequence[str], n_layers: int, n_tokens: int, heads: 
     spots = [None] if positions == "all" else range(n_tokens)
     return [
         Cell(c, layer, position, head)
-        for c in components for layer in range(n_layers)
-        for head in (range(heads) if c == "head" else [None]) for position in spots
+        for c in components
+        for layer in range(n_layers)
+        for head in (range(heads) if c == "head" else [None])
+        for position in spots
     ]
 
 
@@ -84,7 +89,9 @@ def selected_cells(pairs: Sequence[Pair], cells: Sequence[Cell], labels: Sequenc
     return rows
 
 
-def cells_to_run(pairs: Sequence[Pair], cells: Sequence[Cell], rows: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+def cells_to_run(
+    pairs: Sequence[Pair], cells: Sequence[Cell], rows: Sequence[tuple[int, int]]
+) -> list[tuple[int, int]]:
     """The (pair, cell) rows that need a forward pass.
 
     Before a pair's first differing token, clean and corrupted activations are identical at
@@ -117,7 +124,10 @@ def split_into_traces(work: Sequence[tuple[int, int]], max_rows: int) -> list[li
 
 
 def plan_trace(
-    pairs: Sequence[Pair], cells: Sequence[Cell], work: Sequence[tuple[int, int]], direction: str,
+    pairs: Sequence[Pair],
+    cells: Sequence[Cell],
+    work: Sequence[tuple[int, int]],
+    direction: str,
     pair_indices: list[int],
 ) -> TracePlan:
     """Lay out one trace's rows: [clean, corrupted] per pair of `pair_indices`, then the patched rows."""
@@ -181,8 +191,7 @@ def run_trace(model: TransformersModel, plan: TracePlan, metric: str) -> torch.T
     return values.cpu()
 
 
-def normalized_score(value: torch.Tensor, clean: torch.Tensor, corrupted: torch.Tensor,
-                     direction: str) -> torch.Tensor:
+def normalized_score(value: torch.Tensor, clean: torch.Tensor, corrupted: torch.Tensor, direction: str) -> torch.Tensor:
     """0 = the receiving run's own behaviour, 1 = fully moved to the donor's (for `kl`, the
     donor's own value is 0, so this is (KL(donor||receiver) - KL(donor||patched)) / KL(donor||receiver))."""
     if direction == "denoise":
@@ -209,7 +218,7 @@ def trace_values(
     traces = [(sorted({p for p, _ in chunk}), chunk) for chunk in split_into_traces(work, max_rows)]
     idle = sorted(set(range(len(pairs))) - {p for p, _ in work})
     step = max(1, max_rows // 2)
-    traces += [(idle[first:first + step], []) for first in range(0, len(idle), step)]
+    traces += [(idle[first : first + step], []) for first in range(0, len(idle), step)]
     values = [torch.empty(0)]
     for pair_indices, chunk in traces:
         plan = plan_trace(pairs, cells, chunk, options.direction, pair_indices)
@@ -222,8 +231,9 @@ def trace_values(
     return clean, corrupted, torch.cat(values)
 
 
-def row_values(rows: Sequence[tuple[int, int]], receiver: torch.Tensor, work: Sequence[tuple[int, int]],
-               values: torch.Tensor) -> torch.Tensor:
+def row_values(
+    rows: Sequence[tuple[int, int]], receiver: torch.Tensor, work: Sequence[tuple[int, int]], values: torch.Tensor
+) -> torch.Tensor:
     """A value per row: the receiving run's own (`receiver`, one per row), except the `work` rows,
     which get `values`."""
     patched = receiver.clone()
@@ -234,7 +244,10 @@ def row_values(rows: Sequence[tuple[int, int]], receiver: torch.Tensor, work: Se
 
 
 def patch_group(
-    model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions, exact_path: str,
+    model: TransformersModel,
+    pairs: Sequence[Pair],
+    options: PatchOptions,
+    exact_path: str,
 ) -> tuple[pa.Table, torch.Tensor, torch.Tensor]:
     """Patch pairs that share one token length; returns their effects and both baselines.
 
@@ -311,9 +324,11 @@ def patch_batch(
     return PatchResult(effects, pairs_rows)
 
 
-def per_length(pairs: Sequence[Pair], options: PatchOptions,
-               run_group: Callable[[list[Pair]], tuple[pa.Table, torch.Tensor, torch.Tensor]]
-               ) -> tuple[list[pa.Table], pa.Table]:
+def per_length(
+    pairs: Sequence[Pair],
+    options: PatchOptions,
+    run_group: Callable[[list[Pair]], tuple[pa.Table, torch.Tensor, torch.Tensor]],
+) -> tuple[list[pa.Table], pa.Table]:
     """`run_group` on each group of pairs of one token length (so padding never shifts a position):
     the groups' result tables, and the pairs table with each pair's clean and corrupted baselines."""
     groups: dict[int, list[int]] = defaultdict(list)

@@ -18,6 +18,7 @@ each row joining at its sender's layer.
 A sender at or above every receiver's layer, or at positions the receiver does not read, changes
 nothing: its row is the receiving run's own value, exactly, with no forward pass.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -33,8 +34,15 @@ from worker.options import PatchOptions, position_labels
 from worker.pairs import Pair
 from worker.patching import normalized_score, patch_cells, per_length, selected_cells
 from worker.receivers import Receiver, parse_receivers
-from worker.reuse import (GroupRead, block_given_attention, block_on_suffix, heads_through_projection, read_groups,
-                          readout, suffix_arguments)
+from worker.reuse import (
+    GroupRead,
+    block_given_attention,
+    block_on_suffix,
+    heads_through_projection,
+    read_groups,
+    readout,
+    suffix_arguments,
+)
 from worker.sites import Cell, blocks, family, head_input, n_heads, n_layers
 from worker.tables import paths_table
 
@@ -62,8 +70,9 @@ def reaches(cell: Cell, positions: list[int], receiver: Receiver) -> bool:
     return below and bool(positions) and (cell.position is None or cell.position in positions)
 
 
-def frozen_stream(model: TransformersModel, read: GroupRead, rows: list[tuple[int, Cell]], positions: list[int],
-                  record: list[int]) -> tuple[list[int], torch.Tensor, dict[int, torch.Tensor]]:
+def frozen_stream(
+    model: TransformersModel, read: GroupRead, rows: list[tuple[int, Cell]], positions: list[int], record: list[int]
+) -> tuple[list[int], torch.Tensor, dict[int, torch.Tensor]]:
     """The frozen run of each (pair, sender) row on `positions`: the row indices in the order they
     joined (by sender layer), their final stream (with `record` empty), and the stream entering
     each layer of `record`, for the rows whose sender is below it (the first rows of that order)."""
@@ -84,8 +93,12 @@ def frozen_stream(model: TransformersModel, read: GroupRead, rows: list[tuple[in
         pairs = torch.tensor([rows[i][0] for i in joining], device=device)
         receiving, donors = 2 * pairs + read.receiving, 2 * pairs + 1 - read.receiving
         heads = torch.tensor([rows[i][1].head for i in joining], device=device)
-        where = torch.stack([at == rows[i][1].position if rows[i][1].position is not None
-                             else torch.ones_like(at, dtype=torch.bool) for i in joining])
+        where = torch.stack(
+            [
+                at == rows[i][1].position if rows[i][1].position is not None else torch.ones_like(at, dtype=torch.bool)
+                for i in joining
+            ]
+        )
         z = acts.head[layer][:, at]
         attention = heads_through_projection(model, block, z[receiving], z[donors], heads, where)
         new = block_given_attention(model, block, acts.resid[layer][:, at][receiving], attention)
@@ -94,8 +107,14 @@ def frozen_stream(model: TransformersModel, read: GroupRead, rows: list[tuple[in
     return order, hidden, recorded
 
 
-def receiving_run_with_inputs(model: TransformersModel, read: GroupRead, pairs: torch.Tensor, positions: list[int],
-                              receiver: Receiver, recorded: dict[int, torch.Tensor]) -> torch.Tensor:
+def receiving_run_with_inputs(
+    model: TransformersModel,
+    read: GroupRead,
+    pairs: torch.Tensor,
+    positions: list[int],
+    receiver: Receiver,
+    recorded: dict[int, torch.Tensor],
+) -> torch.Tensor:
     """The receiving run of each row (of pair `pairs[i]`) with its receivers' inputs at `positions`
     taken from the frozen stream (`recorded`: per receiver layer, for the first rows); the final
     stream at the last position."""
@@ -111,8 +130,9 @@ def receiving_run_with_inputs(model: TransformersModel, read: GroupRead, pairs: 
             stream = part(block, family(model).attn_norm)(recorded[layer])
             for h in (h for h in receiver.heads if h.layer == layer):
                 projection, channels = head_input(model, block, h.head, h.input)
-                handles.append(projection.register_forward_hook(overwrite(projection(stream)[..., channels], at,
-                                                                          channels)))
+                handles.append(
+                    projection.register_forward_hook(overwrite(projection(stream)[..., channels], at, channels))
+                )
         for layer, block in enumerate(blocks(model)[first:], start=first):
             keys, values = read.prefix[layer]
             hidden = block_on_suffix(model, block, hidden, keys[pairs, :, :start], values[pairs, :, :start], arguments)
@@ -125,15 +145,18 @@ def receiving_run_with_inputs(model: TransformersModel, read: GroupRead, pairs: 
 def overwrite(inputs: torch.Tensor, at: torch.Tensor, channels: slice):
     """A forward hook setting a projection's output to `inputs` ([n, positions, channels]) on its
     first n rows, at suffix positions `at`, on `channels`."""
+
     def hook(module, args, output):
         output = output.clone()
-        output[:len(inputs), at, channels] = inputs
+        output[: len(inputs), at, channels] = inputs
         return output
+
     return hook
 
 
-def receiver_values(model: TransformersModel, read: GroupRead, items: list[tuple[int, Cell]], receiver: Receiver,
-                    options: PatchOptions) -> torch.Tensor:
+def receiver_values(
+    model: TransformersModel, read: GroupRead, items: list[tuple[int, Cell]], receiver: Receiver, options: PatchOptions
+) -> torch.Tensor:
     """The metric of each (pair, sender) item through `receiver`: the receiving run's own where the
     sender cannot reach it, else the path-patched run's."""
     values = read.acts.metric[2 * torch.tensor([pair for pair, _ in items]) + read.receiving].clone()
@@ -146,9 +169,10 @@ def receiver_values(model: TransformersModel, read: GroupRead, items: list[tuple
     for positions, live in by_positions.items():
         per_chunk = max(1, options.max_batch_tokens // (group[0].n_tokens - positions[0]))
         for first in range(0, len(live), per_chunk):
-            chunk = live[first:first + per_chunk]
-            order, hidden, recorded = frozen_stream(model, read, [items[i] for i in chunk], list(positions),
-                                                    receiver.layers)
+            chunk = live[first : first + per_chunk]
+            order, hidden, recorded = frozen_stream(
+                model, read, [items[i] for i in chunk], list(positions), receiver.layers
+            )
             pairs = torch.tensor([items[chunk[i]][0] for i in order], device=hidden.device)
             if receiver.heads:
                 final = receiving_run_with_inputs(model, read, pairs, list(positions), receiver, recorded)
@@ -160,8 +184,9 @@ def receiver_values(model: TransformersModel, read: GroupRead, items: list[tuple
     return values
 
 
-def path_group(model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions
-               ) -> tuple[pa.Table, torch.Tensor, torch.Tensor]:
+def path_group(
+    model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions
+) -> tuple[pa.Table, torch.Tensor, torch.Tensor]:
     """Path-patch pairs of one token length: their paths rows (receiver, then pair, then sender
     order) and both baselines per pair."""
     receivers = parse_receivers(options.receivers)

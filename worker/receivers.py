@@ -5,6 +5,7 @@ any other attention head. A head set, `9.9:q,9.6:q,10.0:q@END`: those heads' que
 value inputs (layer.head:input), at the positions carrying the label after `@` (every
 position without one). Free of torch, so the driver checks a spec before anything loads.
 """
+
 from __future__ import annotations
 
 import re
@@ -19,13 +20,13 @@ HEAD_INPUT = re.compile(r"^(\d+)\.(\d+):([qkv])$")
 class ReceiverHead:
     layer: int
     head: int
-    input: str   # q, k or v
+    input: str  # q, k or v
 
 
 @dataclass(frozen=True)
 class Receiver:
-    heads: tuple[ReceiverHead, ...]   # empty: the logits
-    label: str | None = None          # heads' inputs at positions with this label; None: every position
+    heads: tuple[ReceiverHead, ...]  # empty: the logits
+    label: str | None = None  # heads' inputs at positions with this label; None: every position
 
     @property
     def name(self) -> str:
@@ -53,8 +54,9 @@ def parse_receiver(text: str) -> Receiver:
     for item in (part.strip() for part in spec.split(",")):
         match = HEAD_INPUT.match(item)
         if match is None:
-            raise ValueError(f"receiver {text!r}: {item!r} is not LAYER.HEAD:q|k|v (e.g. 9.9:q), "
-                             f"and the whole is not {LOGITS!r}")
+            raise ValueError(
+                f"receiver {text!r}: {item!r} is not LAYER.HEAD:q|k|v (e.g. 9.9:q), and the whole is not {LOGITS!r}"
+            )
         heads.append(ReceiverHead(int(match[1]), int(match[2]), match[3]))
     if len(set(heads)) < len(heads):
         raise ValueError(f"receiver {text!r} lists a head input twice")

@@ -19,6 +19,7 @@ Rows that share t are batched; rows join the batch at the layer they patch.
 Only the last position's final hidden state is unembedded: on the answer columns alone for
 `logit_diff`, on the whole vocabulary for the metrics that need it (worker/metrics.py).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -42,6 +43,7 @@ class Activations:
     final block's output), the heads' outputs (output projection inputs), attention and MLP
     outputs per layer, each layer's attention keys and values (as its cache holds them), and the
     metric of each row; for `kl`, each pair's donor distribution."""
+
     resid: list[torch.Tensor]
     head: list[torch.Tensor]
     attn: list[torch.Tensor]
@@ -57,7 +59,8 @@ class GroupRead:
     """A group of pairs read by one trace, and what every patched run of the group shares: the
     activations, the answers, the receiving rows' prefix keys and values per layer. The receiving
     run of the group's pair i is row 2 * i + `receiving` of the activations."""
-    first: int   # the index of the group's first pair among all the pairs
+
+    first: int  # the index of the group's first pair among all the pairs
     pairs: Sequence[Pair]
     acts: Activations
     answers: Answers
@@ -65,14 +68,15 @@ class GroupRead:
     receiving: int
 
 
-def read_groups(model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions,
-                components: Sequence[str]) -> Iterator[GroupRead]:
+def read_groups(
+    model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions, components: Sequence[str]
+) -> Iterator[GroupRead]:
     """The pairs (of one token length) in groups whose clean and corrupted prompts fit
     `max_batch_tokens`, each read once (`read_activations`, keeping `components`)."""
     per_group = max(1, options.max_batch_tokens // (2 * pairs[0].n_tokens))
     receiving = 1 - donor_offset(options.direction)
     for first in range(0, len(pairs), per_group):
-        group = pairs[first:first + per_group]
+        group = pairs[first : first + per_group]
         answers = Answers.of(group).to(model.device)
         acts = read_activations(model, group, answers, options, components)
         prefix = [(keys[receiving::2], values[receiving::2]) for keys, values in zip(acts.keys, acts.values)]
@@ -90,8 +94,9 @@ def baseline_rows(pairs: Sequence[Pair]) -> torch.Tensor:
     return torch.tensor([ids for pair in pairs for ids in (pair.clean_ids, pair.corrupted_ids)])
 
 
-def read_activations(model: TransformersModel, pairs: Sequence[Pair], answers: Answers, options: PatchOptions,
-                     components: Sequence[str]) -> Activations:
+def read_activations(
+    model: TransformersModel, pairs: Sequence[Pair], answers: Answers, options: PatchOptions, components: Sequence[str]
+) -> Activations:
     """One nnsight trace over the clean and corrupted prompts, saving every activation a patch needs.
 
     Head, attention and MLP activations are kept only for the `components` asked for.
@@ -101,7 +106,7 @@ def read_activations(model: TransformersModel, pairs: Sequence[Pair], answers: A
     row_answers = answers[torch.arange(len(pairs), device=device).repeat_interleave(2)]
     donor_rows = 2 * torch.arange(len(pairs), device=device) + donor_offset(options.direction)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    donor = None   # only saved values leave a trace: set here, replaced inside for `kl`
+    donor = None  # only saved values leave a trace: set here, replaced inside for `kl`
     with torch.inference_mode(), model.trace(inputs, logits_to_keep=1, use_cache=True):
         saved = nnsight.save({"resid": [embedding_output(model)], "head": [], "attn": [], "mlp": []})
         for layer in range(len(blocks(model))):
@@ -116,9 +121,16 @@ def read_activations(model: TransformersModel, pairs: Sequence[Pair], answers: A
             row_donor = donor[torch.arange(len(pairs), device=device).repeat_interleave(2)]
         metric = vocabulary_metric(options.metric, logits, row_answers, row_donor).save()
         cache = model.output.cache.save()
-    return Activations(saved["resid"], saved["head"], saved["attn"], saved["mlp"],
-                       [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers],
-                       metric.cpu(), donor)
+    return Activations(
+        saved["resid"],
+        saved["head"],
+        saved["attn"],
+        saved["mlp"],
+        [layer.keys for layer in cache.layers],
+        [layer.values for layer in cache.layers],
+        metric.cpu(),
+        donor,
+    )
 
 
 class PrefixCache:
@@ -147,8 +159,14 @@ def suffix_arguments(model: TransformersModel, start: int, like: torch.Tensor) -
     return arguments
 
 
-def block_on_suffix(model: TransformersModel, block: torch.nn.Module, hidden: torch.Tensor,
-                    prefix_keys: torch.Tensor, prefix_values: torch.Tensor, arguments: dict) -> torch.Tensor:
+def block_on_suffix(
+    model: TransformersModel,
+    block: torch.nn.Module,
+    hidden: torch.Tensor,
+    prefix_keys: torch.Tensor,
+    prefix_values: torch.Tensor,
+    arguments: dict,
+) -> torch.Tensor:
     """A block on positions t..T-1 of each row, given the keys and values of positions 0..t-1
     and `suffix_arguments`."""
     cache = {family(model).cache_argument: PrefixCache(prefix_keys, prefix_values)}
@@ -156,9 +174,17 @@ def block_on_suffix(model: TransformersModel, block: torch.nn.Module, hidden: to
     return output[0] if isinstance(output, tuple) else output
 
 
-def attention_output(model: TransformersModel, block: torch.nn.Module, acts: Activations, component: str,
-                     layer: int, here: slice, rows: torch.Tensor, donors: torch.Tensor | None = None,
-                     heads: torch.Tensor | None = None) -> torch.Tensor:
+def attention_output(
+    model: TransformersModel,
+    block: torch.nn.Module,
+    acts: Activations,
+    component: str,
+    layer: int,
+    here: slice,
+    rows: torch.Tensor,
+    donors: torch.Tensor | None = None,
+    heads: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Layer `layer`'s attention output at positions `here` of `rows`; with `donors`, patched: the
     donor's whole output, or the donor's channels of one head per row through the output projection."""
     if component == "attn":
@@ -168,8 +194,14 @@ def attention_output(model: TransformersModel, block: torch.nn.Module, acts: Act
     return heads_through_projection(model, block, acts.head[layer][rows, here], acts.head[layer][donors, here], heads)
 
 
-def heads_through_projection(model: TransformersModel, block: torch.nn.Module, z: torch.Tensor,
-                             donor_z: torch.Tensor, heads: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+def heads_through_projection(
+    model: TransformersModel,
+    block: torch.nn.Module,
+    z: torch.Tensor,
+    donor_z: torch.Tensor,
+    heads: torch.Tensor,
+    at: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The attention output of heads' outputs `z` ([rows, positions, n_heads * head_dim]) where each
     row's head `heads[i]` takes the donor's channels, at every position or where `at` ([rows, positions]) is True."""
     mask = head_mask(heads, head_dim(model), z.shape[-1])[:, None, :]
@@ -178,21 +210,31 @@ def heads_through_projection(model: TransformersModel, block: torch.nn.Module, z
     return part(block, family(model).out_proj)(torch.where(mask, donor_z, z))
 
 
-def block_given_attention(model: TransformersModel, block: torch.nn.Module, hidden: torch.Tensor,
-                          attention: torch.Tensor) -> torch.Tensor:
+def block_given_attention(
+    model: TransformersModel, block: torch.nn.Module, hidden: torch.Tensor, attention: torch.Tensor
+) -> torch.Tensor:
     """A block's output from its input `hidden` when its attention sublayer outputs `attention`: the
     residual additions and the MLP (with its norm) recomputed, in the family's arrangement."""
     where = family(model)
     mlp, norm = part(block, where.mlp), part(block, where.mlp_norm)
-    if getattr(model._module.config, "use_parallel_residual", False):   # the MLP reads the block input
+    if getattr(model._module.config, "use_parallel_residual", False):  # the MLP reads the block input
         return hidden + attention + mlp(norm(hidden))
     middle = hidden + attention
     return middle + mlp(norm(middle))
 
 
-def patched_layer_output(model: TransformersModel, block: torch.nn.Module, acts: Activations, component: str,
-                         layer: int, start: int, whole: bool, receivers: torch.Tensor, donors: torch.Tensor,
-                         heads: torch.Tensor) -> torch.Tensor:
+def patched_layer_output(
+    model: TransformersModel,
+    block: torch.nn.Module,
+    acts: Activations,
+    component: str,
+    layer: int,
+    start: int,
+    whole: bool,
+    receivers: torch.Tensor,
+    donors: torch.Tensor,
+    heads: torch.Tensor,
+) -> torch.Tensor:
     """Layer `layer`'s output on positions start..T-1 of each receiver row, patched at `start`
     (or, if `whole`, at every one of those positions)."""
     suffix = acts.resid[layer + 1][receivers, start:].clone()
@@ -208,8 +250,9 @@ def patched_layer_output(model: TransformersModel, block: torch.nn.Module, acts:
     return suffix
 
 
-def readout(model: TransformersModel, metric: str, hidden_last: torch.Tensor, answers: Answers,
-            donor: Donor | None) -> torch.Tensor:
+def readout(
+    model: TransformersModel, metric: str, hidden_last: torch.Tensor, answers: Answers, donor: Donor | None
+) -> torch.Tensor:
     """The metric from final hidden states: the final norm, then the unembedding of the whole
     vocabulary where the metric needs it, else of the batch's answer columns only."""
     where = family(model)
@@ -223,9 +266,16 @@ def readout(model: TransformersModel, metric: str, hidden_last: torch.Tensor, an
     return answer_logit_diff(logits.gather(1, inverse), answers)
 
 
-def run_rows(model: TransformersModel, acts: Activations, prefix: list[tuple[torch.Tensor, torch.Tensor]],
-             rows: list[tuple[int, Cell]], start: int, whole: bool, options: PatchOptions,
-             answers: Answers) -> torch.Tensor:
+def run_rows(
+    model: TransformersModel,
+    acts: Activations,
+    prefix: list[tuple[torch.Tensor, torch.Tensor]],
+    rows: list[tuple[int, Cell]],
+    start: int,
+    whole: bool,
+    options: PatchOptions,
+    answers: Answers,
+) -> torch.Tensor:
     """The patched metric of rows (pair index, cell) that all patch position `start` (all of start.. if `whole`)."""
     device = acts.resid[0].device
     shift = 1 - donor_offset(options.direction)
@@ -235,16 +285,27 @@ def run_rows(model: TransformersModel, acts: Activations, prefix: list[tuple[tor
             pair_rows = torch.tensor([pair for pair, _ in order], device=device)
             keys, values = prefix[layer]
             arguments = arguments or suffix_arguments(model, start, hidden)
-            hidden = block_on_suffix(model, block, hidden, keys[pair_rows, :, :start], values[pair_rows, :, :start],
-                                     arguments)
+            hidden = block_on_suffix(
+                model, block, hidden, keys[pair_rows, :, :start], values[pair_rows, :, :start], arguments
+            )
         for component in COMPONENTS:
             joining = [(pair, cell) for pair, cell in rows if cell.layer == layer and cell.component == component]
             if not joining:
                 continue
             pairs = torch.tensor([pair for pair, _ in joining], device=device)
             heads = torch.tensor([cell.head or 0 for _, cell in joining], device=device)
-            new = patched_layer_output(model, block, acts, component, layer, start, whole,
-                                       receivers=2 * pairs + shift, donors=2 * pairs + 1 - shift, heads=heads)
+            new = patched_layer_output(
+                model,
+                block,
+                acts,
+                component,
+                layer,
+                start,
+                whole,
+                receivers=2 * pairs + shift,
+                donors=2 * pairs + 1 - shift,
+                heads=heads,
+            )
             hidden = new if hidden is None else torch.cat([hidden, new])
             order += joining
     pair_rows = torch.tensor([pair for pair, _ in order], device=device)
@@ -283,9 +344,10 @@ def reuse_values(
             for start, whole in sorted(set(spans.values())):
                 at_start = [i for i in mine if spans[i] == (start, whole)]
                 for chunk in range(0, len(at_start), rows_per_chunk):
-                    indices = at_start[chunk:chunk + rows_per_chunk]
+                    indices = at_start[chunk : chunk + rows_per_chunk]
                     rows = [(work[i][0] - first, cells[work[i][1]]) for i in indices]
-                    values[torch.tensor(indices)] = run_rows(model, read.acts, read.prefix, rows, start, whole,
-                                                             options, read.answers)
+                    values[torch.tensor(indices)] = run_rows(
+                        model, read.acts, read.prefix, rows, start, whole, options, read.answers
+                    )
     metric = torch.cat(baselines)
     return metric[0::2], metric[1::2], values

@@ -4,6 +4,7 @@ for any supported family (worker/families.py says where each family keeps them).
 `head` is one attention head's output before the output projection (TransformerLens'
 `hook_z`): its `head_dim` channels of the projection's input, where the heads sit side by side.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,8 +22,8 @@ FORWARD_ORDER = ("head", "attn", "mlp", "resid")
 class Cell:
     component: str
     layer: int
-    position: int | None      # None: every position at once
-    head: int | None = None   # only for component "head"
+    position: int | None  # None: every position at once
+    head: int | None = None  # only for component "head"
 
 
 def family(model: TransformersModel) -> Family:
@@ -59,8 +60,10 @@ def head_split_problem(model: TransformersModel) -> str | None:
     for layer, block in enumerate(blocks(model)):
         inputs = projection_inputs(part(block, where.out_proj))
         if inputs != heads * dim:
-            return (f"cannot patch heads: layer {layer}'s attention output projection takes {inputs} inputs, "
-                    f"not {heads} heads x {dim} channels")
+            return (
+                f"cannot patch heads: layer {layer}'s attention output projection takes {inputs} inputs, "
+                f"not {heads} heads x {dim} channels"
+            )
     return None
 
 
@@ -69,8 +72,9 @@ def kv_groups(model: TransformersModel) -> int:
     return n_heads(model) // (getattr(model._module.config, "num_key_value_heads", None) or n_heads(model))
 
 
-def head_input(model: TransformersModel, block: torch.nn.Module, head: int, input: str
-               ) -> tuple[torch.nn.Module, slice]:
+def head_input(
+    model: TransformersModel, block: torch.nn.Module, head: int, input: str
+) -> tuple[torch.nn.Module, slice]:
     """The projection that computes head `head`'s query, key or value (`input`) in `block`, and
     the channels of its output that are that head's."""
     where, dim = family(model), head_dim(model)
@@ -89,11 +93,15 @@ def receivers_problem(model: TransformersModel, receivers: tuple[Receiver, ...])
     for receiver in receivers:
         for h in receiver.heads:
             if not (h.layer < layers and h.head < heads):
-                return (f"receiver {receiver.name}: the model has {layers} layers of {heads} heads, "
-                        f"no head {h.layer}.{h.head}")
+                return (
+                    f"receiver {receiver.name}: the model has {layers} layers of {heads} heads, "
+                    f"no head {h.layer}.{h.head}"
+                )
             if h.input != "q" and groups > 1:
-                return (f"receiver {receiver.name}: on this model {groups} query heads share each key/value head, "
-                        f"so head {h.layer}.{h.head}'s {h.input} cannot be patched alone; use q receivers")
+                return (
+                    f"receiver {receiver.name}: on this model {groups} query heads share each key/value head, "
+                    f"so head {h.layer}.{h.head}'s {h.input} cannot be patched alone; use q receivers"
+                )
     return None
 
 

@@ -4,6 +4,7 @@ The patched value's column, and the pairs' baseline columns, are named after the
 metric (`logit_diff`, `clean_logit_diff`, ...); the metric and the direction are also in
 each table's schema metadata, so a saved file says how to read it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -15,28 +16,32 @@ from worker.pairs import Pair
 
 
 def effects_schema(metric: str) -> pa.Schema:
-    return pa.schema([
-        ("pair_id", pa.string()),
-        ("component", pa.string()),
-        ("layer", pa.int16()),
-        ("position", pa.int16()),
-        ("head", pa.int16()),
-        (metric, pa.float32()),
-        ("score", pa.float32()),
-        ("estimate", pa.float32()),   # AtP's estimate of `score`; null in exact runs
-    ])
+    return pa.schema(
+        [
+            ("pair_id", pa.string()),
+            ("component", pa.string()),
+            ("layer", pa.int16()),
+            ("position", pa.int16()),
+            ("head", pa.int16()),
+            (metric, pa.float32()),
+            ("score", pa.float32()),
+            ("estimate", pa.float32()),  # AtP's estimate of `score`; null in exact runs
+        ]
+    )
 
 
 def paths_schema(metric: str) -> pa.Schema:
-    return pa.schema([
-        ("pair_id", pa.string()),
-        ("sender_layer", pa.int16()),
-        ("sender_head", pa.int16()),
-        ("sender_position", pa.int16()),   # null: the sender patched at every position
-        ("receiver", pa.string()),         # `logits`, or a head set such as 9.9:q,9.6:q@END
-        (metric, pa.float32()),
-        ("score", pa.float32()),
-    ])
+    return pa.schema(
+        [
+            ("pair_id", pa.string()),
+            ("sender_layer", pa.int16()),
+            ("sender_head", pa.int16()),
+            ("sender_position", pa.int16()),  # null: the sender patched at every position
+            ("receiver", pa.string()),  # `logits`, or a head set such as 9.9:q,9.6:q@END
+            (metric, pa.float32()),
+            ("score", pa.float32()),
+        ]
+    )
 
 
 def pair_columns(metric: str) -> list[tuple[str, pa.DataType]]:
@@ -56,14 +61,16 @@ def pair_columns(metric: str) -> list[tuple[str, pa.DataType]]:
     ]
 
 
-RESULT_COLUMNS = {name for metric in METRICS for schema in (effects_schema(metric), paths_schema(metric))
-                  for name in schema.names} | {name for metric in METRICS for name, _ in pair_columns(metric)}
+RESULT_COLUMNS = {
+    name for metric in METRICS for schema in (effects_schema(metric), paths_schema(metric)) for name in schema.names
+} | {name for metric in METRICS for name, _ in pair_columns(metric)}
 
 
 def with_metadata(table: pa.Table, direction: str, metric: str) -> pa.Table:
     """Record how to read `score` and which metric the values are, in the table itself."""
-    return table.replace_schema_metadata({b"patchsweep.direction": direction.encode(),
-                                          b"patchsweep.metric": metric.encode()})
+    return table.replace_schema_metadata(
+        {b"patchsweep.direction": direction.encode(), b"patchsweep.metric": metric.encode()}
+    )
 
 
 def effects_table(columns: dict[str, Sequence], direction: str, metric: str) -> pa.Table:
@@ -78,8 +85,9 @@ def empty_effects(direction: str, metric: str) -> pa.Table:
     return with_metadata(effects_schema(metric).empty_table(), direction, metric)
 
 
-def pairs_table(pairs: Sequence[Pair], clean: Sequence[float], corrupted: Sequence[float], direction: str,
-                metric: str) -> pa.Table:
+def pairs_table(
+    pairs: Sequence[Pair], clean: Sequence[float], corrupted: Sequence[float], direction: str, metric: str
+) -> pa.Table:
     """One row per pair; metadata keys become extra columns (null where a pair lacks one)."""
     values = {
         "pair_id": [p.pair_id for p in pairs],

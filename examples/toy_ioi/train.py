@@ -6,6 +6,7 @@ sentences that use every word; templates 12-14 are held out to measure generalis
 
     OMP_NUM_THREADS=1 python -m examples.toy_ioi.train --out examples/toy-ioi-gpt2 --seconds 330
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,13 @@ from examples.tiny_gpt2 import EOS, build_tokenizer
 from jobs.datasets.ioi import NAMES, OBJECTS, PLACES, fill, templates
 
 TRAIN_TEMPLATES, HELD_OUT_TEMPLATES = list(range(12)), [12, 13, 14]
-FILLERS = ["[A] likes the [PLACE].", "The [OBJECT] is at the [PLACE].", "[A] has a [OBJECT].",
-           "[A] and [B] are friends.", "[A] went home."]
+FILLERS = [
+    "[A] likes the [PLACE].",
+    "The [OBJECT] is at the [PLACE].",
+    "[A] has a [OBJECT].",
+    "[A] and [B] are friends.",
+    "[A] went home.",
+]
 
 
 def ioi_sentence(rng: random.Random, template_text: str) -> tuple[str, str, str]:
@@ -35,8 +41,13 @@ def ioi_sentence(rng: random.Random, template_text: str) -> tuple[str, str, str]
 
 def filler_sentence(rng: random.Random) -> str:
     a, b = rng.sample(NAMES, 2)
-    return (rng.choice(FILLERS).replace("[A]", a).replace("[B]", b)
-            .replace("[PLACE]", rng.choice(PLACES)).replace("[OBJECT]", rng.choice(OBJECTS)))
+    return (
+        rng.choice(FILLERS)
+        .replace("[A]", a)
+        .replace("[B]", b)
+        .replace("[PLACE]", rng.choice(PLACES))
+        .replace("[OBJECT]", rng.choice(OBJECTS))
+    )
 
 
 def filler_row(rng: random.Random, tokenizer, length: int) -> list[int]:
@@ -105,8 +116,10 @@ def patching_signature(model, tokenizer, n: int = 60) -> dict:
     label_of = {(r["id"], i): label for r in records for i, label in enumerate(r["labels"])}
     signature = {}
     for role in ("S2", "END"):
-        per_layer = [[e["score"] for e in effects if e["layer"] == layer and label_of[(e["pair_id"], e["position"])] == role]
-                     for layer in range(model.config.n_layer)]
+        per_layer = [
+            [e["score"] for e in effects if e["layer"] == layer and label_of[(e["pair_id"], e["position"])] == role]
+            for layer in range(model.config.n_layer)
+        ]
         signature[role] = [round(sum(v) / len(v), 3) for v in per_layer]
     return signature
 
@@ -125,8 +138,15 @@ def main() -> None:
     tokenizer = build_tokenizer(corpus(rng), vocab_size=1000)
     assert all(len(tokenizer(" " + n).input_ids) == 1 for n in NAMES), "every name must be one token"
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=64, n_layer=args.layers, n_head=4,
-                        bos_token_id=eos_id, eos_token_id=eos_id)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=64,
+        n_embd=64,
+        n_layer=args.layers,
+        n_head=4,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+    )
     model = GPT2LMHeadModel(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     start, step = time.time(), 0
@@ -141,7 +161,8 @@ def main() -> None:
             print(f"step {step} loss {loss.item():.3f} {time.time() - start:.0f}s", flush=True)
     model.eval()
     metrics = {
-        "steps": step, "train_seconds": round(time.time() - start),
+        "steps": step,
+        "train_seconds": round(time.time() - start),
         "train_templates": evaluate(model, tokenizer, TRAIN_TEMPLATES),
         "held_out_templates": evaluate(model, tokenizer, HELD_OUT_TEMPLATES),
         "resid_patching": patching_signature(model, tokenizer),

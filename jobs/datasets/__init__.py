@@ -1,4 +1,5 @@
 """Pair-file generators for known tasks (`driver.py make-ioi`, `make-greater-than`)."""
+
 from __future__ import annotations
 
 import json

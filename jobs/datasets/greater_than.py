@@ -8,6 +8,7 @@ prob_diff` (the paper's metric) or `logit_diff` (mean logits of the two sets). O
 are one token for the tokenizer, and that the tokenizer splits off the century inside "17YY",
 are used; labels mark the century (`XX1`), the year (`YY`) and the last token (`END`).
 """
+
 from __future__ import annotations
 
 import random
@@ -17,8 +18,24 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 NOUNS = [
-    "war", "dynasty", "conflict", "expedition", "siege", "reign", "campaign", "voyage", "rebellion",
-    "treaty", "drought", "plague", "journey", "occupation", "famine", "trial", "festival", "project",
+    "war",
+    "dynasty",
+    "conflict",
+    "expedition",
+    "siege",
+    "reign",
+    "campaign",
+    "voyage",
+    "rebellion",
+    "treaty",
+    "drought",
+    "plague",
+    "journey",
+    "occupation",
+    "famine",
+    "trial",
+    "festival",
+    "project",
 ]
 TEMPLATE = "The {noun} lasted from the year {century}{year} to the year {century}"
 CENTURY = "17"
@@ -32,8 +49,15 @@ def segment_starts(noun: str, year: str) -> list[int]:
     text = TEMPLATE.format(noun=noun, century=CENTURY, year=year)
     noun_at = text.index(noun)
     century_at = text.index(CENTURY + year)
-    return [0, noun_at, noun_at + len(noun), century_at, century_at + len(CENTURY),
-            century_at + len(CENTURY) + len(year), len(text) - len(CENTURY)]
+    return [
+        0,
+        noun_at,
+        noun_at + len(noun),
+        century_at,
+        century_at + len(CENTURY),
+        century_at + len(CENTURY) + len(year),
+        len(text) - len(CENTURY),
+    ]
 
 
 def labelled_tokens(tokenizer: PreTrainedTokenizerBase, noun: str, year: str) -> tuple[list[int], list[str]]:
@@ -70,7 +94,8 @@ def make_pair(rng: random.Random, tokenizer: PreTrainedTokenizerBase, years: lis
         "correct": [y for y in years if y > year],
         "incorrect": [y for y in years if y <= year],
         "labels": labels,
-        "year": int(year), "noun": noun,
+        "year": int(year),
+        "noun": noun,
     }
 
 
@@ -82,6 +107,7 @@ def generate_greater_than(n: int, seed: int, tokenizer: PreTrainedTokenizerBase)
         raise ValueError(
             f"only {len(years)} of the 100 two-digit years are one token for this tokenizer (and split off "
             f"from '{CENTURY}' in '{CENTURY}YY'){'' if CORRUPTED_YEAR in years else f', and not {CORRUPTED_YEAR!r}'}"
-            f"; greater-than needs {CORRUPTED_YEAR!r} and at least {MIN_YEARS}")
+            f"; greater-than needs {CORRUPTED_YEAR!r} and at least {MIN_YEARS}"
+        )
     rng = random.Random(seed)
     return [make_pair(rng, tokenizer, years, f"gt-{i}") for i in range(n)]

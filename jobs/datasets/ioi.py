@@ -5,6 +5,7 @@ single tokens (with a leading space) for the given tokenizer. Every pair carries
 (S1, IO, S1+1, S2, END and a segment label for the other tokens) so pairs from different
 templates line up by role in an aggregated heatmap.
 """
+
 from __future__ import annotations
 
 import random
@@ -36,11 +37,54 @@ BABA_TEMPLATES = [
 PLACES = ["store", "garden", "restaurant", "school", "hospital", "office", "house", "station"]
 OBJECTS = ["ring", "kiss", "bone", "basketball", "computer", "necklace", "drink", "snack"]
 NAMES = [
-    "Michael", "Christopher", "Jessica", "Matthew", "Ashley", "Jennifer", "Joshua", "Amanda",
-    "Daniel", "David", "James", "Robert", "John", "Joseph", "Andrew", "Ryan", "Brandon", "Jason",
-    "Justin", "Sarah", "William", "Mary", "Lisa", "Katie", "Paul", "Mark", "George", "Kevin",
-    "Emily", "Rachel", "Laura", "Anna", "Thomas", "Steven", "Eric", "Adam", "Alice", "Alex",
-    "Charles", "Peter", "Kate", "Tom", "Sam", "Amy", "Jack", "Ben", "Emma", "Lucy",
+    "Michael",
+    "Christopher",
+    "Jessica",
+    "Matthew",
+    "Ashley",
+    "Jennifer",
+    "Joshua",
+    "Amanda",
+    "Daniel",
+    "David",
+    "James",
+    "Robert",
+    "John",
+    "Joseph",
+    "Andrew",
+    "Ryan",
+    "Brandon",
+    "Jason",
+    "Justin",
+    "Sarah",
+    "William",
+    "Mary",
+    "Lisa",
+    "Katie",
+    "Paul",
+    "Mark",
+    "George",
+    "Kevin",
+    "Emily",
+    "Rachel",
+    "Laura",
+    "Anna",
+    "Thomas",
+    "Steven",
+    "Eric",
+    "Adam",
+    "Alice",
+    "Alex",
+    "Charles",
+    "Peter",
+    "Kate",
+    "Tom",
+    "Sam",
+    "Amy",
+    "Jack",
+    "Ben",
+    "Emma",
+    "Lucy",
 ]
 CORRUPTIONS = ("swap", "abc")
 
@@ -48,7 +92,7 @@ CORRUPTIONS = ("swap", "abc")
 @dataclass(frozen=True)
 class Template:
     index: int
-    order: str      # "BABA" (subject first) or "ABBA" (indirect object first)
+    order: str  # "BABA" (subject first) or "ABBA" (indirect object first)
     text: str
 
 
@@ -70,7 +114,7 @@ def fill(template: str, a: str, b: str, s2: str, place: str, obj: str) -> str:
     """Fill a template; [B] appears twice, and its second occurrence (S2) takes `s2`."""
     first_b = template.index("[B]")
     second_b = template.index("[B]", first_b + 3)
-    text = template[:second_b] + s2 + template[second_b + 3:]
+    text = template[:second_b] + s2 + template[second_b + 3 :]
     return text.replace("[A]", a).replace("[B]", b).replace("[PLACE]", place).replace("[OBJECT]", obj)
 
 
@@ -86,8 +130,14 @@ def role_labels(tokens: list[str], io: str, s: str) -> list[str]:
     return segment
 
 
-def make_pair(rng: random.Random, template: Template, names: list[str], corruption: str,
-              tokenizer: PreTrainedTokenizerBase, pair_id: str) -> dict:
+def make_pair(
+    rng: random.Random,
+    template: Template,
+    names: list[str],
+    corruption: str,
+    tokenizer: PreTrainedTokenizerBase,
+    pair_id: str,
+) -> dict:
     io, s, *others = rng.sample(names, 5)
     place, obj = rng.choice(PLACES), rng.choice(OBJECTS)
     clean = fill(template.text, a=io, b=s, s2=s, place=place, obj=obj)
@@ -98,15 +148,25 @@ def make_pair(rng: random.Random, template: Template, names: list[str], corrupti
         corrupted = fill(template.text, a=x, b=y, s2=z, place=place, obj=obj)
     decoded = decoded_pieces(tokenizer, tokenizer(clean).input_ids)
     return {
-        "id": pair_id, "clean": clean, "corrupted": corrupted,
-        "correct": " " + io, "incorrect": " " + s,
+        "id": pair_id,
+        "clean": clean,
+        "corrupted": corrupted,
+        "correct": " " + io,
+        "incorrect": " " + s,
         "labels": role_labels(decoded, " " + io, " " + s),
-        "template": template.index, "order": template.order, "corruption": corruption,
+        "template": template.index,
+        "order": template.order,
+        "corruption": corruption,
     }
 
 
-def generate_ioi(n: int, seed: int, tokenizer: PreTrainedTokenizerBase, corruption: str = "swap",
-                 template_indices: list[int] | None = None) -> list[dict]:
+def generate_ioi(
+    n: int,
+    seed: int,
+    tokenizer: PreTrainedTokenizerBase,
+    corruption: str = "swap",
+    template_indices: list[int] | None = None,
+) -> list[dict]:
     """`n` pairs, deterministic for a seed, cycling through the chosen templates in both orders."""
     if corruption not in CORRUPTIONS:
         raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {corruption!r}")
@@ -115,5 +175,4 @@ def generate_ioi(n: int, seed: int, tokenizer: PreTrainedTokenizerBase, corrupti
         raise ValueError(f"only {len(names)} of the IOI names are single tokens for this tokenizer; need 5")
     chosen = [t for t in templates() if template_indices is None or t.index in template_indices]
     rng = random.Random(seed)
-    return [make_pair(rng, chosen[i % len(chosen)], names, corruption, tokenizer, f"ioi-{i}")
-            for i in range(n)]
+    return [make_pair(rng, chosen[i % len(chosen)], names, corruption, tokenizer, f"ioi-{i}") for i in range(n)]

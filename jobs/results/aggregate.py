@@ -12,18 +12,19 @@ the per-pair score explode: they are left out of the score statistics and counte
 ratio of means) uses every pair. In an AtP run `score` (and the metric) exist only on the
 verified rows, so their statistics cover those; `*_estimate` cover every row.
 """
+
 from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.store import AGGREGATE_FILE, PAIR_PARTS_DIR, PAIRS_FILE, Store
 from jobs.results.query import QueryError, duckdb_connection
+from jobs.store import AGGREGATE_FILE, PAIR_PARTS_DIR, PAIRS_FILE, Store
 
 DEFAULT_MIN_GAP = 0.1
-ALL_POSITIONS = "all"   # the label of rows that patched every position at once
+ALL_POSITIONS = "all"  # the label of rows that patched every position at once
 
-CELLS = {   # results view: (its cell columns, kept by name; its position column; whether it has AtP estimates)
+CELLS = {  # results view: (its cell columns, kept by name; its position column; whether it has AtP estimates)
     "effects": (("component", "layer", "head"), "position", True),
     "paths": (("receiver", "sender_layer", "sender_head"), "sender_position", False),
 }
@@ -103,30 +104,38 @@ def quote_identifier(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def aggregate(store: Store, direction: str, group_by: str | None = None,
-              min_gap: float = DEFAULT_MIN_GAP, metric: str = "logit_diff") -> pa.Table:
+def aggregate(
+    store: Store,
+    direction: str,
+    group_by: str | None = None,
+    min_gap: float = DEFAULT_MIN_GAP,
+    metric: str = "logit_diff",
+) -> pa.Table:
     """Compute the aggregate table of the run in `store` (its finished shards: results and pairs
     parts) and write aggregate.parquet."""
     if not store.exists(PAIRS_FILE):
         raise QueryError(f"{store.uri}: no {PAIRS_FILE} here; is this a patchsweep output directory?")
-    schema = pq.read_schema(store.path(PAIRS_FILE), filesystem=store.fs)   # every pairs part's columns
+    schema = pq.read_schema(store.path(PAIRS_FILE), filesystem=store.fs)  # every pairs part's columns
     if group_by is not None and group_by not in schema.names:
         raise QueryError(f"cannot group by {group_by!r}: pairs has no such column ({', '.join(schema.names)})")
     (kind, layer, head), position, estimates = CELLS[store.results]
-    fields = dict(
-        kind=kind, layer=layer, head=head, position=position,
-        cell=", ".join(f"e.{column}" for column in (kind, layer, head)),
-        estimate="e.estimate," if estimates else "",
-        estimate_sums=ESTIMATE_SUMS if estimates else "",
-        estimate_batch_totals=ESTIMATE_BATCH_TOTALS if estimates else "",
-        estimate_totals=ESTIMATE_TOTALS if estimates else "",
-        estimate_statistics=ESTIMATE_STATISTICS if estimates else "",
-        group="CAST(" + quote_identifier(group_by) + " AS VARCHAR)" if group_by else "NULL::VARCHAR",
-        min_gap=float(min_gap),
-        noise="true" if direction == "noise" else "false",
-        all_positions=ALL_POSITIONS,
-        metric=metric,
-    )
+    fields = {
+        "kind": kind,
+        "layer": layer,
+        "head": head,
+        "position": position,
+        "cell": ", ".join(f"e.{column}" for column in (kind, layer, head)),
+        "estimate": "e.estimate," if estimates else "",
+        "estimate_sums": ESTIMATE_SUMS if estimates else "",
+        "estimate_batch_totals": ESTIMATE_BATCH_TOTALS if estimates else "",
+        "estimate_totals": ESTIMATE_TOTALS if estimates else "",
+        "estimate_statistics": ESTIMATE_STATISTICS if estimates else "",
+        "group": "CAST(" + quote_identifier(group_by) + " AS VARCHAR)" if group_by else "NULL::VARCHAR",
+        "min_gap": float(min_gap),
+        "noise": "true" if direction == "noise" else "false",
+        "all_positions": ALL_POSITIONS,
+        "metric": metric,
+    }
     connection, batches = duckdb_connection(), []
     for names in store.shard_batches():
         connection.register("batch", store.parts(store.results, names))

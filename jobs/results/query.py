@@ -6,6 +6,7 @@ its Parquet parts (local or any pyarrow URI) instead of being loaded into memory
 is held to `DUCKDB_MEMORY_LIMIT` and spills beyond it: its default (80% of RAM) let the
 aggregation of 100,000 pairs take 1.4 GB; the report of 100,000 pairs now peaks at 0.6 GB.
 """
+
 from __future__ import annotations
 
 import io
@@ -19,7 +20,6 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 
 from jobs.store import AGGREGATE_FILE, PAIRS_FILE, Store
-
 
 DUCKDB_MEMORY_LIMIT = "256MB"
 
@@ -77,9 +77,10 @@ def format_table(table: pa.Table, output_format: str) -> str:
         sink = io.BytesIO()
         pacsv.write_csv(table, sink)
         return sink.getvalue().decode().rstrip("\n")
-    cells = [table.column_names] + [["" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
-                                     for v in row.values()] for row in rows]
+    cells = [table.column_names] + [
+        ["" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values()] for row in rows
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(table.column_names))]
     lines = ["  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines + [f"({len(rows)} rows)"])
+    return "\n".join([*lines, f"({len(rows)} rows)"])

@@ -3,9 +3,10 @@
 A layer x position-label heatmap of the mean score per component (per group and per token
 length where the aggregate is split that way), a layer x head heatmap per position label for
 heads (and, in a path-patching run, per receiver: sender layer x sender head), a summary of the
-run, and a drill-down of a few individual pairs with their actual tokens. `--png` also writes each heatmap as a PNG by screenshotting it in headless Chromium,
-when Chromium is installed.
+run, and a drill-down of a few individual pairs with their actual tokens. `--png` also writes
+each heatmap as a PNG by screenshotting it in headless Chromium, when Chromium is installed.
 """
+
 from __future__ import annotations
 
 import html
@@ -21,38 +22,66 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.results.aggregate import ALL_POSITIONS, CELLS, DEFAULT_MIN_GAP, aggregate
-from jobs.store import REPORT_FILE, Store
 from jobs.results.query import connect_tables
 from jobs.results.verification import collect_verified, correlations, fmt, scatter_figures, top_k_agreement
+from jobs.store import REPORT_FILE, Store
 from worker.options import COMPONENTS
 
 DRILL_DOWN_PAIRS = 3
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def find_chromium() -> str | None:
     return next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
 
 
-def heatmap(title: str, x: list, rows: list, z, hover=None, x_title: str = "position",
-            y_title: str = "layer", statistic: str = "score") -> go.Figure:
+def heatmap(
+    title: str,
+    x: list,
+    rows: list,
+    z,
+    hover=None,
+    x_title: str = "position",
+    y_title: str = "layer",
+    statistic: str = "score",
+) -> go.Figure:
     """The seed tutorial's look: RdBu diverging around 0, layer 0 on top, tokens on x."""
     trace = go.Heatmap(
-        z=z, x=x, y=[f"{row}" for row in rows], colorscale="RdBu", zmid=0,
-        colorbar={"title": statistic}, customdata=hover, xgap=1, ygap=1,
+        z=z,
+        x=x,
+        y=[f"{row}" for row in rows],
+        colorscale="RdBu",
+        zmid=0,
+        colorbar={"title": statistic},
+        customdata=hover,
+        xgap=1,
+        ygap=1,
         hovertemplate=(
             f"{y_title} %{{y}}, %{{x}}<br>mean %{{z:.3f}}<br>std %{{customdata[0]:.3f}}<br>"
             "count %{customdata[1]}<extra></extra>"
-            if hover is not None else f"{y_title} %{{y}}, %{{x}}<br>{statistic} %{{z:.3f}}<extra></extra>"
+            if hover is not None
+            else f"{y_title} %{{y}}, %{{x}}<br>{statistic} %{{z:.3f}}<extra></extra>"
         ),
     )
     figure = go.Figure(trace)
-    row_height = 28 if len(rows) <= 24 else 10   # per-head drill-downs have layers x heads rows
+    row_height = 28 if len(rows) <= 24 else 10  # per-head drill-downs have layers x heads rows
     figure.update_layout(
-        title=title, xaxis_title=x_title, yaxis_title=y_title, height=160 + row_height * len(rows),
-        yaxis={"autorange": "reversed", "type": "category"}, xaxis={"type": "category"},
+        title=title,
+        xaxis_title=x_title,
+        yaxis_title=y_title,
+        height=160 + row_height * len(rows),
+        yaxis={"autorange": "reversed", "type": "category"},
+        xaxis={"type": "category"},
         margin={"l": 60, "r": 20, "t": 60, "b": 60},
     )
     return figure
@@ -61,9 +90,14 @@ def heatmap(title: str, x: list, rows: list, z, hover=None, x_title: str = "posi
 def panel_order(key: tuple, positions: dict[str, float]) -> tuple:
     """Components in the canonical resid, attn, mlp, head order, then groups, token lengths, labels."""
     name, group, n_tokens, label = key
-    rank = COMPONENTS.index(name) if name in COMPONENTS else -1   # the all-positions panel first
-    return rank, name, "" if group is None else str(group), n_tokens or 0, \
-        () if label is None else label_key(label, positions)
+    rank = COMPONENTS.index(name) if name in COMPONENTS else -1  # the all-positions panel first
+    return (
+        rank,
+        name,
+        "" if group is None else str(group),
+        n_tokens or 0,
+        () if label is None else label_key(label, positions),
+    )
 
 
 def label_positions(connection) -> dict[str, float]:
@@ -113,8 +147,9 @@ def x_order(column: str, values: set, positions: dict[str, float]) -> list:
     return sorted(values, key=COMPONENTS.index) if column == "component" else sorted(values)
 
 
-def aggregate_figures(rows: list[dict], run: str, positions: dict[str, float],
-                      statistic: str = "score") -> list[tuple[str, go.Figure]]:
+def aggregate_figures(
+    rows: list[dict], run: str, positions: dict[str, float], statistic: str = "score"
+) -> list[tuple[str, go.Figure]]:
     """One heatmap per panel (see `panel_of`) present in the aggregate rows, with hover statistics;
     for `head`, the IOI paper's layer x head figure at each position label."""
     panels: dict[tuple, list[dict]] = defaultdict(list)
@@ -131,24 +166,44 @@ def aggregate_figures(rows: list[dict], run: str, positions: dict[str, float],
         at = {(cell["layer"], cell[column]): cell for cell in cells}
         count = "count" if statistic == "score" else f"{statistic}_count"
         z = [[at.get((layer, value), {}).get(f"mean_{statistic}") for value in x] for layer in layers]
-        hover = [[[at.get((layer, value), {}).get(f"std_{statistic}"), at.get((layer, value), {}).get(count)]
-                  for value in x] for layer in layers]
+        hover = [
+            [[at.get((layer, value), {}).get(f"std_{statistic}"), at.get((layer, value), {}).get(count)] for value in x]
+            for layer in layers
+        ]
         n_pairs = max(cell["pairs"] for cell in cells)
-        scope = "".join([f", group {group}" if group is not None else "",
-                         f", {n_tokens}-token pairs" if n_tokens is not None else ""])
-        senders = "receiver" in cells[0]   # path patching: the label is where the senders were patched
+        scope = "".join(
+            [
+                f", group {group}" if group is not None else "",
+                f", {n_tokens}-token pairs" if n_tokens is not None else "",
+            ]
+        )
+        senders = "receiver" in cells[0]  # path patching: the label is where the senders were patched
         at = " from senders at" if senders else " at"
         at_label = {None: "", ALL_POSITIONS: f"{at} all positions"}.get(label, f"{at} {label}")
         title = f"{run}: {name}{at_label}, N={n_pairs} pairs{scope}"
         file_name = "-".join(str(part).replace(" ", "-") for part in key if part is not None)
         x_title = "sender head" if senders else column if column != "label" else "position"
-        figures.append((file_name, heatmap(title, x, layers, z, hover, x_title,
-                                           y_title="sender layer" if senders else "layer", statistic=statistic)))
+        figures.append(
+            (
+                file_name,
+                heatmap(
+                    title,
+                    x,
+                    layers,
+                    z,
+                    hover,
+                    x_title,
+                    y_title="sender layer" if senders else "layer",
+                    statistic=statistic,
+                ),
+            )
+        )
     return figures
 
 
-def drill_down_figures(connection, store: Store, run: str, n_pairs: int,
-                       statistic: str = "score") -> list[tuple[str, go.Figure]]:
+def drill_down_figures(
+    connection, store: Store, run: str, n_pairs: int, statistic: str = "score"
+) -> list[tuple[str, go.Figure]]:
     """Score heatmaps of the first few pairs, with their own tokens on x: layer (or layer.head for
     heads) x each position patched, or `all` where every position was patched at once; in a
     path-patching run, sender layer.head x sender position per receiver. Their rows are read a
@@ -159,8 +214,15 @@ def drill_down_figures(connection, store: Store, run: str, n_pairs: int,
     (kind, *layer_and_head), position_column, _ = CELLS[store.results]
     columns = ["pair_id", kind, *layer_and_head, position_column, statistic]
     chosen = pc.field("pair_id").isin([pair_id for pair_id, _ in pairs])
-    connection.register("drill_down", pa.concat_tables(
-        [store.parts(store.results, names).to_table(columns=columns, filter=chosen) for names in store.shard_batches()]))
+    connection.register(
+        "drill_down",
+        pa.concat_tables(
+            [
+                store.parts(store.results, names).to_table(columns=columns, filter=chosen)
+                for names in store.shard_batches()
+            ]
+        ),
+    )
     figures = []
     for pair_id, tokens in pairs:
         effects = connection.execute(
@@ -177,8 +239,9 @@ def drill_down_figures(connection, store: Store, run: str, n_pairs: int,
             z = [[scores.get((row, p)) for p in spots] for row in rows]
             title = f"{run}: pair {pair_id}, {'paths to ' if kind == 'receiver' else ''}{component}"
             y_title = "layer.head" if component == "head" or kind == "receiver" else "layer"
-            figures.append((f"pair-{pair_id}-{component}", heatmap(title, x, rows, z, y_title=y_title,
-                                                                   statistic=statistic)))
+            figures.append(
+                (f"pair-{pair_id}-{component}", heatmap(title, x, rows, z, y_title=y_title, statistic=statistic))
+            )
     return figures
 
 
@@ -217,9 +280,11 @@ def page(title: str, summary: list[tuple[str, str]], sections: list[tuple[str, l
     body = []
     for heading, figures in (section for section in sections if section[1]):
         body.append(f"<h2>{html.escape(heading)}</h2>")
-        body += [f'<div class="figure" id="fig-{html.escape(name)}">'
-                 f'{figure.to_html(full_html=False, include_plotlyjs=False)}</div>'
-                 for name, figure in figures]
+        body += [
+            f'<div class="figure" id="fig-{html.escape(name)}">'
+            f"{figure.to_html(full_html=False, include_plotlyjs=False)}</div>"
+            for name, figure in figures
+        ]
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title>"
@@ -240,10 +305,20 @@ def write_pngs(figures: list[tuple[str, go.Figure]], out_dir: Path, chromium: st
             figure.write_html(source, include_plotlyjs=True, full_html=True, config={"displayModeBar": False})
             target = out_dir / f"{name}.png"
             height = int(figure.layout.height or 500) + 40
-            subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={scratch}/profile",
-                            f"--screenshot={target}", f"--window-size=1000,{height}",
-                            "--virtual-time-budget=5000", source.as_uri()],
-                           check=True, capture_output=True, timeout=120)
+            subprocess.run(
+                [
+                    chromium,
+                    *CHROMIUM_FLAGS,
+                    f"--user-data-dir={scratch}/profile",
+                    f"--screenshot={target}",
+                    f"--window-size=1000,{height}",
+                    "--virtual-time-budget=5000",
+                    source.as_uri(),
+                ],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
             written.append(target)
     return written
 
@@ -251,12 +326,15 @@ def write_pngs(figures: list[tuple[str, go.Figure]], out_dir: Path, chromium: st
 def run_title(manifest: dict) -> str:
     """What every figure title starts with: model, direction, metric (and AtP, for its estimates)."""
     atp = {"atp": ", AtP estimate", "paths": ", path patching"}.get(manifest.get("method"), "")
-    return (f"{manifest.get('model', '?')} ({manifest.get('direction', 'denoise')}, "
-            f"{manifest.get('metric', 'logit_diff')}{atp})")
+    return (
+        f"{manifest.get('model', '?')} ({manifest.get('direction', 'denoise')}, "
+        f"{manifest.get('metric', 'logit_diff')}{atp})"
+    )
 
 
-def verification(connection, manifest: dict, run: str, min_gap: float
-                 ) -> tuple[list[tuple[str, str]], list[tuple[str, go.Figure]]]:
+def verification(
+    connection, manifest: dict, run: str, min_gap: float
+) -> tuple[list[tuple[str, str]], list[tuple[str, go.Figure]]]:
     """For an AtP run with verified rows: summary lines and one scatter per component."""
     k, metric = manifest.get("verify_top", 0), manifest.get("metric", "logit_diff")
     if manifest.get("method") != "atp" or not k:
@@ -264,8 +342,10 @@ def verification(connection, manifest: dict, run: str, min_gap: float
     collect_verified(connection, metric, min_gap)
     agreements = correlations(connection)
     share, n_pairs = top_k_agreement(connection, k)
-    lines = [(f"AtP vs exact, {a.component}", f"Pearson {fmt(a.pearson)}, Spearman {fmt(a.spearman)} "
-                                              f"({a.n} verified cells)") for a in agreements]
+    lines = [
+        (f"AtP vs exact, {a.component}", f"Pearson {fmt(a.pearson)}, Spearman {fmt(a.spearman)} ({a.n} verified cells)")
+        for a in agreements
+    ]
     lines.append((f"exact top {k} that AtP ranked in its top {k}", f"{fmt(share)} (mean over {n_pairs} pairs)"))
     return lines, scatter_figures(connection, run, agreements)
 
@@ -277,22 +357,30 @@ def sender_cells(row: dict) -> dict:
     return {**row, "layer": row["sender_layer"], "head": row["sender_head"]}
 
 
-def write_report(store: Store, aggregate_rows: list[dict], min_gap: float,
-                 drill_down: int = DRILL_DOWN_PAIRS, png: bool = False) -> str:
+def write_report(
+    store: Store, aggregate_rows: list[dict], min_gap: float, drill_down: int = DRILL_DOWN_PAIRS, png: bool = False
+) -> str:
     """Write report.html (and PNGs if asked); returns a line saying what was written."""
     manifest = store.read_manifest() or {}
     model = manifest.get("model", "?")
     run = run_title(manifest)
     connection = connect_tables(store)
     statistic = "estimate" if manifest.get("method") == "atp" else "score"
-    heatmaps = aggregate_figures([sender_cells(row) for row in aggregate_rows], run, label_positions(connection),
-                                 statistic)
+    heatmaps = aggregate_figures(
+        [sender_cells(row) for row in aggregate_rows], run, label_positions(connection), statistic
+    )
     pairs = drill_down_figures(connection, store, run, drill_down, statistic)
     checks, scatters = verification(connection, manifest, run, min_gap)
     layout = "sender layer and head, per receiver" if store.results == "paths" else "layer and position"
-    document = page(f"patchsweep: {model}", summary_rows(connection, manifest, min_gap) + checks,
-                    [(f"Mean {statistic} by {layout}", heatmaps),
-                     ("AtP against exact patching (verified cells)", scatters), ("Individual pairs", pairs)])
+    document = page(
+        f"patchsweep: {model}",
+        summary_rows(connection, manifest, min_gap) + checks,
+        [
+            (f"Mean {statistic} by {layout}", heatmaps),
+            ("AtP against exact patching (verified cells)", scatters),
+            ("Individual pairs", pairs),
+        ],
+    )
     store.write_bytes(document.encode(), REPORT_FILE)
     scattered = f", {len(scatters)} AtP checks" if scatters else ""
     said = f"report: {store.path(REPORT_FILE)} ({len(heatmaps)} heatmaps{scattered}, {len(pairs)} pair drill-downs)"
@@ -305,10 +393,16 @@ def write_report(store: Store, aggregate_rows: list[dict], min_gap: float,
     return said + f"; {len(written)} PNGs in {store.path('png')}"
 
 
-def build_report(store: Store, group_by: str | None = None, min_gap: float = DEFAULT_MIN_GAP,
-                 drill_down: int = DRILL_DOWN_PAIRS, png: bool = False) -> str:
+def build_report(
+    store: Store,
+    group_by: str | None = None,
+    min_gap: float = DEFAULT_MIN_GAP,
+    drill_down: int = DRILL_DOWN_PAIRS,
+    png: bool = False,
+) -> str:
     """Aggregate the run in `store` and write its report; returns a line saying what was written."""
     manifest = store.read_manifest() or {}
-    rows = aggregate(store, manifest.get("direction", "denoise"), group_by, min_gap,
-                     manifest.get("metric", "logit_diff")).to_pylist()
+    rows = aggregate(
+        store, manifest.get("direction", "denoise"), group_by, min_gap, manifest.get("metric", "logit_diff")
+    ).to_pylist()
     return write_report(store, rows, min_gap, drill_down, png)

@@ -7,6 +7,7 @@ also ranked in its top K, averaged over pairs: since the verified rows are AtP's
 random others, this is high unless the random draws find big effects AtP missed. Pairs under
 the min-gap rule are left out, as in the aggregate.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -80,14 +81,25 @@ def scatter_figures(connection, run: str, agreements: list[Agreement]) -> list[t
     """Exact score against AtP estimate, one scatter per component, with both correlations."""
     figures = []
     for agreement in agreements:
-        points = connection.execute("SELECT estimate, score FROM verified WHERE component = ?",
-                                    [agreement.component]).fetchall()
-        figure = go.Figure(go.Scatter(x=[x for x, _ in points], y=[y for _, y in points], mode="markers",
-                                      marker={"size": 5, "opacity": 0.6}))
-        title = (f"{run}: {agreement.component}, exact score vs AtP estimate on {agreement.n} verified cells: "
-                 f"Pearson {fmt(agreement.pearson)}, Spearman {fmt(agreement.spearman)}")
-        figure.update_layout(title=title, xaxis_title="AtP estimate", yaxis_title="exact score", height=420,
-                             margin={"l": 60, "r": 20, "t": 60, "b": 60})
+        points = connection.execute(
+            "SELECT estimate, score FROM verified WHERE component = ?", [agreement.component]
+        ).fetchall()
+        figure = go.Figure(
+            go.Scatter(
+                x=[x for x, _ in points], y=[y for _, y in points], mode="markers", marker={"size": 5, "opacity": 0.6}
+            )
+        )
+        title = (
+            f"{run}: {agreement.component}, exact score vs AtP estimate on {agreement.n} verified cells: "
+            f"Pearson {fmt(agreement.pearson)}, Spearman {fmt(agreement.spearman)}"
+        )
+        figure.update_layout(
+            title=title,
+            xaxis_title="AtP estimate",
+            yaxis_title="exact score",
+            height=420,
+            margin={"l": 60, "r": 20, "t": 60, "b": 60},
+        )
         figures.append((f"verify-{agreement.component}", figure))
     return figures
 
