@@ -252,3 +252,25 @@ def test_the_streamed_scan_and_read_equal_reading_the_whole_file(tmp_path, token
     assert scan.invalid == whole.invalid and len(scan.invalid) == 12
     assert "duplicate id 'p2' (first on line 3)" in str(scan.invalid[1])
     assert scan.lengths == dict(sorted(Counter(p.n_tokens for p in whole.pairs).items()))
+
+
+def test_ids_that_share_a_hash_are_not_duplicates(tmp_path, tokenizer_and_ctx, monkeypatch):
+    """The scan finds repeated ids by a 64-bit hash of each; a collision of two different ids
+    (forced here: every id hashes to its length) must not be taken for a repeat, while real
+    repeats among them still are, and the counts per length keep every distinct pair."""
+    from jobs import pairfile
+
+    tokenizer, n_ctx = tokenizer_and_ctx
+    lines = [dict(zip(("clean", "corrupted", "correct", "incorrect"), line)) for line in IOI_LINES]
+    ids = ["a1", "b2", "c3", "a1", "dd4", "ee5", "b2"]  # two-letter ids collide with each other, and so on
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{**lines[i % 4], "id": pair_id} for i, pair_id in enumerate(ids)])
+    whole = read_pairs(path, tokenizer, n_ctx)
+    monkeypatch.setattr(pairfile, "id_hash", len)
+    scan = pairfile.scan_pairs(path, tokenizer, n_ctx)
+    assert [str(bad).split(": ", 1)[1] for bad in scan.invalid] == [
+        "duplicate id 'a1' (first on line 1)",
+        "duplicate id 'b2' (first on line 2)",
+    ]
+    assert scan.invalid == whole.invalid
+    assert scan.lengths == dict(sorted(Counter(p.n_tokens for p in whole.pairs).items()))
+    assert sum(scan.lengths.values()) == 5
