@@ -16,7 +16,7 @@ import pytest
 
 from jobs.pairfile import read_pairs
 from tests.conftest import EXAMPLE_PAIRS, REPO, free_port, score_tolerance, write_jsonl
-from worker.actor import TEST_FAULT_ENV
+from worker.faults import TEST_FAULT_ENV
 from worker.model import PROXY_VARIABLES
 from worker.options import PatchOptions
 from worker.patching import patch_batch

@@ -7,7 +7,6 @@ user their one-line message instead of an actor-death traceback.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 
@@ -16,6 +15,7 @@ import ray
 import torch
 import transformers
 
+from worker.faults import InjectedFault
 from worker.model import load_model
 from worker.options import PATHS, ModelLoadError, PatchOptions
 from worker.pairs import Pair
@@ -25,42 +25,13 @@ from worker.paths import path_batch
 from worker.receivers import parse_receivers
 from worker.sites import head_split_problem, receivers_problem
 
-TEST_FAULT_ENV = "PATCHSWEEP_TEST_FAULT"
-
-
-def inject_test_fault(pairs: Sequence[Pair], stage: str = "start") -> None:
-    """Fault injection for the driver's tests, set by `PATCHSWEEP_TEST_FAULT=KIND:ARG`; `stage` is
-    where the shard is: `start`, or `half-written` (its pairs part written, its results part not).
-
-    crash-once:MARKER       exit abruptly (as an OOM kill would) if MARKER does not exist, creating it
-    crash-half-once:MARKER  the same, once the shard is half written
-    crash-on:PAIR_ID        exit abruptly whenever the shard holds PAIR_ID
-    raise-on:PAIR_ID        raise an ordinary exception whenever the shard holds PAIR_ID
-    slow:SECONDS            sleep before every shard
-    """
-    kind, _, arg = os.environ.get(TEST_FAULT_ENV, "").partition(":")
-    if stage == "half-written":
-        if kind == "crash-half-once" and not os.path.exists(arg):
-            open(arg, "w").close()
-            os._exit(1)
-        return
-    in_shard = any(pair.pair_id == arg for pair in pairs)
-    if kind == "crash-once" and not os.path.exists(arg):
-        open(arg, "w").close()
-        os._exit(1)
-    if kind == "crash-on" and in_shard:
-        os._exit(1)
-    if kind == "raise-on" and in_shard:
-        raise RuntimeError(f"injected test fault on pair {arg}")
-    if kind == "slow":
-        time.sleep(float(arg))
-
 
 class PatchWorker:
     def __init__(self, model: str, device: str, dtype: str, threads: int) -> None:
         torch.set_num_threads(max(1, threads))
         transformers.utils.logging.disable_progress_bar()
         self.error: str | None = None
+        self.fault = InjectedFault.from_env()  # None outside the driver's fault tests
         try:
             self.model = load_model(model, device, dtype)
         except ModelLoadError as error:
@@ -99,9 +70,11 @@ class PatchWorker:
     def run_shard(self, name: str, pairs: Sequence[Pair], options: PatchOptions, writer: PartWriter) -> Receipt:
         """Patch a shard and write its parts (pairs first, results last); what was written."""
         started = time.perf_counter()
-        inject_test_fault(pairs)
+        if self.fault:
+            self.fault.at("start", pairs)
         results, pairs_rows = self.tables(pairs, options)
         written = writer.write_pairs(name, pairs_rows)
-        inject_test_fault(pairs, "half-written")
+        if self.fault:
+            self.fault.at("half-written", pairs)
         written += writer.write_results(name, results)
         return Receipt(results.num_rows, written, round(time.perf_counter() - started, 3), self.node())
