@@ -28,6 +28,7 @@ from jobs.store import OutputConflict, Store
 from worker.options import (
     DEFAULT_COMPONENTS,
     DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_METRIC,
     DEFAULT_MODEL,
     DIRECTIONS,
     DTYPE_NAMES,
@@ -112,7 +113,7 @@ def run_options(positions_help: str, positions_default: str):
         click.option(
             "--metric",
             type=click.Choice(METRICS),
-            default="logit_diff",
+            default=DEFAULT_METRIC,
             show_default=True,
             help="What is read at the last position: logit_diff (mean correct minus mean incorrect logit), "
             "logprob (log total probability of correct), prob_diff (total probability of correct minus "

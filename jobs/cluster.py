@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import ray
 from ray._private.services import canonicalize_bootstrap_address_or_die
 
+from worker.parts import is_uri
+
 MAX_RESTARTS = -1  # a dead actor (process exit, OOM kill) always comes back ...
 MAX_TASK_RETRIES = 2  # ... but a shard that keeps killing it is given up and reported
 PROBE_SECONDS = 5  # how long an address may take to accept a connection before it counts as down
@@ -44,7 +46,7 @@ def probe(address: str, shown: str) -> None:
     HOST:PORT is tried as given. Addresses of other schemes (ray://) are left to Ray.
     `shown` is how the address is named to the user.
     """
-    if "://" in address:
+    if is_uri(address):
         return
     try:
         bootstrap = canonicalize_bootstrap_address_or_die(address) if address == "auto" else address

@@ -27,7 +27,7 @@ from jobs.pairfile import FileScan, scan_pairs, stream_pairs
 from jobs.results.report import build_report
 from jobs.shards import Shard, filled_shards, plan_shards, read_ahead
 from jobs.spec import JobSpec, config_hash, versions
-from jobs.store import Store, results_dir
+from jobs.store import Store, results_kind
 from worker.options import PatchOptions
 from worker.pairs import Pair
 
@@ -234,7 +234,7 @@ def prepare_job(spec: JobSpec, reading: Reading, started: float, phases: Phases)
     """Plan the shards and open the output; finished shards of an earlier run count as done."""
     config = spec.config()
     shards = plan_shards(reading.scan.lengths, spec.batch_pairs)
-    store = Store(spec.out, results_dir(spec.method))
+    store = Store(spec.out, results_kind(spec.method))
     previous = store.prepare(config_hash(config), spec.overwrite)
     if reading.scan.invalid:
         store.write_invalid(reading.scan.invalid)
@@ -296,7 +296,7 @@ def finished_before(spec: JobSpec) -> dict | None:
     Checked before Ray starts or the pair file is validated: a re-run with nothing to do
     should say so at once (`driver.py report` rebuilds the report).
     """
-    store = Store(spec.out, results_dir(spec.method))
+    store = Store(spec.out, results_kind(spec.method))
     manifest = store.read_manifest()
     if spec.overwrite or manifest is None or manifest.get("status") != "done":
         return None

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from worker.options import DEFAULT_MAX_BATCH_TOKENS, PatchOptions
+from worker.options import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_METRIC, PatchOptions
 
 DEFAULT_BATCH_PAIRS = 32
 RESULT_DECIDING = (
@@ -40,7 +40,7 @@ class JobSpec:
     components: tuple[str, ...]
     positions: str = "each"
     direction: str = "denoise"
-    metric: str = "logit_diff"
+    metric: str = DEFAULT_METRIC
     method: str = "exact"
     verify_top: int = 0
     receivers: tuple[str, ...] = ()

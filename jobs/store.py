@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -17,11 +18,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from jobs.pairfile import InvalidLine
-from worker.parts import PAIR_PARTS_DIR, PartWriter, atomic_output, filesystem, write_parquet
+from worker.options import PATHS
+from worker.parts import PAIR_PARTS_DIR, PartWriter, atomic_output, filesystem, is_uri, write_parquet
 
-EFFECTS_DIR, PATHS_DIR = "effects", "paths"
 PAIRS_ROW_GROUP = 65_536
-BATCH_PARTS = 1000  # parts read together; a dataset keeps the footer of every part it has read (~30 KB)
+BATCH_PARTS = 1000  # parts read together; a dataset keeps the footer of every part it has read
 MANIFEST, PAIRS_FILE, INVALID_FILE = "manifest.json", "pairs.parquet", "invalid.jsonl"
 AGGREGATE_FILE, REPORT_FILE = "aggregate.parquet", "report.html"
 
@@ -30,17 +31,34 @@ class OutputConflict(RuntimeError):
     """The output directory holds a run with a different configuration."""
 
 
-def results_dir(method: str | None) -> str:
-    """Where a run's per-shard result parts go: paths/ for path patching, effects/ for the rest."""
-    return PATHS_DIR if method == "paths" else EFFECTS_DIR
+@dataclass(frozen=True)
+class ResultsKind:
+    """The kind of results table a run writes: the one thing readers (aggregate, report, query)
+    ask to tell an activation-patching run from a path-patching one."""
+
+    directory: str  # its parts' directory under OUT, and its view's name in `query`
+    cell: tuple[str, str, str]  # the columns that name a cell: what was patched, its layer, its head
+    position: str  # the column of the position patched (null: every position at once)
+    estimates: bool  # has AtP's `estimate` column
+    senders: bool  # cells are sender heads, measured through a receiver (path patching)
+
+
+EFFECTS = ResultsKind("effects", ("component", "layer", "head"), "position", estimates=True, senders=False)
+PATH_SENDERS = ResultsKind("paths", ("receiver", "sender_layer", "sender_head"), "sender_position", False, True)
+
+
+def results_kind(method: str | None) -> ResultsKind:
+    """The results a run with `method` writes: path senders for path patching, effects for the rest."""
+    return PATH_SENDERS if method == PATHS else EFFECTS
 
 
 class Store:
-    def __init__(self, uri: str, results: str | None = None) -> None:
-        """`results`: the results directory (`results_dir`); by default the one of the run found here."""
+    def __init__(self, uri: str, kind: ResultsKind | None = None) -> None:
+        """`kind`: the results the run writes (`results_kind`); by default those of the run found here."""
         self.fs, self.root = filesystem(uri)
         self.uri = uri
-        self.results = results or results_dir((self.read_manifest() or {}).get("method"))
+        self.kind = kind or results_kind((self.read_manifest() or {}).get("method"))
+        self.results = self.kind.directory
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -64,7 +82,7 @@ class Store:
 
     def part_writer(self) -> PartWriter:
         """What an actor needs to write its shards' parts here itself."""
-        return PartWriter(self.uri if "://" in self.uri else self.root, self.results)
+        return PartWriter(self.uri if is_uri(self.uri) else self.root, self.results)
 
     def write_manifest(self, manifest: dict) -> None:
         self.write_bytes(json.dumps(manifest, indent=2).encode(), MANIFEST)
@@ -96,7 +114,7 @@ class Store:
                 self.fs.delete_file(info.path)
 
     def clear(self) -> None:
-        for directory in (EFFECTS_DIR, PATHS_DIR, PAIR_PARTS_DIR):
+        for directory in (EFFECTS.directory, PATH_SENDERS.directory, PAIR_PARTS_DIR):
             if self.exists(directory):
                 self.fs.delete_dir(self.path(directory))
         for name in (MANIFEST, PAIRS_FILE, INVALID_FILE, AGGREGATE_FILE, REPORT_FILE):
@@ -115,7 +133,7 @@ class Store:
     def shard_batches(self) -> Iterator[list[str]]:
         """The finished shards' names, `BATCH_PARTS` at a time: read a large run's parts in such
         batches, each with a dataset of its own, and memory does not grow with the run (one
-        dataset over 31,000 parts held 1 GB of their footers)."""
+        dataset over every part keeps every part's footer)."""
         names = sorted(self.finished_shards())
         for first in range(0, len(names), BATCH_PARTS):
             yield names[first : first + BATCH_PARTS]

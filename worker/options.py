@@ -1,7 +1,7 @@
 """What a job may ask of a worker, and how a worker refuses: names, defaults and their checks.
 
 Free of torch and transformers on purpose, so the driver can check options, answer
-`--help` and run queries without loading either (about 3 s on a small machine).
+`--help` and run queries without loading either (seconds of imports).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ DEFAULT_COMPONENTS = ("resid", "attn", "mlp")  # `head` has n_heads times the ce
 DIRECTIONS = ("denoise", "noise")
 POSITION_MODES = ("each", "all")  # or a list of position labels
 METRICS = ("logit_diff", "logprob", "prob_diff", "kl")
+DEFAULT_METRIC = "logit_diff"
 NEEDS_INCORRECT = ("logit_diff", "prob_diff")  # the others read only the correct answers, or none
 METHODS = ("exact", "atp")  # exact patching, or attribution patching (AtP) checked by exact patching
 PATHS = "paths"  # path patching (`driver.py paths`): head senders, measured through `receivers`
@@ -56,7 +57,7 @@ class PatchOptions:
     components: tuple[str, ...] = DEFAULT_COMPONENTS
     positions: str = "each"
     direction: str = "denoise"
-    metric: str = "logit_diff"
+    metric: str = DEFAULT_METRIC
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     method: str = "exact"
     verify_top: int = 0  # atp: exact-patch each pair's top K estimates and K more drawn at random

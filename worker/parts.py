@@ -23,9 +23,14 @@ import pyarrow.parquet as pq
 PAIR_PARTS_DIR = "_pairs"
 
 
+def is_uri(location: str) -> bool:
+    """Whether `location` names a scheme (s3://, ray://, file://) rather than a local path."""
+    return "://" in location
+
+
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem and root path of `uri`: a URI pyarrow understands, or a local path (made absolute)."""
-    if "://" in uri:
+    if is_uri(uri):
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 

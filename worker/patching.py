@@ -23,7 +23,14 @@ from nnsight import TransformersModel
 
 from worker.attribution import atp_estimates, verified_rows
 from worker.metrics import Answers, Donor, vocabulary_metric
-from worker.options import DEFAULT_COMPONENTS, DEFAULT_MAX_BATCH_TOKENS, PatchOptions, donor_offset, position_labels
+from worker.options import (
+    DEFAULT_COMPONENTS,
+    DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_METRIC,
+    PatchOptions,
+    donor_offset,
+    position_labels,
+)
 from worker.pairs import Pair
 from worker.reuse import resolve_exact_path, reuse_values
 from worker.sites import FORWARD_ORDER, Cell, component_output, head_dim, head_mask, last_logits, n_heads, n_layers
@@ -298,7 +305,7 @@ def patch_batch(
     direction: str = "denoise",
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     positions: str = "each",
-    metric: str = "logit_diff",
+    metric: str = DEFAULT_METRIC,
     method: str = "exact",
     verify_top: int = 0,
     exact_path: str = "auto",

@@ -20,19 +20,16 @@ import pyarrow.parquet as pq
 
 from jobs.results.query import QueryError, duckdb_connection
 from jobs.store import AGGREGATE_FILE, PAIR_PARTS_DIR, PAIRS_FILE, Store
+from worker.options import DEFAULT_METRIC
 
 DEFAULT_MIN_GAP = 0.1
 ALL_POSITIONS = "all"  # the label of rows that patched every position at once
 
-CELLS = {  # results view: (its cell columns, kept by name; its position column; whether it has AtP estimates)
-    "effects": (("component", "layer", "head"), "position", True),
-    "paths": (("receiver", "sender_layer", "sender_head"), "sender_position", False),
-}
 # In stages, so that memory does not grow with the run: per batch of shards (`Store.shard_batches`:
 # their results parts joined with their pairs parts), sums per (cell, pair)
-# then per cell; at the end, the batches' sums per cell. A count of distinct pairs per cell (a
-# hash set of ids in every group) over the whole run took 0.9 GB for 100,000 pairs and 2.8 GB
-# (then ran out of memory) for 1,000,000.
+# then per cell; at the end, the batches' sums per cell. A count of distinct pairs per cell over
+# the whole run keeps a hash set of ids in every group, which grows with the run until it runs
+# out of memory (docs/PERFORMANCE.md, the scale benchmark).
 ESTIMATE_SUMS = """
            count(estimate) AS n_e, sum(estimate::DOUBLE) AS s_e, sum(estimate::DOUBLE * estimate) AS ss_e,"""
 ESTIMATE_BATCH_TOTALS = """
@@ -109,7 +106,7 @@ def aggregate(
     direction: str,
     group_by: str | None = None,
     min_gap: float = DEFAULT_MIN_GAP,
-    metric: str = "logit_diff",
+    metric: str = DEFAULT_METRIC,
 ) -> pa.Table:
     """Compute the aggregate table of the run in `store` (its finished shards: results and pairs
     parts) and write aggregate.parquet."""
@@ -118,7 +115,7 @@ def aggregate(
     schema = pq.read_schema(store.path(PAIRS_FILE), filesystem=store.fs)  # every pairs part's columns
     if group_by is not None and group_by not in schema.names:
         raise QueryError(f"cannot group by {group_by!r}: pairs has no such column ({', '.join(schema.names)})")
-    (kind, layer, head), position, estimates = CELLS[store.results]
+    (kind, layer, head), position, estimates = store.kind.cell, store.kind.position, store.kind.estimates
     fields = {
         "kind": kind,
         "layer": layer,

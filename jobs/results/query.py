@@ -3,8 +3,8 @@ and `aggregate`.
 
 The views scan Arrow datasets, so the partitioned results directory is streamed from
 its Parquet parts (local or any pyarrow URI) instead of being loaded into memory. DuckDB
-is held to `DUCKDB_MEMORY_LIMIT` and spills beyond it: its default (80% of RAM) let the
-aggregation of 100,000 pairs take 1.4 GB; the report of 100,000 pairs now peaks at 0.6 GB.
+is held to `DUCKDB_MEMORY_LIMIT` and spills beyond it: its default (80% of RAM) lets a large
+aggregation take gigabytes on a machine shared with the actors (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def duckdb_connection() -> duckdb.DuckDBPyConnection:
     connection = duckdb.connect(config={"memory_limit": DUCKDB_MEMORY_LIMIT, "temp_directory": spill})
     connection.execute("SET enable_progress_bar = false")  # it would cut into the driver's stderr lines
     # Arrow scans carry no row counts, so the join orderer guessed one row for each view and could
-    # build its hash table on effects (millions of rows, which did not spill: 0.9 GB for 100,000
-    # pairs). Joins run as written instead: the big view first (probed), pairs second (built).
+    # build its hash table on effects (millions of rows, which did not spill). Joins run as
+    # written instead: the big view first (probed), pairs second (built).
     connection.execute("SET disabled_optimizers = 'join_order,build_side_probe_side'")
     return connection
 

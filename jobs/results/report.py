@@ -21,11 +21,12 @@ import plotly.offline
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.results.aggregate import ALL_POSITIONS, CELLS, DEFAULT_MIN_GAP, aggregate
+from jobs.results.aggregate import ALL_POSITIONS, DEFAULT_MIN_GAP, aggregate
 from jobs.results.query import connect_tables
 from jobs.results.verification import collect_verified, correlations, fmt, scatter_figures, top_k_agreement
-from jobs.store import REPORT_FILE, Store
-from worker.options import COMPONENTS
+from jobs.store import EFFECTS, REPORT_FILE, ResultsKind, Store
+from worker.options import COMPONENTS, DEFAULT_METRIC, PATHS
+from worker.parts import is_uri
 
 DRILL_DOWN_PAIRS = 3
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
@@ -124,15 +125,15 @@ def in_label_order(labels, positions: dict[str, float]) -> list[str]:
     return sorted(labels, key=lambda label: label_key(label, positions))
 
 
-def panel_of(row: dict) -> tuple[tuple, str]:
-    """The heatmap an aggregate row belongs to, (name, group, n_tokens, label), and its x column.
+def panel_of(row: dict, kind: ResultsKind) -> tuple[tuple, str]:
+    """The heatmap an aggregate row of a `kind` run belongs to, (name, group, n_tokens, label), and its x column.
 
     Heads: layer x head at one label. A component patched at every position at once: one
     layer x component panel for all of them. Otherwise: layer x position label per component.
     Path patching: sender layer x sender head per receiver and sender position label.
     """
     scope = (row["group"], row["n_tokens"])
-    if "receiver" in row:
+    if kind.senders:
         return (f"paths to {row['receiver']}", *scope, row["label"]), "head"
     if row["component"] == "head":
         return ("head", *scope, row["label"]), "head"
@@ -148,14 +149,16 @@ def x_order(column: str, values: set, positions: dict[str, float]) -> list:
 
 
 def aggregate_figures(
-    rows: list[dict], run: str, positions: dict[str, float], statistic: str = "score"
+    rows: list[dict], run: str, positions: dict[str, float], statistic: str = "score", kind: ResultsKind = EFFECTS
 ) -> list[tuple[str, go.Figure]]:
-    """One heatmap per panel (see `panel_of`) present in the aggregate rows, with hover statistics;
-    for `head`, the IOI paper's layer x head figure at each position label."""
+    """One heatmap per panel (see `panel_of`) present in the aggregate rows of a `kind` run, with
+    hover statistics; for `head`, the IOI paper's layer x head figure at each position label."""
     panels: dict[tuple, list[dict]] = defaultdict(list)
     columns: dict[tuple, str] = {}
     for row in rows:
-        key, columns[key] = panel_of(row)
+        if kind.senders:  # a sender is drawn as a head's cell: its layer and head
+            row = {**row, "layer": row["sender_layer"], "head": row["sender_head"]}
+        key, columns[key] = panel_of(row, kind)
         panels[key].append(row)
     figures = []
     for key in sorted(panels, key=lambda key: panel_order(key, positions)):
@@ -177,12 +180,11 @@ def aggregate_figures(
                 f", {n_tokens}-token pairs" if n_tokens is not None else "",
             ]
         )
-        senders = "receiver" in cells[0]  # path patching: the label is where the senders were patched
-        at = " from senders at" if senders else " at"
+        at = " from senders at" if kind.senders else " at"  # path patching: where the senders were patched
         at_label = {None: "", ALL_POSITIONS: f"{at} all positions"}.get(label, f"{at} {label}")
         title = f"{run}: {name}{at_label}, N={n_pairs} pairs{scope}"
         file_name = "-".join(str(part).replace(" ", "-") for part in key if part is not None)
-        x_title = "sender head" if senders else column if column != "label" else "position"
+        x_title = "sender head" if kind.senders else column if column != "label" else "position"
         figures.append(
             (
                 file_name,
@@ -193,7 +195,7 @@ def aggregate_figures(
                     z,
                     hover,
                     x_title,
-                    y_title="sender layer" if senders else "layer",
+                    y_title="sender layer" if kind.senders else "layer",
                     statistic=statistic,
                 ),
             )
@@ -211,8 +213,7 @@ def drill_down_figures(
     pairs = connection.sql(f"SELECT pair_id, tokens FROM pairs ORDER BY pair_id LIMIT {int(n_pairs)}").fetchall()
     if not pairs:
         return []
-    (kind, *layer_and_head), position_column, _ = CELLS[store.results]
-    columns = ["pair_id", kind, *layer_and_head, position_column, statistic]
+    columns = ["pair_id", *store.kind.cell, store.kind.position, statistic]
     chosen = pc.field("pair_id").isin([pair_id for pair_id, _ in pairs])
     connection.register(
         "drill_down",
@@ -237,8 +238,8 @@ def drill_down_figures(
             spots = sorted({position for _, position in scores}, key=lambda p: -1 if p is None else p)
             x = [ALL_POSITIONS if p is None else f"{p}:{tokens[p]}" for p in spots]
             z = [[scores.get((row, p)) for p in spots] for row in rows]
-            title = f"{run}: pair {pair_id}, {'paths to ' if kind == 'receiver' else ''}{component}"
-            y_title = "layer.head" if component == "head" or kind == "receiver" else "layer"
+            title = f"{run}: pair {pair_id}, {'paths to ' if store.kind.senders else ''}{component}"
+            y_title = "layer.head" if component == "head" or store.kind.senders else "layer"
             figures.append(
                 (f"pair-{pair_id}-{component}", heatmap(title, x, rows, z, y_title=y_title, statistic=statistic))
             )
@@ -246,7 +247,7 @@ def drill_down_figures(
 
 
 def summary_rows(connection, manifest: dict, min_gap: float) -> list[tuple[str, str]]:
-    metric = manifest.get("metric", "logit_diff")
+    metric = manifest.get("metric", DEFAULT_METRIC)
     clean, corrupted = f'"clean_{metric}"', f'"corrupted_{metric}"'
 
     def spread(column: str) -> str:
@@ -325,7 +326,7 @@ def write_pngs(figures: list[tuple[str, go.Figure]], out_dir: Path, chromium: st
 
 def run_title(manifest: dict) -> str:
     """What every figure title starts with: model, direction, metric (and AtP, for its estimates)."""
-    atp = {"atp": ", AtP estimate", "paths": ", path patching"}.get(manifest.get("method"), "")
+    atp = {"atp": ", AtP estimate", PATHS: ", path patching"}.get(manifest.get("method"), "")
     return (
         f"{manifest.get('model', '?')} ({manifest.get('direction', 'denoise')}, "
         f"{manifest.get('metric', 'logit_diff')}{atp})"
@@ -336,7 +337,7 @@ def verification(
     connection, manifest: dict, run: str, min_gap: float
 ) -> tuple[list[tuple[str, str]], list[tuple[str, go.Figure]]]:
     """For an AtP run with verified rows: summary lines and one scatter per component."""
-    k, metric = manifest.get("verify_top", 0), manifest.get("metric", "logit_diff")
+    k, metric = manifest.get("verify_top", 0), manifest.get("metric", DEFAULT_METRIC)
     if manifest.get("method") != "atp" or not k:
         return [], []
     collect_verified(connection, metric, min_gap)
@@ -350,13 +351,6 @@ def verification(
     return lines, scatter_figures(connection, run, agreements)
 
 
-def sender_cells(row: dict) -> dict:
-    """A path-patching aggregate row drawn as a head's cell: its sender's layer and head."""
-    if "receiver" not in row:
-        return row
-    return {**row, "layer": row["sender_layer"], "head": row["sender_head"]}
-
-
 def write_report(
     store: Store, aggregate_rows: list[dict], min_gap: float, drill_down: int = DRILL_DOWN_PAIRS, png: bool = False
 ) -> str:
@@ -366,12 +360,10 @@ def write_report(
     run = run_title(manifest)
     connection = connect_tables(store)
     statistic = "estimate" if manifest.get("method") == "atp" else "score"
-    heatmaps = aggregate_figures(
-        [sender_cells(row) for row in aggregate_rows], run, label_positions(connection), statistic
-    )
+    heatmaps = aggregate_figures(aggregate_rows, run, label_positions(connection), statistic, store.kind)
     pairs = drill_down_figures(connection, store, run, drill_down, statistic)
     checks, scatters = verification(connection, manifest, run, min_gap)
-    layout = "sender layer and head, per receiver" if store.results == "paths" else "layer and position"
+    layout = "sender layer and head, per receiver" if store.kind.senders else "layer and position"
     document = page(
         f"patchsweep: {model}",
         summary_rows(connection, manifest, min_gap) + checks,
@@ -387,7 +379,7 @@ def write_report(
     if not png:
         return said
     chromium = find_chromium()
-    if chromium is None or "://" in store.uri:
+    if chromium is None or is_uri(store.uri):
         return said + "; PNG export skipped: it needs Chromium (apt-get install chromium) and a local --out"
     written = write_pngs(heatmaps, Path(store.path("png")), chromium)
     return said + f"; {len(written)} PNGs in {store.path('png')}"
@@ -403,6 +395,6 @@ def build_report(
     """Aggregate the run in `store` and write its report; returns a line saying what was written."""
     manifest = store.read_manifest() or {}
     rows = aggregate(
-        store, manifest.get("direction", "denoise"), group_by, min_gap, manifest.get("metric", "logit_diff")
+        store, manifest.get("direction", "denoise"), group_by, min_gap, manifest.get("metric", DEFAULT_METRIC)
     ).to_pylist()
     return write_report(store, rows, min_gap, drill_down, png)
