@@ -25,6 +25,7 @@ PAIRS_ROW_GROUP = 65_536
 BATCH_PARTS = 1000  # parts read together; a dataset keeps the footer of every part it has read
 MANIFEST, PAIRS_FILE, INVALID_FILE = "manifest.json", "pairs.parquet", "invalid.jsonl"
 AGGREGATE_FILE, REPORT_FILE = "aggregate.parquet", "report.html"
+GROUPS_FILE = "aggregate_groups.parquet"  # `report --group-by`: per group, beside the overall aggregate
 
 
 class OutputConflict(RuntimeError):
@@ -117,7 +118,11 @@ class Store:
         for directory in (EFFECTS.directory, PATH_SENDERS.directory, PAIR_PARTS_DIR):
             if self.exists(directory):
                 self.fs.delete_dir(self.path(directory))
-        for name in (MANIFEST, PAIRS_FILE, INVALID_FILE, AGGREGATE_FILE, REPORT_FILE):
+        self.remove(MANIFEST, PAIRS_FILE, INVALID_FILE, AGGREGATE_FILE, GROUPS_FILE, REPORT_FILE)
+
+    def remove(self, *names: str) -> None:
+        """Delete the files `names` where they exist."""
+        for name in names:
             if self.exists(name):
                 self.fs.delete_file(self.path(name))
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+import json
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
 
 from jobs.results.aggregate import aggregate
-from jobs.results.query import QueryError, query
+from jobs.results.query import QueryError, format_table, query
 from jobs.store import Store
 from worker.tables import effects_schema, pair_columns
 
@@ -132,6 +135,13 @@ def test_query_counts_and_errors(known_run):
     assert query(store.uri, "SELECT count(*) AS n FROM pairs WHERE template = 't0'").column("n")[0].as_py() == 2
     n = query(store.uri, "SELECT count(DISTINCT component) AS n FROM aggregate").column("n")[0].as_py()
     assert n == 2
+    rounded = query(store.uri, "SELECT -0.0::DOUBLE AS z, round(-0.0001::DOUBLE, 3) AS r")
+    assert format_table(rounded, "table").splitlines()[2].split() == ["0", "0"]
+    assert format_table(rounded, "json") == '{"z": 0.0, "r": 0.0}'
+    listed = query(store.uri, "SELECT pair_id, labels, correct FROM pairs ORDER BY pair_id LIMIT 1")
+    row = listed.to_pylist()[0]
+    lines = format_table(listed, "csv").splitlines()
+    assert lines[0] == '"pair_id","labels","correct"' and json.loads(next(csv.reader(lines[1:]))[2]) == row["correct"]
     joined = query(
         store.uri,
         "SELECT p.template, count(*) AS n FROM effects e JOIN pairs p USING (pair_id) GROUP BY ALL ORDER BY 1",

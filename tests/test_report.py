@@ -20,7 +20,7 @@ from jobs.results.report import (
     find_chromium,
     label_positions,
 )
-from jobs.store import Store
+from jobs.store import GROUPS_FILE, Store
 from tests.conftest import write_jsonl
 from worker.options import DEFAULT_COMPONENTS as COMPONENTS
 from worker.patching import patch_batch
@@ -187,11 +187,28 @@ def test_pairs_table_and_drill_down_show_tokens_as_text(ioi_run):
     assert any(x.endswith(":␣" + record["correct"].strip()) for x in figure.data[0].x)
 
 
-def test_group_by_adds_heatmaps_per_group(ioi_run):
+def test_group_by_adds_heatmaps_per_group_and_leaves_the_overall_aggregate(ioi_run):
+    """A grouped report writes its rows to aggregate_groups and draws them after the overall
+    heatmaps; aggregate keeps exactly the rows it had. A plain report removes the grouped table,
+    which would otherwise describe an earlier report's shards and min-gap."""
     store, _, records = ioi_run
+
+    def overall_rows():  # DuckDB sums in parallel: the last bits of a mean may differ between two runs
+        rows = query(store.uri, "SELECT * FROM aggregate").to_pylist()
+        return [{k: round(v, 9) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
+
+    build_report(store, drill_down=0)
+    overall = overall_rows()
     said = build_report(store, group_by="template", drill_down=0)
     n_templates = len({r["template"] for r in records})
-    assert f"{3 * n_templates} heatmaps" in said
+    assert f"{3 + 3 * n_templates} heatmaps" in said
+    assert overall_rows() == overall
+    assert all(row["group"] is None for row in overall)
+    grouped = query(store.uri, 'SELECT DISTINCT "group" FROM aggregate_groups').column("group").to_pylist()
+    assert sorted(grouped) == sorted({str(r["template"]) for r in records})
+    assert store.exists(GROUPS_FILE)
+    build_report(store, drill_down=0)
+    assert not store.exists(GROUPS_FILE) and overall_rows() == overall
 
 
 def test_chromium_renders_every_plot(ioi_run, tmp_path):

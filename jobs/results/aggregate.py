@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.results.query import QueryError, duckdb_connection
-from jobs.store import AGGREGATE_FILE, PAIR_PARTS_DIR, PAIRS_FILE, Store
+from jobs.store import AGGREGATE_FILE, GROUPS_FILE, PAIR_PARTS_DIR, PAIRS_FILE, Store
 from worker.options import DEFAULT_METRIC
 
 DEFAULT_MIN_GAP = 0.1
@@ -93,7 +93,7 @@ SELECT {kind}, CAST({layer} AS SMALLINT) AS {layer}, CAST({head} AS SMALLINT) AS
            AS normalized_effect,
        pos / nullif(n_pos, 0) AS mean_position
 FROM sums
-ORDER BY {kind}, "group" NULLS FIRST, n_tokens NULLS FIRST, {layer}, {head} NULLS FIRST, mean_position
+ORDER BY {kind}, "group" NULLS FIRST, n_tokens NULLS FIRST, {layer}, {head} NULLS FIRST, mean_position, label
 """
 
 
@@ -109,7 +109,8 @@ def aggregate(
     metric: str = DEFAULT_METRIC,
 ) -> pa.Table:
     """Compute the aggregate table of the run in `store` (its finished shards: results and pairs
-    parts) and write aggregate.parquet."""
+    parts) and write it: aggregate.parquet over every pair (`group` null), or with `group_by` one
+    row per group to aggregate_groups.parquet, so the overall table never changes meaning."""
     if not store.exists(PAIRS_FILE):
         raise QueryError(f"{store.uri}: no {PAIRS_FILE} here; is this a patchsweep output directory?")
     schema = pq.read_schema(store.path(PAIRS_FILE), filesystem=store.fs)  # every pairs part's columns
@@ -142,5 +143,7 @@ def aggregate(
         raise QueryError(f"{store.uri}: no finished shards to aggregate")
     connection.register("batches", pa.concat_tables(batches))
     table = connection.sql(AGGREGATE_SQL.format(**fields)).to_arrow_table()
-    store.write_table(table, AGGREGATE_FILE)
+    if group_by:
+        table = table.replace_schema_metadata({"patchsweep.group_by": group_by})
+    store.write_table(table, GROUPS_FILE if group_by else AGGREGATE_FILE)
     return table

@@ -16,10 +16,11 @@ import uuid
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 
-from jobs.store import AGGREGATE_FILE, PAIRS_FILE, Store
+from jobs.store import AGGREGATE_FILE, GROUPS_FILE, PAIRS_FILE, Store
 
 DUCKDB_MEMORY_LIMIT = "256MB"
 
@@ -46,7 +47,12 @@ def connect_tables(store: Store) -> duckdb.DuckDBPyConnection:
     if not store.exists(store.results):
         raise QueryError(f"{store.uri}: no {store.results}/ here; is this a patchsweep output directory?")
     connection = duckdb_connection()
-    sources = {store.results: store.results, "pairs": PAIRS_FILE, "aggregate": AGGREGATE_FILE}
+    sources = {
+        store.results: store.results,
+        "pairs": PAIRS_FILE,
+        "aggregate": AGGREGATE_FILE,
+        "aggregate_groups": GROUPS_FILE,
+    }
     for view, name in sources.items():
         if store.exists(name):
             dataset = ds.dataset(store.path(name), filesystem=store.fs, format="parquet")
@@ -68,14 +74,28 @@ def query(out: str, sql: str) -> pa.Table:
         raise QueryError(f"SQL error: {one_line(error)}") from None
 
 
+def no_negative_zero(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A float column with -0.0 (what rounding a small negative number gives) as 0.0: adding
+    zero turns -0.0 into 0.0 and leaves every other value as it is."""
+    return pc.add(column, 0.0) if pa.types.is_floating(column.type) else column
+
+
+def as_csv_cell(column: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
+    """A column CSV can hold: lists and structs (the pairs' tokens, labels, answers) as JSON text."""
+    if pa.types.is_nested(column.type):
+        return pa.array([None if v is None else json.dumps(v) for v in column.to_pylist()], pa.string())
+    return column
+
+
 def format_table(table: pa.Table, output_format: str) -> str:
     """Render a query result as an aligned text table, CSV or JSON lines."""
+    table = pa.table([no_negative_zero(column) for column in table.columns], names=table.column_names)
     rows = table.to_pylist()
     if output_format == "json":
         return "\n".join(json.dumps(row, default=str) for row in rows)
     if output_format == "csv":
         sink = io.BytesIO()
-        pacsv.write_csv(table, sink)
+        pacsv.write_csv(pa.table([as_csv_cell(column) for column in table.columns], names=table.column_names), sink)
         return sink.getvalue().decode().rstrip("\n")
     cells = [table.column_names] + [
         ["" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values()] for row in rows

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from jobs.results.aggregate import ALL_POSITIONS, DEFAULT_MIN_GAP, aggregate
 from jobs.results.query import connect_tables
 from jobs.results.verification import collect_verified, correlations, fmt, scatter_figures, top_k_agreement
-from jobs.store import EFFECTS, REPORT_FILE, ResultsKind, Store
+from jobs.store import EFFECTS, GROUPS_FILE, REPORT_FILE, ResultsKind, Store
 from worker.options import COMPONENTS, DEFAULT_METRIC, PATHS
 from worker.parts import is_uri
 
@@ -392,9 +392,14 @@ def build_report(
     drill_down: int = DRILL_DOWN_PAIRS,
     png: bool = False,
 ) -> str:
-    """Aggregate the run in `store` and write its report; returns a line saying what was written."""
+    """Aggregate the run in `store` (overall, and per group with `group_by`) and write its report;
+    returns a line saying what was written. Without `group_by` an earlier grouped table is removed:
+    it would describe other shards or another min-gap than the report beside it."""
     manifest = store.read_manifest() or {}
-    rows = aggregate(
-        store, manifest.get("direction", "denoise"), group_by, min_gap, manifest.get("metric", DEFAULT_METRIC)
-    ).to_pylist()
+    direction, metric = manifest.get("direction", "denoise"), manifest.get("metric", DEFAULT_METRIC)
+    rows = aggregate(store, direction, None, min_gap, metric).to_pylist()
+    if group_by:
+        rows += aggregate(store, direction, group_by, min_gap, metric).to_pylist()
+    else:
+        store.remove(GROUPS_FILE)
     return write_report(store, rows, min_gap, drill_down, png)

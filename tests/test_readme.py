@@ -1,0 +1,118 @@
+"""The README works as written: its offline commands, taken from the README itself, run in order
+in a fresh directory on the bundled models, and the figures it quotes are what the run prints.
+
+The commands are every `python driver.py ...` line of the README's bash blocks (the setup line's
+run command included), optional `[...]` parts left out; the test command, the Ray cluster block
+(it needs a cluster and a bucket) and the rest of the setup line (installs) are not run here.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from jobs.results.query import query
+from tests.conftest import REPO
+
+README = REPO / "README.md"
+RUN = "python driver.py"
+FIRST_OUT = "runs/ioi_pairs"  # where the README's first command writes
+
+
+def readme_commands(text: str) -> list[str]:
+    """The driver commands of the README's bash blocks, in order, as a user would type them."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#\s.*$", "", line)  # a trailing comment
+            line = re.sub(r"\s*\[[^\]]*\]", "", line).strip()  # optional parts, as in --help
+            if RUN in line and not line.startswith(("ray ", "RAY_")):
+                commands.append(line[line.index(RUN) :])
+    return commands
+
+
+def run(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    argv = [sys.executable, str(REPO / "driver.py"), *shlex.split(command)[2:]]
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@dataclass(frozen=True)
+class Walkthrough:
+    here: Path  # the fresh directory the commands ran in
+    results: list[tuple[str, subprocess.CompletedProcess]]  # each command, in README order, and its run
+    before: dict[str, str]  # each query of the first run: what it printed straight after that run
+
+
+@pytest.fixture(scope="session")
+def walkthrough(tmp_path_factory) -> Walkthrough:
+    """Every README command, run in order in a fresh directory holding only the bundled examples."""
+    here = tmp_path_factory.mktemp("walkthrough")
+    (here / "examples").symlink_to(REPO / "examples")
+    commands = readme_commands(README.read_text())
+    results = [(commands[0], run(commands[0], here))]
+    before = {c: run(c, here).stdout for c in commands if c.startswith(f"{RUN} query {FIRST_OUT} ")}
+    results += [(command, run(command, here)) for command in commands[1:]]
+    return Walkthrough(here, results, before)
+
+
+def test_the_readme_names_its_commands():
+    commands = readme_commands(README.read_text())
+    assert commands[0] == "python driver.py --pairs examples/ioi_pairs.jsonl --model examples/toy-ioi-gpt2"
+    assert any(" report " in f" {c} " for c in commands) and any(c.startswith(f"{RUN} paths") for c in commands)
+    assert not any("dataset.jsonl" in c for c in commands), "the cluster block needs a cluster: not run here"
+
+
+def test_every_readme_command_runs(walkthrough):
+    for command, done in walkthrough.results:
+        assert done.returncode == 0, f"{command}\n{done.stderr[-2000:]}"
+
+
+def test_the_quoted_top_heads_are_what_the_query_prints(walkthrough):
+    """'Which heads at END carry the answer: 3.3 (0.19 ± 0.15), 1.3 (0.14), ...': the heads query's
+    rows, in its order, with its rounded means (and the first one's std)."""
+    quoted = re.search(r"Which heads at END carry the answer: (.*?)\. ", README.read_text(), flags=re.S).group(1)
+    heads = re.findall(r"(\d+)\.(\d+) \((-?[\d.]+)(?: ± ([\d.]+))?\)", quoted)
+    assert len(heads) == 5
+    printed = next(done.stdout for command, done in walkthrough.results if "component = 'head'" in command)
+    rows = [line.split() for line in printed.splitlines()[2:-1]]  # under the header and its rule, above the count
+    for (layer, head, mean, std), row in zip(heads, rows):
+        assert row[:2] == [layer, head]
+        assert float(row[2]) == pytest.approx(float(mean), abs=0.005)  # the README quotes two decimals
+        if std:
+            assert float(row[3]) == pytest.approx(float(std), abs=0.005)
+
+
+def test_a_grouped_report_leaves_the_overall_aggregate_as_it_was(walkthrough):
+    """The README builds a report grouped by template before its queries of the first run: they
+    print the same rows as straight after the run (grouped rows live in a table of their own)."""
+    before = walkthrough.before
+    commands = [command for command, _ in walkthrough.results]
+    grouped = next(i for i, c in enumerate(commands) if "--group-by template" in c)
+    assert before and all(commands.index(query) > grouped for query in before)
+    for command, done in walkthrough.results:
+        if command in before:
+            assert done.stdout == before[command], command
+            assert not re.search(r"(^|\s)-0(\s|$)", done.stdout), "a negative zero was printed"
+
+
+def test_resid_patching_moves_from_s2_to_end(walkthrough):
+    """'S2 matters at early layers, END at late ones' (the toy IOI model of the first command)."""
+    rows = query(
+        str(walkthrough.here / FIRST_OUT),
+        "SELECT layer, label, mean_score FROM aggregate WHERE component = 'resid' ORDER BY layer",
+    ).to_pylist()
+    by_layer = defaultdict(dict)
+    for row in rows:
+        by_layer[row["layer"]][row["label"]] = row["mean_score"]
+    argmax = [max(scores, key=scores.get) for _, scores in sorted(by_layer.items())]
+    assert argmax[0] == "S2" and argmax[-1] == "END"
+    switch = argmax.index("END")
+    assert set(argmax[:switch]) == {"S2"} and set(argmax[switch:]) == {"END"}
+    assert by_layer[0]["S2"] > 0.5 and by_layer[len(argmax) - 1]["END"] > 0.9
