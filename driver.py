@@ -32,8 +32,8 @@ from worker.options import (
     DEFAULT_MODEL,
     DIRECTIONS,
     DTYPE_NAMES,
-    METHODS,
     METRICS,
+    PATCH_METHODS,
     PATHS,
     ModelLoadError,
     PatchOptions,
@@ -188,7 +188,7 @@ def run(spec: JobSpec) -> None:
 )
 @click.option(
     "--method",
-    type=click.Choice(METHODS),
+    type=click.Choice(PATCH_METHODS),
     default="exact",
     show_default=True,
     help="exact: patch every cell; atp: estimate every cell by attribution patching (two forwards and "

@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from jobs.pairfile import InvalidLine
-from worker.options import PATHS
+from worker.options import METHODS
 from worker.parts import PAIR_PARTS_DIR, PartWriter, atomic_output, filesystem, is_uri, write_parquet
 
 PAIRS_ROW_GROUP = 65_536
@@ -49,8 +49,8 @@ PATH_SENDERS = ResultsKind("paths", ("receiver", "sender_layer", "sender_head"),
 
 
 def results_kind(method: str | None) -> ResultsKind:
-    """The results a run with `method` writes: path senders for path patching, effects for the rest."""
-    return PATH_SENDERS if method == PATHS else EFFECTS
+    """The results a run with `method` writes (effects where a manifest names none)."""
+    return {kind.directory: kind for kind in (EFFECTS, PATH_SENDERS)}[METHODS[method or "exact"].results]
 
 
 class Store:

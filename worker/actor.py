@@ -10,18 +10,16 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-import pyarrow as pa
 import ray
 import torch
 import transformers
 
 from worker.faults import InjectedFault
+from worker.methods import run_method
 from worker.model import load_model
-from worker.options import PATHS, ModelLoadError, PatchOptions
+from worker.options import ModelLoadError, PatchOptions
 from worker.pairs import Pair
 from worker.parts import PartWriter, Receipt
-from worker.patching import patch_batch
-from worker.paths import path_batch
 from worker.receivers import parse_receivers
 from worker.sites import head_split_problem, receivers_problem
 
@@ -49,30 +47,12 @@ class PatchWorker:
         """The Ray node this worker runs on ("local" outside Ray), recorded per shard."""
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
-    def tables(self, pairs: Sequence[Pair], options: PatchOptions) -> tuple[pa.Table, pa.Table]:
-        """The shard's results (effects, or paths for path patching) and pairs tables."""
-        if options.method == PATHS:
-            result = path_batch(self.model, pairs, options)
-            return result.paths, result.pairs
-        result = patch_batch(
-            self.model,
-            pairs,
-            options.components,
-            options.direction,
-            options.max_batch_tokens,
-            options.positions,
-            options.metric,
-            options.method,
-            options.verify_top,
-        )
-        return result.effects, result.pairs
-
     def run_shard(self, name: str, pairs: Sequence[Pair], options: PatchOptions, writer: PartWriter) -> Receipt:
         """Patch a shard and write its parts (pairs first, results last); what was written."""
         started = time.perf_counter()
         if self.fault:
             self.fault.at("start", pairs)
-        results, pairs_rows = self.tables(pairs, options)
+        results, pairs_rows = run_method(self.model, pairs, options)
         written = writer.write_pairs(name, pairs_rows)
         if self.fault:
             self.fault.at("half-written", pairs)

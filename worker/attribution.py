@@ -24,8 +24,9 @@ import torch
 from nnsight import TransformersModel
 
 from worker.metrics import Answers, Donor, vocabulary_metric
-from worker.options import PatchOptions, donor_offset
+from worker.options import PatchOptions
 from worker.pairs import Pair
+from worker.rows import PairRows
 from worker.sites import FORWARD_ORDER, Cell, component_output, head_dim, last_logits, n_layers
 
 
@@ -36,11 +37,11 @@ def read_gradients(
     receivers' metric: the metric of every row, and per (component, layer) the activations and
     their gradients."""
     device = model.device
-    input_ids = torch.tensor([ids for p in pairs for ids in (p.clean_ids, p.corrupted_ids)], device=device)
+    layout, indices = PairRows(options.direction), torch.arange(len(pairs), device=device)
+    input_ids = layout.input_ids(pairs).to(device)
     answers = Answers.of([p for p in pairs for _ in range(2)]).to(device)
-    offset = donor_offset(options.direction)
-    donor_rows = (2 * torch.arange(len(pairs), device=device) + offset).repeat_interleave(2)
-    receiver_rows = 2 * torch.arange(len(pairs), device=device) + 1 - offset
+    donor_rows = layout.donor_rows(indices).repeat_interleave(2)
+    receiver_rows = layout.receiving_rows(indices)
     sites = [
         (component, layer) for layer in range(n_layers(model)) for component in FORWARD_ORDER if component in components
     ]
@@ -65,8 +66,8 @@ def read_gradients(
 def first_order_effects(act: torch.Tensor, grad: torch.Tensor, direction: str, head_width: int | None) -> torch.Tensor:
     """Per pair, (donor - receiver) x the receiver's gradient, summed over channels: [P, T], or
     [P, T, heads] summed over each head's channels."""
-    offset = donor_offset(direction)
-    product = (act[offset::2] - act[1 - offset :: 2]).float() * grad[1 - offset :: 2].float()
+    rows = PairRows(direction)
+    product = (rows.donor_side(act) - rows.receiving_side(act)).float() * rows.receiving_side(grad).float()
     if head_width is None:
         return product.sum(-1)
     return product.view(*product.shape[:2], -1, head_width).sum(-1)
@@ -89,7 +90,7 @@ def atp_estimates(
         group = pairs[first : first + pairs_per_group]
         values, acts, grads = read_gradients(model, group, options, components)
         baselines.append(values)
-        receiver = values[1 - donor_offset(options.direction) :: 2]
+        receiver = PairRows(options.direction).receiving_side(values)
         by_site: dict[tuple[str, int, bool], list[int]] = {}
         for i, (pair, c) in enumerate(work):
             if first <= pair < first + len(group):
@@ -111,7 +112,7 @@ def atp_estimates(
                 picked = picked[torch.arange(len(indices)), torch.tensor([cells[work[i][1]].head for i in indices])]
             estimates[torch.tensor(indices)] = receiver[pair_index] + picked
     metric = torch.cat(baselines)
-    return metric[0::2], metric[1::2], estimates
+    return *PairRows.clean_and_corrupted(metric), estimates
 
 
 def verified_rows(

@@ -19,19 +19,31 @@ POSITION_MODES = ("each", "all")  # or a list of position labels
 METRICS = ("logit_diff", "logprob", "prob_diff", "kl")
 DEFAULT_METRIC = "logit_diff"
 NEEDS_INCORRECT = ("logit_diff", "prob_diff")  # the others read only the correct answers, or none
-METHODS = ("exact", "atp")  # exact patching, or attribution patching (AtP) checked by exact patching
 PATHS = "paths"  # path patching (`driver.py paths`): head senders, measured through `receivers`
 DEFAULT_MAX_BATCH_TOKENS = 4096
 
 
+@dataclass(frozen=True)
+class Method:
+    """What a method is, for the driver and for whoever reads its tables; worker/methods.py says
+    which code runs it. A new method is a row here and a runner there."""
+
+    results: str  # the results table it writes: `effects`, or `paths` for path patching
+    estimates: bool  # every cell gets an `estimate`; `score` only the cells --verify-top exact-patches
+    receivers: bool  # measured through `--receivers` (path patching)
+    title: str  # what figure titles say of it ("" for plain patching)
+
+
+METHODS = {
+    "exact": Method("effects", estimates=False, receivers=False, title=""),
+    "atp": Method("effects", estimates=True, receivers=False, title="AtP estimate"),
+    PATHS: Method("paths", estimates=False, receivers=True, title="path patching"),
+}
+PATCH_METHODS = tuple(name for name, method in METHODS.items() if not method.receivers)  # the main command's
+
+
 class ModelLoadError(RuntimeError):
     """A model or tokenizer that cannot be loaded; the message is one line for the user."""
-
-
-def donor_offset(direction: str) -> int:
-    """Batches hold [clean, corrupted] rows per pair: the donor's row of the two (0 when
-    denoising, clean into corrupted); the receiver's is the other, 1 minus it."""
-    return 0 if direction == "denoise" else 1
 
 
 def parse_positions(text: str) -> str:
@@ -81,16 +93,18 @@ class PatchOptions:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be at least 1, got {self.max_batch_tokens}")
-        if self.method not in (*METHODS, PATHS):
-            raise ValueError(f"method must be one of {(*METHODS, PATHS)}, got {self.method!r}")
-        if self.verify_top < 0 or (self.verify_top and self.method != "atp"):
-            raise ValueError(f"verify_top must be 0, or positive with method atp, got {self.verify_top}")
-        if (self.method == PATHS) != bool(self.receivers):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {tuple(METHODS)}, got {self.method!r}")
+        method = METHODS[self.method]
+        if self.verify_top < 0 or (self.verify_top and not method.estimates):
+            estimating = " or ".join(name for name, m in METHODS.items() if m.estimates)
+            raise ValueError(f"verify_top must be 0, or positive with method {estimating}, got {self.verify_top}")
+        if method.receivers != bool(self.receivers):
             raise ValueError(
                 "receivers are what method paths measures through, and only it: "
                 f"method {self.method!r} with receivers {list(self.receivers)}"
             )
-        if self.method == PATHS:
+        if method.receivers:
             if self.components != ("head",):
                 raise ValueError(f"path patching sends from heads: components must be ('head',), got {self.components}")
             if tuple(r.name for r in parse_receivers(self.receivers)) != self.receivers:

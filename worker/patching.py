@@ -16,23 +16,24 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import pyarrow as pa
 import torch
 from nnsight import TransformersModel
 
-from worker.attribution import atp_estimates, verified_rows
+from worker.attribution import verified_rows
 from worker.metrics import Answers, Donor, vocabulary_metric
 from worker.options import (
     DEFAULT_COMPONENTS,
     DEFAULT_MAX_BATCH_TOKENS,
     DEFAULT_METRIC,
     PatchOptions,
-    donor_offset,
     position_labels,
 )
 from worker.pairs import Pair
 from worker.reuse import resolve_exact_path, reuse_values
+from worker.rows import PairRows
 from worker.sites import FORWARD_ORDER, Cell, component_output, head_dim, head_mask, last_logits, n_heads, n_layers
 from worker.tables import effects_table, empty_effects, pairs_table
 
@@ -137,24 +138,21 @@ def plan_trace(
     direction: str,
     pair_indices: list[int],
 ) -> TracePlan:
-    """Lay out one trace's rows: [clean, corrupted] per pair of `pair_indices`, then the patched rows."""
-    clean_row = {p: 2 * i for i, p in enumerate(pair_indices)}
-    shift = donor_offset(direction)
-    ids, answer_rows, donor_rows = [], [], []
-    for p in pair_indices:
-        ids += [pairs[p].clean_ids, pairs[p].corrupted_ids]
-        answer_rows += [p, p]
-        donor_rows += [clean_row[p] + shift] * 2
+    """Lay out one trace's rows: the pairs of `pair_indices` in the `PairRows` layout, then the patched rows."""
+    layout, local = PairRows(direction), {p: i for i, p in enumerate(pair_indices)}
+    ids = layout.input_ids([pairs[p] for p in pair_indices]).tolist()
+    answer_rows = [p for p in pair_indices for _ in range(2)]
+    donor_rows = layout.donor_rows(torch.arange(len(pair_indices)).repeat_interleave(2)).tolist()
     by_site: dict[tuple[str, int, bool], list[tuple]] = defaultdict(list)
     for pair, cell_index in work:
         cell = cells[cell_index]
-        receiver = pairs[pair].corrupted_ids if direction == "denoise" else pairs[pair].clean_ids
-        positions = list(range(len(receiver))) if cell.position is None else [cell.position]
-        entry = (len(ids), positions, clean_row[pair] + shift) + (() if cell.head is None else (cell.head,))
+        donor, receiver = layout.donor_rows(local[pair]), layout.receiving_rows(local[pair])
+        positions = list(range(len(ids[receiver]))) if cell.position is None else [cell.position]
+        entry = (len(ids), positions, donor) + (() if cell.head is None else (cell.head,))
         by_site[(cell.component, cell.layer, cell.position is None)].append(entry)
-        ids.append(receiver)
+        ids.append(ids[receiver])
         answer_rows.append(pair)
-        donor_rows.append(clean_row[pair] + shift)
+        donor_rows.append(donor)
     writes: dict[tuple[str, int], list[Write]] = defaultdict(list)
     for (component, layer, _), entries in by_site.items():
         writes[(component, layer)].append(Write(*(torch.tensor(column) for column in zip(*entries))))
@@ -232,8 +230,7 @@ def trace_values(
         metric = run_trace(model, plan, options.metric)
         n_base = 2 * len(pair_indices)
         index = torch.tensor(pair_indices)
-        clean[index] = metric[0:n_base:2]
-        corrupted[index] = metric[1:n_base:2]
+        clean[index], corrupted[index] = PairRows.clean_and_corrupted(metric[:n_base])
         values.append(metric[n_base:])
     return clean, corrupted, torch.cat(values)
 
@@ -250,16 +247,20 @@ def row_values(
     return patched
 
 
+Estimator = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # as `exact_values`, estimated
+
+
 def patch_group(
     model: TransformersModel,
     pairs: Sequence[Pair],
     options: PatchOptions,
     exact_path: str,
+    estimate: Estimator | None,
 ) -> tuple[pa.Table, torch.Tensor, torch.Tensor]:
     """Patch pairs that share one token length; returns their effects and both baselines.
 
-    `exact`: every row's patched metric. `atp`: every row's estimate, and the patched metric of
-    the rows `verify_top` picks (null elsewhere).
+    Without `estimate`: every row's patched metric. With one (AtP's): every row's estimate, and
+    the patched metric of the rows `verify_top` picks (null elsewhere).
     """
     n_tokens = pairs[0].n_tokens
     assert all(p.n_tokens == n_tokens for p in pairs), "patch_group needs equal-length pairs"
@@ -268,15 +269,15 @@ def patch_group(
     work = cells_to_run(pairs, cells, rows)
     exact_values = reuse_values if exact_path == "reuse" else trace_values
     row_pairs = torch.tensor([p for p, _ in rows], dtype=torch.long)
-    estimate, exact_rows = None, None
-    if options.method == "atp":
-        clean, corrupted, estimated = atp_estimates(model, pairs, cells, work, options)
+    estimate_scores, exact_rows = None, None
+    if estimate is not None:
+        clean, corrupted, estimated = estimate(model, pairs, cells, work, options)
     else:
         clean, corrupted, values = exact_values(model, pairs, cells, work, options)
     receiver = (corrupted if options.direction == "denoise" else clean)[row_pairs]
-    if options.method == "atp":
+    if estimate is not None:
         estimated = row_values(rows, receiver, work, estimated)
-        estimate = normalized_score(estimated, clean[row_pairs], corrupted[row_pairs], options.direction)
+        estimate_scores = normalized_score(estimated, clean[row_pairs], corrupted[row_pairs], options.direction)
         verified = verified_rows([p.pair_id for p in pairs], rows, estimated - receiver, options.verify_top)
         exact_rows = torch.tensor([row in verified for row in rows], dtype=torch.bool)
         work = [item for item in work if item in verified]
@@ -293,7 +294,9 @@ def patch_group(
         "head": [c.head for c in row_cells],
         options.metric: pa.array(patched.numpy(), pa.float32(), mask=unverified),
         "score": pa.array(scores.numpy(), pa.float32(), mask=unverified),
-        "estimate": pa.array(estimate.numpy() if estimate is not None else [None] * len(rows), pa.float32()),
+        "estimate": pa.array(
+            estimate_scores.numpy() if estimate_scores is not None else [None] * len(rows), pa.float32()
+        ),
     }
     return effects_table(columns, options.direction, options.metric), clean, corrupted
 
@@ -324,11 +327,25 @@ def patch_batch(
     reads the clean and corrupted activations with nnsight and recomputes only what a patch
     changes (worker/reuse.py); `"auto"` takes `reuse`.
     """
+    from worker.methods import run_method  # the registry of methods imports this module
+
     options = PatchOptions(tuple(components), positions, direction, metric, max_batch_tokens, method, verify_top)
+    return PatchResult(*run_method(model, pairs, options, exact_path=exact_path))
+
+
+def effects_batch(
+    model: TransformersModel,
+    pairs: Sequence[Pair],
+    options: PatchOptions,
+    estimate: Estimator | None,
+    exact_path: str = "auto",
+) -> tuple[pa.Table, pa.Table]:
+    """The effects and pairs tables of `pairs` (see `patch_batch`); `estimate`: how the method
+    estimates before it patches exactly, or None to patch every cell (worker/methods.py)."""
     exact_path = resolve_exact_path(exact_path)
-    parts, pairs_rows = per_length(pairs, options, lambda group: patch_group(model, group, options, exact_path))
-    effects = pa.concat_tables(parts) if parts else empty_effects(direction, metric)
-    return PatchResult(effects, pairs_rows)
+    run_group = partial(patch_group, model, options=options, exact_path=exact_path, estimate=estimate)
+    parts, pairs_rows = per_length(pairs, options, run_group)
+    return pa.concat_tables(parts) if parts else empty_effects(options.direction, options.metric), pairs_rows
 
 
 def per_length(

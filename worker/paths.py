@@ -43,6 +43,7 @@ from worker.reuse import (
     readout,
     suffix_arguments,
 )
+from worker.rows import PairRows
 from worker.sites import Cell, blocks, family, head_input, n_heads, n_layers
 from worker.tables import paths_table
 
@@ -85,13 +86,13 @@ def frozen_stream(
         if record and layer >= max(record):
             break
         if hidden is not None:
-            receiving = 2 * torch.tensor([rows[i][0] for i in order], device=device) + read.receiving
+            receiving = read.rows.receiving_rows(torch.tensor([rows[i][0] for i in order], device=device))
             hidden = block_given_attention(model, block, hidden, acts.attn[layer][:, at][receiving])
         joining = [i for i, (_, cell) in enumerate(rows) if cell.layer == layer]
         if not joining:
             continue
         pairs = torch.tensor([rows[i][0] for i in joining], device=device)
-        receiving, donors = 2 * pairs + read.receiving, 2 * pairs + 1 - read.receiving
+        receiving, donors = read.rows.receiving_rows(pairs), read.rows.donor_rows(pairs)
         heads = torch.tensor([rows[i][1].head for i in joining], device=device)
         where = torch.stack(
             [
@@ -121,7 +122,7 @@ def receiving_run_with_inputs(
     acts, device = read.acts, read.acts.resid[0].device
     start, first = positions[0], min(receiver.layers)
     at = torch.tensor(positions, device=device) - start
-    hidden = acts.resid[first][2 * pairs + read.receiving, start:]
+    hidden = acts.resid[first][read.rows.receiving_rows(pairs), start:]
     arguments = suffix_arguments(model, start, hidden)
     handles = []
     try:
@@ -159,7 +160,7 @@ def receiver_values(
 ) -> torch.Tensor:
     """The metric of each (pair, sender) item through `receiver`: the receiving run's own where the
     sender cannot reach it, else the path-patched run's."""
-    values = read.acts.metric[2 * torch.tensor([pair for pair, _ in items]) + read.receiving].clone()
+    values = read.acts.metric[read.rows.receiving_rows(torch.tensor([pair for pair, _ in items]))].clone()
     group = read.pairs
     reads = [read_positions(pair, receiver) for pair in group]
     by_positions: dict[tuple[int, ...], list[int]] = defaultdict(list)
@@ -204,7 +205,7 @@ def path_group(
             for receiver in receivers:
                 values[receiver][torch.tensor(mine)] = receiver_values(model, read, items, receiver, options)
     metric = torch.cat(baselines)
-    clean, corrupted = metric[0::2], metric[1::2]
+    clean, corrupted = PairRows.clean_and_corrupted(metric)
     row_pairs = torch.tensor([pair for pair, _ in rows], dtype=torch.long)
     columns: dict[str, list] = defaultdict(list)
     for receiver in receivers:

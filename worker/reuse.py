@@ -32,8 +32,9 @@ from nnsight import TransformersModel
 
 from worker.families import part
 from worker.metrics import Answers, Donor, answer_logit_diff, reads_vocabulary, vocabulary_metric
-from worker.options import COMPONENTS, PatchOptions, donor_offset
+from worker.options import COMPONENTS, PatchOptions
 from worker.pairs import Pair
+from worker.rows import PairRows
 from worker.sites import Cell, blocks, component_output, embedding_output, family, head_dim, head_mask, last_logits
 
 
@@ -57,15 +58,14 @@ class Activations:
 @dataclass(frozen=True)
 class GroupRead:
     """A group of pairs read by one trace, and what every patched run of the group shares: the
-    activations, the answers, the receiving rows' prefix keys and values per layer. The receiving
-    run of the group's pair i is row 2 * i + `receiving` of the activations."""
+    activations (in `rows`' layout), the answers, the receiving rows' prefix keys and values per layer."""
 
     first: int  # the index of the group's first pair among all the pairs
     pairs: Sequence[Pair]
     acts: Activations
     answers: Answers
     prefix: list[tuple[torch.Tensor, torch.Tensor]]
-    receiving: int
+    rows: PairRows
 
 
 def read_groups(
@@ -74,13 +74,15 @@ def read_groups(
     """The pairs (of one token length) in groups whose clean and corrupted prompts fit
     `max_batch_tokens`, each read once (`read_activations`, keeping `components`)."""
     per_group = max(1, options.max_batch_tokens // (2 * pairs[0].n_tokens))
-    receiving = 1 - donor_offset(options.direction)
+    rows = PairRows(options.direction)
     for first in range(0, len(pairs), per_group):
         group = pairs[first : first + per_group]
         answers = Answers.of(group).to(model.device)
         acts = read_activations(model, group, answers, options, components)
-        prefix = [(keys[receiving::2], values[receiving::2]) for keys, values in zip(acts.keys, acts.values)]
-        yield GroupRead(first, group, acts, answers, prefix, receiving)
+        prefix = [
+            (rows.receiving_side(keys), rows.receiving_side(values)) for keys, values in zip(acts.keys, acts.values)
+        ]
+        yield GroupRead(first, group, acts, answers, prefix, rows)
 
 
 def resolve_exact_path(path: str) -> str:
@@ -88,10 +90,6 @@ def resolve_exact_path(path: str) -> str:
     if path not in ("auto", "trace", "reuse"):
         raise ValueError(f"exact_path must be auto, trace or reuse, got {path!r}")
     return "reuse" if path == "auto" else path
-
-
-def baseline_rows(pairs: Sequence[Pair]) -> torch.Tensor:
-    return torch.tensor([ids for pair in pairs for ids in (pair.clean_ids, pair.corrupted_ids)])
 
 
 def read_activations(
@@ -102,9 +100,10 @@ def read_activations(
     Head, attention and MLP activations are kept only for the `components` asked for.
     """
     device = model.device
-    input_ids = baseline_rows(pairs).to(device)
+    layout = PairRows(options.direction)
+    input_ids = layout.input_ids(pairs).to(device)
     row_answers = answers[torch.arange(len(pairs), device=device).repeat_interleave(2)]
-    donor_rows = 2 * torch.arange(len(pairs), device=device) + donor_offset(options.direction)
+    donor_rows = layout.donor_rows(torch.arange(len(pairs), device=device))
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     donor = None  # only saved values leave a trace: set here, replaced inside for `kl`
     with torch.inference_mode(), model.trace(inputs, logits_to_keep=1, use_cache=True):
@@ -278,7 +277,7 @@ def run_rows(
 ) -> torch.Tensor:
     """The patched metric of rows (pair index, cell) that all patch position `start` (all of start.. if `whole`)."""
     device = acts.resid[0].device
-    shift = 1 - donor_offset(options.direction)
+    layout = PairRows(options.direction)
     hidden, order, arguments = None, [], None
     for layer, block in enumerate(blocks(model)):
         if hidden is not None:
@@ -302,8 +301,8 @@ def run_rows(
                 layer,
                 start,
                 whole,
-                receivers=2 * pairs + shift,
-                donors=2 * pairs + 1 - shift,
+                receivers=layout.receiving_rows(pairs),
+                donors=layout.donor_rows(pairs),
                 heads=heads,
             )
             hidden = new if hidden is None else torch.cat([hidden, new])
@@ -350,4 +349,4 @@ def reuse_values(
                         model, read.acts, read.prefix, rows, start, whole, options, read.answers
                     )
     metric = torch.cat(baselines)
-    return metric[0::2], metric[1::2], values
+    return *PairRows.clean_and_corrupted(metric), values

@@ -25,7 +25,7 @@ from jobs.results.aggregate import ALL_POSITIONS, DEFAULT_MIN_GAP, aggregate
 from jobs.results.query import connect_tables
 from jobs.results.verification import collect_verified, correlations, fmt, scatter_figures, top_k_agreement
 from jobs.store import EFFECTS, GROUPS_FILE, REPORT_FILE, ResultsKind, Store
-from worker.options import COMPONENTS, DEFAULT_METRIC, PATHS
+from worker.options import COMPONENTS, DEFAULT_METRIC, METHODS, Method
 from worker.parts import is_uri
 
 DRILL_DOWN_PAIRS = 3
@@ -324,13 +324,15 @@ def write_pngs(figures: list[tuple[str, go.Figure]], out_dir: Path, chromium: st
     return written
 
 
+def method_of(manifest: dict) -> Method:
+    return METHODS[manifest.get("method", "exact")]
+
+
 def run_title(manifest: dict) -> str:
-    """What every figure title starts with: model, direction, metric (and AtP, for its estimates)."""
-    atp = {"atp": ", AtP estimate", PATHS: ", path patching"}.get(manifest.get("method"), "")
-    return (
-        f"{manifest.get('model', '?')} ({manifest.get('direction', 'denoise')}, "
-        f"{manifest.get('metric', 'logit_diff')}{atp})"
-    )
+    """What every figure title starts with: model, direction, metric (and what the method adds, such
+    as AtP for its estimates)."""
+    said = [manifest.get("direction", "denoise"), manifest.get("metric", DEFAULT_METRIC), method_of(manifest).title]
+    return f"{manifest.get('model', '?')} ({', '.join(part for part in said if part)})"
 
 
 def verification(
@@ -338,7 +340,7 @@ def verification(
 ) -> tuple[list[tuple[str, str]], list[tuple[str, go.Figure]]]:
     """For an AtP run with verified rows: summary lines and one scatter per component."""
     k, metric = manifest.get("verify_top", 0), manifest.get("metric", DEFAULT_METRIC)
-    if manifest.get("method") != "atp" or not k:
+    if not method_of(manifest).estimates or not k:
         return [], []
     collect_verified(connection, metric, min_gap)
     agreements = correlations(connection)
@@ -359,7 +361,7 @@ def write_report(
     model = manifest.get("model", "?")
     run = run_title(manifest)
     connection = connect_tables(store)
-    statistic = "estimate" if manifest.get("method") == "atp" else "score"
+    statistic = "estimate" if method_of(manifest).estimates else "score"
     heatmaps = aggregate_figures(aggregate_rows, run, label_positions(connection), statistic, store.kind)
     pairs = drill_down_figures(connection, store, run, drill_down, statistic)
     checks, scatters = verification(connection, manifest, run, min_gap)
