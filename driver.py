@@ -27,10 +27,12 @@ from jobs.spec import DEFAULT_BATCH_PAIRS, JobSpec
 from jobs.store import OutputConflict, Store
 from worker.options import (
     DEFAULT_COMPONENTS,
+    DEFAULT_DONOR,
     DEFAULT_MAX_BATCH_TOKENS,
     DEFAULT_METRIC,
     DEFAULT_MODEL,
     DIRECTIONS,
+    DONORS,
     DTYPE_NAMES,
     METRICS,
     PATCH_METHODS,
@@ -118,6 +120,14 @@ def run_options(positions_help: str, positions_default: str):
             help="What is read at the last position: logit_diff (mean correct minus mean incorrect logit), "
             "logprob (log total probability of correct), prob_diff (total probability of correct minus "
             "incorrect), kl (KL(donor || run) of the next-token distribution).",
+        ),
+        click.option(
+            "--donor",
+            type=click.Choice(DONORS),
+            default=DEFAULT_DONOR,
+            show_default=True,
+            help="Where patched values come from: pair (the pair's other prompt) or zero (zero ablation). "
+            "Scores keep the pair's own baselines: 1 = as far as the pair's other prompt moves it.",
         ),
         click.option(
             "--address", help="Join a running Ray cluster (auto or HOST:PORT). Default: start a local Ray for this run."

@@ -4,13 +4,16 @@ metric) sweeps over the 48 benchmark pairs, in one process, relative to the firs
     python -m bench.sweeps attn:each head:each head:END head:all
     python -m bench.sweeps resid:each:logit_diff resid:each:logprob resid:each:prob_diff resid:each:kl
     python -m bench.sweeps resid,attn,mlp,head resid,attn,mlp,head:each:logit_diff:atp
+    python -m bench.sweeps head:all head:all:logit_diff:exact:zero resid:each resid:each:logit_diff:exact:zero
 
-Each argument is COMPONENTS[:POSITIONS[:METRIC[:METHOD]]] (components comma-separated,
+Each argument is COMPONENTS[:POSITIONS[:METRIC[:METHOD[:DONOR]]]] (components comma-separated,
 positions as `--positions`, default each; metric as `--metric`, default logit_diff; method
-exact or atp, default exact). For atp, "cells run" still counts the cells estimated.
+exact or atp, default exact; donor as `--donor`, default pair). For atp, "cells run" still
+counts the cells estimated.
 Model: GPT-2-small-sized random, of `--family` (bench/gpt2_small.py); pairs: examples/pairs.jsonl four times
 over (14, 17 and 19 tokens, labelled). "cells run" counts the patched runs computed per pair
-(cells before the first differing token cost nothing and are not counted).
+(cells before the first differing token cost nothing from the pair's other prompt and are not
+counted; an ablation runs them all).
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import torch
 from bench.driver_throughput import repeated_pairs
 from bench.gpt2_small import build_small
 from jobs.pairfile import read_pairs
+from worker.donors import Donors
 from worker.model import load_model, load_tokenizer
-from worker.options import position_labels
+from worker.options import PatchOptions, position_labels
 from worker.patching import cells_to_run, patch_batch, patch_cells, selected_cells
 from worker.sites import n_heads, n_layers
 
@@ -48,16 +52,17 @@ def pairs_rows(model, pairs, components: list[str], positions: str) -> list:
     ]
 
 
-def cells_run(model, pairs, components: list[str], positions: str) -> int:
+def cells_run(model, pairs, components: list[str], positions: str, donor: str) -> int:
+    donors = Donors.of(PatchOptions(donor=donor))
     return sum(
-        len(cells_to_run(group, cells, selected_cells(group, cells, position_labels(positions))))
+        len(cells_to_run(group, cells, selected_cells(group, cells, position_labels(positions)), donors))
         for group, cells in grouped(model, pairs, components, positions)
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweeps", nargs="+", help="COMPONENTS[:POSITIONS[:METRIC]], e.g. attn:each head:END")
+    parser.add_argument("sweeps", nargs="+", help="COMPONENTS[:POSITIONS[:METRIC[:METHOD[:DONOR]]]], e.g. head:END")
     parser.add_argument("--pairs", default=str(REPO / "examples" / "pairs.jsonl"))
     parser.add_argument("--repeat", type=int, default=4)
     parser.add_argument("--device", default="auto")
@@ -104,7 +109,7 @@ def main() -> None:
     for index, (sweep, (components, options)) in enumerate(zip(args.sweeps, sweeps)):
         seconds = best[index]
         rows = len(pairs_rows(model, pairs, components, options["positions"]))
-        run = cells_run(model, pairs, components, options["positions"])
+        run = cells_run(model, pairs, components, options["positions"], options["donor"])
         cost = seconds / run
         first_cost = first_cost or cost
         print(
@@ -114,8 +119,9 @@ def main() -> None:
 
 
 def parse_sweep(sweep: str) -> tuple[list[str], dict]:
-    components, positions, metric, method = (sweep.split(":") + ["each", "logit_diff", "exact"][sweep.count(":") :])[:4]
-    return components.split(","), {"positions": positions, "metric": metric, "method": method}
+    defaults = ["each", "logit_diff", "exact", "pair"][sweep.count(":") :]
+    components, positions, metric, method, donor = (sweep.split(":") + defaults)[:5]
+    return components.split(","), {"positions": positions, "metric": metric, "method": method, "donor": donor}
 
 
 if __name__ == "__main__":

@@ -207,6 +207,7 @@ class Job:
             "method": spec.method,
             "verify_top": spec.verify_top,
             "receivers": list(spec.receivers),
+            "donor": spec.donor,
             "pairs_file": spec.pairs,
             "pair_count": self.pair_count,
             "invalid_count": self.n_invalid,

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from worker.options import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_METRIC, PatchOptions
+from worker.options import DEFAULT_DONOR, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_METRIC, PatchOptions
 
 DEFAULT_BATCH_PAIRS = 32
 RESULT_DECIDING = (
@@ -25,6 +25,7 @@ RESULT_DECIDING = (
     "method",
     "verify_top",
     "receivers",
+    "donor",
     "dtype",
     "batch_pairs",
     "max_batch_tokens",
@@ -44,6 +45,7 @@ class JobSpec:
     method: str = "exact"
     verify_top: int = 0
     receivers: tuple[str, ...] = ()
+    donor: str = DEFAULT_DONOR
     dtype: str = "float32"
     device: str = "auto"
     address: str | None = None
@@ -64,6 +66,7 @@ class JobSpec:
             self.method,
             self.verify_top,
             self.receivers,
+            self.donor,
         )
 
     def config(self) -> dict:
@@ -75,6 +78,8 @@ class JobSpec:
             config["receivers"] = list(self.receivers)
         else:  # runs without receivers keep the hash they had before path patching existed
             del config["receivers"]
+        if self.donor == DEFAULT_DONOR:  # and runs from the pair's other prompt the hash they had before donors
+            del config["donor"]
         config["pairs_sha256"] = file_sha256(self.pairs)
         return config
 

@@ -82,6 +82,12 @@ def capture(model: PreTrainedModel, ids: list[int], component: str, layer: int) 
     return stored["act"]
 
 
+def donor_activation(model: PreTrainedModel, donor_ids: list[int], component: str, layer: int, donor: str):
+    """What a patch writes: the pair's donor-side activation (`pair`), or zeros of its shape (`zero`)."""
+    act = capture(model, donor_ids, component, layer)
+    return torch.zeros_like(act) if donor == "zero" else act
+
+
 def patched_logits(model, receiver_ids, donor_act, component, layer, position, channels=slice(None)):
     """`position` None patches every position."""
     positions = slice(None) if position is None else position
@@ -98,7 +104,13 @@ def patched_logits(model, receiver_ids, donor_act, component, layer, position, c
 
 @torch.no_grad()
 def reference_patching(
-    model: PreTrainedModel, pair, components, direction: str, all_positions: bool = False, metric: str = "logit_diff"
+    model: PreTrainedModel,
+    pair,
+    components,
+    direction: str,
+    all_positions: bool = False,
+    metric: str = "logit_diff",
+    donor_kind: str = "pair",
 ) -> dict:
     """{(component, layer, position, head or None): the patched run's metric} plus "clean" and "corrupted".
 
@@ -117,7 +129,7 @@ def reference_patching(
     for component in components:
         heads = range(config.num_attention_heads) if component == "head" else [None]
         for layer in range(config.num_hidden_layers):
-            act = capture(model, list(donor), component, layer)
+            act = donor_activation(model, list(donor), component, layer, donor_kind)
             for head in heads:
                 channels = slice(None) if head is None else slice(head * width, (head + 1) * width)
                 for position in [None] if all_positions else range(len(receiver)):
@@ -127,7 +139,13 @@ def reference_patching(
 
 
 def reference_atp(
-    model: PreTrainedModel, pair, components, direction: str, all_positions: bool = False, metric: str = "logit_diff"
+    model: PreTrainedModel,
+    pair,
+    components,
+    direction: str,
+    all_positions: bool = False,
+    metric: str = "logit_diff",
+    donor_kind: str = "pair",
 ) -> dict:
     """{(component, layer, position, head or None): AtP's estimate of the patched metric}: the
     receiving run's metric plus (donor activation - receiving activation) . gradient of the metric
@@ -141,7 +159,7 @@ def reference_atp(
     sites = [(component, layer) for component in components for layer in range(config.num_hidden_layers)]
     with torch.no_grad():
         donor_logits = next_token_logits(model, list(donor))
-        donor_acts = {site: capture(model, list(donor), *site) for site in sites}
+        donor_acts = {site: donor_activation(model, list(donor), *site, donor_kind) for site in sites}
     kept = {}
 
     def keeper(site):
@@ -213,7 +231,13 @@ def logits_with_input_hooks(model: PreTrainedModel, ids: list[int], heads: list,
 
 @torch.no_grad()
 def reference_paths(
-    model: PreTrainedModel, pair, receiver: str, direction: str, all_positions: bool = False, metric: str = "logit_diff"
+    model: PreTrainedModel,
+    pair,
+    receiver: str,
+    direction: str,
+    all_positions: bool = False,
+    metric: str = "logit_diff",
+    donor_kind: str = "pair",
 ) -> dict:
     """{(sender layer, sender head, sender position or None): the path-patched run's metric} for one
     receiver spec, by the IOI paper's recipe, literally: (1) read every head's output in both runs;
@@ -233,7 +257,7 @@ def reference_paths(
         config.num_hidden_layers,
     )
     donor_logits = next_token_logits(model, donor)
-    donor_z = [capture(model, donor, "head", layer) for layer in range(n_layers)]
+    donor_z = [donor_activation(model, donor, "head", layer, donor_kind) for layer in range(n_layers)]
     receiving_z = [capture(model, receiving, "head", layer) for layer in range(n_layers)]
     spec, _, label = receiver.partition("@")
     heads = [(int(layer), int(head), input) for layer, head, input in re.findall(r"(\d+)\.(\d+):([qkv])", spec)]

@@ -455,6 +455,34 @@ def test_heads_and_chosen_positions_end_to_end(tmp_path, tiny_model, tiny_model_
     assert f"({panels} heatmaps" in done.stderr
 
 
+def test_zero_ablation_end_to_end(tmp_path, tiny_model, tiny_model_dir, tokenizer_and_ctx):
+    """`--donor zero`: the rows the in-process core gives, the donor in the manifest, the config
+    (so its hash differs from a run from the pairs' other prompts), the tables and the titles."""
+    out = tmp_path / "run"
+    args = ["--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--components", "resid,head", "--direction", "noise"]
+    done = run_driver(*args, "--positions", "all", "--donor", "zero", "--out", out, "--batch-pairs", 5)
+    assert done.returncode == 0, done.stderr
+    pairs = read_pairs(EXAMPLE_PAIRS, *tokenizer_and_ctx).pairs
+    core = patch_batch(tiny_model, pairs, ["resid", "head"], "noise", positions="all", donor="zero").effects
+
+    def key(r):
+        return r["pair_id"], r["component"], r["layer"], r["head"]
+
+    effects = pq.read_table(out / "effects")
+    by_key = {key(r): r["logit_diff"] for r in effects.to_pylist()}
+    assert by_key.keys() == {key(r) for r in core.to_pylist()}
+    for r in core.to_pylist():
+        assert by_key[key(r)] == pytest.approx(r["logit_diff"], abs=RUN_TOL)
+    assert effects.schema.metadata[b"patchsweep.donor"] == b"zero"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["donor"] == manifest["config"]["donor"] == "zero"
+    again = run_driver(*args, "--positions", "all", "--out", out, "--batch-pairs", 5)
+    assert again.returncode == 2 and "different configuration" in again.stderr
+    assert "noise, logit_diff, zero donor" in (out / "report.html").read_text()
+    unknown = run_driver(*args, "--donor", "mean-of-nothing", "--out", tmp_path / "o")
+    assert unknown.returncode == 2 and "Invalid value for '--donor'" in unknown.stderr
+
+
 def test_a_position_label_no_pair_has_is_one_line(tmp_path, tiny_model_dir):
     failed = run_driver(
         "--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", tmp_path / "o", "--positions", "S2,S3"

@@ -47,6 +47,15 @@ def test_every_component_matches_hook_reference(family, direction, path):
 
 
 @pytest.mark.parametrize("path", ["trace", "reuse"])
+def test_zero_ablation_matches_hook_reference(family, path):
+    """Zeros at every cell (the fast path then recomputes from the first token, through the
+    family's own blocks, rotary positions and parallel residual where it has them)."""
+    _, _, model, hf_model, pairs = family
+    result = patch_batch(model, pairs, COMPONENTS, "noise", 40 * 16, exact_path=path, donor="zero")
+    assert_matches_reference(result, hf_model, pairs, "noise", min_gap=0.05, donor="zero")
+
+
+@pytest.mark.parametrize("path", ["trace", "reuse"])
 @pytest.mark.parametrize("metric", ["kl", "logprob"])
 def test_metrics_and_all_positions_match_hook_reference(family, metric, path):
     _, _, model, hf_model, pairs = family

@@ -9,7 +9,8 @@ from transformers import GPT2LMHeadModel
 
 from tests.conftest import TOL, score_tolerance
 from tests.reference import next_token_logits, reference_atp, reference_patching
-from worker.options import COMPONENTS, DEFAULT_COMPONENTS, METRICS
+from worker.donors import Donors
+from worker.options import COMPONENTS, DEFAULT_COMPONENTS, METRICS, PatchOptions
 from worker.patching import cells_to_run, patch_batch, patch_cells, selected_cells, split_into_traces
 
 
@@ -24,7 +25,7 @@ def by_cell(effects, column):
 
 
 def assert_matches_reference(
-    result, hf_model, pairs, direction, all_positions=False, wanted=None, tol=TOL, min_gap=50 * TOL
+    result, hf_model, pairs, direction, all_positions=False, wanted=None, tol=TOL, min_gap=50 * TOL, donor="pair"
 ):
     """Every row of `result` equals the hook reference, and every expected cell has a row.
 
@@ -37,7 +38,7 @@ def assert_matches_reference(
     baselines = {r["pair_id"]: r for r in result.pairs.to_pylist()}
     components = sorted(set(result.effects.column("component").to_pylist()))
     for pair in pairs:
-        expected = reference_patching(hf_model, pair, components, direction, all_positions, metric)
+        expected = reference_patching(hf_model, pair, components, direction, all_positions, metric, donor)
         clean, corrupted = expected["clean"], expected["corrupted"]
         assert abs(clean - corrupted) > min_gap, "test pair too weak to normalise"
         assert baselines[pair.pair_id][f"clean_{metric}"] == pytest.approx(clean, abs=tol)
@@ -74,6 +75,23 @@ def test_all_positions_at_once_match_hook_reference(tiny_model, hf_model, ioi_pa
     assert result.effects.num_rows == len(ioi_pairs) * config.n_layer * (3 + config.n_head)
     assert result.effects.column("position").null_count == result.effects.num_rows
     assert_matches_reference(result, hf_model, ioi_pairs, direction, all_positions=True)
+
+
+@pytest.mark.parametrize("path", ["trace", "reuse"])
+@pytest.mark.parametrize(("direction", "positions"), [("denoise", "each"), ("noise", "each"), ("noise", "all")])
+def test_zero_ablation_matches_hook_reference(tiny_model, hf_model, ioi_pairs, direction, positions, path):
+    """Zeros in place of each activation, at every cell: before the first differing token too
+    (an ablation changes every position), scored against the pair's own baselines."""
+    result = patch_batch(
+        tiny_model, ioi_pairs, COMPONENTS, direction, 40 * 16, positions, exact_path=path, donor="zero"
+    )
+    assert result.effects.schema.metadata[b"patchsweep.donor"] == b"zero"
+    assert result.pairs.schema.metadata[b"patchsweep.donor"] == b"zero"
+    assert_matches_reference(result, hf_model, ioi_pairs, direction, positions == "all", donor="zero")
+    if positions == "each":
+        start = {p.pair_id: p.first_difference for p in ioi_pairs}
+        early = [r["score"] for r in result.effects.to_pylist() if r["position"] < start[r["pair_id"]]]
+        assert early and any(abs(score) > 1e-3 for score in early)
 
 
 def labelled(pair):
@@ -226,12 +244,15 @@ def test_trace_split_respects_row_budget_and_covers_all_work():
 
 
 def test_cells_before_the_first_difference_need_no_forward_pass(ioi_pairs):
+    """From the pair's other prompt; an ablation changes every position, so every cell runs."""
     cells = patch_cells(DEFAULT_COMPONENTS, 3, ioi_pairs[0].n_tokens)
-    work = cells_to_run(ioi_pairs[:1], cells, selected_cells(ioi_pairs[:1], cells))
+    rows = selected_cells(ioi_pairs[:1], cells)
+    work = cells_to_run(ioi_pairs[:1], cells, rows, Donors.of(PatchOptions()))
     start = ioi_pairs[0].first_difference
     assert 0 < start < ioi_pairs[0].n_tokens
     assert {cells[c].position for _, c in work} == set(range(start, ioi_pairs[0].n_tokens))
     assert len(work) == 3 * 3 * (ioi_pairs[0].n_tokens - start)
+    assert cells_to_run(ioi_pairs[:1], cells, rows, Donors.of(PatchOptions(donor="zero"))) == rows
 
 
 def test_rejects_unknown_component_direction_and_metric(tiny_model, ioi_pairs):
@@ -274,6 +295,22 @@ def test_atp_estimates_match_an_autograd_reference(tiny_model, hf_model, answer_
         assert sum(key[0] == pair.pair_id for key in estimates) == len(expected)
         for (component, layer, position, head), want in expected.items():
             got = estimates[(pair.pair_id, component, layer, position, head)] * (source - target) + target
+            assert got == pytest.approx(want, rel=1e-4, abs=TOL), (pair.pair_id, component, layer, position, head)
+
+
+@pytest.mark.parametrize(("metric", "positions"), [("logit_diff", "each"), ("kl", "all")])
+def test_atp_of_zero_ablation_matches_an_autograd_reference(tiny_model, hf_model, answer_pairs, metric, positions):
+    """AtP's (donor - receiving) difference with zeros for the donor: -activation x gradient."""
+    pairs = answer_pairs["sets"]
+    result = patch_batch(tiny_model, pairs, COMPONENTS, "noise", 40 * 16, positions, metric, method="atp", donor="zero")
+    baselines = {r["pair_id"]: (r[f"clean_{metric}"], r[f"corrupted_{metric}"]) for r in result.pairs.to_pylist()}
+    estimates = by_cell(result.effects, "estimate")
+    for pair in pairs:
+        expected = reference_atp(hf_model, pair, COMPONENTS, "noise", positions == "all", metric, "zero")
+        clean, corrupted = baselines[pair.pair_id]
+        assert sum(key[0] == pair.pair_id for key in estimates) == len(expected)
+        for (component, layer, position, head), want in expected.items():
+            got = estimates[(pair.pair_id, component, layer, position, head)] * (corrupted - clean) + clean
             assert got == pytest.approx(want, rel=1e-4, abs=TOL), (pair.pair_id, component, layer, position, head)
 
 

@@ -31,8 +31,19 @@ def labelled(pairs):
     return [dataclasses.replace(pair, labels=labels(pair)) for pair in pairs]
 
 
-def paths(model, pairs, receivers, direction="denoise", positions="all", metric="logit_diff", max_batch_tokens=4096):
-    options = PatchOptions(("head",), positions, direction, metric, max_batch_tokens, "paths", 0, tuple(receivers))
+def paths(
+    model,
+    pairs,
+    receivers,
+    direction="denoise",
+    positions="all",
+    metric="logit_diff",
+    max_batch_tokens=4096,
+    donor="pair",
+):
+    options = PatchOptions(
+        ("head",), positions, direction, metric, max_batch_tokens, "paths", 0, tuple(receivers), donor
+    )
     return path_batch(model, pairs, options)
 
 
@@ -45,14 +56,14 @@ def by_sender(table, receiver, column):
 
 
 def assert_paths_match_reference(
-    result, hf_model, pairs, receiver, direction, all_positions, metric="logit_diff", min_gap=50 * TOL
+    result, hf_model, pairs, receiver, direction, all_positions, metric="logit_diff", min_gap=50 * TOL, donor="pair"
 ):
     values, scores = by_sender(result.paths, receiver, metric), by_sender(result.paths, receiver, "score")
     baselines = {r["pair_id"]: r for r in result.pairs.to_pylist()}
     for pair in pairs:
         clean, corrupted = baselines[pair.pair_id][f"clean_{metric}"], baselines[pair.pair_id][f"corrupted_{metric}"]
         source, target = (clean, corrupted) if direction == "denoise" else (corrupted, clean)
-        expected = reference_paths(hf_model, pair, receiver, direction, all_positions, metric)
+        expected = reference_paths(hf_model, pair, receiver, direction, all_positions, metric, donor)
         assert sum(key[0] == pair.pair_id for key in values) == len(expected)
         for (layer, head, position), want in expected.items():
             key = (pair.pair_id, layer, head, position)
@@ -86,6 +97,18 @@ def test_every_metric_matches_hook_reference(tiny_model, hf_model, ioi_pairs, me
     result = paths(tiny_model, pairs, ["logits", "1.0:q,2.1:q@END"], "noise", metric=metric)
     for receiver in ("logits", "1.0:q,2.1:q@END"):
         assert_paths_match_reference(result, hf_model, pairs, receiver, "noise", True, metric, min_gap=0)
+
+
+@pytest.mark.parametrize("positions", ["all", "each"])
+def test_zero_ablated_senders_match_hook_reference(tiny_model, hf_model, ioi_pairs, positions):
+    """The sender's output zeroed in the frozen run, at every position (before the first differing
+    token too, which an ablation changes)."""
+    pairs = labelled(ioi_pairs)
+    receivers = ["logits", "1.0:q,2.1:q@END", "1.3:v,2.0:v"]
+    result = paths(tiny_model, pairs, receivers, "noise", positions, max_batch_tokens=40 * 4, donor="zero")
+    assert result.paths.schema.metadata[b"patchsweep.donor"] == b"zero"
+    for receiver in receivers:
+        assert_paths_match_reference(result, hf_model, pairs, receiver, "noise", positions == "all", donor="zero")
 
 
 def test_sender_at_or_above_every_receiver_changes_nothing(tiny_model, ioi_pairs):

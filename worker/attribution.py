@@ -23,7 +23,8 @@ import nnsight
 import torch
 from nnsight import TransformersModel
 
-from worker.metrics import Answers, Donor, vocabulary_metric
+from worker.donors import Donors
+from worker.metrics import Answers, DonorDistribution, vocabulary_metric
 from worker.options import PatchOptions
 from worker.pairs import Pair
 from worker.rows import PairRows
@@ -52,7 +53,7 @@ def read_gradients(
             acts[site] = component_output(model, *site)
             acts[site].requires_grad_(True)
         logits = last_logits(model)
-        donor = Donor.of(logits[donor_rows].detach()) if options.metric == "kl" else None
+        donor = DonorDistribution.of(logits[donor_rows].detach()) if options.metric == "kl" else None
         metric = vocabulary_metric(options.metric, logits, answers, donor)
         values = metric.detach().save()
         grads = nnsight.save({})
@@ -63,11 +64,12 @@ def read_gradients(
     return values.cpu(), {site: act.detach() for site, act in acts.items()}, grads
 
 
-def first_order_effects(act: torch.Tensor, grad: torch.Tensor, direction: str, head_width: int | None) -> torch.Tensor:
+def first_order_effects(act: torch.Tensor, grad: torch.Tensor, donors: Donors, head_width: int | None) -> torch.Tensor:
     """Per pair, (donor - receiver) x the receiver's gradient, summed over channels: [P, T], or
-    [P, T, heads] summed over each head's channels."""
-    rows = PairRows(direction)
-    product = (rows.donor_side(act) - rows.receiving_side(act)).float() * rows.receiving_side(grad).float()
+    [P, T, heads] summed over each head's channels; the donor's values are what `donors` give."""
+    rows = donors.rows
+    donor = donors.take(act, rows.donor_rows(torch.arange(act.shape[0] // 2, device=act.device)), slice(None))
+    product = (donor - rows.receiving_side(act)).float() * rows.receiving_side(grad).float()
     if head_width is None:
         return product.sum(-1)
     return product.view(*product.shape[:2], -1, head_width).sum(-1)
@@ -100,7 +102,7 @@ def atp_estimates(
             effect = first_order_effects(
                 acts[(component, layer)],
                 grads[(component, layer)],
-                options.direction,
+                Donors.of(options),
                 dim if component == "head" else None,
             ).cpu()
             if whole:

@@ -11,7 +11,7 @@ metric means the same thing whichever path computed it:
   distribution is from the donor run's. 0 for the donor itself.
 
 All but `logit_diff` need the whole vocabulary row (for the softmax's normaliser); `kl` also
-needs the donor's distribution (`Donor`).
+needs the donor's distribution (`DonorDistribution`).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def answer_logit_diff(answer_logits: torch.Tensor, answers: Answers) -> torch.Te
 
 
 @dataclass(frozen=True)
-class Donor:
+class DonorDistribution:
     """What `kl` compares a run against, per row: the donor run's next-token probabilities and
     their negative entropy (sum of p log p)."""
 
@@ -73,16 +73,18 @@ class Donor:
     neg_entropy: torch.Tensor
 
     @classmethod
-    def of(cls, logits: torch.Tensor) -> Donor:
+    def of(cls, logits: torch.Tensor) -> DonorDistribution:
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         probs = log_probs.exp()
         return cls(probs, torch.einsum("rv,rv->r", probs, log_probs))
 
-    def __getitem__(self, rows) -> Donor:
-        return Donor(self.probs[rows], self.neg_entropy[rows])
+    def __getitem__(self, rows) -> DonorDistribution:
+        return DonorDistribution(self.probs[rows], self.neg_entropy[rows])
 
 
-def vocabulary_metric(metric: str, logits: torch.Tensor, answers: Answers, donor: Donor | None = None) -> torch.Tensor:
+def vocabulary_metric(
+    metric: str, logits: torch.Tensor, answers: Answers, donor: DonorDistribution | None = None
+) -> torch.Tensor:
     """`metric` per row from the whole last-position logits [rows, V]; `donor`: each row's donor
     distribution, for `kl`. One pass over the vocabulary for the softmax's normaliser, one more
     for `kl`; no [rows, V] temporaries."""

@@ -19,6 +19,8 @@ POSITION_MODES = ("each", "all")  # or a list of position labels
 METRICS = ("logit_diff", "logprob", "prob_diff", "kl")
 DEFAULT_METRIC = "logit_diff"
 NEEDS_INCORRECT = ("logit_diff", "prob_diff")  # the others read only the correct answers, or none
+DONORS = ("pair", "zero")  # where a patch's values come from (worker/donors.py)
+DEFAULT_DONOR = "pair"
 PATHS = "paths"  # path patching (`driver.py paths`): head senders, measured through `receivers`
 DEFAULT_MAX_BATCH_TOKENS = 4096
 
@@ -74,6 +76,7 @@ class PatchOptions:
     method: str = "exact"
     verify_top: int = 0  # atp: exact-patch each pair's top K estimates and K more drawn at random
     receivers: tuple[str, ...] = ()  # paths: each receiver's canonical spec (worker/receivers.py)
+    donor: str = DEFAULT_DONOR  # where patched values come from: the pair's other prompt, or an ablation
 
     def wanted_labels(self) -> list[tuple[str, tuple[str, ...]]]:
         """The position labels every pair must carry, each list with the option that asks for it."""
@@ -89,6 +92,8 @@ class PatchOptions:
             raise ValueError(f"positions must be each, all or labels joined by commas, got {self.positions!r}")
         if self.direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
+        if self.donor not in DONORS:
+            raise ValueError(f"donor must be one of {DONORS}, got {self.donor!r}")
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.max_batch_tokens < 1:

@@ -23,9 +23,11 @@ import torch
 from nnsight import TransformersModel
 
 from worker.attribution import verified_rows
-from worker.metrics import Answers, Donor, vocabulary_metric
+from worker.donors import Donors
+from worker.metrics import Answers, DonorDistribution, vocabulary_metric
 from worker.options import (
     DEFAULT_COMPONENTS,
+    DEFAULT_DONOR,
     DEFAULT_MAX_BATCH_TOKENS,
     DEFAULT_METRIC,
     PatchOptions,
@@ -98,15 +100,16 @@ def selected_cells(pairs: Sequence[Pair], cells: Sequence[Cell], labels: Sequenc
 
 
 def cells_to_run(
-    pairs: Sequence[Pair], cells: Sequence[Cell], rows: Sequence[tuple[int, int]]
+    pairs: Sequence[Pair], cells: Sequence[Cell], rows: Sequence[tuple[int, int]], donors: Donors
 ) -> list[tuple[int, int]]:
     """The (pair, cell) rows that need a forward pass.
 
     Before a pair's first differing token, clean and corrupted activations are identical at
-    every layer (attention is causal), so patching there changes nothing: the patched run is
-    the receiving run and the score is exactly 0, with no forward pass needed.
+    every layer (attention is causal), so patching there from the pair's other prompt changes
+    nothing: the patched run is the receiving run and the score is exactly 0, with no forward
+    pass needed. An ablation changes every position (`Donors.start`).
     """
-    starts = [pair.first_difference for pair in pairs]
+    starts = [donors.start(pair) for pair in pairs]
     return [(p, c) for p, c in rows if cells[c].position is None or cells[c].position >= starts[p]]
 
 
@@ -165,17 +168,18 @@ def plan_trace(
     )
 
 
-def copy_from_donors(act: torch.Tensor, write: Write, dim: int) -> None:
-    """act[row, positions] = act[donor, positions] for each row of `write`; for heads, on one head's channels."""
-    rows, donors, positions = write.rows[:, None], write.donors[:, None], write.positions
-    patched = act[donors, positions]
+def copy_from_donors(act: torch.Tensor, write: Write, dim: int, donors: Donors) -> None:
+    """act[row, positions] = what `donors` give for the donor row at positions, for each row of
+    `write`; for heads, on one head's channels."""
+    rows, positions = write.rows[:, None], write.positions
+    patched = donors.take(act, write.donors[:, None], positions)
     if write.heads is not None:
         mask = head_mask(write.heads, dim, act.shape[-1])[:, None, :]
         patched = torch.where(mask, patched, act[rows, positions])
     act[rows, positions] = patched
 
 
-def run_trace(model: TransformersModel, plan: TracePlan, metric: str) -> torch.Tensor:
+def run_trace(model: TransformersModel, plan: TracePlan, metric: str, donors: Donors) -> torch.Tensor:
     """The metric (at the last position) of every row of `plan`."""
     device = model.device
     input_ids = plan.input_ids.to(device)
@@ -189,9 +193,9 @@ def run_trace(model: TransformersModel, plan: TracePlan, metric: str) -> torch.T
                 if (component, layer) in writes:
                     act = component_output(model, component, layer)
                     for write in writes[(component, layer)]:
-                        copy_from_donors(act, write, dim)
+                        copy_from_donors(act, write, dim, donors)
         logits = last_logits(model)
-        donor = Donor.of(logits[donor_rows]) if metric == "kl" else None
+        donor = DonorDistribution.of(logits[donor_rows]) if metric == "kl" else None
         values = vocabulary_metric(metric, logits, answers, donor).save()
     return values.cpu()
 
@@ -227,7 +231,7 @@ def trace_values(
     values = [torch.empty(0)]
     for pair_indices, chunk in traces:
         plan = plan_trace(pairs, cells, chunk, options.direction, pair_indices)
-        metric = run_trace(model, plan, options.metric)
+        metric = run_trace(model, plan, options.metric, Donors.of(options))
         n_base = 2 * len(pair_indices)
         index = torch.tensor(pair_indices)
         clean[index], corrupted[index] = PairRows.clean_and_corrupted(metric[:n_base])
@@ -266,7 +270,7 @@ def patch_group(
     assert all(p.n_tokens == n_tokens for p in pairs), "patch_group needs equal-length pairs"
     cells = patch_cells(options.components, n_layers(model), n_tokens, n_heads(model), options.positions)
     rows = selected_cells(pairs, cells, position_labels(options.positions))
-    work = cells_to_run(pairs, cells, rows)
+    work = cells_to_run(pairs, cells, rows, Donors.of(options))
     exact_values = reuse_values if exact_path == "reuse" else trace_values
     row_pairs = torch.tensor([p for p, _ in rows], dtype=torch.long)
     estimate_scores, exact_rows = None, None
@@ -298,7 +302,7 @@ def patch_group(
             estimate_scores.numpy() if estimate_scores is not None else [None] * len(rows), pa.float32()
         ),
     }
-    return effects_table(columns, options.direction, options.metric), clean, corrupted
+    return effects_table(columns, options), clean, corrupted
 
 
 def patch_batch(
@@ -311,6 +315,7 @@ def patch_batch(
     metric: str = DEFAULT_METRIC,
     method: str = "exact",
     verify_top: int = 0,
+    donor: str = DEFAULT_DONOR,
     exact_path: str = "auto",
 ) -> PatchResult:
     """Patch every (component, layer[, head], position) of every pair; the `effects` and `pairs` tables.
@@ -329,7 +334,9 @@ def patch_batch(
     """
     from worker.methods import run_method  # the registry of methods imports this module
 
-    options = PatchOptions(tuple(components), positions, direction, metric, max_batch_tokens, method, verify_top)
+    options = PatchOptions(
+        tuple(components), positions, direction, metric, max_batch_tokens, method, verify_top, donor=donor
+    )
     return PatchResult(*run_method(model, pairs, options, exact_path=exact_path))
 
 
@@ -345,7 +352,7 @@ def effects_batch(
     exact_path = resolve_exact_path(exact_path)
     run_group = partial(patch_group, model, options=options, exact_path=exact_path, estimate=estimate)
     parts, pairs_rows = per_length(pairs, options, run_group)
-    return pa.concat_tables(parts) if parts else empty_effects(options.direction, options.metric), pairs_rows
+    return pa.concat_tables(parts) if parts else empty_effects(options), pairs_rows
 
 
 def per_length(
@@ -364,4 +371,4 @@ def per_length(
         parts.append(table)
         for i, c, k in zip(indices, clean.tolist(), corrupted.tolist()):
             clean_values[i], corrupted_values[i] = c, k
-    return parts, pairs_table(pairs, clean_values, corrupted_values, options.direction, options.metric)
+    return parts, pairs_table(pairs, clean_values, corrupted_values, options)

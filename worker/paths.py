@@ -29,6 +29,7 @@ import pyarrow as pa
 import torch
 from nnsight import TransformersModel
 
+from worker.donors import Donors
 from worker.families import part
 from worker.options import PatchOptions, position_labels
 from worker.pairs import Pair
@@ -54,15 +55,15 @@ class PathResult:
     pairs: pa.Table
 
 
-def read_positions(pair: Pair, receiver: Receiver) -> list[int]:
-    """The positions whose stream the receiver reads and a patch can change (from the first difference on)."""
+def read_positions(pair: Pair, receiver: Receiver, donors: Donors) -> list[int]:
+    """The positions whose stream the receiver reads and a patch can change (from `donors.start` on)."""
     if not receiver.heads:
         wanted = [pair.n_tokens - 1]
     elif receiver.label is None:
         wanted = range(pair.n_tokens)
     else:
         wanted = [i for i, label in enumerate(pair.labels) if label == receiver.label]
-    return [t for t in wanted if t >= pair.first_difference]
+    return [t for t in wanted if t >= donors.start(pair)]
 
 
 def reaches(cell: Cell, positions: list[int], receiver: Receiver) -> bool:
@@ -86,13 +87,13 @@ def frozen_stream(
         if record and layer >= max(record):
             break
         if hidden is not None:
-            receiving = read.rows.receiving_rows(torch.tensor([rows[i][0] for i in order], device=device))
+            receiving = read.donors.rows.receiving_rows(torch.tensor([rows[i][0] for i in order], device=device))
             hidden = block_given_attention(model, block, hidden, acts.attn[layer][:, at][receiving])
         joining = [i for i, (_, cell) in enumerate(rows) if cell.layer == layer]
         if not joining:
             continue
         pairs = torch.tensor([rows[i][0] for i in joining], device=device)
-        receiving, donors = read.rows.receiving_rows(pairs), read.rows.donor_rows(pairs)
+        receiving, donors = read.donors.rows.receiving_rows(pairs), read.donors.rows.donor_rows(pairs)
         heads = torch.tensor([rows[i][1].head for i in joining], device=device)
         where = torch.stack(
             [
@@ -101,7 +102,9 @@ def frozen_stream(
             ]
         )
         z = acts.head[layer][:, at]
-        attention = heads_through_projection(model, block, z[receiving], z[donors], heads, where)
+        attention = heads_through_projection(
+            model, block, z[receiving], read.donors.take(z, donors, slice(None)), heads, where
+        )
         new = block_given_attention(model, block, acts.resid[layer][:, at][receiving], attention)
         hidden = new if hidden is None else torch.cat([hidden, new])
         order += joining
@@ -122,7 +125,7 @@ def receiving_run_with_inputs(
     acts, device = read.acts, read.acts.resid[0].device
     start, first = positions[0], min(receiver.layers)
     at = torch.tensor(positions, device=device) - start
-    hidden = acts.resid[first][read.rows.receiving_rows(pairs), start:]
+    hidden = acts.resid[first][read.donors.rows.receiving_rows(pairs), start:]
     arguments = suffix_arguments(model, start, hidden)
     handles = []
     try:
@@ -160,9 +163,9 @@ def receiver_values(
 ) -> torch.Tensor:
     """The metric of each (pair, sender) item through `receiver`: the receiving run's own where the
     sender cannot reach it, else the path-patched run's."""
-    values = read.acts.metric[read.rows.receiving_rows(torch.tensor([pair for pair, _ in items]))].clone()
+    values = read.acts.metric[read.donors.rows.receiving_rows(torch.tensor([pair for pair, _ in items]))].clone()
     group = read.pairs
-    reads = [read_positions(pair, receiver) for pair in group]
+    reads = [read_positions(pair, receiver, read.donors) for pair in group]
     by_positions: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for i, (pair, cell) in enumerate(items):
         if reaches(cell, reads[pair], receiver):
@@ -217,7 +220,7 @@ def path_group(
         columns["receiver"] += [receiver.name] * len(rows)
         columns[options.metric] += values[receiver].tolist()
         columns["score"] += scores.tolist()
-    return paths_table(columns, options.direction, options.metric), clean, corrupted
+    return paths_table(columns, options), clean, corrupted
 
 
 def path_batch(model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions) -> PathResult:

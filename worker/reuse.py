@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from nnsight import TransformersModel
 
+from worker.donors import Donors
 from worker.families import part
-from worker.metrics import Answers, Donor, answer_logit_diff, reads_vocabulary, vocabulary_metric
+from worker.metrics import Answers, DonorDistribution, answer_logit_diff, reads_vocabulary, vocabulary_metric
 from worker.options import COMPONENTS, PatchOptions
 from worker.pairs import Pair
 from worker.rows import PairRows
@@ -52,20 +53,21 @@ class Activations:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     metric: torch.Tensor
-    donor: Donor | None
+    donor: DonorDistribution | None
 
 
 @dataclass(frozen=True)
 class GroupRead:
     """A group of pairs read by one trace, and what every patched run of the group shares: the
-    activations (in `rows`' layout), the answers, the receiving rows' prefix keys and values per layer."""
+    activations (in the `PairRows` layout of `donors.rows`), the answers, the receiving rows' prefix
+    keys and values per layer, and where the group's patches take their values (`donors`)."""
 
     first: int  # the index of the group's first pair among all the pairs
     pairs: Sequence[Pair]
     acts: Activations
     answers: Answers
     prefix: list[tuple[torch.Tensor, torch.Tensor]]
-    rows: PairRows
+    donors: Donors
 
 
 def read_groups(
@@ -74,7 +76,8 @@ def read_groups(
     """The pairs (of one token length) in groups whose clean and corrupted prompts fit
     `max_batch_tokens`, each read once (`read_activations`, keeping `components`)."""
     per_group = max(1, options.max_batch_tokens // (2 * pairs[0].n_tokens))
-    rows = PairRows(options.direction)
+    donors = Donors.of(options)
+    rows = donors.rows
     for first in range(0, len(pairs), per_group):
         group = pairs[first : first + per_group]
         answers = Answers.of(group).to(model.device)
@@ -82,7 +85,7 @@ def read_groups(
         prefix = [
             (rows.receiving_side(keys), rows.receiving_side(values)) for keys, values in zip(acts.keys, acts.values)
         ]
-        yield GroupRead(first, group, acts, answers, prefix, rows)
+        yield GroupRead(first, group, acts, answers, prefix, donors)
 
 
 def resolve_exact_path(path: str) -> str:
@@ -116,7 +119,7 @@ def read_activations(
         logits = last_logits(model)
         row_donor = None
         if options.metric == "kl":
-            donor = nnsight.save(Donor.of(logits[donor_rows]))
+            donor = nnsight.save(DonorDistribution.of(logits[donor_rows]))
             row_donor = donor[torch.arange(len(pairs), device=device).repeat_interleave(2)]
         metric = vocabulary_metric(options.metric, logits, row_answers, row_donor).save()
         cache = model.output.cache.save()
@@ -173,24 +176,25 @@ def block_on_suffix(
     return output[0] if isinstance(output, tuple) else output
 
 
-def attention_output(
+def patched_attention(
     model: TransformersModel,
     block: torch.nn.Module,
     acts: Activations,
-    component: str,
-    layer: int,
+    cell: tuple[str, int],
     here: slice,
-    rows: torch.Tensor,
-    donors: torch.Tensor | None = None,
-    heads: torch.Tensor | None = None,
+    receivers: torch.Tensor,
+    donor_rows: torch.Tensor,
+    heads: torch.Tensor,
+    donors: Donors,
 ) -> torch.Tensor:
-    """Layer `layer`'s attention output at positions `here` of `rows`; with `donors`, patched: the
-    donor's whole output, or the donor's channels of one head per row through the output projection."""
+    """Layer `layer`'s attention output at positions `here` of `receivers`, patched (`cell`: `attn`
+    or `head`, and the layer): the donor's whole output, or the donor's channels of one head per
+    row through the output projection."""
+    component, layer = cell
     if component == "attn":
-        return acts.attn[layer][rows if donors is None else donors, here]
-    if donors is None:
-        return part(block, family(model).out_proj)(acts.head[layer][rows, here])
-    return heads_through_projection(model, block, acts.head[layer][rows, here], acts.head[layer][donors, here], heads)
+        return donors.take(acts.attn[layer], donor_rows, here)
+    z = acts.head[layer]
+    return heads_through_projection(model, block, z[receivers, here], donors.take(z, donor_rows, here), heads)
 
 
 def heads_through_projection(
@@ -231,26 +235,28 @@ def patched_layer_output(
     start: int,
     whole: bool,
     receivers: torch.Tensor,
-    donors: torch.Tensor,
+    donor_rows: torch.Tensor,
     heads: torch.Tensor,
+    donors: Donors,
 ) -> torch.Tensor:
     """Layer `layer`'s output on positions start..T-1 of each receiver row, patched at `start`
-    (or, if `whole`, at every one of those positions)."""
+    (or, if `whole`, at every one of those positions) with what `donors` give for `donor_rows`."""
     suffix = acts.resid[layer + 1][receivers, start:].clone()
     width = suffix.shape[1] if whole else 1
     here = slice(start, start + width)
     if component == "resid":
-        suffix[:, :width] = acts.resid[layer + 1][donors, here]
+        suffix[:, :width] = donors.take(acts.resid[layer + 1], donor_rows, here)
     elif component == "mlp":
-        suffix[:, :width] += acts.mlp[layer][donors, here] - acts.mlp[layer][receivers, here]
+        suffix[:, :width] += donors.take(acts.mlp[layer], donor_rows, here) - acts.mlp[layer][receivers, here]
     else:
-        patched = attention_output(model, block, acts, component, layer, here, receivers, donors, heads)
+        cell = (component, layer)
+        patched = patched_attention(model, block, acts, cell, here, receivers, donor_rows, heads, donors)
         suffix[:, :width] = block_given_attention(model, block, acts.resid[layer][receivers, here], patched)
     return suffix
 
 
 def readout(
-    model: TransformersModel, metric: str, hidden_last: torch.Tensor, answers: Answers, donor: Donor | None
+    model: TransformersModel, metric: str, hidden_last: torch.Tensor, answers: Answers, donor: DonorDistribution | None
 ) -> torch.Tensor:
     """The metric from final hidden states: the final norm, then the unembedding of the whole
     vocabulary where the metric needs it, else of the batch's answer columns only."""
@@ -277,7 +283,7 @@ def run_rows(
 ) -> torch.Tensor:
     """The patched metric of rows (pair index, cell) that all patch position `start` (all of start.. if `whole`)."""
     device = acts.resid[0].device
-    layout = PairRows(options.direction)
+    donors = Donors.of(options)
     hidden, order, arguments = None, [], None
     for layer, block in enumerate(blocks(model)):
         if hidden is not None:
@@ -301,9 +307,10 @@ def run_rows(
                 layer,
                 start,
                 whole,
-                receivers=layout.receiving_rows(pairs),
-                donors=layout.donor_rows(pairs),
+                receivers=donors.rows.receiving_rows(pairs),
+                donor_rows=donors.rows.donor_rows(pairs),
                 heads=heads,
+                donors=donors,
             )
             hidden = new if hidden is None else torch.cat([hidden, new])
             order += joining
@@ -314,9 +321,9 @@ def run_rows(
     return values[torch.tensor([position_of[row] for row in rows])]
 
 
-def patched_span(pair: Pair, cell: Cell) -> tuple[int, bool]:
+def patched_span(pair: Pair, cell: Cell, donors: Donors) -> tuple[int, bool]:
     """(first patched position, whether every later position is patched too)."""
-    return (pair.first_difference, True) if cell.position is None else (cell.position, False)
+    return (donors.start(pair), True) if cell.position is None else (cell.position, False)
 
 
 def reuse_values(
@@ -339,7 +346,7 @@ def reuse_values(
             baselines.append(read.acts.metric)
             first = read.first
             mine = [i for i, (pair, _) in enumerate(work) if first <= pair < first + len(read.pairs)]
-            spans = {i: patched_span(pairs[work[i][0]], cells[work[i][1]]) for i in mine}
+            spans = {i: patched_span(pairs[work[i][0]], cells[work[i][1]], read.donors) for i in mine}
             for start, whole in sorted(set(spans.values())):
                 at_start = [i for i in mine if spans[i] == (start, whole)]
                 for chunk in range(0, len(at_start), rows_per_chunk):

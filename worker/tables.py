@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-from worker.options import METRICS
+from worker.options import METRICS, PatchOptions
 from worker.pairs import Pair
 
 
@@ -66,27 +66,31 @@ RESULT_COLUMNS = {
 } | {name for metric in METRICS for name, _ in pair_columns(metric)}
 
 
-def with_metadata(table: pa.Table, direction: str, metric: str) -> pa.Table:
-    """Record how to read `score` and which metric the values are, in the table itself."""
+def with_metadata(table: pa.Table, options: PatchOptions) -> pa.Table:
+    """Record how to read `score` (the direction, the donor) and which metric the values are, in the table itself."""
     return table.replace_schema_metadata(
-        {b"patchsweep.direction": direction.encode(), b"patchsweep.metric": metric.encode()}
+        {
+            b"patchsweep.direction": options.direction.encode(),
+            b"patchsweep.metric": options.metric.encode(),
+            b"patchsweep.donor": options.donor.encode(),
+        }
     )
 
 
-def effects_table(columns: dict[str, Sequence], direction: str, metric: str) -> pa.Table:
-    return with_metadata(pa.table(columns, schema=effects_schema(metric)), direction, metric)
+def effects_table(columns: dict[str, Sequence], options: PatchOptions) -> pa.Table:
+    return with_metadata(pa.table(columns, schema=effects_schema(options.metric)), options)
 
 
-def paths_table(columns: dict[str, Sequence], direction: str, metric: str) -> pa.Table:
-    return with_metadata(pa.table(columns, schema=paths_schema(metric)), direction, metric)
+def paths_table(columns: dict[str, Sequence], options: PatchOptions) -> pa.Table:
+    return with_metadata(pa.table(columns, schema=paths_schema(options.metric)), options)
 
 
-def empty_effects(direction: str, metric: str) -> pa.Table:
-    return with_metadata(effects_schema(metric).empty_table(), direction, metric)
+def empty_effects(options: PatchOptions) -> pa.Table:
+    return with_metadata(effects_schema(options.metric).empty_table(), options)
 
 
 def pairs_table(
-    pairs: Sequence[Pair], clean: Sequence[float], corrupted: Sequence[float], direction: str, metric: str
+    pairs: Sequence[Pair], clean: Sequence[float], corrupted: Sequence[float], options: PatchOptions
 ) -> pa.Table:
     """One row per pair; metadata keys become extra columns (null where a pair lacks one)."""
     values = {
@@ -100,11 +104,11 @@ def pairs_table(
         "n_tokens": [p.n_tokens for p in pairs],
         "tokens": [list(p.tokens) for p in pairs],
         "labels": [list(p.labels) if p.labels is not None else None for p in pairs],
-        f"clean_{metric}": list(clean),
-        f"corrupted_{metric}": list(corrupted),
+        f"clean_{options.metric}": list(clean),
+        f"corrupted_{options.metric}": list(corrupted),
     }
-    table = pa.table(values, schema=pa.schema(pair_columns(metric)))
+    table = pa.table(values, schema=pa.schema(pair_columns(options.metric)))
     metadata_keys = sorted({key for p in pairs for key in p.metadata})
     for key in metadata_keys:
         table = table.append_column(key, pa.array([p.metadata.get(key) for p in pairs]))
-    return with_metadata(table, direction, metric)
+    return with_metadata(table, options)

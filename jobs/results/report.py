@@ -25,7 +25,7 @@ from jobs.results.aggregate import ALL_POSITIONS, DEFAULT_MIN_GAP, aggregate
 from jobs.results.query import connect_tables
 from jobs.results.verification import collect_verified, correlations, fmt, scatter_figures, top_k_agreement
 from jobs.store import EFFECTS, GROUPS_FILE, REPORT_FILE, ResultsKind, Store
-from worker.options import COMPONENTS, DEFAULT_METRIC, METHODS, Method
+from worker.options import COMPONENTS, DEFAULT_DONOR, DEFAULT_METRIC, METHODS, Method
 from worker.parts import is_uri
 
 DRILL_DOWN_PAIRS = 3
@@ -265,6 +265,7 @@ def summary_rows(connection, manifest: dict, min_gap: float) -> list[tuple[str, 
     return [
         ("model", manifest.get("model", "?")),
         ("direction", manifest.get("direction", "?")),
+        ("donor", manifest.get("donor", DEFAULT_DONOR)),
         ("metric", metric),
         ("components", ", ".join(manifest.get("components", []))),
         *([("receivers", ", ".join(manifest["receivers"]))] if manifest.get("receivers") else []),
@@ -331,7 +332,13 @@ def method_of(manifest: dict) -> Method:
 def run_title(manifest: dict) -> str:
     """What every figure title starts with: model, direction, metric (and what the method adds, such
     as AtP for its estimates)."""
-    said = [manifest.get("direction", "denoise"), manifest.get("metric", DEFAULT_METRIC), method_of(manifest).title]
+    donor = manifest.get("donor", DEFAULT_DONOR)
+    said = [
+        manifest.get("direction", "denoise"),
+        manifest.get("metric", DEFAULT_METRIC),
+        "" if donor == DEFAULT_DONOR else f"{donor} donor",
+        method_of(manifest).title,
+    ]
     return f"{manifest.get('model', '?')} ({', '.join(part for part in said if part)})"
 
 

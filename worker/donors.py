@@ -1,0 +1,44 @@
+"""Where a patch's values come from: the donor, a value every method is handed.
+
+- `pair` (the default): the pair's other prompt, read in the same batch (the donor side of the
+  `PairRows` layout): activation patching as the rest of patchsweep defines it.
+- `zero`: zeros in place of the activation: zero ablation.
+
+Every method writes `Donors.take(...)` where it used to copy the donor row: the exact paths
+(trace and reuse), AtP's (donor - receiving) difference and path patching's senders. Scores keep
+each pair's own baselines, `(value - receiving) / (pair's donor side - receiving)`, so for an
+ablation 1 still means "as far as the pair's other prompt moves it". Before a pair's first
+differing token its own other prompt changes nothing, so those cells need no forward; an
+ablation changes every position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from worker.options import PatchOptions
+from worker.pairs import Pair
+from worker.rows import PairRows
+
+
+@dataclass(frozen=True)
+class Donors:
+    kind: str  # one of worker/options.py DONORS
+    rows: PairRows  # the read's layout, whose donor side `pair` takes
+
+    @classmethod
+    def of(cls, options: PatchOptions) -> Donors:
+        return cls(options.donor, PairRows(options.direction))
+
+    def start(self, pair: Pair) -> int:
+        """The first position where a patch can change the receiving run: the pair's first
+        differing token for its own other prompt, the first token for an ablation."""
+        return pair.first_difference if self.kind == "pair" else 0
+
+    def take(self, acts: torch.Tensor, rows: torch.Tensor, positions) -> torch.Tensor:
+        """What a patch writes at `positions` (an index into the second axis) for each donor row
+        `rows` of a site whose activations in the read (rows in the `PairRows` layout) are `acts`."""
+        values = acts[rows, positions]
+        return torch.zeros_like(values) if self.kind == "zero" else values
