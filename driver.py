@@ -126,8 +126,16 @@ def run_options(positions_help: str, positions_default: str):
             type=click.Choice(DONORS),
             default=DEFAULT_DONOR,
             show_default=True,
-            help="Where patched values come from: pair (the pair's other prompt) or zero (zero ablation). "
-            "Scores keep the pair's own baselines: 1 = as far as the pair's other prompt moves it.",
+            help="Where patched values come from: pair (the pair's other prompt), resample (the donor-side "
+            "prompt of another pair of the same length, chosen by --seed) or zero (zero ablation). Scores keep "
+            "the pair's own baselines: 1 = as far as the pair's other prompt moves it.",
+        ),
+        click.option(
+            "--seed",
+            type=int,
+            default=0,
+            show_default=True,
+            help="With --donor resample: which other pair each pair resamples from (a seeded shuffle per length).",
         ),
         click.option(
             "--address", help="Join a running Ray cluster (auto or HOST:PORT). Default: start a local Ray for this run."

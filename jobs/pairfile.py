@@ -7,6 +7,7 @@ Every problem is collected, not raised, so a user sees all bad lines at once as
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -338,6 +339,13 @@ def read_pairs(
         first_line_of[checked.pair_id] = number
         pairs.append(checked)
     check_labels_exist(path, labels_seen, options)
+    if options.donor == "resample":
+        resampling = Resampling(options.direction, options.seed)
+        for pair in pairs:
+            resampling.add(first_line_of[pair.pair_id], pair)
+        alone = resampling.pair_up(set())
+        invalid = sorted(invalid + alone_in_length(path, alone), key=lambda bad: bad.line)
+        pairs = [resampling.donate(p, first_line_of[p.pair_id]) for p in pairs if first_line_of[p.pair_id] not in alone]
     return PairFile(pairs, invalid)
 
 
@@ -350,13 +358,79 @@ def duplicate(path: str | Path, number: int, raw: bytes, pair: Pair, first: int)
     )
 
 
+class Resampling:
+    """`--donor resample`: each good pair's donor is another good pair of its token length. Each
+    length's pairs, in file order, are shuffled by `seed` and read as a cycle: each pair takes
+    the next one's donor-side prompt (clean when denoising, corrupted when noising). So the same
+    file, direction and seed give the same donors however the run is sharded, read or resumed.
+
+    Collected during the scan: each good pair's line, id and donor-side token ids (4 bytes a
+    token plus the id), the one thing a streamed run keeps that grows with the file."""
+
+    def __init__(self, direction: str, seed: int) -> None:
+        self.side, self.seed = (0 if direction == "denoise" else 1), seed
+        self.lines: dict[int, array] = {}
+        self.pair_ids: dict[int, list[str]] = {}
+        self.prompts: dict[int, array] = {}
+        self.donor: dict[int, np.ndarray] = {}
+
+    def add(self, line: int, pair: Pair) -> None:
+        length = pair.n_tokens
+        self.lines.setdefault(length, array("q")).append(line)
+        self.pair_ids.setdefault(length, []).append(pair.pair_id)
+        self.prompts.setdefault(length, array("i")).extend((pair.clean_ids, pair.corrupted_ids)[self.side])
+
+    def pair_up(self, dropped: set[int]) -> dict[int, int]:
+        """Leave out the `dropped` lines (repeated ids), pair the rest, and return the lines that
+        are alone in their length (with that length), which cannot be resampled."""
+        alone = {}
+        for length in list(self.lines):
+            lines = np.frombuffer(self.lines[length], np.int64)
+            keep = ~np.isin(lines, list(dropped))
+            if keep.sum() == 1:
+                alone[int(lines[keep][0])] = length
+                keep[:] = False
+            prompts = np.frombuffer(self.prompts[length], np.int32).reshape(len(lines), length)[keep]
+            self.lines[length], self.prompts[length] = lines[keep], prompts
+            self.pair_ids[length] = [pair_id for pair_id, kept in zip(self.pair_ids[length], keep) if kept]
+            order = np.random.default_rng([self.seed, length]).permutation(int(keep.sum()))
+            self.donor[length] = np.empty_like(order)
+            self.donor[length][order] = np.roll(order, -1)
+        return alone
+
+    def donate(self, pair: Pair, line: int) -> Pair:
+        """`pair` (on `line`) with its donor's id and donor-side prompt."""
+        length = pair.n_tokens
+        donor = self.donor[length][np.searchsorted(self.lines[length], line)]
+        return dataclasses.replace(
+            pair, donor_pair_id=self.pair_ids[length][donor], donor_ids=tuple(self.prompts[length][donor].tolist())
+        )
+
+
+def alone_in_length(path: str | Path, alone: dict[int, int]) -> list[InvalidLine]:
+    """The bad lines of pairs with no other pair of their token length (`alone`: line -> length)
+    to resample from (read again: the rare case pays for a second look)."""
+    reason = "no other pair of its length ({} tokens) to resample from (--donor resample)"
+    return (
+        [
+            InvalidLine(str(path), number, raw.decode("utf-8", errors="replace"), reason.format(alone[number]))
+            for number, raw, _ in decoded_lines(path)
+            if number in alone
+        ]
+        if alone
+        else []
+    )
+
+
 @dataclass(frozen=True)
 class FileScan:
     """What the driver keeps of a validated pair file: the bad lines, and how many good pairs
-    there are of each token length (enough to plan every shard); not the pairs."""
+    there are of each token length (enough to plan every shard); not the pairs (except, for
+    `--donor resample`, their donor-side prompts: `Resampling`)."""
 
     invalid: list[InvalidLine]
     lengths: dict[int, int]
+    resampling: Resampling | None = None
 
     @property
     def skipped(self) -> set[int]:
@@ -371,6 +445,7 @@ def scan_pairs(
     64-bit hashes (16 bytes a pair), sorted at the end."""
     invalid, labels_seen = [], set()
     ids, lines, lengths = array("q"), array("q"), array("h")
+    resampling = Resampling(options.direction, options.seed) if options.donor == "resample" else None
     for number, _, checked in checked_lines(path, tokenizer, n_ctx, options, labels_seen):
         if isinstance(checked, InvalidLine):
             invalid.append(checked)
@@ -378,6 +453,8 @@ def scan_pairs(
         ids.append(id_hash(checked.pair_id))
         lines.append(number)
         lengths.append(checked.n_tokens)
+        if resampling:
+            resampling.add(number, checked)
     check_labels_exist(path, labels_seen, options)
     order = np.lexsort((np.frombuffer(lines, np.int64), np.frombuffer(ids, np.int64)))
     sorted_ids = np.frombuffer(ids, np.int64)[order]
@@ -388,8 +465,15 @@ def scan_pairs(
     index_of_line = {lines[i]: i for i in order[np.isin(sorted_ids, shared)].tolist()} if repeats else {}
     for bad in repeats:
         counts[lengths[index_of_line[bad.line]]] -= 1
+    if resampling:
+        alone = resampling.pair_up({bad.line for bad in repeats})
+        invalid += alone_in_length(path, alone)
+        for length in alone.values():
+            counts[length] -= 1
     return FileScan(
-        sorted(invalid, key=lambda bad: bad.line), {length: int(count) for length, count in enumerate(counts) if count}
+        sorted(invalid, key=lambda bad: bad.line),
+        {length: int(count) for length, count in enumerate(counts) if count},
+        resampling,
     )
 
 
@@ -418,12 +502,17 @@ def repeated_ids(
 
 
 def stream_pairs(
-    path: str | Path, tokenizer: PreTrainedTokenizerBase, n_ctx: int, options: PatchOptions, skipped: set[int]
+    path: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    n_ctx: int,
+    options: PatchOptions,
+    skipped: set[int],
+    resampling: Resampling | None = None,
 ) -> Iterator[Pair]:
     """The good pairs of a scanned file, in file order, a chunk of lines in memory at a time
-    (`skipped`: the scan's bad lines)."""
+    (`skipped`: the scan's bad lines; `resampling`: its donors, for `--donor resample`)."""
     for number, _, checked in checked_lines(path, tokenizer, n_ctx, options, set()):
         if number not in skipped:
             if not isinstance(checked, Pair):
                 raise PairFileError(f"{path}:{number}: the file changed while the job ran ({checked.reason})")
-            yield checked
+            yield resampling.donate(checked, number) if resampling else checked

@@ -127,7 +127,10 @@ def short_error(error: Exception) -> str:
 def shards_to_run(job: Job) -> Iterator[tuple[Shard, tuple[Pair, ...]]]:
     """The unfinished shards with their pairs, as the second read of the file fills them."""
     spec, reading = job.spec, job.reading
-    pairs = stream_pairs(spec.pairs, reading.tokenizer, reading.n_ctx, spec.patch_options(), reading.scan.skipped)
+    scan = reading.scan
+    pairs = stream_pairs(
+        spec.pairs, reading.tokenizer, reading.n_ctx, spec.patch_options(), scan.skipped, scan.resampling
+    )
     return filled_shards(pairs, job.shards, spec.batch_pairs, {shard.name for shard in job.todo})
 
 
@@ -208,6 +211,7 @@ class Job:
             "verify_top": spec.verify_top,
             "receivers": list(spec.receivers),
             "donor": spec.donor,
+            "seed": spec.seed,
             "pairs_file": spec.pairs,
             "pair_count": self.pair_count,
             "invalid_count": self.n_invalid,

@@ -26,6 +26,7 @@ RESULT_DECIDING = (
     "verify_top",
     "receivers",
     "donor",
+    "seed",
     "dtype",
     "batch_pairs",
     "max_batch_tokens",
@@ -46,6 +47,7 @@ class JobSpec:
     verify_top: int = 0
     receivers: tuple[str, ...] = ()
     donor: str = DEFAULT_DONOR
+    seed: int = 0
     dtype: str = "float32"
     device: str = "auto"
     address: str | None = None
@@ -67,6 +69,7 @@ class JobSpec:
             self.verify_top,
             self.receivers,
             self.donor,
+            self.seed,
         )
 
     def config(self) -> dict:
@@ -80,6 +83,8 @@ class JobSpec:
             del config["receivers"]
         if self.donor == DEFAULT_DONOR:  # and runs from the pair's other prompt the hash they had before donors
             del config["donor"]
+        if self.donor != "resample":  # the seed decides only resample's pairing
+            del config["seed"]
         config["pairs_sha256"] = file_sha256(self.pairs)
         return config
 

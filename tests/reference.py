@@ -82,9 +82,10 @@ def capture(model: PreTrainedModel, ids: list[int], component: str, layer: int) 
     return stored["act"]
 
 
-def donor_activation(model: PreTrainedModel, donor_ids: list[int], component: str, layer: int, donor: str):
-    """What a patch writes: the pair's donor-side activation (`pair`), or zeros of its shape (`zero`)."""
-    act = capture(model, donor_ids, component, layer)
+def donor_activation(model: PreTrainedModel, pair, donor_ids: list[int], component: str, layer: int, donor: str):
+    """What a patch writes: the pair's donor-side activation (`pair`), that of the prompt it
+    resamples from (`resample`: `pair.donor_ids`), or zeros of its shape (`zero`)."""
+    act = capture(model, list(pair.donor_ids) if donor == "resample" else donor_ids, component, layer)
     return torch.zeros_like(act) if donor == "zero" else act
 
 
@@ -129,7 +130,7 @@ def reference_patching(
     for component in components:
         heads = range(config.num_attention_heads) if component == "head" else [None]
         for layer in range(config.num_hidden_layers):
-            act = donor_activation(model, list(donor), component, layer, donor_kind)
+            act = donor_activation(model, pair, list(donor), component, layer, donor_kind)
             for head in heads:
                 channels = slice(None) if head is None else slice(head * width, (head + 1) * width)
                 for position in [None] if all_positions else range(len(receiver)):
@@ -159,7 +160,7 @@ def reference_atp(
     sites = [(component, layer) for component in components for layer in range(config.num_hidden_layers)]
     with torch.no_grad():
         donor_logits = next_token_logits(model, list(donor))
-        donor_acts = {site: donor_activation(model, list(donor), *site, donor_kind) for site in sites}
+        donor_acts = {site: donor_activation(model, pair, list(donor), *site, donor_kind) for site in sites}
     kept = {}
 
     def keeper(site):
@@ -257,7 +258,7 @@ def reference_paths(
         config.num_hidden_layers,
     )
     donor_logits = next_token_logits(model, donor)
-    donor_z = [donor_activation(model, donor, "head", layer, donor_kind) for layer in range(n_layers)]
+    donor_z = [donor_activation(model, pair, donor, "head", layer, donor_kind) for layer in range(n_layers)]
     receiving_z = [capture(model, receiving, "head", layer) for layer in range(n_layers)]
     spec, _, label = receiver.partition("@")
     heads = [(int(layer), int(head), input) for layer, head, input in re.findall(r"(\d+)\.(\d+):([qkv])", spec)]

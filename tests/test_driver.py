@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -481,6 +482,41 @@ def test_zero_ablation_end_to_end(tmp_path, tiny_model, tiny_model_dir, tokenize
     assert "noise, logit_diff, zero donor" in (out / "report.html").read_text()
     unknown = run_driver(*args, "--donor", "mean-of-nothing", "--out", tmp_path / "o")
     assert unknown.returncode == 2 and "Invalid value for '--donor'" in unknown.stderr
+
+
+def test_resample_end_to_end_is_reproducible_from_donor_pair_id(
+    tmp_path, tiny_model, tiny_model_dir, tokenizer_and_ctx
+):
+    """`--donor resample --seed 3`: pairs.parquet names each pair's donor pair, and that alone
+    reproduces the run: the in-process core, handed each named pair's clean prompt, gives the same
+    rows. The seed is in the config; a pair alone in its token length is a bad line (exit 2)."""
+    out = tmp_path / "run"
+    args = ["--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--components", "resid,mlp"]
+    done = run_driver(*args, "--donor", "resample", "--seed", "3", "--out", out, "--batch-pairs", 3)
+    assert done.returncode == 0, done.stderr
+    named = dict(zip(*pq.read_table(out / "pairs.parquet", columns=["pair_id", "donor_pair_id"]).to_pydict().values()))
+    pairs = {p.pair_id: p for p in read_pairs(EXAMPLE_PAIRS, *tokenizer_and_ctx).pairs}
+    assert named.keys() == pairs.keys() and all(named[k] != k for k in named)
+    rebuilt = [
+        dataclasses.replace(p, donor_pair_id=named[p.pair_id], donor_ids=pairs[named[p.pair_id]].clean_ids)
+        for p in pairs.values()
+    ]
+    core = patch_batch(tiny_model, rebuilt, ["resid", "mlp"], donor="resample").effects.to_pylist()
+
+    def key(r):
+        return r["pair_id"], r["component"], r["layer"], r["position"]
+
+    by_key = {key(r): r["logit_diff"] for r in pq.read_table(out / "effects").to_pylist()}
+    assert by_key.keys() == {key(r) for r in core}
+    for r in core:
+        assert by_key[key(r)] == pytest.approx(r["logit_diff"], abs=RUN_TOL)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["donor"] == "resample" and manifest["config"]["seed"] == 3
+    alone = write_jsonl(
+        tmp_path / "alone.jsonl", [json.loads(line) for line in Path(EXAMPLE_PAIRS).read_text().splitlines()[:4]]
+    )
+    failed = run_driver("--pairs", alone, *args[2:], "--donor", "resample", "--out", tmp_path / "o")
+    assert failed.returncode == 2 and "to resample from (--donor resample)" in failed.stderr
 
 
 def test_a_position_label_no_pair_has_is_one_line(tmp_path, tiny_model_dir):

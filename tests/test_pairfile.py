@@ -274,3 +274,38 @@ def test_ids_that_share_a_hash_are_not_duplicates(tmp_path, tokenizer_and_ctx, m
     assert scan.invalid == whole.invalid
     assert scan.lengths == dict(sorted(Counter(p.n_tokens for p in whole.pairs).items()))
     assert sum(scan.lengths.values()) == 5
+
+
+def test_resample_pairs_each_pair_with_another_of_its_length_by_seed(tmp_path, tokenizer_and_ctx, monkeypatch):
+    """`--donor resample`: a seeded shuffle per token length, read as a cycle: every pair's donor is
+    another pair of its length, each pair is somebody's donor once, the donor-side prompt is the
+    donor's clean one (denoise) or corrupted one (noise); the streamed read gives what reading
+    the whole file gives; another seed, another pairing; a pair alone in its length is a bad line."""
+    from jobs import pairfile
+
+    tokenizer, n_ctx = tokenizer_and_ctx
+    lines = [dict(zip(("clean", "corrupted", "correct", "incorrect"), line)) for line in IOI_LINES]
+    records = [{**lines[i % 3], "id": f"p{i}"} for i in range(9)] + [{**lines[3], "id": "alone"}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    by_id = {p.pair_id: p for p in read_pairs(path, tokenizer, n_ctx).pairs}
+    pairings = {}
+    for direction, seed in (("denoise", 0), ("noise", 0), ("denoise", 1)):
+        options = PatchOptions(direction=direction, donor="resample", seed=seed)
+        whole = read_pairs(path, tokenizer, n_ctx, options)
+        assert [str(bad).split(": ", 1)[1] for bad in whole.invalid] == [
+            f"no other pair of its length ({by_id['alone'].n_tokens} tokens) to resample from (--donor resample)"
+        ]
+        side = "clean_ids" if direction == "denoise" else "corrupted_ids"
+        for pair in whole.pairs:
+            donor = by_id[pair.donor_pair_id]
+            assert donor.pair_id != pair.pair_id and donor.n_tokens == pair.n_tokens
+            assert pair.donor_ids == getattr(donor, side)
+        assert sorted(p.donor_pair_id for p in whole.pairs) == sorted(p.pair_id for p in whole.pairs)
+        monkeypatch.setattr(pairfile, "CHUNK_LINES", 4)
+        scan = pairfile.scan_pairs(path, tokenizer, n_ctx, options)
+        assert scan.invalid == whole.invalid and sum(scan.lengths.values()) == 9
+        assert (
+            list(pairfile.stream_pairs(path, tokenizer, n_ctx, options, scan.skipped, scan.resampling)) == whole.pairs
+        )
+        pairings[(direction, seed)] = [p.donor_pair_id for p in whole.pairs]
+    assert pairings[("denoise", 0)] == pairings[("noise", 0)] != pairings[("denoise", 1)]

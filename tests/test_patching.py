@@ -94,6 +94,30 @@ def test_zero_ablation_matches_hook_reference(tiny_model, hf_model, ioi_pairs, d
         assert early and any(abs(score) > 1e-3 for score in early)
 
 
+def resampled(pair):
+    """The pair with a prompt to resample from: its clean prompt's first three tokens, then the rest
+    reversed (any prompt of its length will do for the worker; the driver picks another pair's)."""
+    donor = pair.clean_ids[:3] + tuple(reversed(pair.clean_ids[3:]))
+    return dataclasses.replace(pair, donor_pair_id=f"{pair.pair_id}-reversed", donor_ids=donor)
+
+
+@pytest.mark.parametrize("path", ["trace", "reuse"])
+@pytest.mark.parametrize(("direction", "positions"), [("denoise", "each"), ("noise", "each"), ("noise", "all")])
+def test_resample_ablation_matches_hook_reference(tiny_model, hf_model, ioi_pairs, direction, positions, path):
+    """Each pair's patches take their values from another prompt of its length, read as a third row."""
+    pairs = [resampled(pair) for pair in ioi_pairs]
+    result = patch_batch(
+        tiny_model, pairs, COMPONENTS, direction, 40 * 16, positions, exact_path=path, donor="resample"
+    )
+    assert result.effects.schema.metadata[b"patchsweep.donor"] == b"resample"
+    assert_matches_reference(result, hf_model, pairs, direction, positions == "all", donor="resample")
+
+
+def test_resampling_needs_a_prompt_to_resample_from(tiny_model, ioi_pairs):
+    with pytest.raises(ValueError, match="no donor prompt to resample from"):
+        patch_batch(tiny_model, ioi_pairs, ["resid"], donor="resample")
+
+
 def labelled(pair):
     """`early` before the first differing token, `S2` at it, `END` last, `x` elsewhere."""
     labels = ["x"] * pair.n_tokens
@@ -298,15 +322,19 @@ def test_atp_estimates_match_an_autograd_reference(tiny_model, hf_model, answer_
             assert got == pytest.approx(want, rel=1e-4, abs=TOL), (pair.pair_id, component, layer, position, head)
 
 
-@pytest.mark.parametrize(("metric", "positions"), [("logit_diff", "each"), ("kl", "all")])
-def test_atp_of_zero_ablation_matches_an_autograd_reference(tiny_model, hf_model, answer_pairs, metric, positions):
-    """AtP's (donor - receiving) difference with zeros for the donor: -activation x gradient."""
-    pairs = answer_pairs["sets"]
-    result = patch_batch(tiny_model, pairs, COMPONENTS, "noise", 40 * 16, positions, metric, method="atp", donor="zero")
+@pytest.mark.parametrize(
+    ("donor", "metric", "positions"),
+    [("zero", "logit_diff", "each"), ("zero", "kl", "all"), ("resample", "kl", "each")],
+)
+def test_atp_of_ablations_matches_an_autograd_reference(tiny_model, hf_model, answer_pairs, donor, metric, positions):
+    """AtP's (donor - receiving) difference with the ablation's values for the donor (zeros:
+    -activation x gradient)."""
+    pairs = [resampled(pair) for pair in answer_pairs["sets"]]
+    result = patch_batch(tiny_model, pairs, COMPONENTS, "noise", 40 * 16, positions, metric, method="atp", donor=donor)
     baselines = {r["pair_id"]: (r[f"clean_{metric}"], r[f"corrupted_{metric}"]) for r in result.pairs.to_pylist()}
     estimates = by_cell(result.effects, "estimate")
     for pair in pairs:
-        expected = reference_atp(hf_model, pair, COMPONENTS, "noise", positions == "all", metric, "zero")
+        expected = reference_atp(hf_model, pair, COMPONENTS, "noise", positions == "all", metric, donor)
         clean, corrupted = baselines[pair.pair_id]
         assert sum(key[0] == pair.pair_id for key in estimates) == len(expected)
         for (component, layer, position, head), want in expected.items():

@@ -10,6 +10,7 @@ from transformers import GPT2LMHeadModel
 
 from tests.conftest import TOL, score_tolerance
 from tests.reference import reference_paths
+from tests.test_patching import resampled
 from worker.options import PatchOptions
 from worker.patching import patch_batch
 from worker.paths import path_batch
@@ -99,16 +100,16 @@ def test_every_metric_matches_hook_reference(tiny_model, hf_model, ioi_pairs, me
         assert_paths_match_reference(result, hf_model, pairs, receiver, "noise", True, metric, min_gap=0)
 
 
-@pytest.mark.parametrize("positions", ["all", "each"])
-def test_zero_ablated_senders_match_hook_reference(tiny_model, hf_model, ioi_pairs, positions):
-    """The sender's output zeroed in the frozen run, at every position (before the first differing
-    token too, which an ablation changes)."""
-    pairs = labelled(ioi_pairs)
+@pytest.mark.parametrize(("donor", "positions"), [("zero", "all"), ("zero", "each"), ("resample", "each")])
+def test_ablated_senders_match_hook_reference(tiny_model, hf_model, ioi_pairs, donor, positions):
+    """The sender's output zeroed, or taken from another prompt, in the frozen run, at every
+    position where that changes the run (before the first differing token too, for zeros)."""
+    pairs = [resampled(pair) for pair in labelled(ioi_pairs)]
     receivers = ["logits", "1.0:q,2.1:q@END", "1.3:v,2.0:v"]
-    result = paths(tiny_model, pairs, receivers, "noise", positions, max_batch_tokens=40 * 4, donor="zero")
-    assert result.paths.schema.metadata[b"patchsweep.donor"] == b"zero"
+    result = paths(tiny_model, pairs, receivers, "noise", positions, max_batch_tokens=40 * 4, donor=donor)
+    assert result.paths.schema.metadata[b"patchsweep.donor"] == donor.encode()
     for receiver in receivers:
-        assert_paths_match_reference(result, hf_model, pairs, receiver, "noise", positions == "all", donor="zero")
+        assert_paths_match_reference(result, hf_model, pairs, receiver, "noise", positions == "all", donor=donor)
 
 
 def test_sender_at_or_above_every_receiver_changes_nothing(tiny_model, ioi_pairs):

@@ -27,7 +27,6 @@ from worker.donors import Donors
 from worker.metrics import Answers, DonorDistribution, vocabulary_metric
 from worker.options import PatchOptions
 from worker.pairs import Pair
-from worker.rows import PairRows
 from worker.sites import FORWARD_ORDER, Cell, component_output, head_dim, last_logits, n_layers
 
 
@@ -38,10 +37,10 @@ def read_gradients(
     receivers' metric: the metric of every row, and per (component, layer) the activations and
     their gradients."""
     device = model.device
-    layout, indices = PairRows(options.direction), torch.arange(len(pairs), device=device)
+    layout, indices = Donors.of(options).rows, torch.arange(len(pairs), device=device)
     input_ids = layout.input_ids(pairs).to(device)
-    answers = Answers.of([p for p in pairs for _ in range(2)]).to(device)
-    donor_rows = layout.donor_rows(indices).repeat_interleave(2)
+    answers = Answers.of([p for p in pairs for _ in range(layout.per_pair)]).to(device)
+    donor_rows = layout.of_rows(layout.donor_rows(indices))
     receiver_rows = layout.receiving_rows(indices)
     sites = [
         (component, layer) for layer in range(n_layers(model)) for component in FORWARD_ORDER if component in components
@@ -68,7 +67,8 @@ def first_order_effects(act: torch.Tensor, grad: torch.Tensor, donors: Donors, h
     """Per pair, (donor - receiver) x the receiver's gradient, summed over channels: [P, T], or
     [P, T, heads] summed over each head's channels; the donor's values are what `donors` give."""
     rows = donors.rows
-    donor = donors.take(act, rows.donor_rows(torch.arange(act.shape[0] // 2, device=act.device)), slice(None))
+    pairs = torch.arange(act.shape[0] // rows.per_pair, device=act.device)
+    donor = donors.take(act, donors.source_rows(pairs), slice(None))
     product = (donor - rows.receiving_side(act)).float() * rows.receiving_side(grad).float()
     if head_width is None:
         return product.sum(-1)
@@ -84,7 +84,8 @@ def atp_estimates(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clean and corrupted metric per pair, and the estimated patched metric per `work` item."""
     n_tokens = pairs[0].n_tokens
-    pairs_per_group = max(1, options.max_batch_tokens // (2 * n_tokens))
+    layout = Donors.of(options).rows
+    pairs_per_group = max(1, options.max_batch_tokens // (layout.per_pair * n_tokens))
     components = {cells[c].component for _, c in work}
     dim = head_dim(model)
     baselines, estimates = [], torch.empty(len(work))
@@ -92,7 +93,7 @@ def atp_estimates(
         group = pairs[first : first + pairs_per_group]
         values, acts, grads = read_gradients(model, group, options, components)
         baselines.append(values)
-        receiver = PairRows(options.direction).receiving_side(values)
+        receiver = layout.receiving_side(values)
         by_site: dict[tuple[str, int, bool], list[int]] = {}
         for i, (pair, c) in enumerate(work):
             if first <= pair < first + len(group):
@@ -114,7 +115,7 @@ def atp_estimates(
                 picked = picked[torch.arange(len(indices)), torch.tensor([cells[work[i][1]].head for i in indices])]
             estimates[torch.tensor(indices)] = receiver[pair_index] + picked
     metric = torch.cat(baselines)
-    return *PairRows.clean_and_corrupted(metric), estimates
+    return *layout.clean_and_corrupted(metric), estimates
 
 
 def verified_rows(

@@ -2,6 +2,8 @@
 
 - `pair` (the default): the pair's other prompt, read in the same batch (the donor side of the
   `PairRows` layout): activation patching as the rest of patchsweep defines it.
+- `resample`: the donor-side prompt of another pair of the same length (`Pair.donor_ids`, chosen
+  by the driver), read as a third row of the pair (resample ablation).
 - `zero`: zeros in place of the activation: zero ablation.
 
 Every method writes `Donors.take(...)` where it used to copy the donor row: the exact paths
@@ -20,7 +22,7 @@ import torch
 
 from worker.options import PatchOptions
 from worker.pairs import Pair
-from worker.rows import PairRows
+from worker.rows import PairRows, resampled_from
 
 
 @dataclass(frozen=True)
@@ -30,12 +32,23 @@ class Donors:
 
     @classmethod
     def of(cls, options: PatchOptions) -> Donors:
-        return cls(options.donor, PairRows(options.direction))
+        return cls(options.donor, PairRows(options.direction, resampled=options.donor == "resample"))
 
     def start(self, pair: Pair) -> int:
-        """The first position where a patch can change the receiving run: the pair's first
-        differing token for its own other prompt, the first token for an ablation."""
-        return pair.first_difference if self.kind == "pair" else 0
+        """The first position where a patch can change the receiving run: where the donor prompt
+        first differs from the receiving one (the pair's first differing token for its own other
+        prompt), the first token for zeros."""
+        if self.kind == "pair":
+            return pair.first_difference
+        if self.kind == "resample":
+            receiving = (pair.corrupted_ids, pair.clean_ids)[self.rows.donor_offset]
+            differing = (i for i, (a, b) in enumerate(zip(receiving, resampled_from(pair))) if a != b)
+            return next(differing, pair.n_tokens - 1)
+        return 0
+
+    def source_rows(self, pairs: torch.Tensor | int) -> torch.Tensor | int:
+        """The rows of the read that patches of pairs `pairs` take their values from."""
+        return self.rows.resampled_rows(pairs) if self.kind == "resample" else self.rows.donor_rows(pairs)
 
     def take(self, acts: torch.Tensor, rows: torch.Tensor, positions) -> torch.Tensor:
         """What a patch writes at `positions` (an index into the second axis) for each donor row

@@ -20,6 +20,8 @@ class Pair:
     tokens: tuple[str, ...]
     labels: tuple[str, ...] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    donor_pair_id: str | None = None  # --donor resample: the pair whose donor-side prompt this one patches from
+    donor_ids: tuple[int, ...] | None = None  # and that prompt's token ids
 
     @property
     def n_tokens(self) -> int:

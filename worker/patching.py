@@ -35,7 +35,6 @@ from worker.options import (
 )
 from worker.pairs import Pair
 from worker.reuse import resolve_exact_path, reuse_values
-from worker.rows import PairRows
 from worker.sites import FORWARD_ORDER, Cell, component_output, head_dim, head_mask, last_logits, n_heads, n_layers
 from worker.tables import effects_table, empty_effects, pairs_table
 
@@ -113,19 +112,20 @@ def cells_to_run(
     return [(p, c) for p, c in rows if cells[c].position is None or cells[c].position >= starts[p]]
 
 
-def split_into_traces(work: Sequence[tuple[int, int]], max_rows: int) -> list[list[tuple[int, int]]]:
+def split_into_traces(work: Sequence[tuple[int, int]], max_rows: int, per_pair: int = 2) -> list[list[tuple[int, int]]]:
     """Cut the pair-major (pair, cell) work list into traces of at most `max_rows` rows.
 
-    Each trace also carries two baseline rows per pair it touches, counted in the budget.
+    Each trace also carries the `per_pair` rows of each pair it touches (its baselines, and
+    the prompt it resamples from), counted in the budget.
     """
-    max_rows = max(max_rows, 3)
+    max_rows = max(max_rows, per_pair + 1)
     chunks, chunk, rows, last_pair = [], [], 0, None
     for pair, cell in work:
-        cost = 1 + (2 if pair != last_pair else 0)
+        cost = 1 + (per_pair if pair != last_pair else 0)
         if rows + cost > max_rows:
             chunks.append(chunk)
             chunk, rows, last_pair = [], 0, None
-            cost = 3
+            cost = per_pair + 1
         chunk.append((pair, cell))
         rows += cost
         last_pair = pair
@@ -138,24 +138,24 @@ def plan_trace(
     pairs: Sequence[Pair],
     cells: Sequence[Cell],
     work: Sequence[tuple[int, int]],
-    direction: str,
+    donors: Donors,
     pair_indices: list[int],
 ) -> TracePlan:
     """Lay out one trace's rows: the pairs of `pair_indices` in the `PairRows` layout, then the patched rows."""
-    layout, local = PairRows(direction), {p: i for i, p in enumerate(pair_indices)}
+    layout, local = donors.rows, {p: i for i, p in enumerate(pair_indices)}
     ids = layout.input_ids([pairs[p] for p in pair_indices]).tolist()
-    answer_rows = [p for p in pair_indices for _ in range(2)]
-    donor_rows = layout.donor_rows(torch.arange(len(pair_indices)).repeat_interleave(2)).tolist()
+    answer_rows = [p for p in pair_indices for _ in range(layout.per_pair)]
+    donor_rows = layout.of_rows(layout.donor_rows(torch.arange(len(pair_indices)))).tolist()
     by_site: dict[tuple[str, int, bool], list[tuple]] = defaultdict(list)
     for pair, cell_index in work:
         cell = cells[cell_index]
-        donor, receiver = layout.donor_rows(local[pair]), layout.receiving_rows(local[pair])
+        source, receiver = donors.source_rows(local[pair]), layout.receiving_rows(local[pair])
         positions = list(range(len(ids[receiver]))) if cell.position is None else [cell.position]
-        entry = (len(ids), positions, donor) + (() if cell.head is None else (cell.head,))
+        entry = (len(ids), positions, source) + (() if cell.head is None else (cell.head,))
         by_site[(cell.component, cell.layer, cell.position is None)].append(entry)
         ids.append(ids[receiver])
         answer_rows.append(pair)
-        donor_rows.append(donor)
+        donor_rows.append(layout.donor_rows(local[pair]))
     writes: dict[tuple[str, int], list[Write]] = defaultdict(list)
     for (component, layer, _), entries in by_site.items():
         writes[(component, layer)].append(Write(*(torch.tensor(column) for column in zip(*entries))))
@@ -224,17 +224,19 @@ def trace_values(
     clean = torch.full((len(pairs),), float("nan"))
     corrupted = torch.full((len(pairs),), float("nan"))
     max_rows = options.max_batch_tokens // pairs[0].n_tokens
-    traces = [(sorted({p for p, _ in chunk}), chunk) for chunk in split_into_traces(work, max_rows)]
+    donors = Donors.of(options)
+    chunks = split_into_traces(work, max_rows, donors.rows.per_pair)
+    traces = [(sorted({p for p, _ in chunk}), chunk) for chunk in chunks]
     idle = sorted(set(range(len(pairs))) - {p for p, _ in work})
-    step = max(1, max_rows // 2)
+    step = max(1, max_rows // donors.rows.per_pair)
     traces += [(idle[first : first + step], []) for first in range(0, len(idle), step)]
     values = [torch.empty(0)]
     for pair_indices, chunk in traces:
-        plan = plan_trace(pairs, cells, chunk, options.direction, pair_indices)
-        metric = run_trace(model, plan, options.metric, Donors.of(options))
-        n_base = 2 * len(pair_indices)
+        plan = plan_trace(pairs, cells, chunk, donors, pair_indices)
+        metric = run_trace(model, plan, options.metric, donors)
+        n_base = donors.rows.per_pair * len(pair_indices)
         index = torch.tensor(pair_indices)
-        clean[index], corrupted[index] = PairRows.clean_and_corrupted(metric[:n_base])
+        clean[index], corrupted[index] = donors.rows.clean_and_corrupted(metric[:n_base])
         values.append(metric[n_base:])
     return clean, corrupted, torch.cat(values)
 

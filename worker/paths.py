@@ -44,7 +44,6 @@ from worker.reuse import (
     readout,
     suffix_arguments,
 )
-from worker.rows import PairRows
 from worker.sites import Cell, blocks, family, head_input, n_heads, n_layers
 from worker.tables import paths_table
 
@@ -93,7 +92,7 @@ def frozen_stream(
         if not joining:
             continue
         pairs = torch.tensor([rows[i][0] for i in joining], device=device)
-        receiving, donors = read.donors.rows.receiving_rows(pairs), read.donors.rows.donor_rows(pairs)
+        receiving, donors = read.donors.rows.receiving_rows(pairs), read.donors.source_rows(pairs)
         heads = torch.tensor([rows[i][1].head for i in joining], device=device)
         where = torch.stack(
             [
@@ -208,7 +207,7 @@ def path_group(
             for receiver in receivers:
                 values[receiver][torch.tensor(mine)] = receiver_values(model, read, items, receiver, options)
     metric = torch.cat(baselines)
-    clean, corrupted = PairRows.clean_and_corrupted(metric)
+    clean, corrupted = Donors.of(options).rows.clean_and_corrupted(metric)
     row_pairs = torch.tensor([pair for pair, _ in rows], dtype=torch.long)
     columns: dict[str, list] = defaultdict(list)
     for receiver in receivers:

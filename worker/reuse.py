@@ -35,7 +35,6 @@ from worker.families import part
 from worker.metrics import Answers, DonorDistribution, answer_logit_diff, reads_vocabulary, vocabulary_metric
 from worker.options import COMPONENTS, PatchOptions
 from worker.pairs import Pair
-from worker.rows import PairRows
 from worker.sites import Cell, blocks, component_output, embedding_output, family, head_dim, head_mask, last_logits
 
 
@@ -75,8 +74,8 @@ def read_groups(
 ) -> Iterator[GroupRead]:
     """The pairs (of one token length) in groups whose clean and corrupted prompts fit
     `max_batch_tokens`, each read once (`read_activations`, keeping `components`)."""
-    per_group = max(1, options.max_batch_tokens // (2 * pairs[0].n_tokens))
     donors = Donors.of(options)
+    per_group = max(1, options.max_batch_tokens // (donors.rows.per_pair * pairs[0].n_tokens))
     rows = donors.rows
     for first in range(0, len(pairs), per_group):
         group = pairs[first : first + per_group]
@@ -103,10 +102,10 @@ def read_activations(
     Head, attention and MLP activations are kept only for the `components` asked for.
     """
     device = model.device
-    layout = PairRows(options.direction)
+    layout, indices = Donors.of(options).rows, torch.arange(len(pairs), device=device)
     input_ids = layout.input_ids(pairs).to(device)
-    row_answers = answers[torch.arange(len(pairs), device=device).repeat_interleave(2)]
-    donor_rows = layout.donor_rows(torch.arange(len(pairs), device=device))
+    row_answers = answers[layout.of_rows(indices)]
+    donor_rows = layout.donor_rows(indices)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     donor = None  # only saved values leave a trace: set here, replaced inside for `kl`
     with torch.inference_mode(), model.trace(inputs, logits_to_keep=1, use_cache=True):
@@ -120,7 +119,7 @@ def read_activations(
         row_donor = None
         if options.metric == "kl":
             donor = nnsight.save(DonorDistribution.of(logits[donor_rows]))
-            row_donor = donor[torch.arange(len(pairs), device=device).repeat_interleave(2)]
+            row_donor = donor[layout.of_rows(indices)]
         metric = vocabulary_metric(options.metric, logits, row_answers, row_donor).save()
         cache = model.output.cache.save()
     return Activations(
@@ -308,7 +307,7 @@ def run_rows(
                 start,
                 whole,
                 receivers=donors.rows.receiving_rows(pairs),
-                donor_rows=donors.rows.donor_rows(pairs),
+                donor_rows=donors.source_rows(pairs),
                 heads=heads,
                 donors=donors,
             )
@@ -356,4 +355,4 @@ def reuse_values(
                         model, read.acts, read.prefix, rows, start, whole, options, read.answers
                     )
     metric = torch.cat(baselines)
-    return *PairRows.clean_and_corrupted(metric), values
+    return *Donors.of(options).rows.clean_and_corrupted(metric), values

@@ -1,9 +1,9 @@
 """The row layout every method's batch starts with: each pair's clean prompt, then its corrupted
-prompt (rows 2p and 2p + 1 of a batch of pairs).
+prompt, then (when resampling) the donor-side prompt of the pair it resamples from.
 
-The direction decides which of a pair's two rows is the pair's donor side and which the
-receiving run (denoise: clean into corrupted; noise: corrupted into clean). Methods ask this
-layout for rows and sides, never the arithmetic, so "the pair's other row" is written once.
+The direction decides which of a pair's own two rows is its donor side and which the receiving
+run (denoise: clean into corrupted; noise: corrupted into clean). Methods ask this layout for
+rows and sides, never the arithmetic, so "the pair's other row" is written once.
 """
 
 from __future__ import annotations
@@ -16,41 +16,60 @@ import torch
 from worker.pairs import Pair
 
 
+def resampled_from(pair: Pair) -> tuple[int, ...]:
+    """The token ids of the prompt `pair` resamples from (set by the driver, or by hand)."""
+    if pair.donor_ids is None:
+        raise ValueError(f"pair {pair.pair_id!r} has no donor prompt to resample from")
+    return pair.donor_ids
+
+
 @dataclass(frozen=True)
 class PairRows:
     direction: str
+    resampled: bool = False  # a third row per pair: the donor-side prompt of another pair (`Pair.donor_ids`)
+
+    @property
+    def per_pair(self) -> int:
+        return 3 if self.resampled else 2
 
     @property
     def donor_offset(self) -> int:
-        """Which of a pair's two rows is its donor side: 0 (clean) when denoising, 1 (corrupted) when noising."""
+        """Which of a pair's own two rows is its donor side: 0 (clean) when denoising, 1 (corrupted) when noising."""
         return 0 if self.direction == "denoise" else 1
 
     @property
     def receiving_offset(self) -> int:
         return 1 - self.donor_offset
 
-    @staticmethod
-    def input_ids(pairs: Sequence[Pair]) -> torch.Tensor:
-        """[2 * pairs, tokens]: each pair's clean then corrupted token ids (pairs of one length)."""
-        return torch.tensor([ids for pair in pairs for ids in (pair.clean_ids, pair.corrupted_ids)])
+    def input_ids(self, pairs: Sequence[Pair]) -> torch.Tensor:
+        """[per_pair * pairs, tokens]: each pair's rows (pairs of one length)."""
+        rows = []
+        for pair in pairs:
+            rows += [pair.clean_ids, pair.corrupted_ids]
+            if self.resampled:
+                rows.append(resampled_from(pair))
+        return torch.tensor(rows)
+
+    def of_rows(self, pairs: torch.Tensor) -> torch.Tensor:
+        """For the pair indices `pairs`, each repeated once per row of the pair: per row, its pair."""
+        return pairs.repeat_interleave(self.per_pair)
 
     def donor_rows(self, pairs: torch.Tensor | int) -> torch.Tensor | int:
-        """The row of each pair's donor side, for pair indices `pairs` (a tensor, or one index)."""
-        return 2 * pairs + self.donor_offset
+        """The row of each pair's own donor side, for pair indices `pairs` (a tensor, or one index)."""
+        return self.per_pair * pairs + self.donor_offset
 
     def receiving_rows(self, pairs: torch.Tensor | int) -> torch.Tensor | int:
         """The row of each pair's receiving run, for pair indices `pairs` (a tensor, or one index)."""
-        return 2 * pairs + self.receiving_offset
+        return self.per_pair * pairs + self.receiving_offset
 
-    def donor_side(self, values: torch.Tensor) -> torch.Tensor:
-        """Of per-row `values` (rows first), those of each pair's donor side, in pair order."""
-        return values[self.donor_offset :: 2]
+    def resampled_rows(self, pairs: torch.Tensor | int) -> torch.Tensor | int:
+        """The row of the prompt each pair resamples from (a resampled layout only)."""
+        return self.per_pair * pairs + 2
 
     def receiving_side(self, values: torch.Tensor) -> torch.Tensor:
         """Of per-row `values` (rows first), those of each pair's receiving run, in pair order."""
-        return values[self.receiving_offset :: 2]
+        return values[self.receiving_offset :: self.per_pair]
 
-    @staticmethod
-    def clean_and_corrupted(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def clean_and_corrupted(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row `values` split into each pair's clean and corrupted value."""
-        return values[0::2], values[1::2]
+        return values[0 :: self.per_pair], values[1 :: self.per_pair]

@@ -61,9 +61,13 @@ def pair_columns(metric: str) -> list[tuple[str, pa.DataType]]:
     ]
 
 
-RESULT_COLUMNS = {
-    name for metric in METRICS for schema in (effects_schema(metric), paths_schema(metric)) for name in schema.names
-} | {name for metric in METRICS for name, _ in pair_columns(metric)}
+DONOR_PAIR_ID = "donor_pair_id"  # pairs, with --donor resample: the pair each one resamples from
+
+RESULT_COLUMNS = (
+    {DONOR_PAIR_ID}
+    | {name for metric in METRICS for schema in (effects_schema(metric), paths_schema(metric)) for name in schema.names}
+    | {name for metric in METRICS for name, _ in pair_columns(metric)}
+)
 
 
 def with_metadata(table: pa.Table, options: PatchOptions) -> pa.Table:
@@ -108,6 +112,8 @@ def pairs_table(
         f"corrupted_{options.metric}": list(corrupted),
     }
     table = pa.table(values, schema=pa.schema(pair_columns(options.metric)))
+    if options.donor == "resample":
+        table = table.append_column(DONOR_PAIR_ID, pa.array([p.donor_pair_id for p in pairs], pa.string()))
     metadata_keys = sorted({key for p in pairs for key in p.metadata})
     for key in metadata_keys:
         table = table.append_column(key, pa.array([p.metadata.get(key) for p in pairs]))
