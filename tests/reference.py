@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel
 
@@ -82,10 +83,24 @@ def capture(model: PreTrainedModel, ids: list[int], component: str, layer: int) 
     return stored["act"]
 
 
-def donor_activation(model: PreTrainedModel, pair, donor_ids: list[int], component: str, layer: int, donor: str):
+def position_key(pair, position: int, donor: str) -> str:
+    """Which mean a mean donor writes at `position`: one for every position (`mean-all`), or the
+    position's label, or for unlabelled pairs its index among pairs of the same length."""
+    if donor == "mean-all":
+        return "all"
+    return pair.labels[position] if pair.labels is not None else f"{pair.n_tokens}:{position}"
+
+
+def donor_activation(
+    model: PreTrainedModel, pair, donor_ids: list[int], component: str, layer: int, donor: str, means=None
+):
     """What a patch writes: the pair's donor-side activation (`pair`), that of the prompt it
-    resamples from (`resample`: `pair.donor_ids`), or zeros of its shape (`zero`)."""
+    resamples from (`resample`: `pair.donor_ids`), zeros of its shape (`zero`), or at each
+    position the mean of its key (`mean`, `mean-all`: `means[(component, layer, key)]`)."""
     act = capture(model, list(pair.donor_ids) if donor == "resample" else donor_ids, component, layer)
+    if donor in ("mean", "mean-all"):
+        rows = [means[(component, layer, position_key(pair, t, donor))] for t in range(act.shape[1])]
+        return torch.tensor(np.stack(rows), dtype=act.dtype)[None]
     return torch.zeros_like(act) if donor == "zero" else act
 
 
@@ -112,6 +127,7 @@ def reference_patching(
     all_positions: bool = False,
     metric: str = "logit_diff",
     donor_kind: str = "pair",
+    means=None,
 ) -> dict:
     """{(component, layer, position, head or None): the patched run's metric} plus "clean" and "corrupted".
 
@@ -130,7 +146,7 @@ def reference_patching(
     for component in components:
         heads = range(config.num_attention_heads) if component == "head" else [None]
         for layer in range(config.num_hidden_layers):
-            act = donor_activation(model, pair, list(donor), component, layer, donor_kind)
+            act = donor_activation(model, pair, list(donor), component, layer, donor_kind, means)
             for head in heads:
                 channels = slice(None) if head is None else slice(head * width, (head + 1) * width)
                 for position in [None] if all_positions else range(len(receiver)):
@@ -147,6 +163,7 @@ def reference_atp(
     all_positions: bool = False,
     metric: str = "logit_diff",
     donor_kind: str = "pair",
+    means=None,
 ) -> dict:
     """{(component, layer, position, head or None): AtP's estimate of the patched metric}: the
     receiving run's metric plus (donor activation - receiving activation) . gradient of the metric
@@ -160,7 +177,7 @@ def reference_atp(
     sites = [(component, layer) for component in components for layer in range(config.num_hidden_layers)]
     with torch.no_grad():
         donor_logits = next_token_logits(model, list(donor))
-        donor_acts = {site: donor_activation(model, pair, list(donor), *site, donor_kind) for site in sites}
+        donor_acts = {site: donor_activation(model, pair, list(donor), *site, donor_kind, means) for site in sites}
     kept = {}
 
     def keeper(site):
@@ -239,6 +256,7 @@ def reference_paths(
     all_positions: bool = False,
     metric: str = "logit_diff",
     donor_kind: str = "pair",
+    means=None,
 ) -> dict:
     """{(sender layer, sender head, sender position or None): the path-patched run's metric} for one
     receiver spec, by the IOI paper's recipe, literally: (1) read every head's output in both runs;
@@ -258,7 +276,7 @@ def reference_paths(
         config.num_hidden_layers,
     )
     donor_logits = next_token_logits(model, donor)
-    donor_z = [donor_activation(model, pair, donor, "head", layer, donor_kind) for layer in range(n_layers)]
+    donor_z = [donor_activation(model, pair, donor, "head", layer, donor_kind, means) for layer in range(n_layers)]
     receiving_z = [capture(model, receiving, "head", layer) for layer in range(n_layers)]
     spec, _, label = receiver.partition("@")
     heads = [(int(layer), int(head), input) for layer, head, input in re.findall(r"(\d+)\.(\d+):([qkv])", spec)]

@@ -25,7 +25,16 @@ def by_cell(effects, column):
 
 
 def assert_matches_reference(
-    result, hf_model, pairs, direction, all_positions=False, wanted=None, tol=TOL, min_gap=50 * TOL, donor="pair"
+    result,
+    hf_model,
+    pairs,
+    direction,
+    all_positions=False,
+    wanted=None,
+    tol=TOL,
+    min_gap=50 * TOL,
+    donor="pair",
+    means=None,
 ):
     """Every row of `result` equals the hook reference, and every expected cell has a row.
 
@@ -38,7 +47,7 @@ def assert_matches_reference(
     baselines = {r["pair_id"]: r for r in result.pairs.to_pylist()}
     components = sorted(set(result.effects.column("component").to_pylist()))
     for pair in pairs:
-        expected = reference_patching(hf_model, pair, components, direction, all_positions, metric, donor)
+        expected = reference_patching(hf_model, pair, components, direction, all_positions, metric, donor, means)
         clean, corrupted = expected["clean"], expected["corrupted"]
         assert abs(clean - corrupted) > min_gap, "test pair too weak to normalise"
         assert baselines[pair.pair_id][f"clean_{metric}"] == pytest.approx(clean, abs=tol)

@@ -41,9 +41,10 @@ def paths(
     metric="logit_diff",
     max_batch_tokens=4096,
     donor="pair",
+    means=None,
 ):
     options = PatchOptions(
-        ("head",), positions, direction, metric, max_batch_tokens, "paths", 0, tuple(receivers), donor
+        ("head",), positions, direction, metric, max_batch_tokens, "paths", 0, tuple(receivers), donor, means=means
     )
     return path_batch(model, pairs, options)
 
@@ -57,14 +58,23 @@ def by_sender(table, receiver, column):
 
 
 def assert_paths_match_reference(
-    result, hf_model, pairs, receiver, direction, all_positions, metric="logit_diff", min_gap=50 * TOL, donor="pair"
+    result,
+    hf_model,
+    pairs,
+    receiver,
+    direction,
+    all_positions,
+    metric="logit_diff",
+    min_gap=50 * TOL,
+    donor="pair",
+    means=None,
 ):
     values, scores = by_sender(result.paths, receiver, metric), by_sender(result.paths, receiver, "score")
     baselines = {r["pair_id"]: r for r in result.pairs.to_pylist()}
     for pair in pairs:
         clean, corrupted = baselines[pair.pair_id][f"clean_{metric}"], baselines[pair.pair_id][f"corrupted_{metric}"]
         source, target = (clean, corrupted) if direction == "denoise" else (corrupted, clean)
-        expected = reference_paths(hf_model, pair, receiver, direction, all_positions, metric, donor)
+        expected = reference_paths(hf_model, pair, receiver, direction, all_positions, metric, donor, means)
         assert sum(key[0] == pair.pair_id for key in values) == len(expected)
         for (layer, head, position), want in expected.items():
             key = (pair.pair_id, layer, head, position)

@@ -63,12 +63,15 @@ def read_gradients(
     return values.cpu(), {site: act.detach() for site, act in acts.items()}, grads
 
 
-def first_order_effects(act: torch.Tensor, grad: torch.Tensor, donors: Donors, head_width: int | None) -> torch.Tensor:
-    """Per pair, (donor - receiver) x the receiver's gradient, summed over channels: [P, T], or
-    [P, T, heads] summed over each head's channels; the donor's values are what `donors` give."""
+def first_order_effects(
+    site: tuple[str, int], act: torch.Tensor, grad: torch.Tensor, donors: Donors, head_width: int | None
+) -> torch.Tensor:
+    """Per pair, (donor - receiver) x the receiver's gradient at `site`, summed over channels:
+    [P, T], or [P, T, heads] summed over each head's channels; the donor's values are what
+    `donors` give."""
     rows = donors.rows
     pairs = torch.arange(act.shape[0] // rows.per_pair, device=act.device)
-    donor = donors.take(act, donors.source_rows(pairs), slice(None))
+    donor = donors.take(site, act, donors.source_rows(pairs), slice(None))
     product = (donor - rows.receiving_side(act)).float() * rows.receiving_side(grad).float()
     if head_width is None:
         return product.sum(-1)
@@ -84,7 +87,8 @@ def atp_estimates(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clean and corrupted metric per pair, and the estimated patched metric per `work` item."""
     n_tokens = pairs[0].n_tokens
-    layout = Donors.of(options).rows
+    donors = Donors.of(options)
+    layout = donors.rows
     pairs_per_group = max(1, options.max_batch_tokens // (layout.per_pair * n_tokens))
     components = {cells[c].component for _, c in work}
     dim = head_dim(model)
@@ -100,11 +104,9 @@ def atp_estimates(
                 cell = cells[c]
                 by_site.setdefault((cell.component, cell.layer, cell.position is None), []).append(i)
         for (component, layer, whole), indices in by_site.items():
+            site = (component, layer)
             effect = first_order_effects(
-                acts[(component, layer)],
-                grads[(component, layer)],
-                Donors.of(options),
-                dim if component == "head" else None,
+                site, acts[site], grads[site], donors.for_pairs(group), dim if component == "head" else None
             ).cpu()
             if whole:
                 effect = effect.sum(1, keepdim=True)

@@ -5,6 +5,8 @@
 - `resample`: the donor-side prompt of another pair of the same length (`Pair.donor_ids`, chosen
   by the driver), read as a third row of the pair (resample ablation).
 - `zero`: zeros in place of the activation: zero ablation.
+- `mean`, `mean-all`: the mean donor-side activation over the run's pairs, per position key or
+  over every position (worker/means.py; computed by a first pass, stored in OUT).
 
 Every method writes `Donors.take(...)` where it used to copy the donor row: the exact paths
 (trace and reuse), AtP's (donor - receiving) difference and path patching's senders. Scores keep
@@ -16,10 +18,12 @@ ablation changes every position.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
+from worker.means import MEAN_DONORS, DonorMeans, load_means
 from worker.options import PatchOptions
 from worker.pairs import Pair
 from worker.rows import PairRows, resampled_from
@@ -29,10 +33,22 @@ from worker.rows import PairRows, resampled_from
 class Donors:
     kind: str  # one of worker/options.py DONORS
     rows: PairRows  # the read's layout, whose donor side `pair` takes
+    means: DonorMeans | None = None  # mean donors: the stored means
+    keys: torch.Tensor | None = None  # and, for the pairs of one read, each position's row of them
 
     @classmethod
     def of(cls, options: PatchOptions) -> Donors:
-        return cls(options.donor, PairRows(options.direction, resampled=options.donor == "resample"))
+        rows = PairRows(options.direction, resampled=options.donor == "resample")
+        if options.donor not in MEAN_DONORS:
+            return cls(options.donor, rows)
+        if options.means is None:
+            raise ValueError(f"--donor {options.donor} needs its means: the first pass computes them (worker/means.py)")
+        return cls(options.donor, rows, load_means(options.means))
+
+    def for_pairs(self, pairs: Sequence[Pair]) -> Donors:
+        """These donors for a read of `pairs` (in the `rows` layout): mean donors look up each
+        position's mean row; the others need nothing more."""
+        return self if self.means is None else replace(self, keys=self.means.key_index(pairs, self.kind))
 
     def start(self, pair: Pair) -> int:
         """The first position where a patch can change the receiving run: where the donor prompt
@@ -50,8 +66,12 @@ class Donors:
         """The rows of the read that patches of pairs `pairs` take their values from."""
         return self.rows.resampled_rows(pairs) if self.kind == "resample" else self.rows.donor_rows(pairs)
 
-    def take(self, acts: torch.Tensor, rows: torch.Tensor, positions) -> torch.Tensor:
+    def take(self, site: tuple[str, int], acts: torch.Tensor, rows: torch.Tensor, positions) -> torch.Tensor:
         """What a patch writes at `positions` (an index into the second axis) for each donor row
-        `rows` of a site whose activations in the read (rows in the `PairRows` layout) are `acts`."""
+        `rows` of `site` (component, layer), whose activations in the read (rows in the `PairRows`
+        layout) are `acts`."""
+        if self.means is not None:
+            table = self.means.values[site].to(acts.device, acts.dtype)
+            return table[self.keys.to(acts.device)[rows // self.rows.per_pair, positions]]
         values = acts[rows, positions]
         return torch.zeros_like(values) if self.kind == "zero" else values

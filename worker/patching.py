@@ -168,11 +168,11 @@ def plan_trace(
     )
 
 
-def copy_from_donors(act: torch.Tensor, write: Write, dim: int, donors: Donors) -> None:
+def copy_from_donors(site: tuple[str, int], act: torch.Tensor, write: Write, dim: int, donors: Donors) -> None:
     """act[row, positions] = what `donors` give for the donor row at positions, for each row of
-    `write`; for heads, on one head's channels."""
+    `write` (at `site`); for heads, on one head's channels."""
     rows, positions = write.rows[:, None], write.positions
-    patched = donors.take(act, write.donors[:, None], positions)
+    patched = donors.take(site, act, write.donors[:, None], positions)
     if write.heads is not None:
         mask = head_mask(write.heads, dim, act.shape[-1])[:, None, :]
         patched = torch.where(mask, patched, act[rows, positions])
@@ -193,7 +193,7 @@ def run_trace(model: TransformersModel, plan: TracePlan, metric: str, donors: Do
                 if (component, layer) in writes:
                     act = component_output(model, component, layer)
                     for write in writes[(component, layer)]:
-                        copy_from_donors(act, write, dim, donors)
+                        copy_from_donors((component, layer), act, write, dim, donors)
         logits = last_logits(model)
         donor = DonorDistribution.of(logits[donor_rows]) if metric == "kl" else None
         values = vocabulary_metric(metric, logits, answers, donor).save()
@@ -233,7 +233,7 @@ def trace_values(
     values = [torch.empty(0)]
     for pair_indices, chunk in traces:
         plan = plan_trace(pairs, cells, chunk, donors, pair_indices)
-        metric = run_trace(model, plan, options.metric, donors)
+        metric = run_trace(model, plan, options.metric, donors.for_pairs([pairs[p] for p in pair_indices]))
         n_base = donors.rows.per_pair * len(pair_indices)
         index = torch.tensor(pair_indices)
         clean[index], corrupted[index] = donors.rows.clean_and_corrupted(metric[:n_base])
@@ -319,6 +319,7 @@ def patch_batch(
     verify_top: int = 0,
     donor: str = DEFAULT_DONOR,
     exact_path: str = "auto",
+    means: str | None = None,
 ) -> PatchResult:
     """Patch every (component, layer[, head], position) of every pair; the `effects` and `pairs` tables.
 
@@ -337,7 +338,7 @@ def patch_batch(
     from worker.methods import run_method  # the registry of methods imports this module
 
     options = PatchOptions(
-        tuple(components), positions, direction, metric, max_batch_tokens, method, verify_top, donor=donor
+        tuple(components), positions, direction, metric, max_batch_tokens, method, verify_top, donor=donor, means=means
     )
     return PatchResult(*run_method(model, pairs, options, exact_path=exact_path))
 

@@ -102,7 +102,12 @@ def frozen_stream(
         )
         z = acts.head[layer][:, at]
         attention = heads_through_projection(
-            model, block, z[receiving], read.donors.take(z, donors, slice(None)), heads, where
+            model,
+            block,
+            z[receiving],
+            read.donors.take(("head", layer), acts.head[layer], donors[:, None], at),
+            heads,
+            where,
         )
         new = block_given_attention(model, block, acts.resid[layer][:, at][receiving], attention)
         hidden = new if hidden is None else torch.cat([hidden, new])

@@ -84,7 +84,7 @@ def read_groups(
         prefix = [
             (rows.receiving_side(keys), rows.receiving_side(values)) for keys, values in zip(acts.keys, acts.values)
         ]
-        yield GroupRead(first, group, acts, answers, prefix, donors)
+        yield GroupRead(first, group, acts, answers, prefix, donors.for_pairs(group))
 
 
 def resolve_exact_path(path: str) -> str:
@@ -191,9 +191,9 @@ def patched_attention(
     row through the output projection."""
     component, layer = cell
     if component == "attn":
-        return donors.take(acts.attn[layer], donor_rows, here)
+        return donors.take(cell, acts.attn[layer], donor_rows, here)
     z = acts.head[layer]
-    return heads_through_projection(model, block, z[receivers, here], donors.take(z, donor_rows, here), heads)
+    return heads_through_projection(model, block, z[receivers, here], donors.take(cell, z, donor_rows, here), heads)
 
 
 def heads_through_projection(
@@ -244,9 +244,10 @@ def patched_layer_output(
     width = suffix.shape[1] if whole else 1
     here = slice(start, start + width)
     if component == "resid":
-        suffix[:, :width] = donors.take(acts.resid[layer + 1], donor_rows, here)
+        suffix[:, :width] = donors.take(("resid", layer), acts.resid[layer + 1], donor_rows, here)
     elif component == "mlp":
-        suffix[:, :width] += donors.take(acts.mlp[layer], donor_rows, here) - acts.mlp[layer][receivers, here]
+        donated = donors.take(("mlp", layer), acts.mlp[layer], donor_rows, here)
+        suffix[:, :width] += donated - acts.mlp[layer][receivers, here]
     else:
         cell = (component, layer)
         patched = patched_attention(model, block, acts, cell, here, receivers, donor_rows, heads, donors)
@@ -271,18 +272,12 @@ def readout(
 
 
 def run_rows(
-    model: TransformersModel,
-    acts: Activations,
-    prefix: list[tuple[torch.Tensor, torch.Tensor]],
-    rows: list[tuple[int, Cell]],
-    start: int,
-    whole: bool,
-    options: PatchOptions,
-    answers: Answers,
+    model: TransformersModel, read: GroupRead, rows: list[tuple[int, Cell]], start: int, whole: bool, metric: str
 ) -> torch.Tensor:
-    """The patched metric of rows (pair index, cell) that all patch position `start` (all of start.. if `whole`)."""
+    """The patched metric of rows (pair index in `read`, cell) that all patch position `start` (all
+    of start.. if `whole`)."""
+    acts, prefix, answers, donors = read.acts, read.prefix, read.answers, read.donors
     device = acts.resid[0].device
-    donors = Donors.of(options)
     hidden, order, arguments = None, [], None
     for layer, block in enumerate(blocks(model)):
         if hidden is not None:
@@ -315,7 +310,7 @@ def run_rows(
             order += joining
     pair_rows = torch.tensor([pair for pair, _ in order], device=device)
     donor = None if acts.donor is None else acts.donor[pair_rows]
-    values = readout(model, options.metric, hidden[:, -1], answers[pair_rows], donor).cpu()
+    values = readout(model, metric, hidden[:, -1], answers[pair_rows], donor).cpu()
     position_of = {(pair, cell): i for i, (pair, cell) in enumerate(order)}
     return values[torch.tensor([position_of[row] for row in rows])]
 
@@ -351,8 +346,6 @@ def reuse_values(
                 for chunk in range(0, len(at_start), rows_per_chunk):
                     indices = at_start[chunk : chunk + rows_per_chunk]
                     rows = [(work[i][0] - first, cells[work[i][1]]) for i in indices]
-                    values[torch.tensor(indices)] = run_rows(
-                        model, read.acts, read.prefix, rows, start, whole, options, read.answers
-                    )
+                    values[torch.tensor(indices)] = run_rows(model, read, rows, start, whole, options.metric)
     metric = torch.cat(baselines)
     return *Donors.of(options).rows.clean_and_corrupted(metric), values

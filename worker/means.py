@@ -1,0 +1,159 @@
+"""Mean donors (`--donor mean`, `mean-all`): the mean donor-side activation of every site.
+
+A site is a (component, layer) the run patches; its activation is what `worker/sites.py` reads
+(`head`: every head's output, side by side). `mean` keeps one mean per position key: the
+position's label for labelled pairs (a token-wise mean over every pair of the file), or
+`LENGTH:POSITION` for unlabelled ones (aligned by index among pairs of one token length);
+`mean-all` keeps one key, `all`, over every position of every pair. The donor side is the
+clean prompt when denoising and the corrupted one when noising.
+
+An actor sums a shard (`donor_sums`); the driver adds the shards' sums and stores the means
+(`means_table`) in OUT; actors load that file once (`load_means`, cached per process) and
+`Donors` writes its rows where a patch would write the donor's activation.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+
+import nnsight
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from nnsight import TransformersModel
+
+from worker.options import PatchOptions
+from worker.pairs import Pair
+from worker.parts import filesystem
+from worker.rows import PairRows
+from worker.sites import FORWARD_ORDER, component_output, n_layers
+
+MEAN_DONORS = ("mean", "mean-all")
+ALL_POSITIONS = "all"
+SUMS_SCHEMA = pa.schema(
+    [
+        ("component", pa.string()),
+        ("layer", pa.int16()),
+        ("key", pa.string()),
+        ("count", pa.int64()),
+        ("sum", pa.list_(pa.float64())),
+    ]
+)
+
+
+def position_keys(pair: Pair, donor: str) -> list[str]:
+    """The key of each position of `pair` whose mean a `donor` patch writes there."""
+    if donor == "mean-all":
+        return [ALL_POSITIONS] * pair.n_tokens
+    if pair.labels is not None:
+        return list(pair.labels)
+    return [f"{pair.n_tokens}:{t}" for t in range(pair.n_tokens)]
+
+
+def donor_sites(options: PatchOptions) -> list[str]:
+    """The components whose means a run needs, those it patches (path patching: heads), in the
+    order a forward pass reaches them."""
+    return [component for component in FORWARD_ORDER if component in options.components]
+
+
+def donor_sums(model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions) -> pa.Table:
+    """Per site and key: how many donor-side positions of `pairs` there are, and their activations' sum."""
+    rows, components = PairRows(options.direction), donor_sites(options)
+    sums: dict[tuple[str, int, str], torch.Tensor] = {}
+    counts: dict[str, int] = defaultdict(int)  # positions per key: the same at every site
+    by_length: dict[int, list[Pair]] = defaultdict(list)
+    for pair in pairs:
+        by_length[pair.n_tokens].append(pair)
+    for group in by_length.values():
+        per_trace = max(1, options.max_batch_tokens // group[0].n_tokens)
+        for first in range(0, len(group), per_trace):
+            chunk = group[first : first + per_trace]
+            donor_side = [(p.clean_ids, p.corrupted_ids)[rows.donor_offset] for p in chunk]
+            input_ids = torch.tensor(donor_side, device=model.device)
+            with torch.inference_mode(), model.trace({"input_ids": input_ids}, logits_to_keep=1):
+                saved = nnsight.save([])  # in forward order: layer by layer, components in FORWARD_ORDER
+                for layer in range(n_layers(model)):
+                    for component in components:
+                        saved.append(component_output(model, component, layer))
+            flat = [key for pair in chunk for key in position_keys(pair, options.donor)]
+            names = sorted(set(flat))
+            number = {name: k for k, name in enumerate(names)}
+            index = torch.tensor([number[key] for key in flat])
+            sites = [(component, layer) for layer in range(n_layers(model)) for component in components]
+            for (component, layer), act in zip(sites, saved):
+                values = act.reshape(-1, act.shape[-1]).double().cpu()
+                summed = torch.zeros(len(names), act.shape[-1], dtype=torch.float64).index_add_(0, index, values)
+                for k, name in enumerate(names):
+                    site = (component, layer, name)
+                    sums[site] = summed[k] if site not in sums else sums[site] + summed[k]
+            for key in flat:
+                counts[key] += 1
+    sites = sorted(sums)
+    return pa.table(
+        {
+            "component": [s[0] for s in sites],
+            "layer": [s[1] for s in sites],
+            "key": [s[2] for s in sites],
+            "count": [counts[s[2]] for s in sites],
+            "sum": [sums[s].tolist() for s in sites],
+        },
+        schema=SUMS_SCHEMA,
+    )
+
+
+def means_table(parts: Sequence[pa.Table]) -> pa.Table:
+    """The shards' sums added up, and divided: per site and key, `count` and `mean` (float32)."""
+    counts: dict[tuple, int] = defaultdict(int)
+    sums: dict[tuple, np.ndarray] = {}
+    for part in parts:
+        for row in part.to_pylist():
+            site = (row["component"], row["layer"], row["key"])
+            counts[site] += row["count"]
+            vector = np.asarray(row["sum"])
+            sums[site] = vector if site not in sums else sums[site] + vector
+    sites = sorted(sums)
+    return pa.table(
+        {
+            "component": pa.array([s[0] for s in sites], pa.string()),
+            "layer": pa.array([s[1] for s in sites], pa.int16()),
+            "key": pa.array([s[2] for s in sites], pa.string()),
+            "count": pa.array([counts[s] for s in sites], pa.int64()),
+            "mean": pa.array([(sums[s] / counts[s]).astype(np.float32) for s in sites], pa.list_(pa.float32())),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class DonorMeans:
+    """The stored means: per site, a [keys, width] tensor, rows in the order of `keys`."""
+
+    keys: tuple[str, ...]
+    values: dict[tuple[str, int], torch.Tensor]
+
+    @classmethod
+    def of(cls, table: pa.Table) -> DonorMeans:
+        keys = tuple(sorted(set(table.column("key").to_pylist())))
+        rows: dict[tuple[str, int], dict[str, list]] = defaultdict(dict)
+        for row in table.to_pylist():
+            rows[(row["component"], row["layer"])][row["key"]] = row["mean"]
+        values = {site: torch.tensor([by_key[key] for key in keys]) for site, by_key in rows.items()}
+        return cls(keys, values)
+
+    def key_index(self, pairs: Sequence[Pair], donor: str) -> torch.Tensor:
+        """[pairs, tokens]: the row of each position's mean (pairs of one length)."""
+        index = {key: i for i, key in enumerate(self.keys)}
+        try:
+            return torch.tensor([[index[key] for key in position_keys(pair, donor)] for pair in pairs])
+        except KeyError as missing:
+            raise ValueError(f"the donor means have no mean for position key {missing}") from None
+
+
+@cache
+def load_means(uri: str) -> DonorMeans:
+    """The means stored at `uri`, read once per process (an actor reads them for its first shard)."""
+    fs, path = filesystem(uri)
+    return DonorMeans.of(pq.read_table(path, filesystem=fs))
