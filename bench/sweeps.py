@@ -5,11 +5,13 @@ metric) sweeps over the 48 benchmark pairs, in one process, relative to the firs
     python -m bench.sweeps resid:each:logit_diff resid:each:logprob resid:each:prob_diff resid:each:kl
     python -m bench.sweeps resid,attn,mlp,head resid,attn,mlp,head:each:logit_diff:atp
     python -m bench.sweeps head:all head:all:logit_diff:exact:zero resid:each resid:each:logit_diff:exact:zero
+    python -m bench.sweeps head:END head:END:logit_diff:exact:resample head:END:logit_diff:exact:mean
 
 Each argument is COMPONENTS[:POSITIONS[:METRIC[:METHOD[:DONOR]]]] (components comma-separated,
 positions as `--positions`, default each; metric as `--metric`, default logit_diff; method
-exact or atp, default exact; donor as `--donor`, default pair). For atp, "cells run" still
-counts the cells estimated.
+exact or atp, default exact; donor as `--donor`, default pair: every pair resamples from
+another of its length as the driver pairs them, and a mean donor's first pass is timed on its
+own line, once per components and donor). For atp, "cells run" still counts the cells estimated.
 Model: GPT-2-small-sized random, of `--family` (bench/gpt2_small.py); pairs: examples/pairs.jsonl four times
 over (14, 17 and 19 tokens, labelled). "cells run" counts the patched runs computed per pair
 (cells before the first differing token cost nothing from the pair's other prompt and are not
@@ -23,14 +25,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 
 from bench.driver_throughput import repeated_pairs
 from bench.gpt2_small import build_small
+from jobs.means import means_table
 from jobs.pairfile import read_pairs
 from worker.donors import Donors
+from worker.means import donor_sums
 from worker.model import load_model, load_tokenizer
-from worker.options import PatchOptions, position_labels
+from worker.options import MEAN_DONORS, PatchOptions, position_labels
+from worker.parts import MEANS_FILE
 from worker.patching import cells_to_run, patch_batch, patch_cells, selected_cells
 from worker.sites import n_heads, n_layers
 
@@ -52,8 +58,8 @@ def pairs_rows(model, pairs, components: list[str], positions: str) -> list:
     ]
 
 
-def cells_run(model, pairs, components: list[str], positions: str, donor: str) -> int:
-    donors = Donors.of(PatchOptions(donor=donor))
+def cells_run(model, pairs, components: list[str], positions: str, donor: str, means: str | None) -> int:
+    donors = Donors.of(PatchOptions(donor=donor, means=means))
     return sum(
         len(cells_to_run(group, cells, selected_cells(group, cells, position_labels(positions)), donors))
         for group, cells in grouped(model, pairs, components, positions)
@@ -85,7 +91,7 @@ def main() -> None:
     model_dir = str(build_small(args.family, f"{tempfile.gettempdir()}/patchsweep-{args.family}-12x768"))
     pairs_file = Path(tempfile.mkdtemp()) / "pairs.jsonl"
     repeated_pairs(Path(args.pairs), args.repeat, pairs_file)
-    pairs = read_pairs(pairs_file, *load_tokenizer(model_dir)).pairs
+    pairs = read_pairs(pairs_file, *load_tokenizer(model_dir), PatchOptions(donor="resample")).pairs
     model = load_model(model_dir, args.device, args.dtype)
     print(
         f"family={args.family} device={model.device} dtype={args.dtype} threads={torch.get_num_threads()} "
@@ -98,6 +104,9 @@ def main() -> None:
     )
     sweeps = [parse_sweep(sweep) for sweep in args.sweeps]
     for components, options in sweeps:
+        if options["donor"] in MEAN_DONORS:
+            options["means"] = mean_pass(model, pairs, components, options["donor"])
+    for components, options in sweeps:
         patch_batch(model, pairs[:1], components, exact_path=args.exact_path, **options)  # warm-up
     best: dict[int, float] = {}
     for _ in range(args.rounds):
@@ -109,13 +118,26 @@ def main() -> None:
     for index, (sweep, (components, options)) in enumerate(zip(args.sweeps, sweeps)):
         seconds = best[index]
         rows = len(pairs_rows(model, pairs, components, options["positions"]))
-        run = cells_run(model, pairs, components, options["positions"], options["donor"])
+        run = cells_run(model, pairs, components, options["positions"], options["donor"], options.get("means"))
         cost = seconds / run
         first_cost = first_cost or cost
         print(
             f"{sweep:30s} {rows:8d} {run / len(pairs):14.1f} {len(pairs) / seconds:8.2f} "
             f"{seconds / len(pairs):7.3f} {1000 * cost:8.2f} {cost / first_cost:18.2f}"
         )
+
+
+def mean_pass(model, pairs, components: list[str], donor: str) -> str:
+    """Time the first pass of a mean donor (the actors' sums and their adding) and store its means."""
+    options = PatchOptions(tuple(components), donor=donor)
+    donor_sums(model, pairs[:1], options)  # warm-up
+    start = time.perf_counter()
+    table = means_table([donor_sums(model, pairs, options)])
+    seconds = time.perf_counter() - start
+    print(f"{'first pass, ' + donor + ' of ' + ','.join(components):42s} {len(pairs) / seconds:8.2f} pairs/s")
+    run = tempfile.mkdtemp()
+    pq.write_table(table, f"{run}/{MEANS_FILE}")
+    return run
 
 
 def parse_sweep(sweep: str) -> tuple[list[str], dict]:

@@ -17,19 +17,21 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import ray
 from tqdm import tqdm
 
 from jobs.cluster import connect, pool_shape, start_actors
+from jobs.means import means_table
 from jobs.pairfile import FileScan, scan_pairs, stream_pairs
 from jobs.results.report import build_report
 from jobs.shards import Shard, filled_shards, plan_shards, read_ahead
 from jobs.spec import JobSpec, config_hash, versions
 from jobs.store import Store, results_kind
-from worker.options import PatchOptions
+from worker.options import MEAN_DONORS, PatchOptions
 from worker.pairs import Pair
+from worker.parts import MEANS_FILE
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -124,23 +126,61 @@ def short_error(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def shards_to_run(job: Job) -> Iterator[tuple[Shard, tuple[Pair, ...]]]:
-    """The unfinished shards with their pairs, as the second read of the file fills them."""
+def shards_to_run(job: Job, shards: list[Shard]) -> Iterator[tuple[Shard, tuple[Pair, ...]]]:
+    """`shards` with their pairs, as another read of the file fills them."""
     spec, reading = job.spec, job.reading
     scan = reading.scan
     pairs = stream_pairs(
         spec.pairs, reading.tokenizer, reading.n_ctx, spec.patch_options(), scan.skipped, scan.resampling
     )
-    return filled_shards(pairs, job.shards, spec.batch_pairs, {shard.name for shard in job.todo})
+    return filled_shards(pairs, job.shards, spec.batch_pairs, {shard.name for shard in shards})
 
 
-def dispatch(job: Job, actors: list) -> None:
+def donor_means(job: Job, actors: list, options: PatchOptions) -> PatchOptions:
+    """The first pass of a mean-donor run: every shard's donor-side sums from the actors, one in
+    flight per actor, added into OUT/donor_means.parquet (reused when a run of this configuration
+    already wrote it); `options` with the means for the actors to read."""
+    store = job.store
+    if store.exists(MEANS_FILE):
+        job.means = {"file": MEANS_FILE, "reused": True}
+    else:
+        source = read_ahead(shards_to_run(job, job.shards), depth=len(actors))
+        in_flight, parts = {}, []
+
+        def submit(actor: int) -> None:
+            if (next_shard := next(source, None)) is not None:
+                shard, pairs = next_shard
+                in_flight[actors[actor].sum_shard.remote(pairs, options)] = (shard, actor)
+
+        for actor in range(len(actors)):
+            submit(actor)
+        with progress_bar(job.pair_count, "donor means") as progress:
+            while in_flight:
+                (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+                shard, actor = in_flight.pop(ref)
+                try:
+                    parts.append(ray.get(ref))
+                except ray.exceptions.RayError as error:
+                    raise JobError(f"the donor means pass failed on shard {shard.name}: {short_error(error)}") from None
+                submit(actor)
+                progress.update(shard.size)
+        store.write_table(means_table(parts), MEANS_FILE)
+        job.means = {"file": MEANS_FILE, "reused": False}
+    job.store.write_manifest(job.manifest("running"))
+    return replace(options, means=store.part_writer().root)
+
+
+def progress_bar(total: int, what: str) -> tqdm:
+    return tqdm(total=total, unit="pair", file=sys.stderr, desc=what, dynamic_ncols=True, mininterval=1.0)
+
+
+def dispatch(job: Job, actors: list, options: PatchOptions) -> None:
     """Keep every actor busy with the next full shard; each writes its shard's parts itself and
     returns a receipt, which is recorded; failures are recorded by shard."""
-    spec, store, log = job.spec, job.store, job.log
-    source = read_ahead(shards_to_run(job), depth=len(actors))
+    store, log = job.store, job.log
+    source = read_ahead(shards_to_run(job, job.todo), depth=len(actors))
     in_flight: dict = {}
-    options, writer = spec.patch_options(), store.part_writer()
+    writer = store.part_writer()
 
     def submit(actor: int) -> None:
         if (next_shard := next(source, None)) is not None:
@@ -149,14 +189,7 @@ def dispatch(job: Job, actors: list) -> None:
 
     for actor in range(len(actors)):
         submit(actor)
-    with tqdm(
-        total=sum(s.size for s in job.todo),
-        unit="pair",
-        file=sys.stderr,
-        desc="patching",
-        dynamic_ncols=True,
-        mininterval=1.0,
-    ) as progress:
+    with progress_bar(sum(s.size for s in job.todo), "patching") as progress:
         while in_flight:
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
             shard, actor = in_flight.pop(ref)
@@ -183,6 +216,7 @@ class Job:
     n_resumed: int
     started: float
     phases: Phases
+    means: dict | None = None  # mean donors: the stored means' file, and whether a run before wrote it
 
     @property
     def todo(self) -> list[Shard]:
@@ -215,6 +249,7 @@ class Job:
             "pairs_file": spec.pairs,
             "pair_count": self.pair_count,
             "invalid_count": self.n_invalid,
+            "donor_means": self.means,
             "versions": versions(),
             "shards": [
                 {
@@ -264,11 +299,15 @@ def compute(job: Job) -> str:
     """Patch the job's unfinished shards; "done", or "interrupted" on Ctrl-C."""
     spec, phases = job.spec, job.phases
     try:
+        options = spec.patch_options()
         with phases.timed("start_actors"):
             actors = start_actors(pool_shape(spec.workers, spec.device), spec.model, spec.device, spec.dtype)
-            wait_until_ready(actors, spec.patch_options())
+            wait_until_ready(actors, options)
+        if options.donor in MEAN_DONORS:
+            with phases.timed("donor_means"):
+                options = donor_means(job, actors, options)
         with phases.timed("patch"):
-            dispatch(job, actors)
+            dispatch(job, actors, options)
     except KeyboardInterrupt:
         return "interrupted"
     return "done"

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from jobs.pairfile import InvalidLine
 from worker.options import METHODS
-from worker.parts import PAIR_PARTS_DIR, PartWriter, atomic_output, filesystem, is_uri, write_parquet
+from worker.parts import MEANS_FILE, PAIR_PARTS_DIR, PartWriter, atomic_output, filesystem, is_uri, write_parquet
 
 PAIRS_ROW_GROUP = 65_536
 BATCH_PARTS = 1000  # parts read together; a dataset keeps the footer of every part it has read
@@ -118,7 +118,7 @@ class Store:
         for directory in (EFFECTS.directory, PATH_SENDERS.directory, PAIR_PARTS_DIR):
             if self.exists(directory):
                 self.fs.delete_dir(self.path(directory))
-        self.remove(MANIFEST, PAIRS_FILE, INVALID_FILE, AGGREGATE_FILE, GROUPS_FILE, REPORT_FILE)
+        self.remove(MANIFEST, PAIRS_FILE, INVALID_FILE, AGGREGATE_FILE, GROUPS_FILE, REPORT_FILE, MEANS_FILE)
 
     def remove(self, *names: str) -> None:
         """Delete the files `names` where they exist."""

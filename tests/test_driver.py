@@ -15,11 +15,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.means import means_table
 from jobs.pairfile import read_pairs
 from tests.conftest import EXAMPLE_PAIRS, REPO, free_port, score_tolerance, write_jsonl
 from worker.faults import TEST_FAULT_ENV
+from worker.means import donor_sums
 from worker.model import PROXY_VARIABLES
 from worker.options import PatchOptions
+from worker.parts import MEANS_FILE
 from worker.patching import patch_batch
 from worker.paths import path_batch
 
@@ -517,6 +520,42 @@ def test_resample_end_to_end_is_reproducible_from_donor_pair_id(
     )
     failed = run_driver("--pairs", alone, *args[2:], "--donor", "resample", "--out", tmp_path / "o")
     assert failed.returncode == 2 and "to resample from (--donor resample)" in failed.stderr
+
+
+def test_mean_donor_pass_is_stored_and_reused_on_resume(tmp_path, tiny_model, tiny_model_dir, tokenizer_and_ctx):
+    """`--donor mean`: a first pass stores the means of every pair's donor side (what the worker's
+    sums of the whole file give), the patches use them (the in-process core with that file gives
+    the same rows), and a re-run after a failed shard reuses the stored means."""
+    out = tmp_path / "run"
+    args = ["--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--components", "resid,head", "--direction", "noise"]
+    args += ["--donor", "mean", "--out", out, "--batch-pairs", 5]
+    failed = run_driver(*args, env_extra={TEST_FAULT_ENV: "raise-on:ex3"})
+    assert failed.returncode == 1, failed.stderr
+    means = out / MEANS_FILE
+    stored, written = pq.read_table(means), means.stat().st_mtime_ns
+    pairs = read_pairs(EXAMPLE_PAIRS, *tokenizer_and_ctx).pairs
+    options = PatchOptions(("resid", "head"), direction="noise", donor="mean")
+    expected = means_table([donor_sums(tiny_model, pairs, options)])
+    assert stored.select(["component", "layer", "key", "count"]) == expected.select(
+        ["component", "layer", "key", "count"]
+    )
+    for got, want in zip(stored.column("mean").to_pylist(), expected.column("mean").to_pylist()):
+        assert got == pytest.approx(want, abs=1e-5)
+    assert json.loads((out / "manifest.json").read_text())["donor_means"] == {"file": MEANS_FILE, "reused": False}
+    done = run_driver(*args)
+    assert done.returncode == 0, done.stderr
+    assert means.stat().st_mtime_ns == written
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["donor_means"] == {"file": MEANS_FILE, "reused": True} and manifest["config"]["donor"] == "mean"
+    core = patch_batch(tiny_model, pairs, ["resid", "head"], "noise", donor="mean", means=str(out)).effects
+
+    def key(r):
+        return r["pair_id"], r["component"], r["layer"], r["head"], r["position"]
+
+    by_key = {key(r): r["logit_diff"] for r in pq.read_table(out / "effects").to_pylist()}
+    assert by_key.keys() == {key(r) for r in core.to_pylist()}
+    for r in core.to_pylist():
+        assert by_key[key(r)] == pytest.approx(r["logit_diff"], abs=RUN_TOL)
 
 
 def test_a_position_label_no_pair_has_is_one_line(tmp_path, tiny_model_dir):

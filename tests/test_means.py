@@ -10,12 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import GPT2LMHeadModel
 
+from jobs.means import means_table
 from tests.conftest import TOL
 from tests.reference import capture, position_key, reference_atp
 from tests.test_patching import assert_matches_reference, by_cell, labelled
 from tests.test_paths import assert_paths_match_reference, paths
-from worker.means import donor_sums, means_table
+from worker.means import donor_sums
 from worker.options import COMPONENTS, PatchOptions
+from worker.parts import MEANS_FILE
 from worker.patching import patch_batch
 
 
@@ -41,7 +43,8 @@ def stored_means(tiny_model, pairs, components, direction, donor, path) -> str:
     """The means as a run stores them: two shards summed by the worker, added and divided."""
     options = PatchOptions(tuple(components), direction=direction, donor=donor)
     sums = [donor_sums(tiny_model, shard, options) for shard in (pairs[:1], pairs[1:])]
-    pq.write_table(means_table(sums), path)
+    path.mkdir()
+    pq.write_table(means_table(sums), path / MEANS_FILE)
     return str(path)
 
 
@@ -49,7 +52,8 @@ def stored_means(tiny_model, pairs, components, direction, donor, path) -> str:
 def test_stored_means_equal_a_by_hand_mean(tiny_model, hf_model, ioi_pairs, tmp_path, donor, label):
     pairs = [labelled(p) for p in ioi_pairs] if label else ioi_pairs
     expected = by_hand(hf_model, pairs, COMPONENTS, "noise", donor)
-    table = pq.read_table(stored_means(tiny_model, pairs, COMPONENTS, "noise", donor, tmp_path / "m.parquet"))
+    run = stored_means(tiny_model, pairs, COMPONENTS, "noise", donor, tmp_path / "means")
+    table = pq.read_table(f"{run}/{MEANS_FILE}")
     rows = table.to_pylist()
     assert {(r["component"], r["layer"], r["key"]) for r in rows} == expected.keys()
     positions = defaultdict(int)
@@ -65,7 +69,7 @@ def test_stored_means_equal_a_by_hand_mean(tiny_model, hf_model, ioi_pairs, tmp_
 @pytest.mark.parametrize(("donor", "label", "positions"), [("mean", True, "each"), ("mean-all", False, "all")])
 def test_mean_ablation_matches_hook_reference(tiny_model, hf_model, ioi_pairs, tmp_path, path, donor, label, positions):
     pairs = [labelled(p) for p in ioi_pairs] if label else ioi_pairs
-    means = stored_means(tiny_model, pairs, COMPONENTS, "noise", donor, tmp_path / "m.parquet")
+    means = stored_means(tiny_model, pairs, COMPONENTS, "noise", donor, tmp_path / "means")
     options = {"exact_path": path, "donor": donor, "means": means}
     result = patch_batch(tiny_model, pairs, COMPONENTS, "noise", 40 * 16, positions, **options)
     assert result.effects.schema.metadata[b"patchsweep.donor"] == donor.encode()
@@ -75,7 +79,7 @@ def test_mean_ablation_matches_hook_reference(tiny_model, hf_model, ioi_pairs, t
 
 def test_atp_and_paths_of_mean_ablation_match_references(tiny_model, hf_model, ioi_pairs, tmp_path):
     pairs = [labelled(p) for p in ioi_pairs]
-    means = stored_means(tiny_model, pairs, COMPONENTS, "noise", "mean", tmp_path / "m.parquet")
+    means = stored_means(tiny_model, pairs, COMPONENTS, "noise", "mean", tmp_path / "means")
     expected = by_hand(hf_model, pairs, COMPONENTS, "noise", "mean")
     atp = patch_batch(tiny_model, pairs, COMPONENTS, "noise", method="atp", donor="mean", means=means)
     baselines = {r["pair_id"]: (r["clean_logit_diff"], r["corrupted_logit_diff"]) for r in atp.pairs.to_pylist()}
@@ -87,7 +91,7 @@ def test_atp_and_paths_of_mean_ablation_match_references(tiny_model, hf_model, i
             got = estimates[(pair.pair_id, component, layer, position, head)] * (corrupted - clean) + clean
             assert got == pytest.approx(want, rel=1e-4, abs=TOL), (pair.pair_id, component, layer, position, head)
     receivers = ["logits", "1.0:q,2.1:q@END"]
-    heads = stored_means(tiny_model, pairs, ["head"], "noise", "mean", tmp_path / "heads.parquet")
+    heads = stored_means(tiny_model, pairs, ["head"], "noise", "mean", tmp_path / "heads")
     result = paths(tiny_model, pairs, receivers, "noise", "each", donor="mean", means=heads)
     for receiver in receivers:
         assert_paths_match_reference(result, hf_model, pairs, receiver, "noise", False, donor="mean", means=expected)

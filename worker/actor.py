@@ -10,11 +10,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+import pyarrow as pa
 import ray
 import torch
 import transformers
 
 from worker.faults import InjectedFault
+from worker.means import donor_sums
 from worker.methods import run_method
 from worker.model import load_model
 from worker.options import ModelLoadError, PatchOptions
@@ -46,6 +48,10 @@ class PatchWorker:
     def node(self) -> str:
         """The Ray node this worker runs on ("local" outside Ray), recorded per shard."""
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+    def sum_shard(self, pairs: Sequence[Pair], options: PatchOptions) -> pa.Table:
+        """The donor-side sums of a shard, for the first pass of a mean-donor run."""
+        return donor_sums(self.model, pairs, options)
 
     def run_shard(self, name: str, pairs: Sequence[Pair], options: PatchOptions, writer: PartWriter) -> Receipt:
         """Patch a shard and write its parts (pairs first, results last); what was written."""

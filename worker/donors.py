@@ -23,8 +23,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from worker.means import MEAN_DONORS, DonorMeans, load_means
-from worker.options import PatchOptions
+from worker.means import DonorMeans, load_means
+from worker.options import MEAN_DONORS, PatchOptions
 from worker.pairs import Pair
 from worker.rows import PairRows, resampled_from
 

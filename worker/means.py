@@ -7,8 +7,8 @@ position's label for labelled pairs (a token-wise mean over every pair of the fi
 `mean-all` keeps one key, `all`, over every position of every pair. The donor side is the
 clean prompt when denoising and the corrupted one when noising.
 
-An actor sums a shard (`donor_sums`); the driver adds the shards' sums and stores the means
-(`means_table`) in OUT; actors load that file once (`load_means`, cached per process) and
+An actor sums a shard (`donor_sums`); the driver adds the shards' sums and stores the means in
+OUT (jobs/means.py); actors load that file once (`load_means`, cached per process) and
 `Donors` writes its rows where a patch would write the donor's activation.
 """
 
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from functools import cache
 
 import nnsight
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -28,11 +27,10 @@ from nnsight import TransformersModel
 
 from worker.options import PatchOptions
 from worker.pairs import Pair
-from worker.parts import filesystem
+from worker.parts import MEANS_FILE, filesystem
 from worker.rows import PairRows
 from worker.sites import FORWARD_ORDER, component_output, n_layers
 
-MEAN_DONORS = ("mean", "mean-all")
 ALL_POSITIONS = "all"
 SUMS_SCHEMA = pa.schema(
     [
@@ -105,28 +103,6 @@ def donor_sums(model: TransformersModel, pairs: Sequence[Pair], options: PatchOp
     )
 
 
-def means_table(parts: Sequence[pa.Table]) -> pa.Table:
-    """The shards' sums added up, and divided: per site and key, `count` and `mean` (float32)."""
-    counts: dict[tuple, int] = defaultdict(int)
-    sums: dict[tuple, np.ndarray] = {}
-    for part in parts:
-        for row in part.to_pylist():
-            site = (row["component"], row["layer"], row["key"])
-            counts[site] += row["count"]
-            vector = np.asarray(row["sum"])
-            sums[site] = vector if site not in sums else sums[site] + vector
-    sites = sorted(sums)
-    return pa.table(
-        {
-            "component": pa.array([s[0] for s in sites], pa.string()),
-            "layer": pa.array([s[1] for s in sites], pa.int16()),
-            "key": pa.array([s[2] for s in sites], pa.string()),
-            "count": pa.array([counts[s] for s in sites], pa.int64()),
-            "mean": pa.array([(sums[s] / counts[s]).astype(np.float32) for s in sites], pa.list_(pa.float32())),
-        }
-    )
-
-
 @dataclass(frozen=True)
 class DonorMeans:
     """The stored means: per site, a [keys, width] tensor, rows in the order of `keys`."""
@@ -153,7 +129,8 @@ class DonorMeans:
 
 
 @cache
-def load_means(uri: str) -> DonorMeans:
-    """The means stored at `uri`, read once per process (an actor reads them for its first shard)."""
-    fs, path = filesystem(uri)
-    return DonorMeans.of(pq.read_table(path, filesystem=fs))
+def load_means(root: str) -> DonorMeans:
+    """The means stored in the run at `root` (a local path or URI), read once per process (an
+    actor reads them for its first shard)."""
+    fs, path = filesystem(root)
+    return DonorMeans.of(pq.read_table(f"{path.rstrip('/')}/{MEANS_FILE}", filesystem=fs))

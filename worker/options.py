@@ -20,6 +20,7 @@ METRICS = ("logit_diff", "logprob", "prob_diff", "kl")
 DEFAULT_METRIC = "logit_diff"
 NEEDS_INCORRECT = ("logit_diff", "prob_diff")  # the others read only the correct answers, or none
 DONORS = ("pair", "resample", "zero", "mean", "mean-all")  # where a patch's values come from (worker/donors.py)
+MEAN_DONORS = ("mean", "mean-all")  # these need a first pass: the means of the donor-side activations
 DEFAULT_DONOR = "pair"
 PATHS = "paths"  # path patching (`driver.py paths`): head senders, measured through `receivers`
 DEFAULT_MAX_BATCH_TOKENS = 4096
@@ -78,7 +79,7 @@ class PatchOptions:
     receivers: tuple[str, ...] = ()  # paths: each receiver's canonical spec (worker/receivers.py)
     donor: str = DEFAULT_DONOR  # where patched values come from: the pair's other prompt, or an ablation
     seed: int = 0  # resample: which other pair each pair takes its donor from (the driver's pairing)
-    means: str | None = None  # mean, mean-all: where the first pass stored the means (worker/means.py)
+    means: str | None = None  # mean, mean-all: the run (local path or URI) whose means to read (worker/means.py)
 
     def wanted_labels(self) -> list[tuple[str, tuple[str, ...]]]:
         """The position labels every pair must carry, each list with the option that asks for it."""

@@ -21,6 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 PAIR_PARTS_DIR = "_pairs"
+MEANS_FILE = "donor_means.parquet"  # --donor mean, mean-all: the first pass's means (worker/means.py)
 
 
 def is_uri(location: str) -> bool:
