@@ -96,6 +96,7 @@ def atp_estimates(
     for first in range(0, len(pairs), pairs_per_group):
         group = pairs[first : first + pairs_per_group]
         values, acts, grads = read_gradients(model, group, options, components)
+        group_donors = donors.for_pairs(group)
         baselines.append(values)
         receiver = layout.receiving_side(values)
         by_site: dict[tuple[str, int, bool], list[int]] = {}
@@ -106,7 +107,7 @@ def atp_estimates(
         for (component, layer, whole), indices in by_site.items():
             site = (component, layer)
             effect = first_order_effects(
-                site, acts[site], grads[site], donors.for_pairs(group), dim if component == "head" else None
+                site, acts[site], grads[site], group_donors, dim if component == "head" else None
             ).cpu()
             if whole:
                 effect = effect.sum(1, keepdim=True)
