@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -136,71 +136,70 @@ def shards_to_run(job: Job, shards: list[Shard]) -> Iterator[tuple[Shard, tuple[
     return filled_shards(pairs, job.shards, spec.batch_pairs, {shard.name for shard in shards})
 
 
-def donor_means(job: Job, actors: list, options: PatchOptions) -> PatchOptions:
-    """The first pass of a mean-donor run: every shard's donor-side sums from the actors, one in
-    flight per actor, added into OUT/donor_means.parquet (reused when a run of this configuration
-    already wrote it); `options` with the means for the actors to read."""
-    store = job.store
-    if store.exists(MEANS_FILE):
-        job.means = {"file": MEANS_FILE, "reused": True}
-    else:
-        source = read_ahead(shards_to_run(job, job.shards), depth=len(actors))
-        in_flight, parts = {}, []
-
-        def submit(actor: int) -> None:
-            if (next_shard := next(source, None)) is not None:
-                shard, pairs = next_shard
-                in_flight[actors[actor].sum_shard.remote(pairs, options)] = (shard, actor)
-
-        for actor in range(len(actors)):
-            submit(actor)
-        with progress_bar(job.pair_count, "donor means") as progress:
-            while in_flight:
-                (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-                shard, actor = in_flight.pop(ref)
-                try:
-                    parts.append(ray.get(ref))
-                except ray.exceptions.RayError as error:
-                    raise JobError(f"the donor means pass failed on shard {shard.name}: {short_error(error)}") from None
-                submit(actor)
-                progress.update(shard.size)
-        store.write_table(means_table(parts), MEANS_FILE)
-        job.means = {"file": MEANS_FILE, "reused": False}
-    job.store.write_manifest(job.manifest("running"))
-    return replace(options, means=store.part_writer().root)
-
-
-def progress_bar(total: int, what: str) -> tqdm:
-    return tqdm(total=total, unit="pair", file=sys.stderr, desc=what, dynamic_ncols=True, mininterval=1.0)
-
-
-def dispatch(job: Job, actors: list, options: PatchOptions) -> None:
-    """Keep every actor busy with the next full shard; each writes its shard's parts itself and
-    returns a receipt, which is recorded; failures are recorded by shard."""
-    store, log = job.store, job.log
-    source = read_ahead(shards_to_run(job, job.todo), depth=len(actors))
+def in_turn(
+    actors: list, shards: Iterator[tuple[Shard, tuple[Pair, ...]]], send: Callable, what: str, total: int
+) -> Iterator[tuple[Shard, ray.ObjectRef]]:
+    """Keep every actor busy with the next full shard, one in flight per actor (`send(actor,
+    shard, pairs)` starts it and returns its reference); each shard and its reference as it
+    finishes, with a progress bar of `what` over `total` pairs."""
+    shards = read_ahead(shards, depth=len(actors))
     in_flight: dict = {}
-    writer = store.part_writer()
 
-    def submit(actor: int) -> None:
-        if (next_shard := next(source, None)) is not None:
-            shard, pairs = next_shard
-            in_flight[actors[actor].run_shard.remote(shard.name, pairs, options, writer)] = (shard, actor)
+    def submit(actor) -> None:
+        if (next_shard := next(shards, None)) is not None:
+            in_flight[send(actor, *next_shard)] = (next_shard[0], actor)
 
-    for actor in range(len(actors)):
+    for actor in actors:
         submit(actor)
-    with progress_bar(sum(s.size for s in job.todo), "patching") as progress:
+    with tqdm(total=total, unit="pair", file=sys.stderr, desc=what, dynamic_ncols=True, mininterval=1.0) as progress:
         while in_flight:
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
             shard, actor = in_flight.pop(ref)
             submit(actor)
-            try:
-                log.receipts[shard.name] = asdict(ray.get(ref))
-                log.finished.add(shard.name)
-            except ray.exceptions.RayError as error:
-                log.failed[shard.name] = short_error(error)
-                progress.write(f"shard {shard.name} failed: {log.failed[shard.name]}", file=sys.stderr)
+            yield shard, ref
             progress.update(shard.size)
+
+
+def donor_means(job: Job, actors: list, options: PatchOptions) -> PatchOptions:
+    """The first pass of a mean-donor run: every shard's donor-side sums from the actors, added
+    into OUT/donor_means.parquet (reused when a run of this configuration already wrote it; this
+    pass reads the pair file once more); `options` with the means for the actors to read."""
+    store = job.store
+    if store.exists(MEANS_FILE):
+        job.means = {"file": MEANS_FILE, "reused": True}
+    else:
+        parts = []
+
+        def send(actor, _: Shard, pairs: tuple[Pair, ...]) -> ray.ObjectRef:
+            return actor.sum_shard.remote(pairs, options)
+
+        for shard, ref in in_turn(actors, shards_to_run(job, job.shards), send, "donor means", job.pair_count):
+            try:
+                parts.append(ray.get(ref))
+            except ray.exceptions.RayError as error:
+                raise JobError(f"the donor means pass failed on shard {shard.name}: {short_error(error)}") from None
+        store.write_table(means_table(parts), MEANS_FILE)
+        job.means = {"file": MEANS_FILE, "reused": False}
+    store.write_manifest(job.manifest("running"))
+    return replace(options, means=store.part_writer().root)
+
+
+def dispatch(job: Job, actors: list, options: PatchOptions) -> None:
+    """Patch the unfinished shards; each actor writes its shard's parts itself and returns a
+    receipt, which is recorded; failures are recorded by shard."""
+    log, writer = job.log, job.store.part_writer()
+
+    def send(actor, shard: Shard, pairs: tuple[Pair, ...]) -> ray.ObjectRef:
+        return actor.run_shard.remote(shard.name, pairs, options, writer)
+
+    todo = job.todo
+    for shard, ref in in_turn(actors, shards_to_run(job, todo), send, "patching", sum(s.size for s in todo)):
+        try:
+            log.receipts[shard.name] = asdict(ray.get(ref))
+            log.finished.add(shard.name)
+        except ray.exceptions.RayError as error:
+            log.failed[shard.name] = short_error(error)
+            tqdm.write(f"shard {shard.name} failed: {log.failed[shard.name]}", file=sys.stderr)
 
 
 @dataclass
