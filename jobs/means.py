@@ -9,14 +9,15 @@ re-run of the same configuration finds the file and reuses it.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
 
 
-def means_table(parts: Sequence[pa.Table]) -> pa.Table:
-    """The shards' sums added up, and divided: per site and key, `count` and `mean` (float32)."""
+def means_table(parts: Iterable[pa.Table]) -> pa.Table:
+    """The shards' sums added up, and divided: per site and key, `count` and `mean` (float32).
+    `parts` is taken one at a time (a generator of the actors' results keeps one in memory)."""
     counts: dict[tuple, int] = defaultdict(int)
     sums: dict[tuple, np.ndarray] = {}
     for part in parts:

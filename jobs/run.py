@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
+import pyarrow as pa
 import ray
 from tqdm import tqdm
 
@@ -168,17 +169,18 @@ def donor_means(job: Job, actors: list, options: PatchOptions) -> PatchOptions:
     if store.exists(MEANS_FILE):
         job.means = {"file": MEANS_FILE, "reused": True}
     else:
-        parts = []
 
         def send(actor, _: Shard, pairs: tuple[Pair, ...]) -> ray.ObjectRef:
             return actor.sum_shard.remote(pairs, options)
 
-        for shard, ref in in_turn(actors, shards_to_run(job, job.shards), send, "donor means", job.pair_count):
-            try:
-                parts.append(ray.get(ref))
-            except ray.exceptions.RayError as error:
-                raise JobError(f"the donor means pass failed on shard {shard.name}: {short_error(error)}") from None
-        store.write_table(means_table(parts), MEANS_FILE)
+        def sums() -> Iterator[pa.Table]:  # added as they come: one shard's sums in memory at a time
+            for shard, ref in in_turn(actors, shards_to_run(job, job.shards), send, "donor means", job.pair_count):
+                try:
+                    yield ray.get(ref)
+                except ray.exceptions.RayError as error:
+                    raise JobError(f"the donor means pass failed on shard {shard.name}: {short_error(error)}") from None
+
+        store.write_table(means_table(sums()), MEANS_FILE)
         job.means = {"file": MEANS_FILE, "reused": False}
     store.write_manifest(job.manifest("running"))
     return replace(options, means=store.part_writer().root)
