@@ -12,8 +12,9 @@ Every method writes `Donors.take(...)` where it used to copy the donor row: the 
 (trace and reuse), AtP's (donor - receiving) difference and path patching's senders. Scores keep
 each pair's own baselines, `(value - receiving) / (pair's donor side - receiving)`, so for an
 ablation 1 still means "as far as the pair's other prompt moves it". Before a pair's first
-differing token its own other prompt changes nothing, so those cells need no forward; an
-ablation changes every position.
+differing token its own other prompt changes nothing, so those cells need no forward
+(`Donors.start`); zeros and means change every position, a resampled prompt every position
+from the first token where it differs from the receiving one.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Donors:
     def start(self, pair: Pair) -> int:
         """The first position where a patch can change the receiving run: where the donor prompt
         first differs from the receiving one (the pair's first differing token for its own other
-        prompt), the first token for zeros."""
+        prompt), the first token for zeros and means."""
         if self.kind == "pair":
             return pair.first_difference
         if self.kind == "resample":
