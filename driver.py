@@ -127,8 +127,9 @@ def run_options(positions_help: str, positions_default: str):
             default=DEFAULT_DONOR,
             show_default=True,
             help="Where patched values come from: pair (the pair's other prompt), resample (the donor-side "
-            "prompt of another pair of the same length, chosen by --seed) or zero (zero ablation). Scores keep "
-            "the pair's own baselines: 1 = as far as the pair's other prompt moves it.",
+            "prompt of another pair of the same length, chosen by --seed), zero (zero ablation), mean (the mean "
+            "donor-side activation per position label, from a first pass) or mean-all (one mean per component "
+            "and layer). Scores keep the pair's own baselines: 1 = as far as the pair's other prompt moves it.",
         ),
         click.option(
             "--seed",
