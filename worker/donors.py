@@ -26,7 +26,7 @@ import torch
 
 from worker.means import DonorMeans, load_means
 from worker.options import MEAN_DONORS, PatchOptions
-from worker.pairs import Pair
+from worker.pairs import Pair, first_difference
 from worker.rows import PairRows, resampled_from
 
 
@@ -59,8 +59,7 @@ class Donors:
             return pair.first_difference
         if self.kind == "resample":
             receiving = (pair.corrupted_ids, pair.clean_ids)[self.rows.donor_offset]
-            differing = (i for i, (a, b) in enumerate(zip(receiving, resampled_from(pair))) if a != b)
-            return next(differing, pair.n_tokens - 1)
+            return first_difference(receiving, resampled_from(pair))
         return 0
 
     def source_rows(self, pairs: torch.Tensor | int) -> torch.Tensor | int:

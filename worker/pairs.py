@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,5 +31,9 @@ class Pair:
     @property
     def first_difference(self) -> int:
         """The first position where clean and corrupted differ (the last one if they never do)."""
-        differing = (i for i, (a, b) in enumerate(zip(self.clean_ids, self.corrupted_ids)) if a != b)
-        return next(differing, self.n_tokens - 1)
+        return first_difference(self.clean_ids, self.corrupted_ids)
+
+
+def first_difference(ids: Sequence[int], other: Sequence[int]) -> int:
+    """The first position where two prompts of one length differ (the last one if they never do)."""
+    return next((i for i, (a, b) in enumerate(zip(ids, other)) if a != b), len(ids) - 1)
