@@ -27,6 +27,7 @@ from worker.donors import Donors
 from worker.metrics import Answers, DonorDistribution, vocabulary_metric
 from worker.options import PatchOptions
 from worker.pairs import Pair
+from worker.rows import PairRows
 from worker.sites import FORWARD_ORDER, Cell, component_output, head_dim, last_logits, n_layers
 
 
@@ -37,7 +38,7 @@ def read_gradients(
     receivers' metric: the metric of every row, and per (component, layer) the activations and
     their gradients."""
     device = model.device
-    layout, indices = Donors.of(options).rows, torch.arange(len(pairs), device=device)
+    layout, indices = PairRows.of(options), torch.arange(len(pairs), device=device)
     input_ids = layout.input_ids(pairs).to(device)
     answers = Answers.of([p for p in pairs for _ in range(layout.per_pair)]).to(device)
     donor_rows = layout.of_rows(layout.donor_rows(indices))

@@ -39,7 +39,7 @@ class Donors:
 
     @classmethod
     def of(cls, options: PatchOptions) -> Donors:
-        rows = PairRows(options.direction, resampled=options.donor == "resample")
+        rows = PairRows.of(options)
         if options.donor not in MEAN_DONORS:
             return cls(options.donor, rows)
         if options.means is None:

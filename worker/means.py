@@ -60,7 +60,7 @@ def donor_sites(options: PatchOptions) -> list[str]:
 
 def donor_sums(model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions) -> pa.Table:
     """Per site and key: how many donor-side positions of `pairs` there are, and their activations' sum."""
-    rows, components = PairRows(options.direction), donor_sites(options)
+    rows, components = PairRows.of(options), donor_sites(options)
     sums: dict[tuple[str, int, str], torch.Tensor] = {}
     counts: dict[str, int] = defaultdict(int)  # positions per key: the same at every site
     by_length: dict[int, list[Pair]] = defaultdict(list)

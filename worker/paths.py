@@ -44,6 +44,7 @@ from worker.reuse import (
     readout,
     suffix_arguments,
 )
+from worker.rows import PairRows
 from worker.sites import Cell, blocks, family, head_input, n_heads, n_layers
 from worker.tables import paths_table
 
@@ -212,7 +213,7 @@ def path_group(
             for receiver in receivers:
                 values[receiver][torch.tensor(mine)] = receiver_values(model, read, items, receiver, options)
     metric = torch.cat(baselines)
-    clean, corrupted = Donors.of(options).rows.clean_and_corrupted(metric)
+    clean, corrupted = PairRows.of(options).clean_and_corrupted(metric)
     row_pairs = torch.tensor([pair for pair, _ in rows], dtype=torch.long)
     columns: dict[str, list] = defaultdict(list)
     for receiver in receivers:

@@ -35,6 +35,7 @@ from worker.families import part
 from worker.metrics import Answers, DonorDistribution, answer_logit_diff, reads_vocabulary, vocabulary_metric
 from worker.options import COMPONENTS, PatchOptions
 from worker.pairs import Pair
+from worker.rows import PairRows
 from worker.sites import Cell, blocks, component_output, embedding_output, family, head_dim, head_mask, last_logits
 
 
@@ -102,7 +103,7 @@ def read_activations(
     Head, attention and MLP activations are kept only for the `components` asked for.
     """
     device = model.device
-    layout, indices = Donors.of(options).rows, torch.arange(len(pairs), device=device)
+    layout, indices = PairRows.of(options), torch.arange(len(pairs), device=device)
     input_ids = layout.input_ids(pairs).to(device)
     row_answers = answers[layout.of_rows(indices)]
     donor_rows = layout.donor_rows(indices)
@@ -348,4 +349,4 @@ def reuse_values(
                     rows = [(work[i][0] - first, cells[work[i][1]]) for i in indices]
                     values[torch.tensor(indices)] = run_rows(model, read, rows, start, whole, options.metric)
     metric = torch.cat(baselines)
-    return *Donors.of(options).rows.clean_and_corrupted(metric), values
+    return *PairRows.of(options).clean_and_corrupted(metric), values

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.options import PatchOptions
 from worker.pairs import Pair
 
 
@@ -27,6 +28,11 @@ def resampled_from(pair: Pair) -> tuple[int, ...]:
 class PairRows:
     direction: str
     resampled: bool = False  # a third row per pair: the donor-side prompt of another pair (`Pair.donor_ids`)
+
+    @classmethod
+    def of(cls, options: PatchOptions) -> PairRows:
+        """The layout a run with `options` reads its pairs in."""
+        return cls(options.direction, resampled=options.donor == "resample")
 
     @property
     def per_pair(self) -> int:
