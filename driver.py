@@ -202,8 +202,9 @@ def run(spec: JobSpec) -> None:
     default=",".join(DEFAULT_COMPONENTS),
     show_default=True,
     callback=parse_components,
-    help="Comma-separated subset of resid (block output), attn, mlp (sublayer outputs), "
-    "head (each attention head's output before the output projection).",
+    help="Comma-separated subset of resid (block output), attn, mlp (sublayer outputs), and per "
+    "head: head (its output before the output projection), q, k, v (its query, key, value before "
+    "rotary embeddings; k and v per key/value head) and pattern (its attention probabilities).",
 )
 @click.option(
     "--method",

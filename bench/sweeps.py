@@ -37,8 +37,7 @@ from worker.means import donor_sums
 from worker.model import load_model, load_tokenizer
 from worker.options import MEAN_DONORS, PatchOptions, position_labels
 from worker.parts import MEANS_FILE
-from worker.patching import cells_to_run, patch_batch, patch_cells, selected_cells
-from worker.sites import n_heads, n_layers
+from worker.patching import cells_to_run, model_cells, patch_batch, selected_cells
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,7 +46,7 @@ def grouped(model, pairs, components: list[str], positions: str):
     """Per token length: the pairs, and the cells patch_batch lays out for them."""
     for n_tokens in sorted({p.n_tokens for p in pairs}):
         group = [p for p in pairs if p.n_tokens == n_tokens]
-        yield group, patch_cells(components, n_layers(model), n_tokens, n_heads(model), positions)
+        yield group, model_cells(model, components, n_tokens, positions)
 
 
 def pairs_rows(model, pairs, components: list[str], positions: str) -> list:

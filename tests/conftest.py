@@ -15,6 +15,8 @@ from worker.model import load_model, load_tokenizer
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_PAIRS = REPO / "examples" / "pairs.jsonl"
 TOL = 1e-4  # on logit differences, absolute
+OUTPUT_COMPONENTS = ("resid", "attn", "mlp", "head")  # the broad tests; tests/test_attention_sites.py the rest
+ATTENTION_SITES = ("q", "k", "v", "pattern")
 
 
 def score_tolerance(score: float, clean: float, corrupted: float, tol: float = TOL) -> float:

@@ -6,6 +6,7 @@ Deliberately naive and free of nnsight, so that it can check the worker's number
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -69,7 +70,42 @@ def hook(model: PreTrainedModel, component: str, layer: int, function):
     return module.register_forward_hook(lambda module, args, output: function(hidden(output)))
 
 
+INPUTS = ("q", "k", "v")
+
+
+def input_heads(model: PreTrainedModel, component: str) -> int:
+    """Heads of a query (every head) or of a key or value (the key/value heads)."""
+    config = model.config
+    if component == "q":
+        return config.num_attention_heads
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+@contextmanager
+def eager(model: PreTrainedModel):
+    """Transformers' own eager attention while open, which can return the attention probabilities."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+def pattern_of(model: PreTrainedModel, ids: list[int], layer: int) -> torch.Tensor:
+    """[1, heads, T, T]: the attention probabilities of `layer` (eager attention's own)."""
+    with eager(model):
+        return model(torch.tensor([ids]), output_attentions=True).attentions[layer]
+
+
 def capture(model: PreTrainedModel, ids: list[int], component: str, layer: int) -> torch.Tensor:
+    """[1, T, width]: the activation a patch of `component` replaces; per head (q, k, v, pattern)
+    each head's values one after the other, [1, T, heads * values per head]."""
+    if component == "pattern":
+        return head_ordered(model, component, layer, pattern_of(model, ids, layer))
+    if component in INPUTS:
+        module = input_site(model, layer, 0, component)[0]
+        return head_ordered(model, component, layer, capture_output(model, ids, module))
     stored = {}
 
     def keep(act):
@@ -81,6 +117,34 @@ def capture(model: PreTrainedModel, ids: list[int], component: str, layer: int) 
     finally:
         handle.remove()
     return stored["act"]
+
+
+def head_ordered(model: PreTrainedModel, component: str, layer: int, act: torch.Tensor) -> torch.Tensor:
+    """[1, T, width] of a module's activation: a projection's output as its heads' q, k or v one
+    after the other, attention probabilities [1, heads, T, T] as each destination's rows head after head."""
+    if component == "pattern":
+        return act.transpose(1, 2).flatten(2)
+    if component in INPUTS:
+        heads = [input_site(model, layer, h, component)[1] for h in range(input_heads(model, component))]
+        return torch.cat([act[..., channels] for channels in heads], dim=-1)
+    return act
+
+
+def capture_output(model: PreTrainedModel, ids: list[int], module: torch.nn.Module) -> torch.Tensor:
+    stored = {}
+    handle = module.register_forward_hook(lambda module, args, output: stored.setdefault("act", output.clone()))
+    try:
+        model(torch.tensor([ids]))
+    finally:
+        handle.remove()
+    return stored["act"]
+
+
+def heads_of(model: PreTrainedModel, component: str) -> list:
+    """The heads a component is patched per ([None] for whole components)."""
+    if component in INPUTS:
+        return list(range(input_heads(model, component)))
+    return list(range(model.config.num_attention_heads)) if component in ("head", "pattern") else [None]
 
 
 def position_key(pair, position: int, donor: str) -> str:
@@ -104,14 +168,60 @@ def donor_activation(
     return torch.zeros_like(act) if donor == "zero" else act
 
 
-def patched_logits(model, receiver_ids, donor_act, component, layer, position, channels=slice(None)):
-    """`position` None patches every position."""
+def head_width(model: PreTrainedModel, component: str, n_tokens: int) -> int:
+    """Values per head of `component`: the head dimension, or a pattern row's sources."""
+    config = model.config
+    return n_tokens if component == "pattern" else config.hidden_size // config.num_attention_heads
+
+
+def patched_logits(model, receiver_ids, donor_act, component, layer, position, head=None):
+    """`position` None patches every position; `head` (per-head components): only that head's values."""
     positions = slice(None) if position is None else position
+    width = head_width(model, component, len(receiver_ids))
+    own = slice(None) if head is None else slice(head * width, (head + 1) * width)
+    if component == "pattern":
+        return pattern_patched_logits(model, receiver_ids, donor_act[:, :, own], layer, position, head)
+    if component in INPUTS:
+        module, channels = input_site(model, layer, head, component)
+
+        def write(module, args, output):
+            output[:, positions, channels] = donor_act[:, positions, own]
+
+        handle = module.register_forward_hook(write)
+        try:
+            return next_token_logits(model, receiver_ids)
+        finally:
+            handle.remove()
+    channels = own
 
     def replace(act):
         act[:, positions, channels] = donor_act[:, positions, channels]
 
     handle = hook(model, component, layer, replace)
+    try:
+        return next_token_logits(model, receiver_ids)
+    finally:
+        handle.remove()
+
+
+def pattern_patched_logits(model, receiver_ids, donor_rows, layer, position, head):
+    """Head `head`'s attention probabilities at destination `position` (every one for None)
+    replaced by `donor_rows` ([1, T, T]): its output there changes by (donor - own probabilities)
+    x the head's values, added at the output projection's input (nothing else in the layer moves)."""
+    config = model.config
+    width = config.hidden_size // config.num_attention_heads
+    kv = head // (config.num_attention_heads // input_heads(model, "v"))
+    own = pattern_of(model, receiver_ids, layer)[:, head]
+    values = capture(model, receiver_ids, "v", layer)[0, :, kv * width : (kv + 1) * width]
+    rows = slice(None) if position is None else [position]
+    change = (donor_rows[0, rows] - own[0, rows]) @ values
+
+    def add(module, args):
+        z = args[0].clone()
+        z[0, rows, head * width : (head + 1) * width] += change
+        return (z,)
+
+    handle = hooked_module(model, "head", layer).register_forward_pre_hook(add)
     try:
         return next_token_logits(model, receiver_ids)
     finally:
@@ -141,16 +251,12 @@ def reference_patching(
         "clean": measure(metric, next_token_logits(model, list(pair.clean_ids)), pair, donor_logits),
         "corrupted": measure(metric, next_token_logits(model, list(pair.corrupted_ids)), pair, donor_logits),
     }
-    config = model.config
-    width = config.hidden_size // config.num_attention_heads
     for component in components:
-        heads = range(config.num_attention_heads) if component == "head" else [None]
-        for layer in range(config.num_hidden_layers):
+        for layer in range(model.config.num_hidden_layers):
             act = donor_activation(model, pair, list(donor), component, layer, donor_kind, means)
-            for head in heads:
-                channels = slice(None) if head is None else slice(head * width, (head + 1) * width)
+            for head in heads_of(model, component):
                 for position in [None] if all_positions else range(len(receiver)):
-                    logits = patched_logits(model, list(receiver), act, component, layer, position, channels)
+                    logits = patched_logits(model, list(receiver), act, component, layer, position, head)
                     result[(component, layer, position, head)] = measure(metric, logits, pair, donor_logits)
     return result
 
@@ -172,9 +278,7 @@ def reference_atp(
     donor, receiver = (
         (pair.clean_ids, pair.corrupted_ids) if direction == "denoise" else (pair.corrupted_ids, pair.clean_ids)
     )
-    config = model.config
-    width = config.hidden_size // config.num_attention_heads
-    sites = [(component, layer) for component in components for layer in range(config.num_hidden_layers)]
+    sites = [(component, layer) for component in components for layer in range(model.config.num_hidden_layers)]
     with torch.no_grad():
         donor_logits = next_token_logits(model, list(donor))
         donor_acts = {site: donor_activation(model, pair, list(donor), *site, donor_kind, means) for site in sites}
@@ -187,10 +291,21 @@ def reference_atp(
 
         return keep
 
-    handles = [hook(model, *site, keeper(site)) for site in sites]
+    handles = []
+    for site in sites:
+        if site[0] in INPUTS:
+            module = input_site(model, site[1], 0, site[0])[0]
+            keep = keeper(site)
+            handles.append(module.register_forward_hook(lambda module, args, output, keep=keep: keep(output)))
+        elif site[0] != "pattern":
+            handles.append(hook(model, *site, keeper(site)))
     try:
-        with torch.enable_grad():
-            value = metric_of(metric, model(torch.tensor([list(receiver)])).logits[0, -1].double(), pair, donor_logits)
+        with torch.enable_grad(), eager(model):
+            output = model(torch.tensor([list(receiver)]), output_attentions=True)
+            for component, layer in sites:
+                if component == "pattern":
+                    keeper((component, layer))(output.attentions[layer])
+            value = metric_of(metric, output.logits[0, -1].double(), pair, donor_logits)
             value.backward()
     finally:
         for handle in handles:
@@ -199,9 +314,10 @@ def reference_atp(
     result = {}
     for component, layer in sites:
         act = kept[(component, layer)]
-        product = ((donor_acts[(component, layer)] - act.detach()) * act.grad)[0].double()  # [T, width]
-        heads = range(config.num_attention_heads) if component == "head" else [None]
-        for head in heads:
+        own, grad = (head_ordered(model, component, layer, tensor) for tensor in (act.detach(), act.grad))
+        product = ((donor_acts[(component, layer)] - own) * grad)[0].double()  # [T, width]
+        width = head_width(model, component, len(receiver))
+        for head in heads_of(model, component):
             channels = slice(None) if head is None else slice(head * width, (head + 1) * width)
             per_position = product[:, channels].sum(-1)
             spots = {None: per_position.sum()} if all_positions else dict(enumerate(per_position))
@@ -221,7 +337,7 @@ QKV = {  # family: where head h's query, key and value are computed -- written h
 
 def input_site(model: PreTrainedModel, layer: int, head: int, input: str) -> tuple[torch.nn.Module, slice]:
     """The module computing head `head`'s q, k or v in `layer`, and that head's channels of its output
-    (query heads only for separate projections: the tests use k and v only without grouped-query attention)."""
+    (for k and v of separate projections, `head` is a key/value head)."""
     path, layout = QKV[model.config.model_type]
     config = model.config
     width, heads = config.hidden_size // config.num_attention_heads, config.num_attention_heads

@@ -485,6 +485,9 @@ def test_zero_ablation_end_to_end(tmp_path, tiny_model, tiny_model_dir, tokenize
     assert "noise, logit_diff, zero donor" in (out / "report.html").read_text()
     unknown = run_driver(*args, "--donor", "mean-of-nothing", "--out", tmp_path / "o")
     assert unknown.returncode == 2 and "Invalid value for '--donor'" in unknown.stderr
+    pattern = run_driver(*args, "--components", "pattern", "--donor", "mean", "--out", tmp_path / "p")
+    assert pattern.returncode == 2 and "donor mean cannot patch pattern" in pattern.stderr
+    assert len(pattern.stderr.strip().splitlines()) == 1
 
 
 def test_resample_end_to_end_is_reproducible_from_donor_pair_id(

@@ -11,12 +11,11 @@ from transformers import AutoModelForCausalLM
 from examples.tiny_families import FAMILIES, build_tiny
 from jobs.datasets.ioi import generate_ioi
 from jobs.pairfile import encoder_for, parse_record, read_pairs
-from tests.conftest import IOI_LINES, TOL, write_jsonl
+from tests.conftest import IOI_LINES, OUTPUT_COMPONENTS, TOL, write_jsonl
 from tests.reference import reference_atp
 from tests.test_patching import assert_matches_reference, by_cell
 from tests.test_paths import assert_paths_match_reference, labelled, paths
 from worker.model import load_model, load_tokenizer
-from worker.options import COMPONENTS
 from worker.patching import patch_batch
 from worker.receivers import parse_receivers
 from worker.sites import receivers_problem
@@ -38,7 +37,7 @@ def family(request, tmp_path_factory):
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_every_component_matches_hook_reference(family, direction, path):
     _, _, model, hf_model, pairs = family
-    result = patch_batch(model, pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, exact_path=path)
+    result = patch_batch(model, pairs, OUTPUT_COMPONENTS, direction, max_batch_tokens=40 * 16, exact_path=path)
     config = hf_model.config
     assert result.effects.num_rows == sum(p.n_tokens for p in pairs) * config.num_hidden_layers * (
         3 + config.num_attention_heads
@@ -51,7 +50,7 @@ def test_zero_ablation_matches_hook_reference(family, path):
     """Zeros at every cell (the fast path then recomputes from the first token, through the
     family's own blocks, rotary positions and parallel residual where it has them)."""
     _, _, model, hf_model, pairs = family
-    result = patch_batch(model, pairs, COMPONENTS, "noise", 40 * 16, exact_path=path, donor="zero")
+    result = patch_batch(model, pairs, OUTPUT_COMPONENTS, "noise", 40 * 16, exact_path=path, donor="zero")
     assert_matches_reference(result, hf_model, pairs, "noise", min_gap=0.05, donor="zero")
 
 
@@ -69,13 +68,15 @@ def test_metrics_and_all_positions_match_hook_reference(family, metric, path):
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_atp_matches_autograd_reference(family, direction):
     _, _, model, hf_model, pairs = family
-    result = patch_batch(model, pairs, COMPONENTS, direction, method="atp")
+    result = patch_batch(model, pairs, OUTPUT_COMPONENTS, direction, method="atp")
     baselines = {r["pair_id"]: (r["clean_logit_diff"], r["corrupted_logit_diff"]) for r in result.pairs.to_pylist()}
     estimates = by_cell(result.effects, "estimate")
     for pair in pairs:
         clean, corrupted = baselines[pair.pair_id]
         source, target = (clean, corrupted) if direction == "denoise" else (corrupted, clean)
-        for (component, layer, position, head), want in reference_atp(hf_model, pair, COMPONENTS, direction).items():
+        for (component, layer, position, head), want in reference_atp(
+            hf_model, pair, OUTPUT_COMPONENTS, direction
+        ).items():
             got = estimates[(pair.pair_id, component, layer, position, head)] * (source - target) + target
             assert got == pytest.approx(want, rel=1e-4, abs=TOL), (component, layer, position, head)
 

@@ -11,12 +11,12 @@ import pytest
 from transformers import GPT2LMHeadModel
 
 from jobs.means import means_table
-from tests.conftest import TOL
+from tests.conftest import OUTPUT_COMPONENTS, TOL
 from tests.reference import capture, position_key, reference_atp
 from tests.test_patching import assert_matches_reference, by_cell, labelled
 from tests.test_paths import assert_paths_match_reference, paths
 from worker.means import donor_sums
-from worker.options import COMPONENTS, PatchOptions
+from worker.options import PatchOptions
 from worker.parts import MEANS_FILE
 from worker.patching import patch_batch
 
@@ -51,8 +51,8 @@ def stored_means(tiny_model, pairs, components, direction, donor, path) -> str:
 @pytest.mark.parametrize(("donor", "label"), [("mean", True), ("mean", False), ("mean-all", False)])
 def test_stored_means_equal_a_by_hand_mean(tiny_model, hf_model, ioi_pairs, tmp_path, donor, label):
     pairs = [labelled(p) for p in ioi_pairs] if label else ioi_pairs
-    expected = by_hand(hf_model, pairs, COMPONENTS, "noise", donor)
-    run = stored_means(tiny_model, pairs, COMPONENTS, "noise", donor, tmp_path / "means")
+    expected = by_hand(hf_model, pairs, OUTPUT_COMPONENTS, "noise", donor)
+    run = stored_means(tiny_model, pairs, OUTPUT_COMPONENTS, "noise", donor, tmp_path / "means")
     table = pq.read_table(f"{run}/{MEANS_FILE}")
     rows = table.to_pylist()
     assert {(r["component"], r["layer"], r["key"]) for r in rows} == expected.keys()
@@ -62,31 +62,31 @@ def test_stored_means_equal_a_by_hand_mean(tiny_model, hf_model, ioi_pairs, tmp_
             positions[position_key(pair, t, donor)] += 1
     for row in rows:
         assert row["count"] == positions[row["key"]]
-        np.testing.assert_allclose(row["mean"], expected[(row["component"], row["layer"], row["key"])], atol=1e-5)
+        np.testing.assert_allclose(row["mean"], expected[(row["component"], row["layer"], row["key"])], atol=TOL)
 
 
 @pytest.mark.parametrize("path", ["trace", "reuse"])
 @pytest.mark.parametrize(("donor", "label", "positions"), [("mean", True, "each"), ("mean-all", False, "all")])
 def test_mean_ablation_matches_hook_reference(tiny_model, hf_model, ioi_pairs, tmp_path, path, donor, label, positions):
     pairs = [labelled(p) for p in ioi_pairs] if label else ioi_pairs
-    means = stored_means(tiny_model, pairs, COMPONENTS, "noise", donor, tmp_path / "means")
+    means = stored_means(tiny_model, pairs, OUTPUT_COMPONENTS, "noise", donor, tmp_path / "means")
     options = {"exact_path": path, "donor": donor, "means": means}
-    result = patch_batch(tiny_model, pairs, COMPONENTS, "noise", 40 * 16, positions, **options)
+    result = patch_batch(tiny_model, pairs, OUTPUT_COMPONENTS, "noise", 40 * 16, positions, **options)
     assert result.effects.schema.metadata[b"patchsweep.donor"] == donor.encode()
-    expected = by_hand(hf_model, pairs, COMPONENTS, "noise", donor)
+    expected = by_hand(hf_model, pairs, OUTPUT_COMPONENTS, "noise", donor)
     assert_matches_reference(result, hf_model, pairs, "noise", positions == "all", donor=donor, means=expected)
 
 
 def test_atp_and_paths_of_mean_ablation_match_references(tiny_model, hf_model, ioi_pairs, tmp_path):
     pairs = [labelled(p) for p in ioi_pairs]
-    means = stored_means(tiny_model, pairs, COMPONENTS, "noise", "mean", tmp_path / "means")
-    expected = by_hand(hf_model, pairs, COMPONENTS, "noise", "mean")
-    atp = patch_batch(tiny_model, pairs, COMPONENTS, "noise", method="atp", donor="mean", means=means)
+    means = stored_means(tiny_model, pairs, OUTPUT_COMPONENTS, "noise", "mean", tmp_path / "means")
+    expected = by_hand(hf_model, pairs, OUTPUT_COMPONENTS, "noise", "mean")
+    atp = patch_batch(tiny_model, pairs, OUTPUT_COMPONENTS, "noise", method="atp", donor="mean", means=means)
     baselines = {r["pair_id"]: (r["clean_logit_diff"], r["corrupted_logit_diff"]) for r in atp.pairs.to_pylist()}
     estimates = by_cell(atp.effects, "estimate")
     for pair in pairs:
         clean, corrupted = baselines[pair.pair_id]
-        reference = reference_atp(hf_model, pair, COMPONENTS, "noise", donor_kind="mean", means=expected)
+        reference = reference_atp(hf_model, pair, OUTPUT_COMPONENTS, "noise", donor_kind="mean", means=expected)
         for (component, layer, position, head), want in reference.items():
             got = estimates[(pair.pair_id, component, layer, position, head)] * (corrupted - clean) + clean
             assert got == pytest.approx(want, rel=1e-4, abs=TOL), (pair.pair_id, component, layer, position, head)

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 from transformers import GPT2LMHeadModel
 
-from tests.conftest import TOL, score_tolerance
+from tests.conftest import OUTPUT_COMPONENTS, TOL, score_tolerance
 from tests.reference import next_token_logits, reference_atp, reference_patching
 from worker.donors import Donors
-from worker.options import COMPONENTS, DEFAULT_COMPONENTS, METRICS, PatchOptions
+from worker.options import DEFAULT_COMPONENTS, METRICS, PatchOptions
 from worker.patching import cells_to_run, patch_batch, patch_cells, selected_cells, split_into_traces
 
 
@@ -67,7 +67,7 @@ def assert_matches_reference(
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_matches_hook_reference_for_every_cell(tiny_model, hf_model, ioi_pairs, direction, path):
     # A small token budget forces several traces (or pair groups and row chunks) per length group.
-    result = patch_batch(tiny_model, ioi_pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, exact_path=path)
+    result = patch_batch(tiny_model, ioi_pairs, OUTPUT_COMPONENTS, direction, max_batch_tokens=40 * 16, exact_path=path)
     assert len({p.n_tokens for p in ioi_pairs}) == 3
     config = hf_model.config
     assert result.effects.num_rows == sum(p.n_tokens * config.n_layer * (3 + config.n_head) for p in ioi_pairs)
@@ -78,7 +78,7 @@ def test_matches_hook_reference_for_every_cell(tiny_model, hf_model, ioi_pairs, 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_all_positions_at_once_match_hook_reference(tiny_model, hf_model, ioi_pairs, direction, path):
     result = patch_batch(
-        tiny_model, ioi_pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, exact_path=path, positions="all"
+        tiny_model, ioi_pairs, OUTPUT_COMPONENTS, direction, max_batch_tokens=40 * 16, exact_path=path, positions="all"
     )
     config = hf_model.config
     assert result.effects.num_rows == len(ioi_pairs) * config.n_layer * (3 + config.n_head)
@@ -92,7 +92,7 @@ def test_zero_ablation_matches_hook_reference(tiny_model, hf_model, ioi_pairs, d
     """Zeros in place of each activation, at every cell: before the first differing token too
     (an ablation changes every position), scored against the pair's own baselines."""
     result = patch_batch(
-        tiny_model, ioi_pairs, COMPONENTS, direction, 40 * 16, positions, exact_path=path, donor="zero"
+        tiny_model, ioi_pairs, OUTPUT_COMPONENTS, direction, 40 * 16, positions, exact_path=path, donor="zero"
     )
     assert result.effects.schema.metadata[b"patchsweep.donor"] == b"zero"
     assert result.pairs.schema.metadata[b"patchsweep.donor"] == b"zero"
@@ -116,7 +116,7 @@ def test_resample_ablation_matches_hook_reference(tiny_model, hf_model, ioi_pair
     """Each pair's patches take their values from another prompt of its length, read as a third row."""
     pairs = [resampled(pair) for pair in ioi_pairs]
     result = patch_batch(
-        tiny_model, pairs, COMPONENTS, direction, 40 * 16, positions, exact_path=path, donor="resample"
+        tiny_model, pairs, OUTPUT_COMPONENTS, direction, 40 * 16, positions, exact_path=path, donor="resample"
     )
     assert result.effects.schema.metadata[b"patchsweep.donor"] == b"resample"
     assert_matches_reference(result, hf_model, pairs, direction, positions == "all", donor="resample")
@@ -143,7 +143,13 @@ def at_labels(*names):
 def test_listed_labels_patch_only_their_positions(tiny_model, hf_model, ioi_pairs, direction, path):
     pairs = [labelled(pair) for pair in ioi_pairs]
     result = patch_batch(
-        tiny_model, pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, exact_path=path, positions="early,S2,END"
+        tiny_model,
+        pairs,
+        OUTPUT_COMPONENTS,
+        direction,
+        max_batch_tokens=40 * 16,
+        exact_path=path,
+        positions="early,S2,END",
     )
     config = hf_model.config
     assert result.effects.num_rows == len(pairs) * 3 * config.n_layer * (3 + config.n_head)
@@ -189,7 +195,7 @@ def answer_pairs(hf_model, ioi_pairs) -> dict[str, list]:
 def test_every_metric_matches_hook_reference(tiny_model, hf_model, answer_pairs, metric, answers, direction, path):
     pairs = answer_pairs[answers]
     result = patch_batch(
-        tiny_model, pairs, COMPONENTS, direction, max_batch_tokens=40 * 16, exact_path=path, metric=metric
+        tiny_model, pairs, OUTPUT_COMPONENTS, direction, max_batch_tokens=40 * 16, exact_path=path, metric=metric
     )
     assert result.effects.schema.names[5] == metric
     assert [f"clean_{metric}", f"corrupted_{metric}"] <= result.pairs.schema.names
@@ -230,7 +236,7 @@ def test_last_layer_resid_at_last_position_restores_donor(tiny_model, ioi_pairs)
 
 
 def test_positions_before_first_difference_score_zero_at_layer_zero(tiny_model, ioi_pairs):
-    result = patch_batch(tiny_model, ioi_pairs, COMPONENTS)
+    result = patch_batch(tiny_model, ioi_pairs, OUTPUT_COMPONENTS)
     first_diff = {
         p.pair_id: next(i for i, (a, b) in enumerate(zip(p.clean_ids, p.corrupted_ids)) if a != b) for p in ioi_pairs
     }
@@ -246,8 +252,8 @@ def test_reuse_and_trace_agree_in_bfloat16_too(tiny_model_dir, ioi_pairs):
     from worker.model import load_model
 
     model = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16")
-    trace = by_cell(patch_batch(model, ioi_pairs, COMPONENTS, exact_path="trace").effects, "logit_diff")
-    reuse = by_cell(patch_batch(model, ioi_pairs, COMPONENTS, exact_path="reuse").effects, "logit_diff")
+    trace = by_cell(patch_batch(model, ioi_pairs, OUTPUT_COMPONENTS, exact_path="trace").effects, "logit_diff")
+    reuse = by_cell(patch_batch(model, ioi_pairs, OUTPUT_COMPONENTS, exact_path="reuse").effects, "logit_diff")
     assert trace.keys() == reuse.keys()
     assert max(abs(trace[k] - reuse[k]) for k in trace) < 0.25  # bfloat16 keeps ~3 significant digits
 
@@ -310,7 +316,7 @@ def test_atp_estimates_match_an_autograd_reference(tiny_model, hf_model, answer_
     result = patch_batch(
         tiny_model,
         pairs,
-        COMPONENTS,
+        OUTPUT_COMPONENTS,
         direction,
         max_batch_tokens=40 * 16,
         positions=positions,
@@ -322,7 +328,7 @@ def test_atp_estimates_match_an_autograd_reference(tiny_model, hf_model, answer_
     baselines = {r["pair_id"]: (r[f"clean_{metric}"], r[f"corrupted_{metric}"]) for r in result.pairs.to_pylist()}
     estimates = by_cell(result.effects, "estimate")
     for pair in pairs:
-        expected = reference_atp(hf_model, pair, COMPONENTS, direction, positions == "all", metric)
+        expected = reference_atp(hf_model, pair, OUTPUT_COMPONENTS, direction, positions == "all", metric)
         clean, corrupted = baselines[pair.pair_id]
         source, target = (clean, corrupted) if direction == "denoise" else (corrupted, clean)
         assert sum(key[0] == pair.pair_id for key in estimates) == len(expected)
@@ -339,11 +345,13 @@ def test_atp_of_ablations_matches_an_autograd_reference(tiny_model, hf_model, an
     """AtP's (donor - receiving) difference with the ablation's values for the donor (zeros:
     -activation x gradient)."""
     pairs = [resampled(pair) for pair in answer_pairs["sets"]]
-    result = patch_batch(tiny_model, pairs, COMPONENTS, "noise", 40 * 16, positions, metric, method="atp", donor=donor)
+    result = patch_batch(
+        tiny_model, pairs, OUTPUT_COMPONENTS, "noise", 40 * 16, positions, metric, method="atp", donor=donor
+    )
     baselines = {r["pair_id"]: (r[f"clean_{metric}"], r[f"corrupted_{metric}"]) for r in result.pairs.to_pylist()}
     estimates = by_cell(result.effects, "estimate")
     for pair in pairs:
-        expected = reference_atp(hf_model, pair, COMPONENTS, "noise", positions == "all", metric, donor)
+        expected = reference_atp(hf_model, pair, OUTPUT_COMPONENTS, "noise", positions == "all", metric, donor)
         clean, corrupted = baselines[pair.pair_id]
         assert sum(key[0] == pair.pair_id for key in estimates) == len(expected)
         for (component, layer, position, head), want in expected.items():
@@ -354,8 +362,8 @@ def test_atp_of_ablations_matches_an_autograd_reference(tiny_model, hf_model, an
 @pytest.mark.parametrize("path", ["trace", "reuse"])
 def test_atp_verified_rows_are_exact_and_the_rest_are_estimates(tiny_model, ioi_pairs, path):
     k = 5
-    atp = patch_batch(tiny_model, ioi_pairs, COMPONENTS, method="atp", verify_top=k, exact_path=path)
-    exact = by_cell(patch_batch(tiny_model, ioi_pairs, COMPONENTS, exact_path=path).effects, "logit_diff")
+    atp = patch_batch(tiny_model, ioi_pairs, OUTPUT_COMPONENTS, method="atp", verify_top=k, exact_path=path)
+    exact = by_cell(patch_batch(tiny_model, ioi_pairs, OUTPUT_COMPONENTS, exact_path=path).effects, "logit_diff")
     rows = atp.effects.to_pylist()
     assert len(rows) == len(exact)
     for pair in ioi_pairs:
@@ -368,7 +376,7 @@ def test_atp_verified_rows_are_exact_and_the_rest_are_estimates(tiny_model, ioi_
             )
         top = sorted(mine, key=lambda r: -abs(r["estimate"]))[:k]
         assert all(r["logit_diff"] is not None for r in top)  # the k largest estimates are among the verified
-    again = patch_batch(tiny_model, ioi_pairs, COMPONENTS, method="atp", verify_top=k, exact_path=path)
+    again = patch_batch(tiny_model, ioi_pairs, OUTPUT_COMPONENTS, method="atp", verify_top=k, exact_path=path)
     assert (
         again.effects.column("logit_diff").is_null().to_pylist()
         == atp.effects.column("logit_diff").is_null().to_pylist()

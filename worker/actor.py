@@ -19,7 +19,7 @@ from worker.faults import InjectedFault
 from worker.means import donor_sums
 from worker.methods import run_method
 from worker.model import load_model
-from worker.options import ModelLoadError, PatchOptions
+from worker.options import HEAD_COMPONENTS, ModelLoadError, PatchOptions
 from worker.pairs import Pair
 from worker.parts import PartWriter, Receipt
 from worker.receivers import parse_receivers
@@ -41,7 +41,7 @@ class PatchWorker:
         """None once the model is loaded and can do what `options` ask (patch heads, read receivers), else why not."""
         if self.error is not None:
             return self.error
-        if "head" in options.components and (problem := head_split_problem(self.model)):
+        if set(HEAD_COMPONENTS) & set(options.components) and (problem := head_split_problem(self.model)):
             return problem
         return receivers_problem(self.model, parse_receivers(options.receivers))
 

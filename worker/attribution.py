@@ -4,11 +4,11 @@ Patching activation a of the receiving run with the donor's changes the metric b
 (a_donor - a_receiver) . dmetric/da, the gradient taken at the receiving run. So one nnsight
 trace runs a batch's clean and corrupted prompts together, the receivers' metric is
 back-propagated once (`with metric.backward()`), and each cell's estimate is the receiver's
-metric plus that product summed over the cell's channels (all of d_model; a head's d_head
-slice) at its position (or at every position, for `positions="all"`). Two forwards and one
-backward per batch score every cell, instead of one forward per cell. The model's parameters
-are frozen (worker/model.py), so the backward computes activation gradients only, and
-`max_batch_tokens` bounds the activations one backward keeps.
+metric plus that product summed over the cell's values (all of d_model; one head's query, key,
+value or output, or its pattern row over the sources) at its position (or at every position,
+for `positions="all"`). Two forwards and one backward per batch score every cell, instead of
+one forward per cell. The model's parameters are frozen (worker/model.py), so the backward
+computes activation gradients only, and `max_batch_tokens` bounds the activations one backward keeps.
 
 First order only: AtP is known to be poor for big activations (the residual stream, GPT-2's
 first MLP) and where attention saturates; `--verify-top` measures how poor on the run's pairs.
@@ -25,18 +25,18 @@ from nnsight import TransformersModel
 
 from worker.donors import Donors
 from worker.metrics import Answers, DonorDistribution, vocabulary_metric
-from worker.options import PatchOptions
+from worker.options import HEAD_COMPONENTS, PatchOptions
 from worker.pairs import Pair
 from worker.rows import PairRows
-from worker.sites import FORWARD_ORDER, Cell, component_output, head_dim, last_logits, n_layers
+from worker.sites import FORWARD_ORDER, Cell, component_output, last_logits, n_layers, site_values
 
 
 def read_gradients(
     model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions, components: set[str]
 ) -> tuple[torch.Tensor, dict, dict]:
     """One trace over the clean and corrupted prompts (rows 2p, 2p+1) with a backward of the
-    receivers' metric: the metric of every row, and per (component, layer) the activations and
-    their gradients."""
+    receivers' metric: the metric of every row, and per (component, layer) the values
+    (`site_values`) and their gradients."""
     device = model.device
     layout, indices = PairRows.of(options), torch.arange(len(pairs), device=device)
     input_ids = layout.input_ids(pairs).to(device)
@@ -61,22 +61,17 @@ def read_gradients(
             with metric[receiver_rows].sum().backward():
                 for site in reversed(sites):
                     grads[site] = acts[site].grad
-    return values.cpu(), {site: act.detach() for site, act in acts.items()}, grads
+    acts = {site: site_values(model, site[0], act.detach()) for site, act in acts.items()}
+    return values.cpu(), acts, {site: site_values(model, site[0], grad) for site, grad in grads.items()}
 
 
-def first_order_effects(
-    site: tuple[str, int], act: torch.Tensor, grad: torch.Tensor, donors: Donors, head_width: int | None
-) -> torch.Tensor:
-    """Per pair, (donor - receiver) x the receiver's gradient at `site`, summed over channels:
-    [P, T], or [P, T, heads] summed over each head's channels; the donor's values are what
-    `donors` give."""
+def first_order_effects(site: tuple[str, int], act: torch.Tensor, grad: torch.Tensor, donors: Donors) -> torch.Tensor:
+    """Per pair, (donor - receiver) x the receiver's gradient at `site`, summed over the last axis:
+    [P, T], or per head [P, T, heads]; the donor's values are what `donors` give."""
     rows = donors.rows
     pairs = torch.arange(act.shape[0] // rows.per_pair, device=act.device)
     donor = donors.take(site, act, donors.source_rows(pairs), slice(None))
-    product = (donor - rows.receiving_side(act)).float() * rows.receiving_side(grad).float()
-    if head_width is None:
-        return product.sum(-1)
-    return product.view(*product.shape[:2], -1, head_width).sum(-1)
+    return ((donor - rows.receiving_side(act)).float() * rows.receiving_side(grad).float()).sum(-1)
 
 
 def atp_estimates(
@@ -92,7 +87,6 @@ def atp_estimates(
     layout = donors.rows
     pairs_per_group = max(1, options.max_batch_tokens // (layout.per_pair * n_tokens))
     components = {cells[c].component for _, c in work}
-    dim = head_dim(model)
     baselines, estimates = [], torch.empty(len(work))
     for first in range(0, len(pairs), pairs_per_group):
         group = pairs[first : first + pairs_per_group]
@@ -107,15 +101,13 @@ def atp_estimates(
                 by_site.setdefault((cell.component, cell.layer, cell.position is None), []).append(i)
         for (component, layer, whole), indices in by_site.items():
             site = (component, layer)
-            effect = first_order_effects(
-                site, acts[site], grads[site], group_donors, dim if component == "head" else None
-            ).cpu()
+            effect = first_order_effects(site, acts[site], grads[site], group_donors).cpu()
             if whole:
                 effect = effect.sum(1, keepdim=True)
             pair_index = torch.tensor([work[i][0] - first for i in indices])
             position = torch.tensor([0 if whole else cells[work[i][1]].position for i in indices])
             picked = effect[pair_index, position]
-            if component == "head":
+            if component in HEAD_COMPONENTS:
                 picked = picked[torch.arange(len(indices)), torch.tensor([cells[work[i][1]].head for i in indices])]
             estimates[torch.tensor(indices)] = receiver[pair_index] + picked
     metric = torch.cat(baselines)

@@ -66,12 +66,23 @@ class Donors:
         """The rows of the read that patches of pairs `pairs` take their values from."""
         return self.rows.resampled_rows(pairs) if self.kind == "resample" else self.rows.donor_rows(pairs)
 
-    def take(self, site: tuple[str, int], acts: torch.Tensor, rows: torch.Tensor, positions) -> torch.Tensor:
+    def take(
+        self,
+        site: tuple[str, int],
+        acts: torch.Tensor,
+        rows: torch.Tensor,
+        positions,
+        heads: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """What a patch writes at `positions` (an index into the second axis) for each donor row
-        `rows` of `site` (component, layer), whose activations in the read (rows in the `PairRows`
-        layout) are `acts`."""
+        `rows` of `site` (component, layer), whose values in the read (rows in the `PairRows`
+        layout; worker/sites.py::site_values) are `acts`; with `heads`, only head `heads[i]`'s for
+        the i-th row ([rows, positions, values per head])."""
         if self.means is not None:
             table = self.means.values[site].to(acts.device, acts.dtype)
-            return table[self.keys.to(acts.device)[rows // self.rows.per_pair, positions]]
-        values = acts[rows, positions]
-        return torch.zeros_like(values) if self.kind == "zero" else values
+            keys = self.keys.to(acts.device)[rows // self.rows.per_pair, positions]
+            values = table[keys].view(*keys.shape, *acts.shape[2:])
+        else:
+            values = acts[rows, positions]
+            values = torch.zeros_like(values) if self.kind == "zero" else values
+        return values if heads is None else values[torch.arange(len(heads), device=values.device), :, heads]

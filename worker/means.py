@@ -1,9 +1,10 @@
 """Mean donors (`--donor mean`, `mean-all`): the mean donor-side activation of every site.
 
 A site is a (component, layer) the run patches; its activation is what `worker/sites.py` reads
-(`head`: every head's output, side by side). `mean` keeps one mean per position key: the
-position's label for labelled pairs (a token-wise mean over every pair of the file), or
-`LENGTH:POSITION` for unlabelled ones (aligned by index among pairs of one token length);
+(per-head components: every head's values, head after head, as `site_values` orders them).
+`mean` keeps one mean per position key: the position's label for labelled pairs (a token-wise
+mean over every pair of the file), or `LENGTH:POSITION` for unlabelled ones (aligned by index
+among pairs of one token length);
 `mean-all` keeps one key, `all`, over every position of every pair. The donor side is the
 clean prompt when denoising and the corrupted one when noising.
 
@@ -29,7 +30,7 @@ from worker.options import PatchOptions
 from worker.pairs import Pair
 from worker.parts import MEANS_FILE, filesystem
 from worker.rows import PairRows
-from worker.sites import FORWARD_ORDER, component_output, n_layers
+from worker.sites import FORWARD_ORDER, component_output, n_layers, site_values
 
 ALL_POSITIONS = "all"
 SUMS_SCHEMA = pa.schema(
@@ -83,8 +84,9 @@ def donor_sums(model: TransformersModel, pairs: Sequence[Pair], options: PatchOp
             index = torch.tensor([number[key] for key in flat])
             sites = [(component, layer) for layer in range(n_layers(model)) for component in components]
             for (component, layer), act in zip(sites, saved):
-                values = act.reshape(-1, act.shape[-1]).double().cpu()
-                summed = torch.zeros(len(names), act.shape[-1], dtype=torch.float64).index_add_(0, index, values)
+                values = site_values(model, component, act)
+                values = values.reshape(values.shape[0] * values.shape[1], -1).double().cpu()
+                summed = torch.zeros(len(names), values.shape[-1], dtype=torch.float64).index_add_(0, index, values)
                 for k, name in enumerate(names):
                     site = (component, layer, name)
                     sums[site] = summed[k] if site not in sums else sums[site] + summed[k]

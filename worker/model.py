@@ -16,6 +16,7 @@ import torch
 from nnsight import TransformersModel
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from worker.attention import expose_patterns
 from worker.families import UnsupportedModel, family_of
 from worker.options import DEFAULT_MODEL, DTYPE_NAMES, ModelLoadError
 
@@ -113,6 +114,7 @@ def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "
         raise _explain(source, error) from error
     model._module.eval()
     model._module.requires_grad_(False)  # never trained: AtP's backward computes activation gradients only
+    expose_patterns(model)
     return model
 
 

@@ -12,8 +12,9 @@ from worker.receivers import parse_receivers
 
 DEFAULT_MODEL = "openai-community/gpt2"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-COMPONENTS = ("resid", "attn", "mlp", "head")
-DEFAULT_COMPONENTS = ("resid", "attn", "mlp")  # `head` has n_heads times the cells: asked for by name
+COMPONENTS = ("resid", "attn", "mlp", "head", "q", "k", "v", "pattern")
+HEAD_COMPONENTS = ("head", "q", "k", "v", "pattern")  # patched per head (worker/sites.py says what each is)
+DEFAULT_COMPONENTS = ("resid", "attn", "mlp")  # per-head components have n_heads times the cells: asked for by name
 DIRECTIONS = ("denoise", "noise")
 POSITION_MODES = ("each", "all")  # or a list of position labels
 METRICS = ("logit_diff", "logprob", "prob_diff", "kl")
@@ -97,6 +98,11 @@ class PatchOptions:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
         if self.donor not in DONORS:
             raise ValueError(f"donor must be one of {DONORS}, got {self.donor!r}")
+        if self.donor in MEAN_DONORS and "pattern" in components:
+            raise ValueError(
+                f"donor {self.donor} cannot patch pattern: a pattern row has one value per source position, "
+                "so prompts of different lengths have no mean pattern; use zero or resample"
+            )
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.max_batch_tokens < 1:

@@ -14,7 +14,7 @@ cells with position None), or only the positions whose label is listed.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -35,14 +35,14 @@ from worker.options import (
 )
 from worker.pairs import Pair
 from worker.reuse import resolve_exact_path, reuse_values
-from worker.sites import FORWARD_ORDER, Cell, component_output, head_dim, head_mask, last_logits, n_heads, n_layers
+from worker.sites import FORWARD_ORDER, Cell, component_output, last_logits, n_layers, site_heads, site_values
 from worker.tables import effects_table, empty_effects, pairs_table
 
 
 @dataclass(frozen=True)
 class Write:
     """Copy `donors[i]`'s activations at `positions[i]` (one position, or all of them) into row
-    `rows[i]`, only on head `heads[i]`'s channels when heads are given."""
+    `rows[i]`, only head `heads[i]`'s values when heads are given."""
 
     rows: torch.Tensor
     positions: torch.Tensor  # [n, 1] or [n, n_tokens]
@@ -70,20 +70,28 @@ class PatchResult:
 
 
 def patch_cells(
-    components: Sequence[str], n_layers: int, n_tokens: int, heads: int = 0, positions: str = "each"
+    components: Sequence[str], n_layers: int, n_tokens: int, heads: Mapping[str, int] | None = None, positions="each"
 ) -> list[Cell]:
-    """Every (component, layer[, head], position) of a prompt, in the order results are reported.
+    """Every (component, layer[, head], position) of a prompt, in the order results are reported;
+    `heads`: how many heads each per-head component has (worker/sites.py::site_heads).
 
     With `positions="all"` a cell patches every position at once (position None).
     """
     spots = [None] if positions == "all" else range(n_tokens)
+    heads = heads or {}
     return [
         Cell(c, layer, position, head)
         for c in components
         for layer in range(n_layers)
-        for head in (range(heads) if c == "head" else [None])
+        for head in (range(heads[c]) if heads.get(c) else [None])
         for position in spots
     ]
+
+
+def model_cells(model: TransformersModel, components: Sequence[str], n_tokens: int, positions: str) -> list[Cell]:
+    """`patch_cells` of `model`: its layers, and each per-head component's heads."""
+    heads = {component: site_heads(model, component) for component in components}
+    return patch_cells(components, n_layers(model), n_tokens, heads, positions)
 
 
 def selected_cells(pairs: Sequence[Pair], cells: Sequence[Cell], labels: Sequence[str] = ()) -> list[tuple[int, int]]:
@@ -168,15 +176,15 @@ def plan_trace(
     )
 
 
-def copy_from_donors(site: tuple[str, int], act: torch.Tensor, write: Write, dim: int, donors: Donors) -> None:
+def copy_from_donors(model: TransformersModel, site: tuple[str, int], act: torch.Tensor, write: Write, donors: Donors):
     """act[row, positions] = what `donors` give for the donor row at positions, for each row of
-    `write` (at `site`); for heads, on one head's channels."""
-    rows, positions = write.rows[:, None], write.positions
-    patched = donors.take(site, act, write.donors[:, None], positions)
-    if write.heads is not None:
-        mask = head_mask(write.heads, dim, act.shape[-1])[:, None, :]
-        patched = torch.where(mask, patched, act[rows, positions])
-    act[rows, positions] = patched
+    `write` (at `site`); per head, one head's values (through `site_values`' view of `act`)."""
+    values, rows, positions = site_values(model, site[0], act), write.rows[:, None], write.positions
+    donated = donors.take(site, values, write.donors[:, None], positions, write.heads)
+    if write.heads is None:
+        values[rows, positions] = donated
+    else:
+        values[rows, positions, write.heads[:, None]] = donated
 
 
 def run_trace(model: TransformersModel, plan: TracePlan, metric: str, donors: Donors) -> torch.Tensor:
@@ -184,7 +192,6 @@ def run_trace(model: TransformersModel, plan: TracePlan, metric: str, donors: Do
     device = model.device
     input_ids = plan.input_ids.to(device)
     writes = {site: [write.to(device) for write in site_writes] for site, site_writes in plan.writes.items()}
-    dim = head_dim(model)
     answers, donor_rows = plan.answers.to(device), plan.donor_rows.to(device)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     with torch.inference_mode(), model.trace(inputs, logits_to_keep=1):
@@ -193,7 +200,7 @@ def run_trace(model: TransformersModel, plan: TracePlan, metric: str, donors: Do
                 if (component, layer) in writes:
                     act = component_output(model, component, layer)
                     for write in writes[(component, layer)]:
-                        copy_from_donors((component, layer), act, write, dim, donors)
+                        copy_from_donors(model, (component, layer), act, write, donors)
         logits = last_logits(model)
         donor = DonorDistribution.of(logits[donor_rows]) if metric == "kl" else None
         values = vocabulary_metric(metric, logits, answers, donor).save()
@@ -270,7 +277,7 @@ def patch_group(
     """
     n_tokens = pairs[0].n_tokens
     assert all(p.n_tokens == n_tokens for p in pairs), "patch_group needs equal-length pairs"
-    cells = patch_cells(options.components, n_layers(model), n_tokens, n_heads(model), options.positions)
+    cells = model_cells(model, options.components, n_tokens, options.positions)
     rows = selected_cells(pairs, cells, position_labels(options.positions))
     work = cells_to_run(pairs, cells, rows, Donors.of(options))
     exact_values = reuse_values if exact_path == "reuse" else trace_values

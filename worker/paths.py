@@ -12,7 +12,7 @@ the recomputed MLP (`block_given_attention`), for every sender of a group of pai
 each row joining at its sender's layer.
 - `logits`: the frozen run's last position goes through the final norm and the metric.
 - head receivers: the frozen stream entering each receiver's layer gives that head's query, key
-  or value (the family's projection and channels: worker/sites.py::head_input). They are written
+  or value (the family's projection and layout: worker/sites.py::site_values). They are written
   into a plain receiving run, recomputed from the lowest receiver layer and the first position
   read with the model's own blocks (as the reuse path does), and its metric is read.
 A sender at or above every receiver's layer, or at positions the receiver does not read, changes
@@ -33,8 +33,8 @@ from worker.donors import Donors
 from worker.families import part
 from worker.options import PatchOptions, position_labels
 from worker.pairs import Pair
-from worker.patching import normalized_score, patch_cells, per_length, selected_cells
-from worker.receivers import Receiver, parse_receivers
+from worker.patching import model_cells, normalized_score, per_length, selected_cells
+from worker.receivers import Receiver, ReceiverHead, parse_receivers
 from worker.reuse import (
     GroupRead,
     block_given_attention,
@@ -45,7 +45,7 @@ from worker.reuse import (
     suffix_arguments,
 )
 from worker.rows import PairRows
-from worker.sites import Cell, blocks, family, head_input, n_heads, n_layers
+from worker.sites import Cell, blocks, family, projection, site_values
 from worker.tables import paths_table
 
 
@@ -88,7 +88,7 @@ def frozen_stream(
             break
         if hidden is not None:
             receiving = read.donors.rows.receiving_rows(torch.tensor([rows[i][0] for i in order], device=device))
-            hidden = block_given_attention(model, block, hidden, acts.attn[layer][:, at][receiving])
+            hidden = block_given_attention(model, block, hidden, acts.sites[("attn", layer)][:, at][receiving])
         joining = [i for i, (_, cell) in enumerate(rows) if cell.layer == layer]
         if not joining:
             continue
@@ -101,15 +101,9 @@ def frozen_stream(
                 for i in joining
             ]
         )
-        z = acts.head[layer][:, at]
-        attention = heads_through_projection(
-            model,
-            block,
-            z[receiving],
-            read.donors.take(("head", layer), acts.head[layer], donors[:, None], at),
-            heads,
-            where,
-        )
+        z = acts.sites[("head", layer)]
+        donated = read.donors.take(("head", layer), z, donors[:, None], at, heads)
+        attention = heads_through_projection(model, block, z[:, at][receiving], donated, heads, where)
         new = block_given_attention(model, block, acts.resid[layer][:, at][receiving], attention)
         hidden = new if hidden is None else torch.cat([hidden, new])
         order += joining
@@ -138,10 +132,8 @@ def receiving_run_with_inputs(
             block = blocks(model)[layer]
             stream = part(block, family(model).attn_norm)(recorded[layer])
             for h in (h for h in receiver.heads if h.layer == layer):
-                projection, channels = head_input(model, block, h.head, h.input)
-                handles.append(
-                    projection.register_forward_hook(overwrite(projection(stream)[..., channels], at, channels))
-                )
+                module = projection(model, block, h.input)
+                handles.append(module.register_forward_hook(overwrite(model, module(stream), at, h)))
         for layer, block in enumerate(blocks(model)[first:], start=first):
             keys, values = read.prefix[layer]
             hidden = block_on_suffix(model, block, hidden, keys[pairs, :, :start], values[pairs, :, :start], arguments)
@@ -151,13 +143,14 @@ def receiving_run_with_inputs(
     return hidden[:, -1]
 
 
-def overwrite(inputs: torch.Tensor, at: torch.Tensor, channels: slice):
-    """A forward hook setting a projection's output to `inputs` ([n, positions, channels]) on its
-    first n rows, at suffix positions `at`, on `channels`."""
+def overwrite(model: TransformersModel, computed: torch.Tensor, at: torch.Tensor, head: ReceiverHead):
+    """A forward hook setting head `head`'s input (its projection's output) to what the projection
+    `computed` from the frozen stream, on its first rows (those `computed` has), at suffix positions `at`."""
+    inputs = site_values(model, head.input, computed)[:, at, head.head]  # k, v receivers: no grouped-query sharing
 
     def hook(module, args, output):
         output = output.clone()
-        output[: len(inputs), at, channels] = inputs
+        site_values(model, head.input, output)[: len(inputs), at, head.head] = inputs
         return output
 
     return hook
@@ -200,7 +193,7 @@ def path_group(
     order) and both baselines per pair."""
     receivers = parse_receivers(options.receivers)
     n_tokens = pairs[0].n_tokens
-    senders = patch_cells(("head",), n_layers(model), n_tokens, n_heads(model), options.positions)
+    senders = model_cells(model, ("head",), n_tokens, options.positions)
     rows = selected_cells(pairs, senders, position_labels(options.positions))
     values = {receiver: torch.empty(len(rows)) for receiver in receivers}
     baselines = []

@@ -23,6 +23,7 @@ Only the last position's final hidden state is unembedded: on the answer columns
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import nnsight
@@ -36,20 +37,28 @@ from worker.metrics import Answers, DonorDistribution, answer_logit_diff, reads_
 from worker.options import COMPONENTS, PatchOptions
 from worker.pairs import Pair
 from worker.rows import PairRows
-from worker.sites import Cell, blocks, component_output, embedding_output, family, head_dim, head_mask, last_logits
+from worker.sites import (
+    FORWARD_ORDER,
+    Cell,
+    attention_site,
+    blocks,
+    component_output,
+    embedding_output,
+    family,
+    last_logits,
+    site_values,
+)
 
 
 @dataclass(frozen=True)
 class Activations:
-    """Of 2P rows (clean, corrupted per pair): block inputs for layers 0..L (the last is the
-    final block's output), the heads' outputs (output projection inputs), attention and MLP
-    outputs per layer, each layer's attention keys and values (as its cache holds them), and the
-    metric of each row; for `kl`, each pair's donor distribution."""
+    """Of the read's rows (the `PairRows` layout): block inputs for layers 0..L (the last is the
+    final block's output), the values (`site_values`) of each (component, layer) read, each
+    layer's attention keys and values (as its cache holds them), and the metric of each row; for
+    `kl`, each pair's donor distribution."""
 
     resid: list[torch.Tensor]
-    head: list[torch.Tensor]
-    attn: list[torch.Tensor]
-    mlp: list[torch.Tensor]
+    sites: dict[tuple[str, int], torch.Tensor]
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     metric: torch.Tensor
@@ -100,7 +109,7 @@ def read_activations(
 ) -> Activations:
     """One nnsight trace over the clean and corrupted prompts, saving every activation a patch needs.
 
-    Head, attention and MLP activations are kept only for the `components` asked for.
+    Block inputs are always kept; the other components' activations only for `components`.
     """
     device = model.device
     layout, indices = PairRows.of(options), torch.arange(len(pairs), device=device)
@@ -110,12 +119,12 @@ def read_activations(
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     donor = None  # only saved values leave a trace: set here, replaced inside for `kl`
     with torch.inference_mode(), model.trace(inputs, logits_to_keep=1, use_cache=True):
-        saved = nnsight.save({"resid": [embedding_output(model)], "head": [], "attn": [], "mlp": []})
+        resid, sites = nnsight.save([embedding_output(model)]), nnsight.save({})
         for layer in range(len(blocks(model))):
-            for component in ("head", "attn", "mlp"):
-                if component in components:
-                    saved[component].append(component_output(model, component, layer))
-            saved["resid"].append(component_output(model, "resid", layer))
+            for component in FORWARD_ORDER:
+                if component in components and component != "resid":  # block outputs: `resid` above
+                    sites[(component, layer)] = component_output(model, component, layer)
+            resid.append(component_output(model, "resid", layer))
         logits = last_logits(model)
         row_donor = None
         if options.metric == "kl":
@@ -124,10 +133,8 @@ def read_activations(
         metric = vocabulary_metric(options.metric, logits, row_answers, row_donor).save()
         cache = model.output.cache.save()
     return Activations(
-        saved["resid"],
-        saved["head"],
-        saved["attn"],
-        saved["mlp"],
+        resid,
+        {site: site_values(model, site[0], act) for site, act in sites.items()},
         [layer.keys for layer in cache.layers],
         [layer.values for layer in cache.layers],
         metric.cpu(),
@@ -188,13 +195,14 @@ def patched_attention(
     donors: Donors,
 ) -> torch.Tensor:
     """Layer `layer`'s attention output at positions `here` of `receivers`, patched (`cell`: `attn`
-    or `head`, and the layer): the donor's whole output, or the donor's channels of one head per
+    or `head`, and the layer): the donor's whole output, or the donor's values of one head per
     row through the output projection."""
-    component, layer = cell
-    if component == "attn":
-        return donors.take(cell, acts.attn[layer], donor_rows, here)
-    z = acts.head[layer]
-    return heads_through_projection(model, block, z[receivers, here], donors.take(cell, z, donor_rows, here), heads)
+    values = acts.sites[cell]
+    if cell[0] == "attn":
+        return donors.take(cell, values, donor_rows, here)
+    return heads_through_projection(
+        model, block, values[receivers, here], donors.take(cell, values, donor_rows, here, heads), heads
+    )
 
 
 def heads_through_projection(
@@ -205,12 +213,13 @@ def heads_through_projection(
     heads: torch.Tensor,
     at: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The attention output of heads' outputs `z` ([rows, positions, n_heads * head_dim]) where each
-    row's head `heads[i]` takes the donor's channels, at every position or where `at` ([rows, positions]) is True."""
-    mask = head_mask(heads, head_dim(model), z.shape[-1])[:, None, :]
-    if at is not None:
-        mask = mask & at[:, :, None]
-    return part(block, family(model).out_proj)(torch.where(mask, donor_z, z))
+    """The attention output of heads' outputs `z` ([rows, positions, heads, head_dim]) where each
+    row's head `heads[i]` takes the donor's values `donor_z[i]` ([rows, positions, head_dim]), at
+    every position or where `at` ([rows, positions]) is True."""
+    rows = torch.arange(len(heads), device=z.device)
+    z = z.clone()
+    z[rows, :, heads] = donor_z if at is None else torch.where(at[:, :, None], donor_z, z[rows, :, heads])
+    return part(block, family(model).out_proj)(z.flatten(2))
 
 
 def block_given_attention(
@@ -229,31 +238,57 @@ def block_given_attention(
 def patched_layer_output(
     model: TransformersModel,
     block: torch.nn.Module,
-    acts: Activations,
-    component: str,
-    layer: int,
+    read: GroupRead,
+    cell: tuple[str, int],
     start: int,
     whole: bool,
-    receivers: torch.Tensor,
-    donor_rows: torch.Tensor,
+    pairs: torch.Tensor,
     heads: torch.Tensor,
-    donors: Donors,
 ) -> torch.Tensor:
-    """Layer `layer`'s output on positions start..T-1 of each receiver row, patched at `start`
-    (or, if `whole`, at every one of those positions) with what `donors` give for `donor_rows`."""
+    """Layer `layer`'s output on positions start..T-1 of the receiving run of each of `pairs`
+    (indices in `read`), `cell` (component, layer) patched at `start` (or, if `whole`, at every
+    one of those positions) with what `read.donors` give."""
+    acts, donors = read.acts, read.donors
+    receivers, donor_rows = donors.rows.receiving_rows(pairs), donors.source_rows(pairs)
+    component, layer = cell
     suffix = acts.resid[layer + 1][receivers, start:].clone()
     width = suffix.shape[1] if whole else 1
     here = slice(start, start + width)
     if component == "resid":
-        suffix[:, :width] = donors.take(("resid", layer), acts.resid[layer + 1], donor_rows, here)
+        suffix[:, :width] = donors.take(cell, acts.resid[layer + 1], donor_rows, here)
     elif component == "mlp":
-        donated = donors.take(("mlp", layer), acts.mlp[layer], donor_rows, here)
-        suffix[:, :width] += donated - acts.mlp[layer][receivers, here]
-    else:
-        cell = (component, layer)
+        donated = donors.take(cell, acts.sites[cell], donor_rows, here)
+        suffix[:, :width] += donated - acts.sites[cell][receivers, here]
+    elif component in ("attn", "head"):
         patched = patched_attention(model, block, acts, cell, here, receivers, donor_rows, heads, donors)
         suffix[:, :width] = block_given_attention(model, block, acts.resid[layer][receivers, here], patched)
+    else:  # inside attention: the block runs again on the suffix, the head's values written as it goes
+        donated = donors.take(cell, acts.sites[cell], donor_rows, here, heads)
+        keys, values = read.prefix[layer]
+        hidden = acts.resid[layer][receivers, start:]
+        arguments = suffix_arguments(model, start, hidden)
+        with writing(model, block, component, donated, heads):
+            suffix = block_on_suffix(model, block, hidden, keys[pairs, :, :start], values[pairs, :, :start], arguments)
     return suffix
+
+
+@contextmanager
+def writing(
+    model: TransformersModel, block: torch.nn.Module, component: str, donated: torch.Tensor, heads: torch.Tensor
+):
+    """While open, `block`'s `component` (q, k, v or pattern) of the i-th row takes `donated[i]`
+    ([rows, positions, values]) on head `heads[i]`, at the first positions of the block's input."""
+    module = attention_site(model, block, component)
+    rows = torch.arange(len(heads), device=heads.device)
+
+    def write(module, args, output):
+        site_values(model, component, output)[rows, : donated.shape[1], heads] = donated
+
+    handle = module.register_forward_hook(write)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def readout(
@@ -277,7 +312,7 @@ def run_rows(
 ) -> torch.Tensor:
     """The patched metric of rows (pair index in `read`, cell) that all patch position `start` (all
     of start.. if `whole`)."""
-    acts, prefix, answers, donors = read.acts, read.prefix, read.answers, read.donors
+    acts, prefix, answers = read.acts, read.prefix, read.answers
     device = acts.resid[0].device
     hidden, order, arguments = None, [], None
     for layer, block in enumerate(blocks(model)):
@@ -294,19 +329,7 @@ def run_rows(
                 continue
             pairs = torch.tensor([pair for pair, _ in joining], device=device)
             heads = torch.tensor([cell.head or 0 for _, cell in joining], device=device)
-            new = patched_layer_output(
-                model,
-                block,
-                acts,
-                component,
-                layer,
-                start,
-                whole,
-                receivers=donors.rows.receiving_rows(pairs),
-                donor_rows=donors.source_rows(pairs),
-                heads=heads,
-                donors=donors,
-            )
+            new = patched_layer_output(model, block, read, (component, layer), start, whole, pairs, heads)
             hidden = new if hidden is None else torch.cat([hidden, new])
             order += joining
     pair_rows = torch.tensor([pair for pair, _ in order], device=device)

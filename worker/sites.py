@@ -1,8 +1,16 @@
 """Where patches go: the patchable components of a block and how to reach them in nnsight,
 for any supported family (worker/families.py says where each family keeps them).
 
-`head` is one attention head's output before the output projection (TransformerLens'
-`hook_z`): its `head_dim` channels of the projection's input, where the heads sit side by side.
+Per head (`HEAD_COMPONENTS`), a cell patches one head's slice of an activation:
+- `head`: the head's output before the output projection (TransformerLens' `hook_z`), its
+  `head_dim` channels of the projection's input, where the heads sit side by side;
+- `q`, `k`, `v`: the head's query, key or value as the projection computes it, before rotary
+  position embeddings (families that have them apply them after); on grouped-query models a
+  `k` or `v` cell is a key/value head, shared by `kv_groups` query heads;
+- `pattern`: the head's attention probabilities of each destination over every source
+  (worker/attention.py exposes them); a cell at position t replaces destination t's row.
+`site_values` views each as [rows, positions, heads, values per head], so one indexing patches
+any of them.
 """
 
 from __future__ import annotations
@@ -13,9 +21,10 @@ import torch
 from nnsight import TransformersModel
 
 from worker.families import Family, family_of, part
+from worker.options import HEAD_COMPONENTS
 from worker.receivers import INPUTS, Receiver
 
-FORWARD_ORDER = ("head", "attn", "mlp", "resid")
+FORWARD_ORDER = ("q", "k", "v", "pattern", "head", "attn", "mlp", "resid")  # within a layer
 
 
 @dataclass(frozen=True)
@@ -23,7 +32,7 @@ class Cell:
     component: str
     layer: int
     position: int | None  # None: every position at once
-    head: int | None = None  # only for component "head"
+    head: int | None = None  # only for per-head components (`HEAD_COMPONENTS`)
 
 
 def family(model: TransformersModel) -> Family:
@@ -72,18 +81,50 @@ def kv_groups(model: TransformersModel) -> int:
     return n_heads(model) // (getattr(model._module.config, "num_key_value_heads", None) or n_heads(model))
 
 
-def head_input(
-    model: TransformersModel, block: torch.nn.Module, head: int, input: str
-) -> tuple[torch.nn.Module, slice]:
-    """The projection that computes head `head`'s query, key or value (`input`) in `block`, and
-    the channels of its output that are that head's."""
-    where, dim = family(model), head_dim(model)
-    if where.qkv_layout == "separate":
-        index = head if input == "q" else head // kv_groups(model)
-        return part(block, where.qkv.format(input)), slice(index * dim, (index + 1) * dim)
-    which = INPUTS.index(input)
-    first = (3 * head + which) * dim if where.qkv_layout == "per_head" else (which * n_heads(model) + head) * dim
-    return part(block, where.qkv), slice(first, first + dim)
+def site_heads(model: TransformersModel, component: str) -> int:
+    """How many heads a layer of `component` has: its (query) heads, its key/value heads for `k`
+    and `v`, or 0 for a component that is not per head."""
+    if component not in HEAD_COMPONENTS:
+        return 0
+    return n_heads(model) // kv_groups(model) if component in ("k", "v") else n_heads(model)
+
+
+def projection(model: TransformersModel, block, input: str):
+    """In `block` (a module, or its envoy in a trace): the projection computing the query, key or value."""
+    where = family(model)
+    return part(block, where.qkv.format(input) if where.qkv_layout == "separate" else where.qkv)
+
+
+def attention_site(
+    model: TransformersModel, block: torch.nn.Module | object, component: str
+) -> torch.nn.Module | object:
+    """In `block`: the module whose output holds `component` (q, k, v: a projection; pattern: the
+    attention's pattern site, worker/attention.py)."""
+    if component == "pattern":
+        return part(block, family(model).attention).pattern
+    return projection(model, block, component)
+
+
+def site_values(model: TransformersModel, component: str, act: torch.Tensor) -> torch.Tensor:
+    """What a patch of `component` replaces, as a view of its activation `act` (writes go through):
+    [rows, positions, heads, values per head] for per-head components, else `act` itself.
+
+    A projection holds a head's q, k and v as the family's `qkv_layout` says: "stacked"
+    [all q | all k | all v], "per_head" [q k v of head 0 | of head 1 | ...], or "separate"
+    (a projection each). A pattern is [rows, heads, destinations, sources]: destinations are its positions.
+    """
+    if component not in HEAD_COMPONENTS:
+        return act
+    if component == "pattern":
+        return act.transpose(1, 2)
+    rows, positions, dim = act.shape[0], act.shape[1], head_dim(model)
+    layout = family(model).qkv_layout
+    if component == "head" or layout == "separate":
+        return act.view(rows, positions, -1, dim)
+    which = INPUTS.index(component)
+    if layout == "per_head":
+        return act.view(rows, positions, -1, 3, dim)[:, :, :, which]
+    return act.view(rows, positions, 3, -1, dim)[:, :, which]
 
 
 def receivers_problem(model: TransformersModel, receivers: tuple[Receiver, ...]) -> str | None:
@@ -105,15 +146,11 @@ def receivers_problem(model: TransformersModel, receivers: tuple[Receiver, ...])
     return None
 
 
-def head_mask(heads: torch.Tensor, dim: int, width: int) -> torch.Tensor:
-    """[n, width]: True on the channels of head `heads[i]` in the output projection's input."""
-    return torch.arange(width, device=heads.device)[None, :] // dim == heads[:, None]
-
-
 def component_output(model: TransformersModel, component: str, layer: int) -> torch.Tensor:
     """Inside a trace: the activation patched for `component`: block output, attention output,
-    MLP output, or the heads' outputs (the attention output projection's input,
-    [rows, T, n_heads * head_dim]).
+    MLP output, the heads' outputs (the attention output projection's input,
+    [rows, T, n_heads * head_dim]), the projection computing `q`, `k` or `v`, or the attention
+    probabilities (`pattern`). `site_values` gives each head's part of it.
 
     Blocks and attention return tuples on some transformers versions; element 0 is the
     hidden state, while indexing a plain tensor with [0] would select batch row 0.
@@ -122,6 +159,8 @@ def component_output(model: TransformersModel, component: str, layer: int) -> to
     block = part(model, where.blocks)[layer]
     if component == "head":
         return part(block, where.out_proj).input
+    if component in (*INPUTS, "pattern"):
+        return attention_site(model, block, component).output
     output = {"resid": block, "attn": part(block, where.attention), "mlp": part(block, where.mlp)}[component].output
     return output[0] if isinstance(output, tuple) else output
 

@@ -2,7 +2,7 @@
 
 A layer x position-label heatmap of the mean score per component (per group and per token
 length where the aggregate is split that way), a layer x head heatmap per position label for
-heads (and, in a path-patching run, per receiver: sender layer x sender head), a summary of the
+each per-head component (and, in a path-patching run, per receiver: sender layer x sender head), a summary of the
 run, and a drill-down of a few individual pairs with their actual tokens. `--png` also writes
 each heatmap as a PNG by screenshotting it in headless Chromium, when Chromium is installed.
 """
@@ -25,7 +25,7 @@ from jobs.results.aggregate import ALL_POSITIONS, DEFAULT_MIN_GAP, aggregate
 from jobs.results.query import connect_tables
 from jobs.results.verification import collect_verified, correlations, fmt, scatter_figures, top_k_agreement
 from jobs.store import EFFECTS, GROUPS_FILE, REPORT_FILE, ResultsKind, Store
-from worker.options import COMPONENTS, DEFAULT_DONOR, DEFAULT_METRIC, METHODS, Method
+from worker.options import COMPONENTS, DEFAULT_DONOR, DEFAULT_METRIC, HEAD_COMPONENTS, METHODS, Method
 from worker.parts import is_uri
 
 DRILL_DOWN_PAIRS = 3
@@ -89,7 +89,7 @@ def heatmap(
 
 
 def panel_order(key: tuple, positions: dict[str, float]) -> tuple:
-    """Components in the canonical resid, attn, mlp, head order, then groups, token lengths, labels."""
+    """Components in the canonical order (worker/options.py COMPONENTS), then groups, token lengths, labels."""
     name, group, n_tokens, label = key
     rank = COMPONENTS.index(name) if name in COMPONENTS else -1  # the all-positions panel first
     return (
@@ -128,15 +128,16 @@ def in_label_order(labels, positions: dict[str, float]) -> list[str]:
 def panel_of(row: dict, kind: ResultsKind) -> tuple[tuple, str]:
     """The heatmap an aggregate row of a `kind` run belongs to, (name, group, n_tokens, label), and its x column.
 
-    Heads: layer x head at one label. A component patched at every position at once: one
-    layer x component panel for all of them. Otherwise: layer x position label per component.
+    Per-head components (head, q, k, v, pattern): layer x head at one label. A component patched
+    at every position at once: one layer x component panel for all of them. Otherwise: layer x
+    position label per component.
     Path patching: sender layer x sender head per receiver and sender position label.
     """
     scope = (row["group"], row["n_tokens"])
     if kind.senders:
         return (f"paths to {row['receiver']}", *scope, row["label"]), "head"
-    if row["component"] == "head":
-        return ("head", *scope, row["label"]), "head"
+    if row["component"] in HEAD_COMPONENTS:
+        return (row["component"], *scope, row["label"]), "head"
     if row["label"] == ALL_POSITIONS:
         return ("all positions", *scope, None), "component"
     return (row["component"], *scope, None), "label"
@@ -152,7 +153,8 @@ def aggregate_figures(
     rows: list[dict], run: str, positions: dict[str, float], statistic: str = "score", kind: ResultsKind = EFFECTS
 ) -> list[tuple[str, go.Figure]]:
     """One heatmap per panel (see `panel_of`) present in the aggregate rows of a `kind` run, with
-    hover statistics; for `head`, the IOI paper's layer x head figure at each position label."""
+    hover statistics; per head (`head`, q, k, v, pattern), the IOI paper's layer x head figure at
+    each position label."""
     panels: dict[tuple, list[dict]] = defaultdict(list)
     columns: dict[tuple, str] = {}
     for row in rows:
@@ -239,7 +241,7 @@ def drill_down_figures(
             x = [ALL_POSITIONS if p is None else f"{p}:{tokens[p]}" for p in spots]
             z = [[scores.get((row, p)) for p in spots] for row in rows]
             title = f"{run}: pair {pair_id}, {'paths to ' if store.kind.senders else ''}{component}"
-            y_title = "layer.head" if component == "head" or store.kind.senders else "layer"
+            y_title = "layer.head" if component in HEAD_COMPONENTS or store.kind.senders else "layer"
             figures.append(
                 (f"pair-{pair_id}-{component}", heatmap(title, x, rows, z, y_title=y_title, statistic=statistic))
             )

@@ -1,0 +1,50 @@
+"""Attention with its probabilities in the open, so a head's pattern can be read and patched.
+
+Transformers computes attention probabilities inside a function (`eager`, `sdpa`), not a
+module, so neither nnsight nor a forward hook can reach them. `expose_patterns` gives every
+attention module a `pattern` child, an identity the probabilities pass through, and switches
+the model to `attention` below: the eager computation (scores, the mask transformers built,
+softmax in float32, grouped-query keys and values repeated per query head) with
+`module.pattern(probabilities)` between softmax and the values. The `pattern` site is that
+module's output, [rows, heads, destinations, sources]; nnsight traces read and write it as any
+module's output, and the fast path (worker/reuse.py) hooks it.
+"""
+
+from __future__ import annotations
+
+import torch
+from nnsight import TransformersModel
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from worker.families import family_of, part
+
+IMPLEMENTATION = "patchsweep"
+
+
+class PatternSite(torch.nn.Identity):
+    """The attention probabilities of every head, [rows, heads, destinations, sources]."""
+
+
+def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention (as transformers' families write it), the probabilities through `module.pattern`."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    pattern = module.pattern(torch.nn.functional.dropout(probabilities, p=dropout, training=module.training))
+    return torch.matmul(pattern, value).transpose(1, 2).contiguous(), pattern
+
+
+AttentionInterface.register(IMPLEMENTATION, attention)
+AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)  # an additive mask, as eager attention takes
+
+
+def expose_patterns(model: TransformersModel) -> None:
+    """Give each block's attention module a `pattern` site and compute attention with `attention`."""
+    where = family_of(model._module.config)
+    for block in part(model, where.blocks):
+        part(block, where.attention).pattern = PatternSite()
+    model._module.set_attn_implementation(IMPLEMENTATION)
