@@ -2,15 +2,19 @@
 
 Transformers computes attention probabilities inside a function (`eager`, `sdpa`), not a
 module, so neither nnsight nor a forward hook can reach them. `expose_patterns` gives every
-attention module a `pattern` child, an identity the probabilities pass through, and switches
-the model to `attention` below: the eager computation (scores, the mask transformers built,
-softmax in float32, grouped-query keys and values repeated per query head) with
-`module.pattern(probabilities)` between softmax and the values. The `pattern` site is that
-module's output, [rows, heads, destinations, sources]; nnsight traces read and write it as any
-module's output, and the fast path (worker/reuse.py) hooks it.
+attention module a `pattern` child, an identity the probabilities pass through; while
+`reading_patterns` is open the model computes attention with `attention` below: the eager
+computation (scores, the mask transformers built, softmax in float32, grouped-query keys and
+values repeated per query head) with `module.pattern(probabilities)` between softmax and the
+values. The `pattern` site is that module's output, [rows, heads, destinations, sources];
+nnsight traces read and write it as any module's output, and the fast path (worker/reuse.py)
+hooks it. Runs that patch no pattern keep the model's own attention (sdpa: 5-8% faster on
+CPU, docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from nnsight import TransformersModel
@@ -43,8 +47,20 @@ AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)  # an additive mask,
 
 
 def expose_patterns(model: TransformersModel) -> None:
-    """Give each block's attention module a `pattern` site and compute attention with `attention`."""
+    """Give each block's attention module a `pattern` site (used while `reading_patterns`)."""
     where = family_of(model._module.config)
     for block in part(model, where.blocks):
         part(block, where.attention).pattern = PatternSite()
-    model._module.set_attn_implementation(IMPLEMENTATION)
+
+
+@contextmanager
+def reading_patterns(model: TransformersModel, wanted: bool):
+    """While open, if `wanted`, `model` computes attention with `attention` (its probabilities
+    through the pattern sites); otherwise it keeps its own implementation."""
+    before = model._module.config._attn_implementation
+    if wanted:
+        model._module.set_attn_implementation(IMPLEMENTATION)
+    try:
+        yield
+    finally:
+        model._module.set_attn_implementation(before)

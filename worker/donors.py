@@ -79,7 +79,7 @@ class Donors:
         layout; worker/sites.py::site_values) are `acts`; with `heads`, only head `heads[i]`'s for
         the i-th row ([rows, positions, values per head])."""
         if self.means is not None:
-            table = self.means.values[site].to(acts.device, acts.dtype)
+            table = self.means.on(acts.device, acts.dtype)[site]
             keys = self.keys.to(acts.device)[rows // self.rows.per_pair, positions]
             values = table[keys].view(*keys.shape, *acts.shape[2:])
         else:

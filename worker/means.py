@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 import nnsight
@@ -111,6 +111,13 @@ class DonorMeans:
 
     keys: tuple[str, ...]
     values: dict[tuple[str, int], torch.Tensor]
+    placed: dict = field(default_factory=dict, compare=False, repr=False)  # `on`'s copies
+
+    def on(self, device: torch.device, dtype: torch.dtype) -> dict[tuple[str, int], torch.Tensor]:
+        """`values` on `device` in `dtype`, copied there once (an actor's every patch reads them)."""
+        if (device, dtype) not in self.placed:
+            self.placed[(device, dtype)] = {site: mean.to(device, dtype) for site, mean in self.values.items()}
+        return self.placed[(device, dtype)]
 
     @classmethod
     def of(cls, table: pa.Table) -> DonorMeans:

@@ -15,6 +15,7 @@ from functools import partial
 import pyarrow as pa
 from nnsight import TransformersModel
 
+from worker.attention import reading_patterns
 from worker.attribution import atp_estimates
 from worker.options import METHODS, PatchOptions
 from worker.pairs import Pair
@@ -41,5 +42,7 @@ def run_method(
     model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions, **choices
 ) -> tuple[pa.Table, pa.Table]:
     """Run `options.method` on `pairs`: its results table and the pairs table. `choices` are the
-    runner's own (the effects runner's `exact_path`)."""
-    return RUNNERS[options.method](model, pairs, options, **choices)
+    runner's own (the effects runner's `exact_path`). Attention probabilities are exposed only
+    when a pattern is patched (worker/attention.py)."""
+    with reading_patterns(model, "pattern" in options.components):
+        return RUNNERS[options.method](model, pairs, options, **choices)

@@ -216,10 +216,10 @@ def heads_through_projection(
     """The attention output of heads' outputs `z` ([rows, positions, heads, head_dim]) where each
     row's head `heads[i]` takes the donor's values `donor_z[i]` ([rows, positions, head_dim]), at
     every position or where `at` ([rows, positions]) is True."""
-    rows = torch.arange(len(heads), device=z.device)
-    z = z.clone()
-    z[rows, :, heads] = donor_z if at is None else torch.where(at[:, :, None], donor_z, z[rows, :, heads])
-    return part(block, family(model).out_proj)(z.flatten(2))
+    mask = (torch.arange(z.shape[2], device=z.device) == heads[:, None])[:, None, :, None]
+    if at is not None:
+        mask = mask & at[:, :, None, None]
+    return part(block, family(model).out_proj)(torch.where(mask, donor_z[:, :, None], z).flatten(2))
 
 
 def block_given_attention(
