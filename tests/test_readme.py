@@ -116,3 +116,12 @@ def test_resid_patching_moves_from_s2_to_end(walkthrough):
     switch = argmax.index("END")
     assert set(argmax[:switch]) == {"S2"} and set(argmax[switch:]) == {"END"}
     assert by_layer[0]["S2"] > 0.5 and by_layer[len(argmax) - 1]["END"] > 0.9
+
+
+def test_the_quoted_attention_sites_are_what_the_query_prints(walkthrough):
+    """'its query (0.33) and its pattern (0.33) at S2 ...': the top rows of the attention-sites query."""
+    printed = next(done.stdout for command, done in walkthrough.results if 'runs/ioi_attention "SELECT' in command)
+    rows = [line.split() for line in printed.splitlines()[2:-1]]
+    assert [row[:4] for row in rows[:2]] == [["q", "0", "3", "S2"], ["pattern", "0", "3", "S2"]]
+    assert [round(float(row[4]), 2) for row in rows[:2]] == [0.33, 0.33]
+    assert ["v", "3", "3", "S2"] in [row[:4] for row in rows]
