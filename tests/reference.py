@@ -437,3 +437,117 @@ def reference_paths(
                     logits = logits_with_input_hooks(model, receiving, heads, write)
                 result[(s_layer, s_head, position)] = measure(metric, logits, pair, donor_logits)
     return result
+
+
+NORMS = {  # family: each block's norms before attention and before the MLP, and the final norm
+    "gpt2": ("ln_1", "ln_2", "transformer.ln_f"),
+    "gpt_neox": ("input_layernorm", "post_attention_layernorm", "gpt_neox.final_layer_norm"),
+}
+
+
+def receiver_gradient(model: PreTrainedModel, ids: list[int], receiver: tuple, metric, pair, donor_logits):
+    """[T, d]: the gradient of the metric at one receiver's own copy of its input, by autograd: the
+    receiver reads a leaf copy of the stream (same values) and everything else runs as usual.
+    `receiver`: ("head", layer, head, input), ("mlp", layer) or ("logits",)."""
+    before_attention, before_mlp, final = NORMS[model.config.model_type]
+    blocks = dig(model, PARTS[model.config.model_type][0])
+    copies, handles = {}, []
+
+    def leaf(module, args):
+        copies["x"] = args[0].detach().clone().requires_grad_(True)
+
+    if receiver[0] == "head":
+        _, layer, head, input = receiver
+        norm = dig(blocks[layer], before_attention)
+        module, channels = input_site(model, layer, head, input)
+
+        def own(module, args, output):
+            output = output.clone()
+            output[..., channels] = module.forward(norm.forward(copies["x"]))[..., channels]  # no hooks again
+            return output
+
+        handles += [norm.register_forward_pre_hook(leaf), module.register_forward_hook(own)]
+    elif receiver[0] == "mlp":
+        norm = dig(blocks[receiver[1]], before_mlp)
+        handles.append(norm.register_forward_pre_hook(leaf))
+        mlp = dig(blocks[receiver[1]], PARTS[model.config.model_type][3])
+        handles.append(mlp.register_forward_pre_hook(lambda module, args: (norm.forward(copies["x"]),)))
+    else:
+
+        def swap(module, args):
+            leaf(module, args)
+            return (copies["x"],)
+
+        handles.append(dig(model, final).register_forward_pre_hook(swap))
+    try:
+        with torch.enable_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1].double()
+            metric_of(metric, logits, pair, donor_logits).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.zero_grad(set_to_none=True)
+    return copies["x"].grad[0].double()
+
+
+def sender_outputs(model: PreTrainedModel, ids: list[int]) -> dict[str, torch.Tensor]:
+    """{sender name: [T, d]}: the token embeddings plus positions (`input`; positions cancel in a
+    difference), each head's output through its columns of the output projection, each MLP's output."""
+    config = model.config
+    blocks_path, _, out_proj, _ = PARTS[config.model_type]
+    width = config.hidden_size // config.num_attention_heads
+    found = {"input": capture_input(model, ids, dig(model, blocks_path)[0])}
+    for layer in range(config.num_hidden_layers):
+        z = capture(model, ids, "head", layer)[0]
+        projection = dig(dig(model, blocks_path)[layer], out_proj)
+        weight = projection.weight if isinstance(projection, torch.nn.Linear) else projection.weight.T  # [out, in]
+        for head in range(config.num_attention_heads):
+            channels = slice(head * width, (head + 1) * width)
+            found[f"a{layer}.h{head}"] = z[:, channels] @ weight[:, channels].T
+        found[f"m{layer}"] = capture(model, ids, "mlp", layer)[0]
+    return found
+
+
+def capture_input(model: PreTrainedModel, ids: list[int], module: torch.nn.Module) -> torch.Tensor:
+    stored = {}
+    handle = module.register_forward_pre_hook(lambda module, args: stored.setdefault("x", args[0].clone()))
+    try:
+        model(torch.tensor([ids]))
+    finally:
+        handle.remove()
+    return stored["x"][0]
+
+
+def reference_eap(model: PreTrainedModel, pair, direction: str, metric: str = "logit_diff") -> dict[str, float]:
+    """{edge name: EAP's estimate of the patched metric}: the receiving run's metric plus (sender's
+    donor output - its receiving output) . the gradient at the receiver's own input copy, summed
+    over positions and channels; every edge of the EAP-IG graph, written out here by its rule."""
+    donor, receiving = (
+        (list(pair.clean_ids), list(pair.corrupted_ids))
+        if direction == "denoise"
+        else (list(pair.corrupted_ids), list(pair.clean_ids))
+    )
+    config = model.config
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    parallel = bool(getattr(config, "use_parallel_residual", False))
+    with torch.no_grad():
+        donor_logits = next_token_logits(model, donor)
+        base = measure(metric, next_token_logits(model, receiving), pair, donor_logits)
+        ours, theirs = sender_outputs(model, receiving), sender_outputs(model, donor)
+    difference = {name: (theirs[name] - ours[name]).double() for name in ours}
+    receivers = [
+        (f"a{layer}.h{head}<{input}>", layer, ("head", layer, head, input))
+        for layer in range(layers)
+        for head in range(heads)
+        for input in INPUTS
+    ]
+    receivers += [(f"m{layer}", layer, ("mlp", layer)) for layer in range(layers)] + [("logits", layers, ("logits",))]
+    result = {}
+    for name, layer, receiver in receivers:
+        gradient = receiver_gradient(model, receiving, receiver, metric, pair, donor_logits)
+        for sender, change in difference.items():
+            sender_layer = -1 if sender == "input" else int(re.match(r"[am](\d+)", sender).group(1))
+            own_heads = name.startswith("m") and sender.startswith("a") and not parallel
+            if sender_layer < layer or (sender_layer == layer and own_heads):
+                result[f"{sender}->{name}"] = base + float((change * gradient).sum())
+    return result

@@ -1,0 +1,54 @@
+"""Edge attribution (worker/edges.py) against an autograd reference of its formula with a leaf
+copy of each receiver's input (tests/reference.py::reference_eap)."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from examples.tiny_families import build_tiny
+from jobs.pairfile import encoder_for, parse_record
+from tests.conftest import IOI_LINES, TOL
+from tests.reference import reference_eap
+from worker.edges import Graph, eap_estimates
+from worker.model import load_model, load_tokenizer
+from worker.options import METRICS, PatchOptions
+
+
+def test_the_graph_is_eap_igs():
+    """GPT-2 small's 32,491 edges; an MLP reads its own layer's heads unless the block is parallel."""
+    assert len(Graph(12, 12, parallel=False).edges) == 32491
+    names = set(Graph(2, 2, parallel=False).edge_names)
+    assert {"input->a0.h1<q>", "a0.h1->m0", "m0->a1.h0<k>", "m1->logits", "input->logits"} <= names
+    assert "a1.h0->a1.h1<q>" not in names and "m0->m0" not in names and "a1.h0->m0" not in names
+    assert "a0.h1->m0" not in set(Graph(2, 2, parallel=True).edge_names)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "gpt_neox"])
+def family(request, tmp_path_factory, tiny_model, tiny_model_dir, ioi_pairs):
+    """(nnsight model, Hugging Face model, two pairs of different lengths in its tokenization)."""
+    if request.param == "gpt2":
+        return tiny_model, AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), ioi_pairs[1:3]
+    model_dir = build_tiny(request.param, tmp_path_factory.mktemp(request.param))
+    tokenizer, n_ctx = load_tokenizer(str(model_dir))
+    records = [dict(zip(("clean", "corrupted", "correct", "incorrect"), line)) for line in IOI_LINES[1:3]]
+    encoder = encoder_for(tokenizer, records)
+    pairs = [parse_record(r, str(i), encoder, n_ctx) for i, r in enumerate(records)]
+    hf_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    return load_model(str(model_dir), device="cpu"), hf_model, pairs
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_eap_matches_autograd_reference(family, direction, metric):
+    model, hf_model, pairs = family
+    graph = Graph.of(model)
+    for pair in pairs:  # one length each: a group each
+        options = PatchOptions(("head",), direction=direction, metric=metric)
+        clean, corrupted, estimates = eap_estimates(model, [pair], options)
+        expected = reference_eap(hf_model, pair, direction, metric)
+        assert set(graph.edge_names) == set(expected)
+        receiving = float(corrupted[0] if direction == "denoise" else clean[0])
+        scale = max(abs(want - receiving) for want in expected.values())
+        for name, got in zip(graph.edge_names, estimates[0].tolist()):
+            assert got == pytest.approx(expected[name], abs=max(TOL, 1e-4 * scale)), name

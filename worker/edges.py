@@ -1,0 +1,231 @@
+"""Edge attribution patching (EAP; Syed et al. 2023) over the graph EAP-IG and MIB use.
+
+The graph (`Graph`), with their names so circuits move between tools: senders are `input` (the
+token embeddings), `a{L}.h{H}` (a head's output through the output projection, bias excluded)
+and `m{L}` (an MLP's output); receivers are each head's query, key and value input
+(`a{L}.h{H}<q>`: the residual stream before the block's norm, as that head alone reads it), each
+MLP's input (`m{L}`: the stream before the MLP's norm) and `logits` (the final stream before the
+last norm). A sender feeds every later receiver that reads the stream after it: a layer's heads
+read everything below the layer, its MLP also its own heads unless the block is parallel
+(GPT-NeoX), `logits` everything. Edge `s->r` is named `a0.h3->a2.h1<q>`, `input->m0`, `m1->logits`.
+
+EAP estimates patching edge s->r (r's input alone gets s's donor-minus-receiving difference) as
+that difference times the metric's gradient at r's input, summed over positions and channels:
+(a_s,donor - a_s,receiving) . dm/dx_r. One nnsight trace runs a batch's clean and corrupted
+prompts and back-propagates the receivers' metric once, reading the gradients where the model
+has them whole: at each q/k/v projection's output, at each MLP norm's output and at the last
+block's output. A receiver's own input gradient follows from those by the chain rule through
+the parts only it uses: a head's projection channels (its slice of the weight), then the norm
+(a vector-Jacobian product at the stream the norm read), so no per-receiver copy of the
+stream is ever run. The contraction is done per receiver layer against the senders below it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import nnsight
+import torch
+from nnsight import TransformersModel
+
+from worker.families import part
+from worker.metrics import Answers, DonorDistribution, vocabulary_metric
+from worker.options import PatchOptions
+from worker.pairs import Pair
+from worker.receivers import INPUTS
+from worker.rows import PairRows
+from worker.sites import (
+    blocks,
+    component_output,
+    embedding_output,
+    family,
+    kv_groups,
+    last_logits,
+    n_heads,
+    n_layers,
+    projection,
+    site_values,
+)
+
+
+@dataclass(frozen=True)
+class Graph:
+    """The nodes and edges of a model with `layers` blocks of `heads` heads; `parallel`: the MLP
+    reads the block input, not its own layer's heads."""
+
+    layers: int
+    heads: int
+    parallel: bool
+
+    @classmethod
+    def of(cls, model: TransformersModel) -> Graph:
+        parallel = bool(getattr(model._module.config, "use_parallel_residual", False))
+        return cls(n_layers(model), n_heads(model), parallel)
+
+    @cached_property
+    def senders(self) -> list[tuple[str, int]]:
+        """(name, layer) in forward order; `input` is layer -1."""
+        nodes = [("input", -1)]
+        for layer in range(self.layers):
+            nodes += [(f"a{layer}.h{head}", layer) for head in range(self.heads)] + [(f"m{layer}", layer)]
+        return nodes
+
+    @cached_property
+    def receivers(self) -> list[tuple[str, int]]:
+        """(name, layer) in forward order; `logits` is layer `layers`."""
+        nodes = []
+        for layer in range(self.layers):
+            nodes += [(f"a{layer}.h{h}<{i}>", layer) for h in range(self.heads) for i in INPUTS]
+            nodes.append((f"m{layer}", layer))
+        return [*nodes, ("logits", self.layers)]
+
+    def feeds(self, sender: str, sender_layer: int, receiver: str, receiver_layer: int) -> bool:
+        """Whether `receiver` reads the stream after `sender`."""
+        if sender_layer < receiver_layer:
+            return True
+        own_heads = receiver.startswith("m") and sender.startswith("a") and not self.parallel
+        return sender_layer == receiver_layer and own_heads
+
+    @cached_property
+    def edges(self) -> list[tuple[int, int]]:
+        """(sender index, receiver index) of every edge, receiver-major, senders in forward order."""
+        return [
+            (s, r)
+            for r, (receiver, r_layer) in enumerate(self.receivers)
+            for s, (sender, s_layer) in enumerate(self.senders)
+            if self.feeds(sender, s_layer, receiver, r_layer)
+        ]
+
+    @cached_property
+    def edge_names(self) -> list[str]:
+        return [f"{self.senders[s][0]}->{self.receivers[r][0]}" for s, r in self.edges]
+
+
+def weight_out_in(module: torch.nn.Module) -> torch.Tensor:
+    """A projection's weight as [outputs, inputs] (a Linear's own; GPT-2's Conv1D stores [inputs, outputs])."""
+    return module.weight if isinstance(module, torch.nn.Linear) else module.weight.T
+
+
+def head_weights(model: TransformersModel, block: torch.nn.Module, input: str) -> torch.Tensor:
+    """[heads, head_dim, d_model]: each head's rows of the projection computing its `input` (q, k or v)."""
+    weight = weight_out_in(projection(model, block, input))  # [outputs, d_model]
+    return site_values(model, input, weight.T[None])[0].permute(1, 2, 0)
+
+
+def output_weights(model: TransformersModel, block: torch.nn.Module) -> torch.Tensor:
+    """[heads, head_dim, d_model]: each head's columns of the attention output projection."""
+    weight = weight_out_in(part(block, family(model).out_proj))  # [d_model, heads * head_dim]
+    return site_values(model, "head", weight[None])[0].permute(1, 2, 0)
+
+
+def norm_vjp(norm: torch.nn.Module, stream: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """[P, T, K, d]: the gradient at the norm's input `stream` ([P, T, d]) of K receivers, each
+    whose gradient at the norm's output is grads[:, :, k] (the norm is per position, so it is
+    applied to K copies of the stream at once)."""
+    copies = stream[:, :, None].expand(grads.shape).contiguous()
+    return torch.func.vjp(norm, copies)[1](grads.to(stream.dtype))[0]
+
+
+@dataclass(frozen=True)
+class EdgeRead:
+    """What one trace of a group of pairs gives: every row's metric, per sender block its
+    donor-minus-receiving difference ([P, T, senders in the block, d]) and per receiver layer
+    its receivers' input gradients at the receiving run ([P, T, receivers in the layer, d])."""
+
+    metric: torch.Tensor
+    differences: list[torch.Tensor]  # input, then per layer the heads, the MLP
+    gradients: list[torch.Tensor]  # per layer its heads' q, k, v (head-major) and its MLP, then logits
+
+
+def read_edges(model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions) -> EdgeRead:
+    """One trace over the clean and corrupted prompts with a backward of the receivers' metric."""
+    device, where = model.device, family(model)
+    layout, indices = PairRows.of(options), torch.arange(len(pairs), device=device)
+    input_ids = layout.input_ids(pairs).to(device)
+    answers = Answers.of([p for p in pairs for _ in range(layout.per_pair)]).to(device)
+    donor_rows = layout.of_rows(layout.donor_rows(indices))
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    with torch.enable_grad(), model.trace(inputs, logits_to_keep=1):
+        saved = nnsight.save({"attn_in": [], "qkv": [], "z": [], "mlp_in": [], "mlp_norm": [], "mlp": []})
+        embedded = embedding_output(model)
+        embedded.requires_grad_(True)
+        saved["input"] = embedded
+        for layer in range(n_layers(model)):
+            block = part(model, where.blocks)[layer]
+            saved["attn_in"].append(part(block, where.attn_norm).input)
+            saved["qkv"].append([component_output(model, i, layer) for i in INPUTS])
+            saved["z"].append(component_output(model, "head", layer))
+            saved["mlp_in"].append(part(block, where.mlp_norm).input)
+            saved["mlp_norm"].append(part(block, where.mlp_norm).output)
+            saved["mlp"].append(component_output(model, "mlp", layer))
+        final = component_output(model, "resid", n_layers(model) - 1)
+        logits = last_logits(model)
+        donor = DonorDistribution.of(logits[donor_rows].detach()) if options.metric == "kl" else None
+        metric = vocabulary_metric(options.metric, logits, answers, donor)
+        values = metric.detach().save()
+        grads = nnsight.save({"qkv": {}, "mlp_norm": {}})
+        with metric[layout.receiving_rows(indices)].sum().backward():
+            grads["final"] = final.grad
+            for layer in reversed(range(n_layers(model))):
+                grads["mlp_norm"][layer] = saved["mlp_norm"][layer].grad
+                for i, act in reversed(list(zip(INPUTS, saved["qkv"][layer]))):
+                    grads["qkv"][(layer, i)] = act.grad
+    with torch.no_grad():
+        return assemble(model, layout, values.cpu(), saved, grads)
+
+
+def assemble(model: TransformersModel, layout: PairRows, metric: torch.Tensor, saved: dict, grads: dict) -> EdgeRead:
+    """The read's differences and receiver gradients (see `EdgeRead`) from the trace's tensors."""
+    where, receiving = family(model), layout.receiving_side
+
+    def difference(act: torch.Tensor) -> torch.Tensor:
+        return (act[layout.donor_offset :: layout.per_pair] - receiving(act)).detach()
+
+    differences, gradients = [difference(saved["input"])[:, :, None]], []
+    for layer, block in enumerate(blocks(model)):
+        z = site_values(model, "head", difference(saved["z"][layer]))
+        differences.append(torch.einsum("pthe,hed->pthd", z, output_weights(model, block)))
+        differences.append(difference(saved["mlp"][layer])[:, :, None])
+        per_input = [
+            torch.einsum(
+                "pthe,hed->pthd",
+                site_values(model, i, receiving(grads["qkv"][(layer, i)])),
+                head_weights(model, block, i),
+            )
+            for i in INPUTS
+        ]
+        at_norm = torch.stack(per_input, dim=3).flatten(2, 3)  # [P, T, heads * 3, d]: head-major, q k v
+        heads = norm_vjp(part(block, where.attn_norm), receiving(saved["attn_in"][layer]).detach(), at_norm)
+        mlp_grad = receiving(grads["mlp_norm"][layer])[:, :, None]
+        mlp = norm_vjp(part(block, where.mlp_norm), receiving(saved["mlp_in"][layer]).detach(), mlp_grad)
+        gradients.append(torch.cat([heads, mlp], dim=2))
+    gradients.append(receiving(grads["final"])[:, :, None])
+    return EdgeRead(metric, differences, gradients)
+
+
+def edge_effects(graph: Graph, read: EdgeRead) -> torch.Tensor:
+    """[P, edges]: each edge's estimated change of the receiving run's metric, in `graph.edges` order."""
+    senders = torch.cat(read.differences, dim=2).float()  # [P, T, senders, d]
+    scores = torch.cat([torch.einsum("ptsd,ptrd->psr", senders, g.float()) for g in read.gradients], dim=2)
+    sender_index = torch.tensor([s for s, _ in graph.edges])
+    receiver_index = torch.tensor([r for _, r in graph.edges])
+    return scores[:, sender_index, receiver_index]
+
+
+def eap_estimates(
+    model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clean and corrupted metric per pair (of one token length), and [P, edges] each edge's
+    estimated patched metric (the receiving run's plus the edge's change)."""
+    if kv_groups(model) > 1:
+        raise ValueError("edge attribution on grouped-query models (k and v receivers per query head) is not built yet")
+    layout, graph = PairRows.of(options), Graph.of(model)
+    per_group = max(1, options.max_batch_tokens // (layout.per_pair * pairs[0].n_tokens))
+    metrics, estimates = [], []
+    for first in range(0, len(pairs), per_group):
+        read = read_edges(model, pairs[first : first + per_group], options)
+        metrics.append(read.metric)
+        estimates.append(layout.receiving_side(read.metric)[:, None] + edge_effects(graph, read).cpu())
+    return *layout.clean_and_corrupted(torch.cat(metrics)), torch.cat(estimates)
