@@ -445,13 +445,18 @@ NORMS = {  # family: each block's norms before attention and before the MLP, and
 }
 
 
-def receiver_gradient(model: PreTrainedModel, ids: list[int], receiver: tuple, metric, pair, donor_logits):
+def receiver_gradient(
+    model: PreTrainedModel, ids: list[int], receiver: tuple, metric, pair, donor_logits, embedded=None
+):
     """[T, d]: the gradient of the metric at one receiver's own copy of its input, by autograd: the
     receiver reads a leaf copy of the stream (same values) and everything else runs as usual.
-    `receiver`: ("head", layer, head, input), ("mlp", layer) or ("logits",)."""
+    `receiver`: ("head", layer, head, input), ("mlp", layer) or ("logits",); `embedded` ([T, d]):
+    what the first block reads instead of the prompt's embeddings."""
     before_attention, before_mlp, final = NORMS[model.config.model_type]
     blocks = dig(model, PARTS[model.config.model_type][0])
     copies, handles = {}, []
+    if embedded is not None:
+        handles.append(blocks[0].register_forward_pre_hook(lambda module, args: (embedded[None], *args[1:])))
 
     def leaf(module, args):
         copies["x"] = args[0].detach().clone().requires_grad_(True)
@@ -518,10 +523,14 @@ def capture_input(model: PreTrainedModel, ids: list[int], module: torch.nn.Modul
     return stored["x"][0]
 
 
-def reference_eap(model: PreTrainedModel, pair, direction: str, metric: str = "logit_diff") -> dict[str, float]:
+def reference_eap(
+    model: PreTrainedModel, pair, direction: str, metric: str = "logit_diff", steps: int = 0
+) -> dict[str, float]:
     """{edge name: EAP's estimate of the patched metric}: the receiving run's metric plus (sender's
     donor output - its receiving output) . the gradient at the receiver's own input copy, summed
-    over positions and channels; every edge of the EAP-IG graph, written out here by its rule."""
+    over positions and channels; every edge of the EAP-IG graph, written out here by its rule.
+    With `steps` (EAP-IG), the gradient is the mean over runs whose first block reads
+    donor + k/steps (receiving - donor) of the two prompts' embeddings, k = 0..steps-1."""
     donor, receiving = (
         (list(pair.clean_ids), list(pair.corrupted_ids))
         if direction == "denoise"
@@ -544,7 +553,10 @@ def reference_eap(model: PreTrainedModel, pair, direction: str, metric: str = "l
     receivers += [(f"m{layer}", layer, ("mlp", layer)) for layer in range(layers)] + [("logits", layers, ("logits",))]
     result = {}
     for name, layer, receiver in receivers:
-        gradient = receiver_gradient(model, receiving, receiver, metric, pair, donor_logits)
+        mixes = [theirs["input"] + k / steps * (ours["input"] - theirs["input"]) for k in range(steps)] or [None]
+        gradient = sum(
+            receiver_gradient(model, receiving, receiver, metric, pair, donor_logits, mix) for mix in mixes
+        ) / len(mixes)
         for sender, change in difference.items():
             sender_layer = -1 if sender == "input" else int(re.match(r"[am](\d+)", sender).group(1))
             own_heads = name.startswith("m") and sender.startswith("a") and not parallel

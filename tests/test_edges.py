@@ -52,3 +52,20 @@ def test_eap_matches_autograd_reference(family, direction, metric):
         scale = max(abs(want - receiving) for want in expected.values())
         for name, got in zip(graph.edge_names, estimates[0].tolist()):
             assert got == pytest.approx(expected[name], abs=max(TOL, 1e-4 * scale)), name
+
+
+@pytest.mark.parametrize(("direction", "metric"), [("denoise", "logit_diff"), ("noise", "kl")])
+def test_eap_ig_matches_autograd_reference(family, direction, metric):
+    """The gradient averaged over runs on embeddings interpolated from the donor side toward the
+    receiving side (EAP-IG-inputs)."""
+    model, hf_model, pairs = family
+    graph, pair = Graph.of(model), pairs[0]
+    options = PatchOptions(("head",), direction=direction, metric=metric)
+    clean, corrupted, estimates = eap_estimates(model, [pair], options, steps=3)
+    expected = reference_eap(hf_model, pair, direction, metric, steps=3)
+    receiving = float(corrupted[0] if direction == "denoise" else clean[0])
+    scale = max(abs(want - receiving) for want in expected.values())
+    plain = eap_estimates(model, [pair], options)[2]
+    assert (estimates - plain).abs().max() > 10 * max(TOL, 1e-4 * scale)  # the steps change the gradient
+    for name, got in zip(graph.edge_names, estimates[0].tolist()):
+        assert got == pytest.approx(expected[name], abs=max(TOL, 1e-4 * scale)), name

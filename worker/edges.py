@@ -130,26 +130,40 @@ def norm_vjp(norm: torch.nn.Module, stream: torch.Tensor, grads: torch.Tensor) -
 
 @dataclass(frozen=True)
 class EdgeRead:
-    """What one trace of a group of pairs gives: every row's metric, per sender block its
-    donor-minus-receiving difference ([P, T, senders in the block, d]) and per receiver layer
-    its receivers' input gradients at the receiving run ([P, T, receivers in the layer, d])."""
+    """What one trace of a group of pairs gives: the metric of each pair's rows (`PairRows`
+    layout), per sender block its donor-minus-receiving difference ([P, T, senders in the block,
+    d]) and per receiver layer its receivers' input gradients ([P, T, receivers in the layer, d]):
+    at the receiving run (EAP) or averaged over the interpolated runs (EAP-IG)."""
 
     metric: torch.Tensor
     differences: list[torch.Tensor]  # input, then per layer the heads, the MLP
     gradients: list[torch.Tensor]  # per layer its heads' q, k, v (head-major) and its MLP, then logits
 
 
-def read_edges(model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions) -> EdgeRead:
-    """One trace over the clean and corrupted prompts with a backward of the receivers' metric."""
+def read_edges(model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions, steps: int = 0) -> EdgeRead:
+    """One trace over the clean and corrupted prompts with one backward of the metric: of the
+    receiving runs (`steps` 0: EAP), or of `steps` runs per pair whose embeddings go from the
+    donor side toward the receiving side, donor + k/steps (receiving - donor) for k = 0..steps-1
+    (EAP-IG's "inputs" variant), appended after the pairs' own rows."""
     device, where = model.device, family(model)
     layout, indices = PairRows.of(options), torch.arange(len(pairs), device=device)
-    input_ids = layout.input_ids(pairs).to(device)
-    answers = Answers.of([p for p in pairs for _ in range(layout.per_pair)]).to(device)
-    donor_rows = layout.of_rows(layout.donor_rows(indices))
+    base = layout.per_pair * len(pairs)
+    repeat = layout.of_rows(indices).tolist() + indices.repeat_interleave(steps).tolist()
+    own = layout.input_ids(pairs)  # then per pair `steps` rows, their embeddings replaced below
+    input_ids = torch.cat([own, own[layout.receiving_rows(indices.cpu())].repeat_interleave(steps, dim=0)]).to(device)
+    answers = Answers.of([pairs[p] for p in repeat]).to(device)
+    donor_rows = layout.donor_rows(torch.tensor(repeat, device=device))
+    gradient_rows = (
+        torch.arange(base, base + steps * len(pairs), device=device) if steps else layout.receiving_rows(indices)
+    )
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     with torch.enable_grad(), model.trace(inputs, logits_to_keep=1):
         saved = nnsight.save({"attn_in": [], "qkv": [], "z": [], "mlp_in": [], "mlp_norm": [], "mlp": []})
         embedded = embedding_output(model)
+        if steps:
+            donor, receiving = embedded[layout.donor_rows(indices)], embedded[layout.receiving_rows(indices)]
+            fractions = torch.arange(steps, device=device, dtype=embedded.dtype)[None, :, None, None] / steps
+            embedded[base:] = (donor[:, None] + fractions * (receiving - donor)[:, None]).flatten(0, 1)
         embedded.requires_grad_(True)
         saved["input"] = embedded
         for layer in range(n_layers(model)):
@@ -162,26 +176,41 @@ def read_edges(model: TransformersModel, pairs: Sequence[Pair], options: PatchOp
             saved["mlp"].append(component_output(model, "mlp", layer))
         final = component_output(model, "resid", n_layers(model) - 1)
         logits = last_logits(model)
-        donor = DonorDistribution.of(logits[donor_rows].detach()) if options.metric == "kl" else None
-        metric = vocabulary_metric(options.metric, logits, answers, donor)
+        kl_donor = DonorDistribution.of(logits[donor_rows].detach()) if options.metric == "kl" else None
+        metric = vocabulary_metric(options.metric, logits, answers, kl_donor)
         values = metric.detach().save()
         grads = nnsight.save({"qkv": {}, "mlp_norm": {}})
-        with metric[layout.receiving_rows(indices)].sum().backward():
+        with metric[gradient_rows].sum().backward():
             grads["final"] = final.grad
             for layer in reversed(range(n_layers(model))):
                 grads["mlp_norm"][layer] = saved["mlp_norm"][layer].grad
                 for i, act in reversed(list(zip(INPUTS, saved["qkv"][layer]))):
                     grads["qkv"][(layer, i)] = act.grad
     with torch.no_grad():
-        return assemble(model, layout, values.cpu(), saved, grads)
+        return assemble(model, layout, values[:base].cpu(), saved, grads, gradient_rows, max(steps, 1))
 
 
-def assemble(model: TransformersModel, layout: PairRows, metric: torch.Tensor, saved: dict, grads: dict) -> EdgeRead:
-    """The read's differences and receiver gradients (see `EdgeRead`) from the trace's tensors."""
-    where, receiving = family(model), layout.receiving_side
+def assemble(
+    model: TransformersModel,
+    layout: PairRows,
+    metric: torch.Tensor,
+    saved: dict,
+    grads: dict,
+    gradient_rows: torch.Tensor,
+    steps: int,
+) -> EdgeRead:
+    """The read's differences and receiver gradients (see `EdgeRead`) from the trace's tensors:
+    each gradient row's receiver gradients (the norms' Jacobians taken at that row's stream),
+    averaged over a pair's `steps` rows."""
+    where = family(model)
 
     def difference(act: torch.Tensor) -> torch.Tensor:
-        return (act[layout.donor_offset :: layout.per_pair] - receiving(act)).detach()
+        return (
+            act[layout.donor_offset : len(metric) : layout.per_pair] - layout.receiving_side(act[: len(metric)])
+        ).detach()
+
+    def per_pair(grad: torch.Tensor) -> torch.Tensor:
+        return grad.view(-1, steps, *grad.shape[1:]).mean(1)
 
     differences, gradients = [difference(saved["input"])[:, :, None]], []
     for layer, block in enumerate(blocks(model)):
@@ -189,19 +218,15 @@ def assemble(model: TransformersModel, layout: PairRows, metric: torch.Tensor, s
         differences.append(torch.einsum("pthe,hed->pthd", z, output_weights(model, block)))
         differences.append(difference(saved["mlp"][layer])[:, :, None])
         per_input = [
-            torch.einsum(
-                "pthe,hed->pthd",
-                site_values(model, i, receiving(grads["qkv"][(layer, i)])),
-                head_weights(model, block, i),
-            )
-            for i in INPUTS
+            torch.einsum("pthe,hed->pthd", site_values(model, i, grad[gradient_rows]), head_weights(model, block, i))
+            for i, grad in ((i, grads["qkv"][(layer, i)]) for i in INPUTS)
         ]
-        at_norm = torch.stack(per_input, dim=3).flatten(2, 3)  # [P, T, heads * 3, d]: head-major, q k v
-        heads = norm_vjp(part(block, where.attn_norm), receiving(saved["attn_in"][layer]).detach(), at_norm)
-        mlp_grad = receiving(grads["mlp_norm"][layer])[:, :, None]
-        mlp = norm_vjp(part(block, where.mlp_norm), receiving(saved["mlp_in"][layer]).detach(), mlp_grad)
-        gradients.append(torch.cat([heads, mlp], dim=2))
-    gradients.append(receiving(grads["final"])[:, :, None])
+        at_norm = torch.stack(per_input, dim=3).flatten(2, 3)  # [rows, T, heads * 3, d]: head-major, q k v
+        heads = norm_vjp(part(block, where.attn_norm), saved["attn_in"][layer][gradient_rows].detach(), at_norm)
+        mlp_grad = grads["mlp_norm"][layer][gradient_rows][:, :, None]
+        mlp = norm_vjp(part(block, where.mlp_norm), saved["mlp_in"][layer][gradient_rows].detach(), mlp_grad)
+        gradients.append(per_pair(torch.cat([heads, mlp], dim=2)))
+    gradients.append(per_pair(grads["final"][gradient_rows][:, :, None]))
     return EdgeRead(metric, differences, gradients)
 
 
@@ -215,17 +240,18 @@ def edge_effects(graph: Graph, read: EdgeRead) -> torch.Tensor:
 
 
 def eap_estimates(
-    model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions
+    model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions, steps: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clean and corrupted metric per pair (of one token length), and [P, edges] each edge's
-    estimated patched metric (the receiving run's plus the edge's change)."""
+    estimated patched metric (the receiving run's plus the edge's change): EAP, or with `steps`
+    EAP-IG over that many interpolated runs."""
     if kv_groups(model) > 1:
         raise ValueError("edge attribution on grouped-query models (k and v receivers per query head) is not built yet")
     layout, graph = PairRows.of(options), Graph.of(model)
-    per_group = max(1, options.max_batch_tokens // (layout.per_pair * pairs[0].n_tokens))
+    per_group = max(1, options.max_batch_tokens // ((layout.per_pair + steps) * pairs[0].n_tokens))
     metrics, estimates = [], []
     for first in range(0, len(pairs), per_group):
-        read = read_edges(model, pairs[first : first + per_group], options)
+        read = read_edges(model, pairs[first : first + per_group], options, steps)
         metrics.append(read.metric)
         estimates.append(layout.receiving_side(read.metric)[:, None] + edge_effects(graph, read).cpu())
     return *layout.clean_and_corrupted(torch.cat(metrics)), torch.cat(estimates)
