@@ -28,12 +28,14 @@ from jobs.store import OutputConflict, Store
 from worker.options import (
     DEFAULT_COMPONENTS,
     DEFAULT_DONOR,
+    DEFAULT_IG_STEPS,
     DEFAULT_MAX_BATCH_TOKENS,
     DEFAULT_METRIC,
     DEFAULT_MODEL,
     DIRECTIONS,
     DONORS,
     DTYPE_NAMES,
+    EDGE_METHODS,
     METRICS,
     PATCH_METHODS,
     PATHS,
@@ -80,9 +82,10 @@ def receivers_option(ctx, param, value: tuple[str, ...]) -> tuple[str, ...]:
         raise click.BadParameter(str(error)) from None
 
 
-def run_options(positions_help: str, positions_default: str):
-    """The options every run takes (the main command and `paths`): input, model, output, how
-    the metric is read, where and in what batches it runs."""
+def run_options(positions_help: str | None, positions_default: str | None):
+    """The options every run takes (the main command, `paths`, `edges`): input, model, output, how
+    the metric is read, where and in what batches it runs; `--positions` where the command patches
+    positions (`positions_help` None: edges, which score every position at once)."""
     options = [
         click.option(
             "--pairs",
@@ -99,9 +102,9 @@ def run_options(positions_help: str, positions_default: str):
         click.option(
             "--out",
             help="Output directory or URI (s3://...).  [default: runs/<pairs file stem>, "
-            "runs/<pairs file stem>-paths for paths]",
+            "runs/<pairs file stem>-paths for paths, -edges for edges]",
         ),
-        click.option(
+        positions := click.option(
             "--positions", default=positions_default, show_default=True, callback=positions_option, help=positions_help
         ),
         click.option(
@@ -175,6 +178,9 @@ def run_options(positions_help: str, positions_default: str):
             "--overwrite", is_flag=True, help="Replace an output directory written with a different configuration."
         ),
     ]
+
+    if positions_help is None:
+        options = [option for option in options if option is not positions]
 
     def apply(command):
         for option in reversed(options):
@@ -280,6 +286,40 @@ def paths(pairs: str | None, out: str | None, receivers: tuple[str, ...], sender
             **options,
         )
     )
+
+
+@cli.command("edges")
+@run_options(None, None)
+@click.option(
+    "--method",
+    type=click.Choice(EDGE_METHODS),
+    default="eap",
+    show_default=True,
+    help="eap: (sender's donor output - its receiving output) x the metric's gradient at the receiver's input, "
+    "at the receiving run; eap-ig: that gradient averaged over --ig-steps runs whose embeddings go from the "
+    "donor side toward the receiving side.",
+)
+@click.option(
+    "--ig-steps",
+    type=int,
+    default=DEFAULT_IG_STEPS,
+    show_default=True,
+    help="eap-ig: interpolated runs per pair.",
+)
+def edges(pairs: str | None, out: str | None, method: str, ig_steps: int, **options) -> None:
+    """Edge attribution over the model's whole graph (EAP, EAP-IG), per pair.
+
+    Nodes and edges as EAP-IG and MIB name them: input, a{L}.h{H}, m{L}, logits; receivers take a
+    head's q, k or v input, an MLP's input or the logits, e.g. a0.h3->a2.h1<q>. Writes
+    OUT/edges/part-*.parquet (one row per pair and edge), OUT/pairs.parquet, OUT/manifest.json,
+    the aggregate (mean estimate per edge) and the report.
+    """
+    if pairs is None:
+        raise click.UsageError("--pairs FILE is required")
+    if ig_steps < 1:
+        raise click.BadParameter(f"must be at least 1, got {ig_steps}", param_hint="--ig-steps")
+    out = out or str(Path("runs") / f"{Path(pairs).stem}-edges")
+    run(JobSpec(pairs=pairs, out=out, components=(), method=method, ig_steps=ig_steps, **options))
 
 
 @cli.command("make-ioi")

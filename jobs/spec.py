@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from worker.options import DEFAULT_DONOR, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_METRIC, PatchOptions
+from worker.options import DEFAULT_DONOR, DEFAULT_IG_STEPS, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_METRIC, PatchOptions
 
 DEFAULT_BATCH_PAIRS = 32
 RESULT_DECIDING = (
@@ -27,6 +27,7 @@ RESULT_DECIDING = (
     "receivers",
     "donor",
     "seed",
+    "ig_steps",
     "dtype",
     "batch_pairs",
     "max_batch_tokens",
@@ -48,6 +49,7 @@ class JobSpec:
     receivers: tuple[str, ...] = ()
     donor: str = DEFAULT_DONOR
     seed: int = 0
+    ig_steps: int = DEFAULT_IG_STEPS
     dtype: str = "float32"
     device: str = "auto"
     address: str | None = None
@@ -70,6 +72,7 @@ class JobSpec:
             self.receivers,
             self.donor,
             self.seed,
+            ig_steps=self.ig_steps,
         )
 
     def config(self) -> dict:
@@ -85,6 +88,8 @@ class JobSpec:
             del config["donor"]
         if self.donor != "resample":  # the seed decides only resample's pairing
             del config["seed"]
+        if self.method != "eap-ig":  # the steps only EAP-IG's
+            del config["ig_steps"]
         config["pairs_sha256"] = file_sha256(self.pairs)
         return config
 

@@ -1,6 +1,6 @@
 """The output directory (local path or any URI pyarrow.fs understands, e.g. s3://bucket/run).
 
-Layout (DESIGN.md): effects/part-*.parquet (paths/part-*.parquet for path patching),
+Layout (DESIGN.md): effects/part-*.parquet (paths/ for path patching, edges/ for edge attribution),
 pairs.parquet, manifest.json, invalid.jsonl. A shard's pairs rows go to _pairs/part-*.parquet
 first and its results part last, each to a temporary name then renamed, so a shard whose results
 part exists is whole; pairs.parquet is rebuilt from the _pairs parts at the end of every run.
@@ -46,11 +46,12 @@ class ResultsKind:
 
 EFFECTS = ResultsKind("effects", ("component", "layer", "head"), "position", estimates=True, senders=False)
 PATH_SENDERS = ResultsKind("paths", ("receiver", "sender_layer", "sender_head"), "sender_position", False, True)
+EDGES = ResultsKind("edges", ("edge", "sender", "receiver"), "", estimates=True, senders=False)  # no position
 
 
 def results_kind(method: str | None) -> ResultsKind:
     """The results a run with `method` writes (effects where a manifest names none)."""
-    return {kind.directory: kind for kind in (EFFECTS, PATH_SENDERS)}[METHODS[method or "exact"].results]
+    return {kind.directory: kind for kind in (EFFECTS, PATH_SENDERS, EDGES)}[METHODS[method or "exact"].results]
 
 
 class Store:

@@ -17,7 +17,9 @@ import pytest
 
 from jobs.means import means_table
 from jobs.pairfile import read_pairs
+from jobs.results.aggregate import DEFAULT_MIN_GAP
 from tests.conftest import EXAMPLE_PAIRS, REPO, free_port, score_tolerance, write_jsonl
+from worker.edges import Graph, edge_tables
 from worker.faults import TEST_FAULT_ENV
 from worker.means import donor_sums
 from worker.model import PROXY_VARIABLES
@@ -689,4 +691,54 @@ def test_a_malformed_receiver_is_refused_before_anything_starts(tmp_path, tiny_m
         "paths", "--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", tmp_path / "o", "--receivers", "9.9:x"
     )
     assert failed.returncode == 2 and "'9.9:x' is not LAYER.HEAD:q|k|v" in failed.stderr
+    assert "Traceback" not in failed.stderr and not (tmp_path / "o").exists()
+
+
+def test_edges_end_to_end(tmp_path, tiny_model, tiny_model_dir, tokenizer_and_ctx):
+    """`driver.py edges`: every (pair, edge) once with the in-process core's estimates; the
+    manifest, aggregate (mean estimate per edge), report and `edges` view; a re-run has nothing to do."""
+    out = tmp_path / "edges"
+    args = ["edges", "--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", out, "--batch-pairs", 5]
+    done = run_driver(*args, "--method", "eap-ig", "--ig-steps", 2, "--direction", "noise")
+    assert done.returncode == 0, done.stderr
+    pairs = read_pairs(EXAMPLE_PAIRS, *tokenizer_and_ctx).pairs
+    graph = Graph.of(tiny_model)
+    rows = pq.read_table(out / "edges").to_pylist()
+    assert len(rows) == len({(r["pair_id"], r["edge"]) for r in rows}) == len(pairs) * len(graph.edges)
+    options = PatchOptions((), direction="noise", method="eap-ig", ig_steps=2)
+    core = {(r["pair_id"], r["edge"]): r["estimate"] for r in edge_tables(tiny_model, pairs, options)[0].to_pylist()}
+    for r in rows:
+        assert r["estimate"] == pytest.approx(core[(r["pair_id"], r["edge"])], abs=RUN_TOL)
+        assert r["sender"] + "->" + r["receiver"] == r["edge"] and r["score"] is None
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == "eap-ig" and manifest["config"]["ig_steps"] == 2
+    aggregate = pq.read_table(out / "aggregate.parquet").to_pylist()
+    assert {r["edge"] for r in aggregate} == set(graph.edge_names)
+    gaps = {
+        r["pair_id"]: r["clean_logit_diff"] - r["corrupted_logit_diff"]
+        for r in pq.read_table(out / "pairs.parquet").to_pylist()
+    }
+    kept = {pair for pair, gap in gaps.items() if abs(gap) >= DEFAULT_MIN_GAP}
+    top = max(aggregate, key=lambda r: abs(r["mean_estimate"]))
+    by_hand = [r["estimate"] for r in rows if r["edge"] == top["edge"] and r["pair_id"] in kept]
+    assert top["pairs"] == len(by_hand) and top["excluded_pairs"] == len(pairs) - len(kept)
+    assert top["mean_estimate"] == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-5)
+    assert "EAP-IG estimate" in (out / "report.html").read_text()
+    counted = run_driver("query", out, "SELECT count(DISTINCT edge) AS n FROM edges")
+    assert counted.returncode == 0 and counted.stdout.split()[-3] == str(len(graph.edges))
+    again = run_driver(*args, "--method", "eap-ig", "--ig-steps", 2, "--direction", "noise")
+    assert again.returncode == 0 and "nothing to do" in again.stderr
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--ig-steps", "0"], "--ig-steps"),
+        (["--method", "acdc"], "Invalid value for '--method'"),
+        (["--donor", "zero"], "error: edge attribution patches from the pair's other prompt: --donor pair, not zero"),
+    ],
+)
+def test_bad_edge_options_are_one_line(tmp_path, tiny_model_dir, extra, message):
+    failed = run_driver("edges", "--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", tmp_path / "o", *extra)
+    assert failed.returncode == 2 and message in failed.stderr
     assert "Traceback" not in failed.stderr and not (tmp_path / "o").exists()

@@ -17,6 +17,7 @@ from nnsight import TransformersModel
 
 from worker.attention import reading_patterns
 from worker.attribution import atp_estimates
+from worker.edges import edge_tables
 from worker.options import METHODS, PatchOptions
 from worker.pairs import Pair
 from worker.patching import effects_batch
@@ -34,6 +35,8 @@ RUNNERS: dict[str, Runner] = {
     "exact": partial(effects_batch, estimate=None),
     "atp": partial(effects_batch, estimate=atp_estimates),
     "paths": path_tables,
+    "eap": edge_tables,
+    "eap-ig": edge_tables,
 }
 assert RUNNERS.keys() == METHODS.keys(), "every method in worker/options.py needs a runner here"
 

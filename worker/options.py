@@ -24,6 +24,7 @@ DONORS = ("pair", "resample", "zero", "mean", "mean-all")  # where a patch's val
 MEAN_DONORS = ("mean", "mean-all")  # these need a first pass: the means of the donor-side activations
 DEFAULT_DONOR = "pair"
 PATHS = "paths"  # path patching (`driver.py paths`): head senders, measured through `receivers`
+DEFAULT_IG_STEPS = 5  # eap-ig: gradients averaged over this many interpolated runs
 DEFAULT_MAX_BATCH_TOKENS = 4096
 
 
@@ -32,7 +33,7 @@ class Method:
     """What a method is, for the driver and for whoever reads its tables; worker/methods.py says
     which code runs it. A new method is a row here and a runner there."""
 
-    results: str  # the results table it writes: `effects`, or `paths` for path patching
+    results: str  # the results table it writes: `effects`, `paths` (path patching) or `edges` (the model's graph)
     estimates: bool  # every cell gets an `estimate`; `score` only the cells --verify-top exact-patches
     receivers: bool  # measured through `--receivers` (path patching)
     title: str  # what figure titles say of it ("" for plain patching)
@@ -42,8 +43,11 @@ METHODS = {
     "exact": Method("effects", estimates=False, receivers=False, title=""),
     "atp": Method("effects", estimates=True, receivers=False, title="AtP estimate"),
     PATHS: Method("paths", estimates=False, receivers=True, title="path patching"),
+    "eap": Method("edges", estimates=True, receivers=False, title="EAP estimate"),
+    "eap-ig": Method("edges", estimates=True, receivers=False, title="EAP-IG estimate"),
 }
-PATCH_METHODS = tuple(name for name, method in METHODS.items() if not method.receivers)  # the main command's
+PATCH_METHODS = tuple(name for name, method in METHODS.items() if method.results == "effects")  # the main command's
+EDGE_METHODS = tuple(name for name, method in METHODS.items() if method.results == "edges")  # `driver.py edges`
 
 
 class ModelLoadError(RuntimeError):
@@ -81,6 +85,7 @@ class PatchOptions:
     donor: str = DEFAULT_DONOR  # where patched values come from: the pair's other prompt, or an ablation
     seed: int = 0  # resample: which other pair each pair takes its donor from (the driver's pairing)
     means: str | None = None  # mean, mean-all: the run (local path or URI) whose means to read (worker/means.py)
+    ig_steps: int = DEFAULT_IG_STEPS  # eap-ig: interpolated runs per pair (worker/edges.py)
 
     def wanted_labels(self) -> list[tuple[str, tuple[str, ...]]]:
         """The position labels every pair must carry, each list with the option that asks for it."""
@@ -90,7 +95,9 @@ class PatchOptions:
 
     def __post_init__(self) -> None:
         components = self.components
-        if not components or any(c not in COMPONENTS for c in components) or len(set(components)) < len(components):
+        if self.method in EDGE_METHODS:
+            self.check_edges()
+        elif not components or any(c not in COMPONENTS for c in components) or len(set(components)) < len(components):
             raise ValueError(f"components must be a non-empty subset of {COMPONENTS}, got {list(components)}")
         if parse_positions(self.positions) != self.positions:
             raise ValueError(f"positions must be each, all or labels joined by commas, got {self.positions!r}")
@@ -110,8 +117,8 @@ class PatchOptions:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {tuple(METHODS)}, got {self.method!r}")
         method = METHODS[self.method]
-        if self.verify_top < 0 or (self.verify_top and not method.estimates):
-            estimating = " or ".join(name for name, m in METHODS.items() if m.estimates)
+        if self.verify_top < 0 or (self.verify_top and (self.method not in PATCH_METHODS or not method.estimates)):
+            estimating = " or ".join(name for name in PATCH_METHODS if METHODS[name].estimates)
             raise ValueError(f"verify_top must be 0, or positive with method {estimating}, got {self.verify_top}")
         if method.receivers != bool(self.receivers):
             raise ValueError(
@@ -123,3 +130,12 @@ class PatchOptions:
                 raise ValueError(f"path patching sends from heads: components must be ('head',), got {self.components}")
             if tuple(r.name for r in parse_receivers(self.receivers)) != self.receivers:
                 raise ValueError(f"receivers must be canonical specs, got {list(self.receivers)}")
+
+    def check_edges(self) -> None:
+        """An edge method scores the model's whole graph from the pair's other prompt."""
+        if self.components:
+            raise ValueError(f"edge attribution scores every edge of the graph: no components, got {self.components}")
+        if self.donor != DEFAULT_DONOR:
+            raise ValueError(f"edge attribution patches from the pair's other prompt: --donor pair, not {self.donor}")
+        if self.ig_steps < 1:
+            raise ValueError(f"--ig-steps must be at least 1, got {self.ig_steps}")

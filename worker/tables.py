@@ -44,6 +44,21 @@ def paths_schema(metric: str) -> pa.Schema:
     )
 
 
+def edges_schema(metric: str) -> pa.Schema:
+    names = pa.dictionary(pa.int32(), pa.string())  # a few hundred distinct names over millions of rows
+    return pa.schema(
+        [
+            ("pair_id", pa.string()),
+            ("edge", names),  # `sender->receiver`, EAP-IG's name (worker/edges.py)
+            ("sender", names),
+            ("receiver", names),
+            (metric, pa.float32()),  # the patched metric of an exactly patched edge; null otherwise
+            ("score", pa.float32()),
+            ("estimate", pa.float32()),  # EAP's (or EAP-IG's) estimate of `score`
+        ]
+    )
+
+
 def pair_columns(metric: str) -> list[tuple[str, pa.DataType]]:
     return [
         ("pair_id", pa.string()),
@@ -65,7 +80,12 @@ DONOR_PAIR_ID = "donor_pair_id"  # pairs, with --donor resample: the pair each o
 
 RESULT_COLUMNS = (
     {DONOR_PAIR_ID}
-    | {name for metric in METRICS for schema in (effects_schema(metric), paths_schema(metric)) for name in schema.names}
+    | {
+        name
+        for metric in METRICS
+        for schema in (effects_schema(metric), paths_schema(metric), edges_schema(metric))
+        for name in schema.names
+    }
     | {name for metric in METRICS for name, _ in pair_columns(metric)}
 )
 
@@ -87,6 +107,10 @@ def effects_table(columns: dict[str, Sequence], options: PatchOptions) -> pa.Tab
 
 def paths_table(columns: dict[str, Sequence], options: PatchOptions) -> pa.Table:
     return with_metadata(pa.table(columns, schema=paths_schema(options.metric)), options)
+
+
+def edges_table(columns: dict[str, Sequence], options: PatchOptions) -> pa.Table:
+    return with_metadata(pa.table(columns, schema=edges_schema(options.metric)), options)
 
 
 def empty_effects(options: PatchOptions) -> pa.Table:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.results.query import QueryError, duckdb_connection
-from jobs.store import AGGREGATE_FILE, GROUPS_FILE, PAIR_PARTS_DIR, PAIRS_FILE, Store
+from jobs.store import AGGREGATE_FILE, EDGES, GROUPS_FILE, PAIR_PARTS_DIR, PAIRS_FILE, Store
 from worker.options import DEFAULT_METRIC
 
 DEFAULT_MIN_GAP = 0.1
@@ -97,6 +97,38 @@ ORDER BY {kind}, "group" NULLS FIRST, n_tokens NULLS FIRST, {layer}, {head} NULL
 """
 
 
+EDGE_BATCH_SQL = """
+WITH p AS (
+    SELECT pair_id, {group} AS "group", abs("clean_{metric}" - "corrupted_{metric}") < {min_gap} AS excluded
+    FROM batch_pairs
+)
+SELECT CAST(e.edge AS VARCHAR) AS edge, CAST(e.sender AS VARCHAR) AS sender, CAST(e.receiver AS VARCHAR) AS receiver,
+       p."group",
+       count(*) FILTER (WHERE NOT excluded) AS pairs, count(*) FILTER (WHERE excluded) AS excluded_pairs,
+       count(e.estimate) FILTER (WHERE NOT excluded) AS n_e, sum(e.estimate::DOUBLE) FILTER (WHERE NOT excluded) AS s_e,
+       sum(e.estimate::DOUBLE * e.estimate) FILTER (WHERE NOT excluded) AS ss_e,
+       count(e.score) FILTER (WHERE NOT excluded) AS n, sum(e.score::DOUBLE) FILTER (WHERE NOT excluded) AS s,
+       sum(e.score::DOUBLE * e.score) FILTER (WHERE NOT excluded) AS ss
+FROM batch e JOIN p USING (pair_id)
+GROUP BY ALL
+"""
+EDGE_AGGREGATE_SQL = """
+WITH sums AS (
+    SELECT edge, sender, receiver, "group", sum(pairs)::BIGINT AS pairs, sum(excluded_pairs)::BIGINT AS excluded_pairs,
+           sum(n_e)::BIGINT AS n_e, sum(s_e) AS s_e, sum(ss_e) AS ss_e, sum(n)::BIGINT AS n, sum(s) AS s, sum(ss) AS ss
+    FROM batches
+    GROUP BY ALL
+)
+SELECT edge, sender, receiver, "group", pairs, excluded_pairs,
+       n_e AS estimate_count, s_e / nullif(n_e, 0) AS mean_estimate,
+       CASE WHEN n_e > 1 THEN sqrt(greatest((ss_e - s_e * s_e / n_e) / (n_e - 1), 0)) END AS std_estimate,
+       n AS count, s / nullif(n, 0) AS mean_score,
+       CASE WHEN n > 1 THEN sqrt(greatest((ss - s * s / n) / (n - 1), 0)) END AS std_score
+FROM sums
+ORDER BY "group" NULLS FIRST, abs(mean_estimate) DESC NULLS LAST, edge
+"""
+
+
 def quote_identifier(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -116,6 +148,8 @@ def aggregate(
     schema = pq.read_schema(store.path(PAIRS_FILE), filesystem=store.fs)  # every pairs part's columns
     if group_by is not None and group_by not in schema.names:
         raise QueryError(f"cannot group by {group_by!r}: pairs has no such column ({', '.join(schema.names)})")
+    if store.kind is EDGES:
+        return aggregate_edges(store, group_by, min_gap, metric)
     (kind, layer, head), position, estimates = store.kind.cell, store.kind.position, store.kind.estimates
     fields = {
         "kind": kind,
@@ -134,15 +168,38 @@ def aggregate(
         "all_positions": ALL_POSITIONS,
         "metric": metric,
     }
+    table = in_batches(store, schema, BATCH_SQL.format(**fields), AGGREGATE_SQL.format(**fields))
+    return written(store, table, group_by)
+
+
+def in_batches(store: Store, pairs_schema: pa.Schema, batch_sql: str, total_sql: str) -> pa.Table:
+    """`batch_sql` over each batch of finished shards (views `batch`, `batch_pairs`), then
+    `total_sql` over their results (view `batches`): memory bounded by a batch, not the run."""
     connection, batches = duckdb_connection(), []
     for names in store.shard_batches():
         connection.register("batch", store.parts(store.results, names))
-        connection.register("batch_pairs", store.parts(PAIR_PARTS_DIR, names, schema))
-        batches.append(connection.sql(BATCH_SQL.format(**fields)).to_arrow_table())
+        connection.register("batch_pairs", store.parts(PAIR_PARTS_DIR, names, pairs_schema))
+        batches.append(connection.sql(batch_sql).to_arrow_table())
     if not batches:
         raise QueryError(f"{store.uri}: no finished shards to aggregate")
     connection.register("batches", pa.concat_tables(batches))
-    table = connection.sql(AGGREGATE_SQL.format(**fields)).to_arrow_table()
+    return connection.sql(total_sql).to_arrow_table()
+
+
+def aggregate_edges(store: Store, group_by: str | None, min_gap: float, metric: str) -> pa.Table:
+    """An edges run's aggregate: per edge (and group), the mean, std and count of `estimate` over
+    the pairs (those with a gap below `min_gap` left out and counted), and of `score` where exact."""
+    schema = pq.read_schema(store.path(PAIRS_FILE), filesystem=store.fs)
+    fields = {
+        "group": "CAST(" + quote_identifier(group_by) + " AS VARCHAR)" if group_by else "NULL::VARCHAR",
+        "min_gap": float(min_gap),
+        "metric": metric,
+    }
+    return written(store, in_batches(store, schema, EDGE_BATCH_SQL.format(**fields), EDGE_AGGREGATE_SQL), group_by)
+
+
+def written(store: Store, table: pa.Table, group_by: str | None) -> pa.Table:
+    """`table` stored as the run's aggregate, or with `group_by` as its grouped aggregate."""
     if group_by:
         table = table.replace_schema_metadata({"patchsweep.group_by": group_by})
     store.write_table(table, GROUPS_FILE if group_by else AGGREGATE_FILE)

@@ -22,9 +22,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.results.aggregate import ALL_POSITIONS, DEFAULT_MIN_GAP, aggregate
+from jobs.results.edge_report import edge_figures
+from jobs.results.heatmaps import heatmap
 from jobs.results.query import connect_tables
 from jobs.results.verification import collect_verified, correlations, fmt, scatter_figures, top_k_agreement
-from jobs.store import EFFECTS, GROUPS_FILE, REPORT_FILE, ResultsKind, Store
+from jobs.store import EDGES, EFFECTS, GROUPS_FILE, REPORT_FILE, ResultsKind, Store
 from worker.options import COMPONENTS, DEFAULT_DONOR, DEFAULT_METRIC, HEAD_COMPONENTS, METHODS, Method
 from worker.parts import is_uri
 
@@ -44,48 +46,6 @@ CHROMIUM_FLAGS = [
 
 def find_chromium() -> str | None:
     return next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
-
-
-def heatmap(
-    title: str,
-    x: list,
-    rows: list,
-    z,
-    hover=None,
-    x_title: str = "position",
-    y_title: str = "layer",
-    statistic: str = "score",
-) -> go.Figure:
-    """The seed tutorial's look: RdBu diverging around 0, layer 0 on top, tokens on x."""
-    trace = go.Heatmap(
-        z=z,
-        x=x,
-        y=[f"{row}" for row in rows],
-        colorscale="RdBu",
-        zmid=0,
-        colorbar={"title": statistic},
-        customdata=hover,
-        xgap=1,
-        ygap=1,
-        hovertemplate=(
-            f"{y_title} %{{y}}, %{{x}}<br>mean %{{z:.3f}}<br>std %{{customdata[0]:.3f}}<br>"
-            "count %{customdata[1]}<extra></extra>"
-            if hover is not None
-            else f"{y_title} %{{y}}, %{{x}}<br>{statistic} %{{z:.3f}}<extra></extra>"
-        ),
-    )
-    figure = go.Figure(trace)
-    row_height = 28 if len(rows) <= 24 else 10  # per-head drill-downs have layers x heads rows
-    figure.update_layout(
-        title=title,
-        xaxis_title=x_title,
-        yaxis_title=y_title,
-        height=160 + row_height * len(rows),
-        yaxis={"autorange": "reversed", "type": "category"},
-        xaxis={"type": "category"},
-        margin={"l": 60, "r": 20, "t": 60, "b": 60},
-    )
-    return figure
 
 
 def panel_order(key: tuple, positions: dict[str, float]) -> tuple:
@@ -269,9 +229,10 @@ def summary_rows(connection, manifest: dict, min_gap: float) -> list[tuple[str, 
         ("direction", manifest.get("direction", "?")),
         ("donor", manifest.get("donor", DEFAULT_DONOR)),
         ("metric", metric),
-        ("components", ", ".join(manifest.get("components", []))),
+        *([("components", ", ".join(manifest["components"]))] if manifest.get("components") else []),
         *([("receivers", ", ".join(manifest["receivers"]))] if manifest.get("receivers") else []),
-        ("positions", manifest.get("positions", "each")),
+        *([("positions", manifest.get("positions", "each"))] if manifest.get("components") else []),
+        ("method", manifest.get("method", "exact")),
         ("pairs", f"{n}"),
         ("excluded from score means", f"{excluded} (|clean - corrupted {metric}| < {min_gap})"),
         (f"clean {metric}", said(values[:5])),
@@ -370,6 +331,11 @@ def write_report(
     model = manifest.get("model", "?")
     run = run_title(manifest)
     connection = connect_tables(store)
+    if store.kind is EDGES:
+        figures = edge_figures(aggregate_rows, run)
+        document = page(f"patchsweep: {model}", summary_rows(connection, manifest, min_gap), [("Edges", figures)])
+        store.write_bytes(document.encode(), REPORT_FILE)
+        return f"report: {store.path(REPORT_FILE)} ({len(figures)} figures)"
     statistic = "estimate" if method_of(manifest).estimates else "score"
     heatmaps = aggregate_figures(aggregate_rows, run, label_positions(connection), statistic, store.kind)
     pairs = drill_down_figures(connection, store, run, drill_down, statistic)
