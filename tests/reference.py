@@ -442,7 +442,30 @@ def reference_paths(
 NORMS = {  # family: each block's norms before attention and before the MLP, and the final norm
     "gpt2": ("ln_1", "ln_2", "transformer.ln_f"),
     "gpt_neox": ("input_layernorm", "post_attention_layernorm", "gpt_neox.final_layer_norm"),
+    "llama": ("input_layernorm", "post_attention_layernorm", "model.norm"),
+    "mistral": ("input_layernorm", "post_attention_layernorm", "model.norm"),
+    "qwen2": ("input_layernorm", "post_attention_layernorm", "model.norm"),
 }
+
+
+def ungrouped_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A grouped-query model as plain multi-head attention with the same outputs: each query head's
+    key and value projection rows are its key/value head's (edge receivers are per query head)."""
+    config = model.config
+    heads = config.num_attention_heads
+    shared = getattr(config, "num_key_value_heads", None) or heads
+    if shared == heads:
+        return model
+    width = config.hidden_size // heads
+    wide = type(model)(type(config).from_dict({**config.to_dict(), "num_key_value_heads": heads})).eval()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if re.search(r"\.(k|v)_proj\.(weight|bias)$", name):
+            tensor = tensor.reshape(shared, width, -1).repeat_interleave(heads // shared, 0).reshape(heads * width, -1)
+            tensor = tensor.squeeze(-1) if name.endswith("bias") else tensor
+        state[name] = tensor
+    wide.load_state_dict(state)
+    return wide
 
 
 def receiver_gradient(
@@ -530,7 +553,9 @@ def reference_eap(
     donor output - its receiving output) . the gradient at the receiver's own input copy, summed
     over positions and channels; every edge of the EAP-IG graph, written out here by its rule.
     With `steps` (EAP-IG), the gradient is the mean over runs whose first block reads
-    donor + k/steps (receiving - donor) of the two prompts' embeddings, k = 0..steps-1."""
+    donor + k/steps (receiving - donor) of the two prompts' embeddings, k = 0..steps-1.
+    Grouped-query models are read ungrouped (k and v receivers per query head)."""
+    model = ungrouped_copy(model)
     donor, receiving = (
         (list(pair.clean_ids), list(pair.corrupted_ids))
         if direction == "denoise"

@@ -3,6 +3,7 @@ copy of each receiver's input (tests/reference.py::reference_eap)."""
 
 from __future__ import annotations
 
+import pyarrow.compute as pc
 import pytest
 from transformers import AutoModelForCausalLM
 
@@ -10,9 +11,11 @@ from examples.tiny_families import build_tiny
 from jobs.pairfile import encoder_for, parse_record
 from tests.conftest import IOI_LINES, TOL
 from tests.reference import reference_eap
-from worker.edges import Graph, eap_estimates
+from worker.edges import Graph, eap_estimates, ungrouped
 from worker.model import load_model, load_tokenizer
 from worker.options import METRICS, PatchOptions
+from worker.patching import patch_batch
+from worker.sites import kv_groups
 
 
 def test_the_graph_is_eap_igs():
@@ -24,9 +27,10 @@ def test_the_graph_is_eap_igs():
     assert "a0.h1->m0" not in set(Graph(2, 2, parallel=True).edge_names)
 
 
-@pytest.fixture(scope="module", params=["gpt2", "gpt_neox"])
+@pytest.fixture(scope="module", params=["gpt2", "gpt_neox", "llama", "qwen2"])
 def family(request, tmp_path_factory, tiny_model, tiny_model_dir, ioi_pairs):
-    """(nnsight model, Hugging Face model, two pairs of different lengths in its tokenization)."""
+    """(nnsight model, Hugging Face model, two pairs of different lengths in its tokenization):
+    parallel blocks (GPT-NeoX), grouped-query attention (Llama; Qwen2 with key/value biases)."""
     if request.param == "gpt2":
         return tiny_model, AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), ioi_pairs[1:3]
     model_dir = build_tiny(request.param, tmp_path_factory.mktemp(request.param))
@@ -45,7 +49,8 @@ def test_eap_matches_autograd_reference(family, direction, metric):
     graph = Graph.of(model)
     for pair in pairs:  # one length each: a group each
         options = PatchOptions(("head",), direction=direction, metric=metric)
-        clean, corrupted, estimates = eap_estimates(model, [pair], options)
+        with ungrouped(model):
+            clean, corrupted, estimates = eap_estimates(model, [pair], options)
         expected = reference_eap(hf_model, pair, direction, metric)
         assert set(graph.edge_names) == set(expected)
         receiving = float(corrupted[0] if direction == "denoise" else clean[0])
@@ -61,11 +66,28 @@ def test_eap_ig_matches_autograd_reference(family, direction, metric):
     model, hf_model, pairs = family
     graph, pair = Graph.of(model), pairs[0]
     options = PatchOptions(("head",), direction=direction, metric=metric)
-    clean, corrupted, estimates = eap_estimates(model, [pair], options, steps=3)
+    with ungrouped(model):
+        clean, corrupted, estimates = eap_estimates(model, [pair], options, steps=3)
+        plain = eap_estimates(model, [pair], options)[2]
     expected = reference_eap(hf_model, pair, direction, metric, steps=3)
     receiving = float(corrupted[0] if direction == "denoise" else clean[0])
     scale = max(abs(want - receiving) for want in expected.values())
-    plain = eap_estimates(model, [pair], options)[2]
     assert (estimates - plain).abs().max() > 10 * max(TOL, 1e-4 * scale)  # the steps change the gradient
     for name, got in zip(graph.edge_names, estimates[0].tolist()):
         assert got == pytest.approx(expected[name], abs=max(TOL, 1e-4 * scale)), name
+
+
+def test_ungrouping_leaves_the_model_as_it_was(family):
+    """Inside `ungrouped` every query head has its own key/value head with the same outputs; after, the
+    model is grouped again (an actor's next run patches k and v per key/value head)."""
+    model, _, pairs = family
+    grouped = kv_groups(model)
+    before = patch_batch(model, pairs, ["k", "resid"], positions="all").effects
+    with ungrouped(model):
+        assert kv_groups(model) == 1
+        inside = patch_batch(model, pairs, ["resid"], positions="all").effects
+    after = patch_batch(model, pairs, ["k", "resid"], positions="all").effects
+    assert kv_groups(model) == grouped and after.num_rows == before.num_rows > 0
+    assert after.column("logit_diff").to_pylist() == before.column("logit_diff").to_pylist()
+    resid = before.filter(pc.equal(before["component"], "resid"))
+    assert resid.column("logit_diff").to_pylist() == pytest.approx(inside.column("logit_diff").to_pylist(), abs=TOL)

@@ -23,6 +23,7 @@ stream is ever run. The contraction is done per receiver layer against the sende
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -44,6 +45,7 @@ from worker.sites import (
     component_output,
     embedding_output,
     family,
+    head_dim,
     kv_groups,
     last_logits,
     n_heads,
@@ -290,7 +292,42 @@ def edge_group(
 
 def edge_tables(model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions) -> tuple[pa.Table, pa.Table]:
     """The edges and pairs tables of `pairs` (`options.method` eap or eap-ig): every edge of every pair."""
-    if kv_groups(model) > 1:
-        raise ValueError("edge attribution on grouped-query models (k and v receivers per query head) is not built yet")
-    parts, pairs_rows = per_length(pairs, options, lambda group: edge_group(model, group, options))
+    with ungrouped(model):
+        parts, pairs_rows = per_length(pairs, options, lambda group: edge_group(model, group, options))
     return (pa.concat_tables(parts) if parts else edges_table({}, options)), pairs_rows
+
+
+def repeat_heads(tensor: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
+    """A key or value projection's weight [kv heads * dim, d] (or bias) with each head's rows `groups` times."""
+    heads = tensor.view(-1, dim, *tensor.shape[1:])
+    return heads.repeat_interleave(groups, dim=0).flatten(0, 1)
+
+
+@contextmanager
+def ungrouped(model: TransformersModel):
+    """While open, a grouped-query model computes each query head's own key and value (its key/value
+    head's, repeated; the same outputs), so the k and v receivers are per query head, the ungrouped
+    view EAP-IG and MIB use (TransformerLens' `ungroup_grouped_query_attention`)."""
+    groups, config = kv_groups(model), model._module.config
+    if groups == 1:
+        yield
+        return
+    restore = []
+    for block in blocks(model):
+        attention = part(block, family(model).attention)
+        restore.append((attention, "num_key_value_groups", attention.num_key_value_groups))
+        attention.num_key_value_groups = 1
+        for input in ("k", "v"):
+            module = projection(model, block, input)
+            for name in ("weight", "bias"):
+                if getattr(module, name, None) is not None:
+                    restore.append((module, name, getattr(module, name)))
+                    wide = repeat_heads(getattr(module, name), groups, head_dim(model))
+                    setattr(module, name, torch.nn.Parameter(wide, requires_grad=False))
+    restore.append((config, "num_key_value_heads", config.num_key_value_heads))
+    config.num_key_value_heads = config.num_attention_heads
+    try:
+        yield
+    finally:
+        for owner, name, value in reversed(restore):
+            setattr(owner, name, value)
