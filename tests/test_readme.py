@@ -125,3 +125,12 @@ def test_the_quoted_attention_sites_are_what_the_query_prints(walkthrough):
     assert [row[:4] for row in rows[:2]] == [["q", "0", "3", "S2"], ["pattern", "0", "3", "S2"]]
     assert [round(float(row[4]), 2) for row in rows[:2]] == [0.33, 0.33]
     assert ["v", "3", "3", "S2"] in [row[:4] for row in rows]
+
+
+def test_the_quoted_top_edges_are_what_the_query_prints(walkthrough):
+    """'head 0.3 into the first MLP (0.16), head 3.3 into the logits (0.15) and the first MLP into
+    3.3's value (0.12)'."""
+    printed = next(done.stdout for command, done in walkthrough.results if 'runs/ioi_pairs-edges "SELECT' in command)
+    rows = [line.split() for line in printed.splitlines()[2:-1]]
+    quoted = [("a0.h3->m0", 0.16), ("a3.h3->logits", 0.15), ("m0->a3.h3<v>", 0.12)]
+    assert [(row[0], round(float(row[1]), 2)) for row in rows[:3]] == quoted

@@ -1,0 +1,121 @@
+"""What edge attribution costs: pairs/s of EAP and EAP-IG over every edge of the graph (32,491 on
+GPT-2 small) on the 48 benchmark pairs, the bytes of `edges/` per pair, and the aggregate of many
+pairs' edges.
+
+    python -m bench.edges                      # eap, eap-ig with 5 steps
+    python -m bench.edges --family llama --rounds 2
+    python -m bench.edges --aggregate-pairs 10000
+
+Model: GPT-2-small-sized random, of `--family` (bench/gpt2_small.py); pairs: examples/pairs.jsonl
+four times over (14, 17 and 19 tokens). The aggregate is timed over a run directory built from
+the measured run's parts, copied to `--aggregate-pairs` pairs (shards of 32 pairs, as the driver
+writes them), with the driver's own aggregate (jobs/results/aggregate.py); its peak memory is the
+process's resident high-water mark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from bench.driver_throughput import repeated_pairs
+from bench.gpt2_small import build_small
+from jobs.pairfile import read_pairs
+from jobs.results.aggregate import aggregate
+from jobs.store import EDGES, PAIR_PARTS_DIR, PAIRS_FILE, Store
+from worker.edges import Graph, edge_tables
+from worker.model import load_model, load_tokenizer
+from worker.options import PatchOptions
+
+REPO = Path(__file__).resolve().parent.parent
+SHARD = 32
+
+
+def timed_run(model, pairs, options: PatchOptions, rounds: int) -> tuple[float, pa.Table, pa.Table]:
+    """The fastest of `rounds` runs, and the tables of the last."""
+    edge_tables(model, pairs[:1], options)  # warm-up
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        edges, pairs_rows = edge_tables(model, pairs, options)
+        best = min(best, time.perf_counter() - start)
+    return best, edges, pairs_rows
+
+
+def run_of(edges: pa.Table, pairs_rows: pa.Table, n_pairs: int) -> Store:
+    """A finished edges run of `n_pairs` pairs: the measured pairs' parts copied under new ids."""
+    root = Path(tempfile.mkdtemp())
+    for directory in (PAIR_PARTS_DIR, "edges"):
+        (root / directory).mkdir()
+    store = Store(str(root), EDGES)
+    ids = pairs_rows.column("pair_id").to_pylist()
+    for shard, first in enumerate(range(0, n_pairs, SHARD)):
+        wanted = [f"{first + i}" for i in range(min(SHARD, n_pairs - first))]
+        source = [ids[(first + i) % len(ids)] for i in range(len(wanted))]
+        rows = pairs_rows.take(pa.array([ids.index(pair) for pair in source]))
+        rows = rows.set_column(0, "pair_id", pa.array(wanted))
+        own = pc.is_in(edges.column("pair_id"), pa.array(source))
+        part = edges.filter(own)
+        renamed = dict(zip(source, wanted))
+        part = part.set_column(0, "pair_id", pa.array([renamed[pair] for pair in part.column("pair_id").to_pylist()]))
+        name = f"part-{shard:05d}"
+        store.write_table(rows, f"{PAIR_PARTS_DIR}/{name}.parquet")
+        store.write_table(part, f"edges/{name}.parquet")
+    store.write_table(pairs_rows, PAIRS_FILE)
+    return store
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", default=str(REPO / "examples" / "pairs.jsonl"))
+    parser.add_argument("--repeat", type=int, default=4)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--family", default="gpt2", choices=["gpt2", "gpt_neox", "llama"])
+    parser.add_argument("--ig-steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--aggregate-pairs", type=int, default=0, help="Also time the aggregate of this many pairs.")
+    args = parser.parse_args()
+
+    model_dir = str(build_small(args.family, f"{tempfile.gettempdir()}/patchsweep-{args.family}-12x768"))
+    pairs_file = Path(tempfile.mkdtemp()) / "pairs.jsonl"
+    repeated_pairs(Path(args.pairs), args.repeat, pairs_file)
+    pairs = read_pairs(pairs_file, *load_tokenizer(model_dir)).pairs
+    model = load_model(model_dir, args.device, args.dtype)
+    edges = len(Graph.of(model).edges)
+    print(
+        f"family={args.family} device={model.device} dtype={args.dtype} threads={torch.get_num_threads()} "
+        f"pairs={len(pairs)} tokens={sorted({p.n_tokens for p in pairs})} edges={edges}"
+    )
+    print(f"{'method':16s} {'pairs/s':>8s} {'s/pair':>7s} {'edges/s':>10s} {'bytes/pair':>11s}")
+    measured = None
+    for method in ("eap", "eap-ig"):
+        options = PatchOptions((), method=method, ig_steps=args.ig_steps)
+        seconds, table, pairs_rows = timed_run(model, pairs, options, args.rounds)
+        written = Path(tempfile.mkdtemp()) / "part.parquet"
+        pq.write_table(table, written)
+        name = method if method == "eap" else f"eap-ig ({args.ig_steps} steps)"
+        print(
+            f"{name:16s} {len(pairs) / seconds:8.2f} {seconds / len(pairs):7.3f} "
+            f"{edges * len(pairs) / seconds:10.0f} {written.stat().st_size / len(pairs):11.0f}"
+        )
+        measured = measured or (table, pairs_rows)
+    if args.aggregate_pairs:
+        store = run_of(*measured, args.aggregate_pairs)
+        start = time.perf_counter()
+        rows = aggregate(store, "denoise").num_rows
+        seconds = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"aggregate of {args.aggregate_pairs} pairs ({rows} edges): {seconds:.1f} s, process peak {peak:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
