@@ -6,6 +6,7 @@ Deliberately naive and free of nnsight, so that it can check the worker's number
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from contextlib import contextmanager
 
 import numpy as np
@@ -561,30 +562,103 @@ def reference_eap(
         if direction == "denoise"
         else (list(pair.corrupted_ids), list(pair.clean_ids))
     )
-    config = model.config
-    layers, heads = config.num_hidden_layers, config.num_attention_heads
-    parallel = bool(getattr(config, "use_parallel_residual", False))
     with torch.no_grad():
         donor_logits = next_token_logits(model, donor)
         base = measure(metric, next_token_logits(model, receiving), pair, donor_logits)
         ours, theirs = sender_outputs(model, receiving), sender_outputs(model, donor)
-    difference = {name: (theirs[name] - ours[name]).double() for name in ours}
-    receivers = [
-        (f"a{layer}.h{head}<{input}>", layer, ("head", layer, head, input))
-        for layer in range(layers)
-        for head in range(heads)
-        for input in INPUTS
-    ]
-    receivers += [(f"m{layer}", layer, ("mlp", layer)) for layer in range(layers)] + [("logits", layers, ("logits",))]
+    edges = defaultdict(list)  # receiver: its senders
+    for edge in reference_eap_names(model):
+        sender, receiver = edge.split("->")
+        edges[receiver].append(sender)
     result = {}
-    for name, layer, receiver in receivers:
+    for name, senders in edges.items():
+        found = re.fullmatch(r"a(\d+)\.h(\d+)<([qkv])>", name)
+        if found:
+            receiver = ("head", int(found[1]), int(found[2]), found[3])
+        else:
+            receiver = ("logits",) if name == "logits" else ("mlp", int(name[1:]))
         mixes = [theirs["input"] + k / steps * (ours["input"] - theirs["input"]) for k in range(steps)] or [None]
         gradient = sum(
             receiver_gradient(model, receiving, receiver, metric, pair, donor_logits, mix) for mix in mixes
         ) / len(mixes)
-        for sender, change in difference.items():
+        for sender in senders:
+            result[f"{sender}->{name}"] = base + float(((theirs[sender] - ours[sender]).double() * gradient).sum())
+    return result
+
+
+@torch.no_grad()
+def reference_edge_patching(
+    model: PreTrainedModel, pair, direction: str, metric: str = "logit_diff"
+) -> dict[str, float]:
+    """{edge name: the receiving run's metric with that edge alone patched}: whole forwards with
+    hooks, the receiver (a head's q/k/v projection output on its channels, recomputed from the
+    norm of the stream plus the sender's donor-minus-receiving output; the MLP's input; the final
+    norm's input) reading the stream plus that difference, every other module as usual."""
+    model = ungrouped_copy(model)
+    donor, receiving = (
+        (list(pair.clean_ids), list(pair.corrupted_ids))
+        if direction == "denoise"
+        else (list(pair.corrupted_ids), list(pair.clean_ids))
+    )
+    donor_logits = next_token_logits(model, donor)
+    ours, theirs = sender_outputs(model, receiving), sender_outputs(model, donor)
+    before_attention, before_mlp, final = NORMS[model.config.model_type]
+    blocks = dig(model, PARTS[model.config.model_type][0])
+    mlp_path = PARTS[model.config.model_type][3]
+    result = {}
+    for edge in reference_eap_names(model):
+        sender, receiver = edge.split("->")
+        change = (theirs[sender] - ours[sender])[None].to(ours[sender].dtype)
+        stream, handles = {}, []
+
+        def keep(module, args, stream=stream):
+            stream["x"] = args[0]
+
+        if receiver == "logits":
+            handles.append(dig(model, final).register_forward_pre_hook(lambda m, args, c=change: (args[0] + c,)))
+        elif receiver.startswith("m"):
+            block = blocks[int(receiver[1:])]
+            norm = dig(block, before_mlp)
+            handles.append(norm.register_forward_pre_hook(keep))
+            handles.append(
+                dig(block, mlp_path).register_forward_pre_hook(
+                    lambda m, args, n=norm, c=change, s=stream: (n.forward(s["x"] + c),)
+                )
+            )
+        else:
+            layer, head, input = re.fullmatch(r"a(\d+)\.h(\d+)<([qkv])>", receiver).groups()
+            norm = dig(blocks[int(layer)], before_attention)
+            module, channels = input_site(model, int(layer), int(head), input)
+
+            def own(module, args, output, n=norm, c=change, s=stream, ch=channels):
+                output = output.clone()
+                output[..., ch] = module.forward(n.forward(s["x"] + c))[..., ch]
+                return output
+
+            handles += [norm.register_forward_pre_hook(keep), module.register_forward_hook(own)]
+        try:
+            result[edge] = measure(metric, next_token_logits(model, receiving), pair, donor_logits)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return result
+
+
+def reference_eap_names(model: PreTrainedModel) -> list[str]:
+    """Every edge of the EAP-IG graph, by its rule: a receiver reads every sender of an earlier
+    layer; an MLP also its own layer's heads, unless the block is parallel; `logits` everything."""
+    config = model.config
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    parallel = bool(getattr(config, "use_parallel_residual", False))
+    senders = ["input"] + [f"a{at}.h{h}" for at in range(layers) for h in range(heads)]
+    senders += [f"m{at}" for at in range(layers)]
+    receivers = [(f"a{at}.h{h}<{i}>", at) for at in range(layers) for h in range(heads) for i in INPUTS]
+    receivers += [(f"m{at}", at) for at in range(layers)] + [("logits", layers)]
+    names = []
+    for name, layer in receivers:
+        for sender in senders:
             sender_layer = -1 if sender == "input" else int(re.match(r"[am](\d+)", sender).group(1))
             own_heads = name.startswith("m") and sender.startswith("a") and not parallel
             if sender_layer < layer or (sender_layer == layer and own_heads):
-                result[f"{sender}->{name}"] = base + float((change * gradient).sum())
-    return result
+                names.append(f"{sender}->{name}")
+    return names

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 from examples.tiny_families import build_tiny
 from jobs.pairfile import encoder_for, parse_record
 from tests.conftest import IOI_LINES, TOL
-from tests.reference import reference_eap
+from tests.reference import reference_eap, reference_edge_patching
+from worker.edge_patching import exact_edge_values
 from worker.edges import Graph, eap_estimates, ungrouped
 from worker.model import load_model, load_tokenizer
 from worker.options import METRICS, PatchOptions
@@ -91,3 +92,20 @@ def test_ungrouping_leaves_the_model_as_it_was(family):
     assert after.column("logit_diff").to_pylist() == before.column("logit_diff").to_pylist()
     resid = before.filter(pc.equal(before["component"], "resid"))
     assert resid.column("logit_diff").to_pylist() == pytest.approx(inside.column("logit_diff").to_pylist(), abs=TOL)
+
+
+def test_exact_edge_patching_matches_hook_reference(family):
+    """Every edge of a pair patched alone (the receiver reads the stream plus the sender's
+    difference, everything downstream recomputed) against whole forwards with hooks; the
+    direction differs between families."""
+    model, hf_model, pairs = family
+    graph, pair = Graph.of(model), pairs[0]
+    direction = "noise" if graph.parallel or kv_groups(model) > 1 else "denoise"
+    options = PatchOptions((), direction=direction, method="eap", max_batch_tokens=24 * 16)
+    with ungrouped(model):
+        clean, corrupted, values = exact_edge_values(model, [pair], options, [(0, e) for e in range(len(graph.edges))])
+    expected = reference_edge_patching(hf_model, pair, direction)
+    receiving = float(corrupted[0] if direction == "denoise" else clean[0])
+    assert sum(abs(want - receiving) > 10 * TOL for want in expected.values()) > len(expected) // 4
+    for name, value in zip(graph.edge_names, values.tolist()):
+        assert value == pytest.approx(expected[name], abs=TOL), name
