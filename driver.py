@@ -306,13 +306,20 @@ def paths(pairs: str | None, out: str | None, receivers: tuple[str, ...], sender
     show_default=True,
     help="eap-ig: interpolated runs per pair.",
 )
+@click.option(
+    "--verify-top",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Exact-patch each pair's K edges of largest |estimate|, and K other edges drawn at random.",
+)
 def edges(pairs: str | None, out: str | None, method: str, ig_steps: int, **options) -> None:
     """Edge attribution over the model's whole graph (EAP, EAP-IG), per pair.
 
     Nodes and edges as EAP-IG and MIB name them: input, a{L}.h{H}, m{L}, logits; receivers take a
     head's q, k or v input, an MLP's input or the logits, e.g. a0.h3->a2.h1<q>. Writes
     OUT/edges/part-*.parquet (one row per pair and edge), OUT/pairs.parquet, OUT/manifest.json,
-    the aggregate (mean estimate per edge) and the report.
+    the aggregate (mean estimate per edge, and mean exact score of the verified ones) and the report.
     """
     if pairs is None:
         raise click.UsageError("--pairs FILE is required")

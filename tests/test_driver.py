@@ -19,7 +19,8 @@ from jobs.means import means_table
 from jobs.pairfile import read_pairs
 from jobs.results.aggregate import DEFAULT_MIN_GAP
 from tests.conftest import EXAMPLE_PAIRS, REPO, free_port, score_tolerance, write_jsonl
-from worker.edges import Graph, edge_tables
+from worker.edge_runs import edge_tables
+from worker.edges import Graph
 from worker.faults import TEST_FAULT_ENV
 from worker.means import donor_sums
 from worker.model import PROXY_VARIABLES
@@ -699,19 +700,24 @@ def test_edges_end_to_end(tmp_path, tiny_model, tiny_model_dir, tokenizer_and_ct
     manifest, aggregate (mean estimate per edge), report and `edges` view; a re-run has nothing to do."""
     out = tmp_path / "edges"
     args = ["edges", "--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", out, "--batch-pairs", 5]
-    done = run_driver(*args, "--method", "eap-ig", "--ig-steps", 2, "--direction", "noise")
+    done = run_driver(*args, "--method", "eap-ig", "--ig-steps", 2, "--direction", "noise", "--verify-top", 3)
     assert done.returncode == 0, done.stderr
     pairs = read_pairs(EXAMPLE_PAIRS, *tokenizer_and_ctx).pairs
     graph = Graph.of(tiny_model)
     rows = pq.read_table(out / "edges").to_pylist()
     assert len(rows) == len({(r["pair_id"], r["edge"]) for r in rows}) == len(pairs) * len(graph.edges)
-    options = PatchOptions((), direction="noise", method="eap-ig", ig_steps=2)
-    core = {(r["pair_id"], r["edge"]): r["estimate"] for r in edge_tables(tiny_model, pairs, options)[0].to_pylist()}
+    options = PatchOptions((), direction="noise", method="eap-ig", ig_steps=2, verify_top=3)
+    core = {(r["pair_id"], r["edge"]): r for r in edge_tables(tiny_model, pairs, options)[0].to_pylist()}
     for r in rows:
-        assert r["estimate"] == pytest.approx(core[(r["pair_id"], r["edge"])], abs=RUN_TOL)
-        assert r["sender"] + "->" + r["receiver"] == r["edge"] and r["score"] is None
+        want = core[(r["pair_id"], r["edge"])]
+        assert r["estimate"] == pytest.approx(want["estimate"], abs=RUN_TOL)
+        assert (r["score"] is None) == (want["score"] is None) and r["sender"] + "->" + r["receiver"] == r["edge"]
+        if r["score"] is not None:
+            assert r["logit_diff"] == pytest.approx(want["logit_diff"], abs=RUN_TOL)
+    verified = [r for r in rows if r["score"] is not None]
+    assert len(verified) == 2 * 3 * len(pairs)  # each pair's top 3 and 3 drawn at random
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["method"] == "eap-ig" and manifest["config"]["ig_steps"] == 2
+    assert manifest["method"] == "eap-ig" and manifest["config"]["ig_steps"] == 2 and manifest["verify_top"] == 3
     aggregate = pq.read_table(out / "aggregate.parquet").to_pylist()
     assert {r["edge"] for r in aggregate} == set(graph.edge_names)
     gaps = {
@@ -723,10 +729,11 @@ def test_edges_end_to_end(tmp_path, tiny_model, tiny_model_dir, tokenizer_and_ct
     by_hand = [r["estimate"] for r in rows if r["edge"] == top["edge"] and r["pair_id"] in kept]
     assert top["pairs"] == len(by_hand) and top["excluded_pairs"] == len(pairs) - len(kept)
     assert top["mean_estimate"] == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-5)
-    assert "EAP-IG estimate" in (out / "report.html").read_text()
+    report = (out / "report.html").read_text()
+    assert "EAP-IG estimate" in report and f"({len(verified)} verified edges)" in report
     counted = run_driver("query", out, "SELECT count(DISTINCT edge) AS n FROM edges")
     assert counted.returncode == 0 and counted.stdout.split()[-3] == str(len(graph.edges))
-    again = run_driver(*args, "--method", "eap-ig", "--ig-steps", 2, "--direction", "noise")
+    again = run_driver(*args, "--method", "eap-ig", "--ig-steps", 2, "--direction", "noise", "--verify-top", 3)
     assert again.returncode == 0 and "nothing to do" in again.stderr
 
 

@@ -12,6 +12,7 @@ from jobs.pairfile import encoder_for, parse_record
 from tests.conftest import IOI_LINES, TOL
 from tests.reference import reference_eap, reference_edge_patching
 from worker.edge_patching import exact_edge_values
+from worker.edge_runs import edge_tables
 from worker.edges import Graph, eap_estimates, ungrouped
 from worker.model import load_model, load_tokenizer
 from worker.options import METRICS, PatchOptions
@@ -109,3 +110,23 @@ def test_exact_edge_patching_matches_hook_reference(family):
     assert sum(abs(want - receiving) > 10 * TOL for want in expected.values()) > len(expected) // 4
     for name, value in zip(graph.edge_names, values.tolist()):
         assert value == pytest.approx(expected[name], abs=TOL), name
+
+
+def test_verified_edges_are_exact_and_the_rest_estimated(family):
+    """`verify_top` K: per pair its K largest |estimate| edges and K drawn at random carry the exact
+    metric and score (equal to patching those edges alone), every other row only the estimate."""
+    model, _, pairs = family
+    pair, k = pairs[0], 4
+    options = PatchOptions((), direction="noise", method="eap", verify_top=k)
+    rows = edge_tables(model, [pair], options)[0].to_pylist()
+    graph = Graph.of(model)
+    verified = [i for i, row in enumerate(rows) if row["score"] is not None]
+    assert len(verified) == 2 * k and all(rows[i]["logit_diff"] is not None for i in verified)
+    top = sorted(range(len(rows)), key=lambda i: -abs(rows[i]["estimate"]))[:k]
+    assert set(top) <= set(verified)
+    with ungrouped(model):
+        clean, corrupted, exact = exact_edge_values(model, [pair], options, [(0, i) for i in verified])
+    for i, value in zip(verified, exact.tolist()):
+        assert rows[i]["edge"] == graph.edge_names[i]
+        assert rows[i]["logit_diff"] == pytest.approx(value, abs=TOL)
+        assert rows[i]["score"] == pytest.approx((value - float(clean[0])) / float(corrupted[0] - clean[0]), abs=1e-3)

@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import nnsight
-import numpy as np
-import pyarrow as pa
 import torch
 from nnsight import TransformersModel
 
@@ -37,7 +35,6 @@ from worker.families import part
 from worker.metrics import Answers, DonorDistribution, vocabulary_metric
 from worker.options import PatchOptions
 from worker.pairs import Pair
-from worker.patching import normalized_score, per_length
 from worker.receivers import INPUTS
 from worker.rows import PairRows
 from worker.sites import (
@@ -53,7 +50,6 @@ from worker.sites import (
     projection,
     site_values,
 )
-from worker.tables import edges_table
 
 
 @dataclass(frozen=True)
@@ -259,42 +255,6 @@ def eap_estimates(
         metrics.append(read.metric)
         estimates.append(layout.receiving_side(read.metric)[:, None] + edge_effects(graph, read).cpu())
     return *layout.clean_and_corrupted(torch.cat(metrics)), torch.cat(estimates)
-
-
-def edge_group(
-    model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions
-) -> tuple[pa.Table, torch.Tensor, torch.Tensor]:
-    """Edge rows of pairs of one token length (pair-major, edges in `Graph.edges` order), and both baselines."""
-    graph = Graph.of(model)
-    steps = options.ig_steps if options.method == "eap-ig" else 0
-    clean, corrupted, estimates = eap_estimates(model, pairs, options, steps)
-    scores = normalized_score(estimates, clean[:, None], corrupted[:, None], options.direction)
-    n_edges = len(graph.edges)
-    names = pa.array(graph.edge_names).dictionary_encode()
-    senders = pa.array([graph.senders[s][0] for s, _ in graph.edges]).dictionary_encode()
-    receivers = pa.array([graph.receivers[r][0] for _, r in graph.edges]).dictionary_encode()
-    index = np.tile(np.arange(n_edges, dtype=np.int32), len(pairs))
-
-    def names_of(encoded: pa.DictionaryArray) -> pa.DictionaryArray:  # per row, its edge's
-        return pa.DictionaryArray.from_arrays(encoded.indices.to_numpy()[index], encoded.dictionary)
-
-    columns = {
-        "pair_id": pa.array(np.repeat([p.pair_id for p in pairs], n_edges)),
-        "edge": names_of(names),
-        "sender": names_of(senders),
-        "receiver": names_of(receivers),
-        options.metric: pa.nulls(len(index), pa.float32()),
-        "score": pa.nulls(len(index), pa.float32()),
-        "estimate": pa.array(scores.flatten().numpy(), pa.float32()),
-    }
-    return edges_table(columns, options), clean, corrupted
-
-
-def edge_tables(model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions) -> tuple[pa.Table, pa.Table]:
-    """The edges and pairs tables of `pairs` (`options.method` eap or eap-ig): every edge of every pair."""
-    with ungrouped(model):
-        parts, pairs_rows = per_length(pairs, options, lambda group: edge_group(model, group, options))
-    return (pa.concat_tables(parts) if parts else edges_table({}, options)), pairs_rows
 
 
 def repeat_heads(tensor: torch.Tensor, groups: int, dim: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ from nnsight import TransformersModel
 
 from worker.attention import reading_patterns
 from worker.attribution import atp_estimates
-from worker.edges import edge_tables
+from worker.edge_runs import edge_tables
 from worker.options import METHODS, PatchOptions
 from worker.pairs import Pair
 from worker.patching import effects_batch

@@ -80,7 +80,7 @@ class PatchOptions:
     metric: str = DEFAULT_METRIC
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     method: str = "exact"
-    verify_top: int = 0  # atp: exact-patch each pair's top K estimates and K more drawn at random
+    verify_top: int = 0  # atp, eap, eap-ig: exact-patch each pair's top K estimates and K more drawn at random
     receivers: tuple[str, ...] = ()  # paths: each receiver's canonical spec (worker/receivers.py)
     donor: str = DEFAULT_DONOR  # where patched values come from: the pair's other prompt, or an ablation
     seed: int = 0  # resample: which other pair each pair takes its donor from (the driver's pairing)
@@ -117,8 +117,8 @@ class PatchOptions:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {tuple(METHODS)}, got {self.method!r}")
         method = METHODS[self.method]
-        if self.verify_top < 0 or (self.verify_top and (self.method not in PATCH_METHODS or not method.estimates)):
-            estimating = " or ".join(name for name in PATCH_METHODS if METHODS[name].estimates)
+        if self.verify_top < 0 or (self.verify_top and not method.estimates):
+            estimating = " or ".join(name for name, m in METHODS.items() if m.estimates)
             raise ValueError(f"verify_top must be 0, or positive with method {estimating}, got {self.verify_top}")
         if method.receivers != bool(self.receivers):
             raise ValueError(

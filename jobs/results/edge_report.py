@@ -10,6 +10,28 @@ import plotly.graph_objects as go
 from jobs.results.heatmaps import heatmap
 
 TOP_EDGES = 20
+AGREEMENT_SQL = """
+WITH v AS (
+    SELECT estimate::DOUBLE AS e, score::DOUBLE AS s FROM edges WHERE score IS NOT NULL AND estimate IS NOT NULL
+),
+ranked AS (
+    SELECT e, s,
+           rank() OVER (ORDER BY e) + (count(*) OVER (PARTITION BY e) - 1) / 2.0 AS re,
+           rank() OVER (ORDER BY s) + (count(*) OVER (PARTITION BY s) - 1) / 2.0 AS rs
+    FROM v
+)
+SELECT corr(e, s), corr(re, rs), count(*) FROM ranked
+"""
+
+
+def agreement(connection, method_title: str) -> list[tuple[str, str]]:
+    """A summary line comparing the estimate with exact patching over the verified edges (Pearson,
+    and Spearman on average ranks), if the run verified any."""
+    pearson, spearman, n = connection.sql(AGREEMENT_SQL).fetchall()[0]
+    if not n:
+        return []
+    said = "n/a" if pearson is None else f"Pearson {pearson:.3f}, Spearman {spearman:.3f}"
+    return [(f"{method_title} vs exact edge patching", f"{said} ({n} verified edges)")]
 
 
 def node_order(name: str) -> tuple:

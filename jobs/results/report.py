@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.results.aggregate import ALL_POSITIONS, DEFAULT_MIN_GAP, aggregate
-from jobs.results.edge_report import edge_figures
+from jobs.results.edge_report import agreement, edge_figures
 from jobs.results.heatmaps import heatmap
 from jobs.results.query import connect_tables
 from jobs.results.verification import collect_verified, correlations, fmt, scatter_figures, top_k_agreement
@@ -333,7 +333,8 @@ def write_report(
     connection = connect_tables(store)
     if store.kind is EDGES:
         figures = edge_figures(aggregate_rows, run)
-        document = page(f"patchsweep: {model}", summary_rows(connection, manifest, min_gap), [("Edges", figures)])
+        summary = summary_rows(connection, manifest, min_gap) + agreement(connection, method_of(manifest).title)
+        document = page(f"patchsweep: {model}", summary, [("Edges", figures)])
         store.write_bytes(document.encode(), REPORT_FILE)
         return f"report: {store.path(REPORT_FILE)} ({len(figures)} figures)"
     statistic = "estimate" if method_of(manifest).estimates else "score"
