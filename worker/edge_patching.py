@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Sequence
-from contextlib import ExitStack
+from contextlib import contextmanager, nullcontext
 
 import torch
 from nnsight import TransformersModel
@@ -27,7 +27,7 @@ from worker.edges import Graph, output_weights
 from worker.families import part
 from worker.options import PatchOptions
 from worker.pairs import Pair
-from worker.reuse import GroupRead, block_on_suffix, read_groups, readout, suffix_arguments
+from worker.reuse import GroupRead, block_on_suffix, read_groups, readout, suffix_arguments, writing
 from worker.rows import PairRows
 from worker.sites import blocks, family, projection, site_values
 
@@ -57,20 +57,24 @@ def sender_difference(model: TransformersModel, read: GroupRead, sender: str, pa
     return (z[donor, start:, head] - z[receiving, start:, head]) @ output_weights(model, blocks(model)[layer])[head]
 
 
-def receiver_hooks(model: TransformersModel, block, kind: str, hidden: torch.Tensor, change: torch.Tensor, heads):
-    """Forward hooks on `block` giving each row's receiver (head `heads[i]`'s `kind` input, q/k/v,
-    or the MLP's input, `m`) the stream plus `change[i]`; (module, hook, pre) triples."""
+@contextmanager
+def reading(model: TransformersModel, block, kind: str, hidden: torch.Tensor, change: torch.Tensor, heads):
+    """While open, each row's receiver in `block` (head `heads[i]`'s `kind` input, q/k/v, or the
+    MLP's input, `m`) reads the stream `hidden` plus `change[i]`; the rest of the block reads `hidden`."""
     where = family(model)
-    if kind == "m":
-        return [(part(block, where.mlp_norm), lambda module, args: (args[0] + change, *args[1:]), True)]
-    module = projection(model, block, kind)
-    patched = site_values(model, kind, module(part(block, where.attn_norm)(hidden + change)))
-    rows = torch.arange(len(heads), device=hidden.device)
-
-    def write(module, args, output):
-        site_values(model, kind, output)[rows, :, heads] = patched[rows, :, heads]
-
-    return [(module, write, False)]
+    if kind != "m":
+        rows = torch.arange(len(heads), device=hidden.device)
+        patched = site_values(
+            model, kind, projection(model, block, kind)(part(block, where.attn_norm)(hidden + change))
+        )
+        with writing(model, block, kind, patched[rows, :, heads], heads):
+            yield
+        return
+    handle = part(block, where.mlp_norm).register_forward_pre_hook(lambda module, args: (args[0] + change, *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def edge_run(model: TransformersModel, read: GroupRead, items: list[tuple[int, str, str]], start: int, metric: str):
@@ -91,11 +95,7 @@ def edge_run(model: TransformersModel, read: GroupRead, items: list[tuple[int, s
         arguments = suffix_arguments(model, start, hidden)
         for at, block in enumerate(blocks(model)[layer:], start=layer):
             keys, values = read.prefix[at]
-            with ExitStack() as stack:
-                if at == layer:
-                    for module, hook, pre in receiver_hooks(model, block, kind, hidden, change, heads):
-                        handle = module.register_forward_pre_hook(hook) if pre else module.register_forward_hook(hook)
-                        stack.callback(handle.remove)
+            with reading(model, block, kind, hidden, change, heads) if at == layer else nullcontext():
                 hidden = block_on_suffix(
                     model, block, hidden, keys[pairs, :, :start], values[pairs, :, :start], arguments
                 )
