@@ -662,3 +662,66 @@ def reference_eap_names(model: PreTrainedModel) -> list[str]:
             if sender_layer < layer or (sender_layer == layer and own_heads):
                 names.append(f"{sender}->{name}")
     return names
+
+
+@torch.no_grad()
+def reference_edge_set(model: PreTrainedModel, pair, direction: str, patched: set[str], metric: str = "logit_diff"):
+    """The receiving run's metric with every edge named in `patched` patched at once: one whole
+    forward with hooks, each receiver reading the stream plus, for each of its patched edges, the
+    sender's donor output minus that sender's output in this same forward (caught as the forward
+    reaches it, so a sender after a patched edge sends its patched value)."""
+    model = ungrouped_copy(model)
+    donor, receiving = (
+        (list(pair.clean_ids), list(pair.corrupted_ids))
+        if direction == "denoise"
+        else (list(pair.corrupted_ids), list(pair.clean_ids))
+    )
+    donor_logits, theirs = next_token_logits(model, donor), sender_outputs(model, donor)
+    into, ours, streams = defaultdict(list), {}, {}
+    for edge in patched:
+        sender, receiver = edge.split("->")
+        into[receiver].append(sender)
+
+    def change(receiver: str) -> torch.Tensor:
+        return sum((theirs[s] - ours[s] for s in into[receiver]), torch.zeros_like(theirs["input"]))[None]
+
+    config = model.config
+    blocks_path, _, out_proj, mlp_path = PARTS[config.model_type]
+    before_attention, before_mlp, final = NORMS[config.model_type]
+    heads, width = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    blocks = dig(model, blocks_path)
+    handles = [blocks[0].register_forward_pre_hook(lambda m, args: ours.update(input=args[0][0]))]
+    for layer, block in enumerate(blocks):
+        norm, mlp_norm = dig(block, before_attention), dig(block, before_mlp)
+        handles.append(norm.register_forward_pre_hook(lambda m, args, at=layer: streams.update({at: args[0]})))
+        for head in range(heads):
+            for input in INPUTS:
+                module, channels = input_site(model, layer, head, input)
+
+                def own(module, args, output, n=norm, at=layer, ch=channels, r=f"a{layer}.h{head}<{input}>"):
+                    output = output.clone()
+                    output[..., ch] = module.forward(n.forward(streams[at] + change(r)))[..., ch]
+                    return output
+
+                handles.append(module.register_forward_hook(own))
+        projection = dig(block, out_proj)
+        weight = projection.weight if isinstance(projection, torch.nn.Linear) else projection.weight.T
+
+        def heads_out(module, args, at=layer, w=weight):
+            for head in range(heads):
+                channels = slice(head * width, (head + 1) * width)
+                ours[f"a{at}.h{head}"] = args[0][0, :, channels] @ w[:, channels].T
+
+        handles.append(projection.register_forward_pre_hook(heads_out))
+        handles.append(mlp_norm.register_forward_pre_hook(lambda m, args, at=layer: (args[0] + change(f"m{at}"),)))
+        handles.append(
+            dig(block, mlp_path).register_forward_hook(
+                lambda m, args, output, at=layer: ours.__setitem__(f"m{at}", hidden(output)[0])
+            )
+        )
+    handles.append(dig(model, final).register_forward_pre_hook(lambda m, args: (args[0] + change("logits"),)))
+    try:
+        return measure(metric, next_token_logits(model, receiving), pair, donor_logits)
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import pyarrow.compute as pc
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from examples.tiny_families import build_tiny
 from jobs.pairfile import encoder_for, parse_record
 from tests.conftest import IOI_LINES, TOL
-from tests.reference import reference_eap, reference_edge_patching
+from tests.reference import reference_eap, reference_edge_patching, reference_edge_set
 from worker.edge_patching import exact_edge_values
 from worker.edge_runs import edge_tables
+from worker.edge_sets import edge_set_values
 from worker.edges import Graph, eap_estimates, ungrouped
 from worker.model import load_model, load_tokenizer
 from worker.options import METRICS, PatchOptions
@@ -110,6 +112,33 @@ def test_exact_edge_patching_matches_hook_reference(family):
     assert sum(abs(want - receiving) > 10 * TOL for want in expected.values()) > len(expected) // 4
     for name, value in zip(graph.edge_names, values.tolist()):
         assert value == pytest.approx(expected[name], abs=TOL), name
+
+
+def test_patching_a_set_of_edges_matches_hook_reference(family):
+    """Sets of edges patched at once (a random third of the edges, the rest, every edge, none)
+    against one whole forward with hooks per set: no edge gives the receiving run, every edge the
+    donor run; a one-edge set equals patching that edge alone."""
+    model, hf_model, pairs = family
+    graph, pair = Graph.of(model), pairs[0]
+    direction = "denoise" if graph.parallel or kv_groups(model) > 1 else "noise"
+    some = torch.rand(len(graph.edges), generator=torch.Generator().manual_seed(0)) < 1 / 3
+    alone = [3, len(graph.edges) // 2, len(graph.edges) - 1]
+    sets = torch.stack(
+        [some, ~some, torch.ones_like(some), torch.zeros_like(some)] + [torch.arange(len(some)) == e for e in alone]
+    )
+    options = PatchOptions((), direction=direction, method="eap", max_batch_tokens=24 * 4)
+    clean, corrupted, values = edge_set_values(model, [pair], options, sets, [(0, s) for s in range(len(sets))])
+    donor, receiving = (float(clean[0]), float(corrupted[0]))[:: 1 if direction == "denoise" else -1]
+    assert abs(donor - receiving) > 10 * TOL
+    assert values[2] == pytest.approx(donor, abs=TOL) and values[3] == pytest.approx(receiving, abs=TOL)
+    for index, chosen in ((0, some), (1, ~some)):
+        names = {name for name, keep in zip(graph.edge_names, chosen.tolist()) if keep}
+        expected = reference_edge_set(hf_model, pair, direction, names)
+        assert index or min(abs(expected - donor), abs(expected - receiving)) > 10 * TOL  # the rest: often the donor's
+        assert values[index] == pytest.approx(expected, abs=TOL)
+    with ungrouped(model):
+        one_by_one = exact_edge_values(model, [pair], options, [(0, e) for e in alone])[2]
+    assert values[4:].tolist() == pytest.approx(one_by_one.tolist(), abs=TOL)
 
 
 def test_verified_edges_are_exact_and_the_rest_estimated(family):

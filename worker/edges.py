@@ -116,6 +116,12 @@ def head_weights(model: TransformersModel, block: torch.nn.Module, input: str) -
     return site_values(model, input, weight.T[None])[0].permute(1, 2, 0)
 
 
+def head_bias(model: TransformersModel, block: torch.nn.Module, input: str) -> torch.Tensor | float:
+    """[heads, head_dim]: each head's part of the bias of the projection computing its `input`, or 0."""
+    bias = projection(model, block, input).bias
+    return 0.0 if bias is None else site_values(model, input, bias[None, None])[0, 0]
+
+
 def output_weights(model: TransformersModel, block: torch.nn.Module) -> torch.Tensor:
     """[heads, head_dim, d_model]: each head's columns of the attention output projection."""
     weight = weight_out_in(part(block, family(model).out_proj))  # [d_model, heads * head_dim]

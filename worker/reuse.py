@@ -274,15 +274,23 @@ def patched_layer_output(
 
 @contextmanager
 def writing(
-    model: TransformersModel, block: torch.nn.Module, component: str, donated: torch.Tensor, heads: torch.Tensor
+    model: TransformersModel,
+    block: torch.nn.Module,
+    component: str,
+    donated: torch.Tensor,
+    heads: torch.Tensor | None = None,
 ):
     """While open, `block`'s `component` (q, k, v or pattern) of the i-th row takes `donated[i]`
-    ([rows, positions, values]) on head `heads[i]`, at the first positions of the block's input."""
+    ([rows, positions, values]) on head `heads[i]`, at the first positions of the block's input;
+    without `heads`, every head takes its own (`donated`: [rows, positions, heads, values])."""
     module = attention_site(model, block, component)
-    rows = torch.arange(len(heads), device=heads.device)
 
     def write(module, args, output):
-        site_values(model, component, output)[rows, : donated.shape[1], heads] = donated
+        view = site_values(model, component, output)
+        if heads is None:
+            view[:, : donated.shape[1]] = donated
+        else:
+            view[torch.arange(len(heads), device=heads.device), : donated.shape[1], heads] = donated
 
     handle = module.register_forward_hook(write)
     try:
