@@ -32,7 +32,7 @@ from jobs.pairfile import read_pairs
 from jobs.results.aggregate import aggregate
 from jobs.store import EDGES, PAIR_PARTS_DIR, PAIRS_FILE, Store
 from worker.edge_runs import edge_tables
-from worker.edges import Graph
+from worker.graph import Graph
 from worker.model import load_model, load_tokenizer
 from worker.options import PatchOptions
 

@@ -30,7 +30,8 @@ from jobs.results.report import build_report
 from jobs.shards import Shard, filled_shards, plan_shards, read_ahead
 from jobs.spec import JobSpec, config_hash, versions
 from jobs.store import Store, results_kind
-from worker.options import MEAN_DONORS, PatchOptions
+from worker.graph import Graph
+from worker.options import MEAN_DONORS, METHODS, PatchOptions
 from worker.pairs import Pair
 from worker.parts import MEANS_FILE
 
@@ -103,6 +104,7 @@ def validated_file(spec: JobSpec, phases: Phases) -> Reading:
 
         tokenizer, n_ctx = load_tokenizer(spec.model)
         scan = scan_pairs(spec.pairs, tokenizer, n_ctx, spec.patch_options())
+        say_if_every_edge_verified(spec)
     if scan.invalid and not spec.skip_invalid:
         lines = "\n".join(map(str, scan.invalid))
         raise JobError(
@@ -112,6 +114,21 @@ def validated_file(spec: JobSpec, phases: Phases) -> Reading:
     if not scan.lengths:
         raise JobError(f"{spec.pairs}: no valid pairs to run")
     return Reading(tokenizer, n_ctx, scan)
+
+
+def say_if_every_edge_verified(spec: JobSpec) -> None:
+    """An edge method's `--verify-top` above the model's edge count verifies every edge: said once."""
+    if METHODS[spec.method].results != "edges" or not spec.verify_top:
+        return
+    from worker.model import load_config
+
+    edges = len(Graph.of_config(load_config(spec.model)).edges)
+    if spec.verify_top > edges:
+        print(
+            f"note: --verify-top {spec.verify_top} is more than the model's {edges} edges: "
+            "every edge is patched exactly",
+            file=sys.stderr,
+        )
 
 
 def wait_until_ready(actors: list, options: PatchOptions) -> None:

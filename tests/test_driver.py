@@ -20,8 +20,8 @@ from jobs.pairfile import read_pairs
 from jobs.results.aggregate import DEFAULT_MIN_GAP
 from tests.conftest import EXAMPLE_PAIRS, REPO, free_port, score_tolerance, write_jsonl
 from worker.edge_runs import edge_tables
-from worker.edges import Graph
 from worker.faults import TEST_FAULT_ENV
+from worker.graph import Graph
 from worker.means import donor_sums
 from worker.model import PROXY_VARIABLES
 from worker.options import PatchOptions

@@ -3,6 +3,8 @@ copy of each receiver's input (tests/reference.py::reference_eap)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pyarrow.compute as pc
 import pytest
 import torch
@@ -10,12 +12,15 @@ from transformers import AutoModelForCausalLM
 
 from examples.tiny_families import build_tiny
 from jobs.pairfile import encoder_for, parse_record
+from jobs.run import say_if_every_edge_verified
+from jobs.spec import JobSpec
 from tests.conftest import IOI_LINES, TOL
 from tests.reference import reference_eap, reference_edge_patching, reference_edge_set
 from worker.edge_patching import exact_edge_values
 from worker.edge_runs import edge_tables
 from worker.edge_sets import edge_set_values
-from worker.edges import Graph, eap_estimates, ungrouped
+from worker.edges import eap_estimates, ungrouped
+from worker.graph import Graph
 from worker.model import load_model, load_tokenizer
 from worker.options import METRICS, PatchOptions
 from worker.patching import patch_batch
@@ -159,3 +164,20 @@ def test_verified_edges_are_exact_and_the_rest_estimated(family):
         assert rows[i]["edge"] == graph.edge_names[i]
         assert rows[i]["logit_diff"] == pytest.approx(value, abs=TOL)
         assert rows[i]["score"] == pytest.approx((value - float(clean[0])) / float(corrupted[0] - clean[0]), abs=1e-3)
+
+
+def test_verify_top_above_the_edge_count_verifies_every_edge_and_says_so_once(family, capsys, tmp_path):
+    """Clipped: every edge of the pair carries its exact value; the driver says it in one note."""
+    model, _, pairs = family
+    graph = Graph.of(model)
+    options = PatchOptions((), direction="noise", method="eap", verify_top=10 * len(graph.edges))
+    rows = edge_tables(model, pairs[:1], options)[0].to_pylist()
+    assert len(rows) == len(graph.edges) and all(row["score"] is not None for row in rows)
+    source = str(tmp_path / "checkpoint")
+    model._module.config.save_pretrained(source)
+    spec = JobSpec(pairs="p.jsonl", out="o", model=source, components=(), method="eap", verify_top=options.verify_top)
+    say_if_every_edge_verified(spec)
+    say_if_every_edge_verified(dataclasses.replace(spec, verify_top=len(graph.edges)))
+    note = f"note: --verify-top {options.verify_top} is more than the model's {len(graph.edges)} edges"
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and note in err

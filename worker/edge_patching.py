@@ -23,8 +23,9 @@ from contextlib import contextmanager, nullcontext
 import torch
 from nnsight import TransformersModel
 
-from worker.edges import Graph, output_weights
+from worker.edges import output_weights
 from worker.families import part
+from worker.graph import Graph
 from worker.options import PatchOptions
 from worker.pairs import Pair
 from worker.reuse import GroupRead, block_on_suffix, read_groups, readout, suffix_arguments, writing

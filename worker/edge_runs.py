@@ -17,7 +17,8 @@ from nnsight import TransformersModel
 
 from worker.attribution import verified_rows
 from worker.edge_patching import exact_edge_values
-from worker.edges import Graph, eap_estimates, ungrouped
+from worker.edges import eap_estimates, ungrouped
+from worker.graph import Graph
 from worker.options import PatchOptions
 from worker.pairs import Pair
 from worker.patching import normalized_score, per_length

@@ -23,8 +23,9 @@ from contextlib import ExitStack
 import torch
 from nnsight import TransformersModel
 
-from worker.edges import Graph, head_bias, head_weights, output_weights, ungrouped
+from worker.edges import head_bias, head_weights, output_weights, ungrouped
 from worker.families import part
+from worker.graph import Graph
 from worker.options import PatchOptions
 from worker.pairs import Pair
 from worker.receivers import INPUTS

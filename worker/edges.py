@@ -1,13 +1,4 @@
-"""Edge attribution patching (EAP; Syed et al. 2023) over the graph EAP-IG and MIB use.
-
-The graph (`Graph`), with their names so circuits move between tools: senders are `input` (the
-token embeddings), `a{L}.h{H}` (a head's output through the output projection, bias excluded)
-and `m{L}` (an MLP's output); receivers are each head's query, key and value input
-(`a{L}.h{H}<q>`: the residual stream before the block's norm, as that head alone reads it), each
-MLP's input (`m{L}`: the stream before the MLP's norm) and `logits` (the final stream before the
-last norm). A sender feeds every later receiver that reads the stream after it: a layer's heads
-read everything below the layer, its MLP also its own heads unless the block is parallel
-(GPT-NeoX), `logits` everything. Edge `s->r` is named `a0.h3->a2.h1<q>`, `input->m0`, `m1->logits`.
+"""Edge attribution patching (EAP; Syed et al. 2023) over the graph EAP-IG and MIB use (worker/graph.py).
 
 EAP estimates patching edge s->r (r's input alone gets s's donor-minus-receiving difference) as
 that difference times the metric's gradient at r's input, summed over positions and channels:
@@ -25,13 +16,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property
 
 import nnsight
 import torch
 from nnsight import TransformersModel
 
 from worker.families import part
+from worker.graph import Graph
 from worker.metrics import Answers, DonorDistribution, vocabulary_metric
 from worker.options import PatchOptions
 from worker.pairs import Pair
@@ -45,64 +36,10 @@ from worker.sites import (
     head_dim,
     kv_groups,
     last_logits,
-    n_heads,
     n_layers,
     projection,
     site_values,
 )
-
-
-@dataclass(frozen=True)
-class Graph:
-    """The nodes and edges of a model with `layers` blocks of `heads` heads; `parallel`: the MLP
-    reads the block input, not its own layer's heads."""
-
-    layers: int
-    heads: int
-    parallel: bool
-
-    @classmethod
-    def of(cls, model: TransformersModel) -> Graph:
-        parallel = bool(getattr(model._module.config, "use_parallel_residual", False))
-        return cls(n_layers(model), n_heads(model), parallel)
-
-    @cached_property
-    def senders(self) -> list[tuple[str, int]]:
-        """(name, layer) in forward order; `input` is layer -1."""
-        nodes = [("input", -1)]
-        for layer in range(self.layers):
-            nodes += [(f"a{layer}.h{head}", layer) for head in range(self.heads)] + [(f"m{layer}", layer)]
-        return nodes
-
-    @cached_property
-    def receivers(self) -> list[tuple[str, int]]:
-        """(name, layer) in forward order; `logits` is layer `layers`."""
-        nodes = []
-        for layer in range(self.layers):
-            nodes += [(f"a{layer}.h{h}<{i}>", layer) for h in range(self.heads) for i in INPUTS]
-            nodes.append((f"m{layer}", layer))
-        return [*nodes, ("logits", self.layers)]
-
-    def feeds(self, sender: str, sender_layer: int, receiver: str, receiver_layer: int) -> bool:
-        """Whether `receiver` reads the stream after `sender`."""
-        if sender_layer < receiver_layer:
-            return True
-        own_heads = receiver.startswith("m") and sender.startswith("a") and not self.parallel
-        return sender_layer == receiver_layer and own_heads
-
-    @cached_property
-    def edges(self) -> list[tuple[int, int]]:
-        """(sender index, receiver index) of every edge, receiver-major, senders in forward order."""
-        return [
-            (s, r)
-            for r, (receiver, r_layer) in enumerate(self.receivers)
-            for s, (sender, s_layer) in enumerate(self.senders)
-            if self.feeds(sender, s_layer, receiver, r_layer)
-        ]
-
-    @cached_property
-    def edge_names(self) -> list[str]:
-        return [f"{self.senders[s][0]}->{self.receivers[r][0]}" for s, r in self.edges]
 
 
 def weight_out_in(module: torch.nn.Module) -> torch.Tensor:

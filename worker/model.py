@@ -118,6 +118,11 @@ def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "
     return model
 
 
+def load_config(source: str = DEFAULT_MODEL) -> PretrainedConfig:
+    """The checkpoint's config, refused as `load_model` would refuse it, without loading any weights."""
+    return _patchable_config(_resolve_source(source))
+
+
 def load_tokenizer(source: str = DEFAULT_MODEL) -> tuple[PreTrainedTokenizerBase, int]:
     """The tokenizer and context length of `source`, without loading any weights.
 
