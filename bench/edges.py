@@ -5,6 +5,7 @@ pairs' edges.
     python -m bench.edges                      # eap, eap-ig with 5 steps
     python -m bench.edges --family llama --rounds 2
     python -m bench.edges --aggregate-pairs 10000
+    python -m bench.edges --verify-top 20        # also eap with each pair's 20 top and 20 random edges exact
 
 Model: GPT-2-small-sized random, of `--family` (bench/gpt2_small.py); pairs: examples/pairs.jsonl
 four times over (14, 17 and 19 tokens). The aggregate is timed over a run directory built from
@@ -83,6 +84,7 @@ def main() -> None:
     parser.add_argument("--family", default="gpt2", choices=["gpt2", "gpt_neox", "llama"])
     parser.add_argument("--ig-steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--verify-top", type=int, default=0, help="Also time eap with this --verify-top.")
     parser.add_argument("--aggregate-pairs", type=int, default=0, help="Also time the aggregate of this many pairs.")
     args = parser.parse_args()
 
@@ -96,16 +98,18 @@ def main() -> None:
         f"family={args.family} device={model.device} dtype={args.dtype} threads={torch.get_num_threads()} "
         f"pairs={len(pairs)} tokens={sorted({p.n_tokens for p in pairs})} edges={edges}"
     )
-    print(f"{'method':16s} {'pairs/s':>8s} {'s/pair':>7s} {'edges/s':>10s} {'bytes/pair':>11s}")
+    print(f"{'method':20s} {'pairs/s':>8s} {'s/pair':>7s} {'edges/s':>10s} {'bytes/pair':>11s}")
     measured = None
-    for method in ("eap", "eap-ig"):
-        options = PatchOptions((), method=method, ig_steps=args.ig_steps)
+    runs = [("eap", 0), ("eap-ig", 0)] + ([("eap", args.verify_top)] if args.verify_top else [])
+    for method, verify_top in runs:
+        options = PatchOptions((), method=method, ig_steps=args.ig_steps, verify_top=verify_top)
         seconds, table, pairs_rows = timed_run(model, pairs, options, args.rounds)
         written = Path(tempfile.mkdtemp()) / "part.parquet"
         pq.write_table(table, written)
         name = method if method == "eap" else f"eap-ig ({args.ig_steps} steps)"
+        name += f" verify {verify_top}" if verify_top else ""
         print(
-            f"{name:16s} {len(pairs) / seconds:8.2f} {seconds / len(pairs):7.3f} "
+            f"{name:20s} {len(pairs) / seconds:8.2f} {seconds / len(pairs):7.3f} "
             f"{edges * len(pairs) / seconds:10.0f} {written.stat().st_size / len(pairs):11.0f}"
         )
         measured = measured or (table, pairs_rows)

@@ -25,17 +25,19 @@ from worker.receivers import INPUTS
 @dataclass(frozen=True)
 class Graph:
     """The nodes and edges of a model with `layers` blocks of `heads` heads; `parallel`: the MLP
-    reads the block input, not its own layer's heads."""
+    reads the block input, not its own layer's heads; `d_model` (when known) the stream's width,
+    which EAP-IG's graph JSON records."""
 
     layers: int
     heads: int
     parallel: bool
+    d_model: int | None = None
 
     @classmethod
     def of_config(cls, config: Any) -> Graph:
         """The graph of a checkpoint, from its config alone (the driver's view: no weights)."""
-        heads = getattr(config, family_of(config).n_heads)
-        return cls(config.num_hidden_layers, heads, bool(getattr(config, "use_parallel_residual", False)))
+        heads, parallel = getattr(config, family_of(config).n_heads), getattr(config, "use_parallel_residual", False)
+        return cls(config.num_hidden_layers, heads, bool(parallel), config.hidden_size)
 
     @classmethod
     def of(cls, model: Any) -> Graph:
@@ -79,3 +81,13 @@ class Graph:
     @cached_property
     def edge_names(self) -> list[str]:
         return [f"{self.senders[s][0]}->{self.receivers[r][0]}" for s, r in self.edges]
+
+    @cached_property
+    def nodes(self) -> list[str]:
+        """Every node in forward order: the senders, then `logits`."""
+        return [name for name, _ in self.senders] + ["logits"]
+
+    @staticmethod
+    def node_of(receiver: str) -> str:
+        """The node a receiver belongs to: `a2.h1<q>` -> `a2.h1`; `m1`, `logits` are their own."""
+        return receiver.split("<")[0]

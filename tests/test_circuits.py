@@ -1,0 +1,119 @@
+"""Circuits (worker/circuits.py): selection, pruning and EAP-IG's graph JSON on a graph small enough
+to work by hand: two layers of one head, sequential blocks (23 edges)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+
+from worker.circuits import MIB_BUDGETS, Circuit, budget_edges, parse_budgets, prune, select_greedy, select_top
+from worker.graph import Graph
+
+GRAPH = Graph(2, 1, parallel=False, d_model=8)
+SCORES = {  # everything else scores 0
+    "input->a1.h0<v>": 10.0,  # large, but a1.h0 reaches logits only through a1.h0->logits
+    "m0->a1.h0<k>": -6.0,
+    "input->m0": 5.5,
+    "m1->logits": 5.0,
+    "a1.h0->logits": -4.0,
+    "a0.h0->m1": 3.0,
+    "input->a0.h0<q>": 2.5,
+    "input->logits": 1.0,
+}
+
+
+def edges(*names: str) -> frozenset[int]:
+    return frozenset(GRAPH.edge_names.index(name) for name in names)
+
+
+def names(chosen) -> set[str]:
+    return {GRAPH.edge_names[e] for e in chosen}
+
+
+def scores() -> list[float]:
+    return [SCORES.get(name, 0.0) for name in GRAPH.edge_names]
+
+
+def test_the_small_graph():
+    assert len(GRAPH.edges) == 3 + 2 + 9 + 4 + 5
+    assert GRAPH.nodes == ["input", "a0.h0", "m0", "a1.h0", "m1", "logits"]
+
+
+@pytest.mark.parametrize(
+    "given, left",
+    [
+        (["a0.h0->m0"], []),  # m0 sends nowhere, a0.h0 reads nothing
+        (["input->a0.h0<q>", "a0.h0->logits", "m0->logits"], ["input->a0.h0<q>", "a0.h0->logits"]),
+        (["input->m0", "m0->a1.h0<k>"], []),  # a1.h0 sends nowhere, then m0 neither
+        (
+            ["input->a0.h0<v>", "a0.h0->m1", "m1->logits", "a1.h0->logits"],
+            ["input->a0.h0<v>", "a0.h0->m1", "m1->logits"],
+        ),
+        (["input->logits"], ["input->logits"]),
+    ],
+)
+def test_prune_keeps_only_paths_from_input_to_logits(given, left):
+    assert names(prune(GRAPH, edges(*given))) == set(left)
+
+
+def test_top_takes_the_largest_then_prunes():
+    assert select_top(GRAPH, scores(), 3) == frozenset()  # 10, 6, 5.5: nothing reaches the logits
+    assert names(select_top(GRAPH, scores(), 8)) == set(SCORES)
+    assert names(select_top(GRAPH, scores(), 5)) == {"input->a1.h0<v>", "m0->a1.h0<k>", "input->m0", "a1.h0->logits"}
+
+
+def test_greedy_grows_from_the_logits():
+    """m1->logits (5), a1.h0->logits (4): a1.h0 joins, so its input edges become candidates; then
+    input->a1.h0<v> (10). m1 has no edge in: pruned."""
+    assert names(select_greedy(GRAPH, scores(), 3)) == {"input->a1.h0<v>", "a1.h0->logits"}
+    assert select_greedy(GRAPH, scores(), 2) == frozenset()
+    assert names(select_greedy(GRAPH, scores(), 8)) == set(SCORES)
+
+
+def test_budgets():
+    assert parse_budgets("0.1%, 5% ,200") == ("0.1%", "5%", "200")
+    assert [budget_edges(b, 32491) for b in MIB_BUDGETS] == [32, 64, 162, 324, 649, 1624, 3249, 6498, 16245, 32491]
+    for bad, message in (("0%", "above 0"), ("150%", "at most 100%"), ("x", "neither"), ("5%,5%", "distinct")):
+        with pytest.raises(ValueError, match=message):
+            parse_budgets(bad)
+    with pytest.raises(ValueError, match="more than the graph's 23 edges"):
+        budget_edges("24", 23)
+
+
+def test_json_round_trip_in_eap_igs_format():
+    circuit = Circuit.selected(GRAPH, scores(), "greedy", "15%")  # int(0.15 * 23) = 3 edges
+    assert circuit.name == "greedy-15pct" and names(circuit.edges) == {"input->a1.h0<v>", "a1.h0->logits"}
+    data = json.loads(circuit.to_json())
+    assert data["cfg"] == {"n_layers": 2, "n_heads": 1, "parallel_attn_mlp": False, "d_model": 8}
+    assert list(data["nodes"]) == GRAPH.nodes and list(data["edges"]) == GRAPH.edge_names
+    assert {n for n, v in data["nodes"].items() if v["in_graph"]} == {"input", "a1.h0", "logits"}
+    assert data["edges"]["m0->a1.h0<k>"] == {"score": -6.0, "in_graph": False}
+    back = Circuit.from_json("again", circuit.to_json(), GRAPH, "c.json")
+    assert back.edges == circuit.edges and back.scores == circuit.scores
+
+
+def test_a_circuit_from_elsewhere_is_pruned_and_checked():
+    text = json.dumps(
+        {
+            "cfg": {"n_layers": 2, "n_heads": 1, "parallel_attn_mlp": False, "d_model": 8},
+            "nodes": {"m0": {"in_graph": True}},
+            "edges": {"input->m0": {"score": 1, "in_graph": True}, "m0->logits": {"in_graph": True}, "a0.h0->m0": {}},
+        }
+    )
+    circuit = Circuit.from_json("theirs", text, GRAPH, "theirs.json")
+    assert names(circuit.edges) == {"input->m0", "m0->logits"}
+    assert circuit.scores[GRAPH.edge_names.index("input->m0")] == 1 and math.isnan(circuit.scores[0])
+    wrong = json.loads(text)
+    wrong["cfg"]["n_heads"] = 12
+    for bad, message in (
+        (json.dumps(wrong), "theirs.json: made for a model with n_heads=12; this model has n_heads=1"),
+        (text.replace("m0->logits", "m9->logits"), "theirs.json: unknown edge 'm9->logits'"),
+        (text.replace('"m0": {', '"m7": {'), "theirs.json: unknown node 'm7'"),
+        ("{", "theirs.json: not JSON"),
+        ("[]", "theirs.json: not a graph JSON"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Circuit.from_json("theirs", bad, GRAPH, "theirs.json")
