@@ -47,11 +47,14 @@ class ResultsKind:
 EFFECTS = ResultsKind("effects", ("component", "layer", "head"), "position", estimates=True, senders=False)
 PATH_SENDERS = ResultsKind("paths", ("receiver", "sender_layer", "sender_head"), "sender_position", False, True)
 EDGES = ResultsKind("edges", ("edge", "sender", "receiver"), "", estimates=True, senders=False)  # no position
+FAITHFULNESS = ResultsKind("faithfulness", ("circuit", "edges", ""), "", estimates=False, senders=False)  # per circuit
 
 
 def results_kind(method: str | None) -> ResultsKind:
     """The results a run with `method` writes (effects where a manifest names none)."""
-    return {kind.directory: kind for kind in (EFFECTS, PATH_SENDERS, EDGES)}[METHODS[method or "exact"].results]
+    return {kind.directory: kind for kind in (EFFECTS, PATH_SENDERS, EDGES, FAITHFULNESS)}[
+        METHODS[method or "exact"].results
+    ]
 
 
 class Store:

@@ -7,7 +7,9 @@ import socket
 from pathlib import Path
 
 import pytest
+from transformers import AutoModelForCausalLM
 
+from examples.tiny_families import build_tiny
 from examples.tiny_gpt2 import build_tiny_gpt2
 from jobs.pairfile import encoder_for, parse_record
 from worker.model import load_model, load_tokenizer
@@ -91,3 +93,18 @@ def free_port() -> int:
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     return path
+
+
+@pytest.fixture(scope="session", params=["gpt2", "gpt_neox", "llama", "qwen2"])
+def hooked_family(request, tmp_path_factory, tiny_model, tiny_model_dir, ioi_pairs):
+    """(nnsight model, Hugging Face model, two pairs of different lengths in its tokenization):
+    parallel blocks (GPT-NeoX), grouped-query attention (Llama; Qwen2 with key/value biases)."""
+    if request.param == "gpt2":
+        return tiny_model, AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), ioi_pairs[1:3]
+    model_dir = build_tiny(request.param, tmp_path_factory.mktemp(request.param))
+    tokenizer, n_ctx = load_tokenizer(str(model_dir))
+    records = [dict(zip(("clean", "corrupted", "correct", "incorrect"), line)) for line in IOI_LINES[1:3]]
+    encoder = encoder_for(tokenizer, records)
+    pairs = [parse_record(r, str(i), encoder, n_ctx) for i, r in enumerate(records)]
+    hf_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    return load_model(str(model_dir), device="cpu"), hf_model, pairs

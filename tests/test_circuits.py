@@ -8,9 +8,14 @@ import math
 import re
 
 import pytest
+import torch
 
+from tests.conftest import TOL
+from tests.reference import reference_edge_set
+from worker.circuit_runs import CIRCUITS_DIR, circuit_tables
 from worker.circuits import MIB_BUDGETS, Circuit, budget_edges, parse_budgets, prune, select_greedy, select_top
 from worker.graph import Graph
+from worker.options import PatchOptions
 
 GRAPH = Graph(2, 1, parallel=False, d_model=8)
 SCORES = {  # everything else scores 0
@@ -117,3 +122,53 @@ def test_a_circuit_from_elsewhere_is_pruned_and_checked():
     ):
         with pytest.raises(ValueError, match=re.escape(message)):
             Circuit.from_json("theirs", bad, GRAPH, "theirs.json")
+
+
+def written(circuits: list[Circuit], root) -> tuple[str, ...]:
+    (root / CIRCUITS_DIR).mkdir(exist_ok=True)
+    for circuit in circuits:
+        (root / CIRCUITS_DIR / f"{circuit.name}.json").write_text(circuit.to_json())
+    return tuple(c.name for c in circuits)
+
+
+def test_circuit_evaluation_matches_hook_reference(hooked_family, tmp_path):
+    """Every family: the circuit of every edge gives the clean metric (faithfulness 1), `empty` the
+    corrupted one (0); a top-30% circuit equals one hooked forward with every edge outside it
+    patched from the corrupted prompt; faithfulness is (m(C) - m(empty)) / (clean - m(empty))."""
+    model, hf_model, pairs = hooked_family
+    graph = Graph.of(model)
+    draw = torch.rand(len(graph.edges), generator=torch.Generator().manual_seed(1)).tolist()
+    full = Circuit("full", graph, frozenset(range(len(graph.edges))), tuple(draw))
+    some = Circuit.selected(graph, draw, "top", "30%")
+    assert 0 < len(some.edges) < len(graph.edges)
+    names = written([full, some], tmp_path)
+    options = PatchOptions((), direction="noise", method="circuit", circuits=names, circuits_at=str(tmp_path))
+    rows, pairs_rows = circuit_tables(model, pairs, options)
+    assert rows.num_rows == 3 * len(pairs)
+    for pair, baselines in zip(pairs, pairs_rows.to_pylist()):
+        found = {r["circuit"]: r for r in rows.to_pylist() if r["pair_id"] == pair.pair_id}
+        clean, corrupted = baselines["clean_logit_diff"], baselines["corrupted_logit_diff"]
+        assert found["full"]["logit_diff"] == pytest.approx(clean, abs=TOL) and found["full"]["edges"] == len(
+            graph.edges
+        )
+        assert found["empty"]["logit_diff"] == pytest.approx(corrupted, abs=TOL) and found["empty"]["edges"] == 0
+        outside = {name for e, name in enumerate(graph.edge_names) if e not in some.edges}
+        expected = reference_edge_set(hf_model, pair, "noise", outside)
+        assert found[some.name]["logit_diff"] == pytest.approx(expected, abs=TOL)
+        assert found[some.name]["faithfulness"] == pytest.approx((expected - corrupted) / (clean - corrupted), abs=1e-3)
+        assert found["full"]["faithfulness"] == pytest.approx(1, abs=1e-3) and found["empty"]["faithfulness"] == 0
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"direction": "denoise"}, "direction noise"),
+        ({"donor": "resample"}, "--donor must be one of"),
+        ({"circuits": ()}, "takes circuits"),
+        ({"method": "exact", "components": ("resid",)}, "circuits are what method circuit evaluates"),
+    ],
+)
+def test_circuit_options_are_checked(changes, message):
+    given = {"components": (), "direction": "noise", "method": "circuit", "circuits": ("c",)} | changes
+    with pytest.raises(ValueError, match=message):
+        PatchOptions(**given)

@@ -8,20 +8,16 @@ import dataclasses
 import pyarrow.compute as pc
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from examples.tiny_families import build_tiny
-from jobs.pairfile import encoder_for, parse_record
 from jobs.run import say_if_every_edge_verified
 from jobs.spec import JobSpec
-from tests.conftest import IOI_LINES, TOL
+from tests.conftest import TOL
 from tests.reference import reference_eap, reference_edge_patching, reference_edge_set
 from worker.edge_patching import exact_edge_values
 from worker.edge_runs import edge_tables
 from worker.edge_sets import edge_set_values
 from worker.edges import eap_estimates, ungrouped
 from worker.graph import Graph
-from worker.model import load_model, load_tokenizer
 from worker.options import METRICS, PatchOptions
 from worker.patching import patch_batch
 from worker.sites import kv_groups
@@ -36,25 +32,10 @@ def test_the_graph_is_eap_igs():
     assert "a0.h1->m0" not in set(Graph(2, 2, parallel=True).edge_names)
 
 
-@pytest.fixture(scope="module", params=["gpt2", "gpt_neox", "llama", "qwen2"])
-def family(request, tmp_path_factory, tiny_model, tiny_model_dir, ioi_pairs):
-    """(nnsight model, Hugging Face model, two pairs of different lengths in its tokenization):
-    parallel blocks (GPT-NeoX), grouped-query attention (Llama; Qwen2 with key/value biases)."""
-    if request.param == "gpt2":
-        return tiny_model, AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), ioi_pairs[1:3]
-    model_dir = build_tiny(request.param, tmp_path_factory.mktemp(request.param))
-    tokenizer, n_ctx = load_tokenizer(str(model_dir))
-    records = [dict(zip(("clean", "corrupted", "correct", "incorrect"), line)) for line in IOI_LINES[1:3]]
-    encoder = encoder_for(tokenizer, records)
-    pairs = [parse_record(r, str(i), encoder, n_ctx) for i, r in enumerate(records)]
-    hf_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    return load_model(str(model_dir), device="cpu"), hf_model, pairs
-
-
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-def test_eap_matches_autograd_reference(family, direction, metric):
-    model, hf_model, pairs = family
+def test_eap_matches_autograd_reference(hooked_family, direction, metric):
+    model, hf_model, pairs = hooked_family
     graph = Graph.of(model)
     for pair in pairs:  # one length each: a group each
         options = PatchOptions(("head",), direction=direction, metric=metric)
@@ -69,10 +50,10 @@ def test_eap_matches_autograd_reference(family, direction, metric):
 
 
 @pytest.mark.parametrize(("direction", "metric"), [("denoise", "logit_diff"), ("noise", "kl")])
-def test_eap_ig_matches_autograd_reference(family, direction, metric):
+def test_eap_ig_matches_autograd_reference(hooked_family, direction, metric):
     """The gradient averaged over runs on embeddings interpolated from the donor side toward the
     receiving side (EAP-IG-inputs)."""
-    model, hf_model, pairs = family
+    model, hf_model, pairs = hooked_family
     graph, pair = Graph.of(model), pairs[0]
     options = PatchOptions(("head",), direction=direction, metric=metric)
     with ungrouped(model):
@@ -86,10 +67,10 @@ def test_eap_ig_matches_autograd_reference(family, direction, metric):
         assert got == pytest.approx(expected[name], abs=max(TOL, 1e-4 * scale)), name
 
 
-def test_ungrouping_leaves_the_model_as_it_was(family):
+def test_ungrouping_leaves_the_model_as_it_was(hooked_family):
     """Inside `ungrouped` every query head has its own key/value head with the same outputs; after, the
     model is grouped again (an actor's next run patches k and v per key/value head)."""
-    model, _, pairs = family
+    model, _, pairs = hooked_family
     grouped = kv_groups(model)
     before = patch_batch(model, pairs, ["k", "resid"], positions="all").effects
     with ungrouped(model):
@@ -102,11 +83,11 @@ def test_ungrouping_leaves_the_model_as_it_was(family):
     assert resid.column("logit_diff").to_pylist() == pytest.approx(inside.column("logit_diff").to_pylist(), abs=TOL)
 
 
-def test_exact_edge_patching_matches_hook_reference(family):
+def test_exact_edge_patching_matches_hook_reference(hooked_family):
     """Every edge of a pair patched alone (the receiver reads the stream plus the sender's
     difference, everything downstream recomputed) against whole forwards with hooks; the
     direction differs between families."""
-    model, hf_model, pairs = family
+    model, hf_model, pairs = hooked_family
     graph, pair = Graph.of(model), pairs[0]
     direction = "noise" if graph.parallel or kv_groups(model) > 1 else "denoise"
     options = PatchOptions((), direction=direction, method="eap", max_batch_tokens=24 * 16)
@@ -119,11 +100,11 @@ def test_exact_edge_patching_matches_hook_reference(family):
         assert value == pytest.approx(expected[name], abs=TOL), name
 
 
-def test_patching_a_set_of_edges_matches_hook_reference(family):
+def test_patching_a_set_of_edges_matches_hook_reference(hooked_family):
     """Sets of edges patched at once (a random third of the edges, the rest, every edge, none)
     against one whole forward with hooks per set: no edge gives the receiving run, every edge the
     donor run; a one-edge set equals patching that edge alone."""
-    model, hf_model, pairs = family
+    model, hf_model, pairs = hooked_family
     graph, pair = Graph.of(model), pairs[0]
     direction = "denoise" if graph.parallel or kv_groups(model) > 1 else "noise"
     some = torch.rand(len(graph.edges), generator=torch.Generator().manual_seed(0)) < 1 / 3
@@ -146,10 +127,10 @@ def test_patching_a_set_of_edges_matches_hook_reference(family):
     assert values[4:].tolist() == pytest.approx(one_by_one.tolist(), abs=TOL)
 
 
-def test_verified_edges_are_exact_and_the_rest_estimated(family):
+def test_verified_edges_are_exact_and_the_rest_estimated(hooked_family):
     """`verify_top` K: per pair its K largest |estimate| edges and K drawn at random carry the exact
     metric and score (equal to patching those edges alone), every other row only the estimate."""
-    model, _, pairs = family
+    model, _, pairs = hooked_family
     pair, k = pairs[0], 4
     options = PatchOptions((), direction="noise", method="eap", verify_top=k)
     rows = edge_tables(model, [pair], options)[0].to_pylist()
@@ -166,9 +147,9 @@ def test_verified_edges_are_exact_and_the_rest_estimated(family):
         assert rows[i]["score"] == pytest.approx((value - float(clean[0])) / float(corrupted[0] - clean[0]), abs=1e-3)
 
 
-def test_verify_top_above_the_edge_count_verifies_every_edge_and_says_so_once(family, capsys, tmp_path):
+def test_verify_top_above_the_edge_count_verifies_every_edge_and_says_so_once(hooked_family, capsys, tmp_path):
     """Clipped: every edge of the pair carries its exact value; the driver says it in one note."""
-    model, _, pairs = family
+    model, _, pairs = hooked_family
     graph = Graph.of(model)
     options = PatchOptions((), direction="noise", method="eap", verify_top=10 * len(graph.edges))
     rows = edge_tables(model, pairs[:1], options)[0].to_pylist()

@@ -17,6 +17,7 @@ from nnsight import TransformersModel
 
 from worker.attention import reading_patterns
 from worker.attribution import atp_estimates
+from worker.circuit_runs import circuit_tables
 from worker.edge_runs import edge_tables
 from worker.options import METHODS, PatchOptions
 from worker.pairs import Pair
@@ -37,6 +38,7 @@ RUNNERS: dict[str, Runner] = {
     "paths": path_tables,
     "eap": edge_tables,
     "eap-ig": edge_tables,
+    "circuit": circuit_tables,
 }
 assert RUNNERS.keys() == METHODS.keys(), "every method in worker/options.py needs a runner here"
 

@@ -45,9 +45,11 @@ METHODS = {
     PATHS: Method("paths", estimates=False, receivers=True, title="path patching"),
     "eap": Method("edges", estimates=True, receivers=False, title="EAP estimate"),
     "eap-ig": Method("edges", estimates=True, receivers=False, title="EAP-IG estimate"),
+    "circuit": Method("faithfulness", estimates=False, receivers=False, title="circuit faithfulness"),
 }
 PATCH_METHODS = tuple(name for name, method in METHODS.items() if method.results == "effects")  # the main command's
 EDGE_METHODS = tuple(name for name, method in METHODS.items() if method.results == "edges")  # `driver.py edges`
+CIRCUIT_DONORS = ("pair",)  # what a circuit's ablated edges carry (worker/circuit_runs.py)
 
 
 class ModelLoadError(RuntimeError):
@@ -86,6 +88,8 @@ class PatchOptions:
     seed: int = 0  # resample: which other pair each pair takes its donor from (the driver's pairing)
     means: str | None = None  # mean, mean-all: the run (local path or URI) whose means to read (worker/means.py)
     ig_steps: int = DEFAULT_IG_STEPS  # eap-ig: interpolated runs per pair (worker/edges.py)
+    circuits: tuple[str, ...] = ()  # circuit: the names of the circuits to evaluate (worker/circuit_runs.py)
+    circuits_at: str | None = None  # circuit: the run (local path or URI) whose circuits/NAME.json they are
 
     def wanted_labels(self) -> list[tuple[str, tuple[str, ...]]]:
         """The position labels every pair must carry, each list with the option that asks for it."""
@@ -97,6 +101,10 @@ class PatchOptions:
         components = self.components
         if self.method in EDGE_METHODS:
             self.check_edges()
+        elif self.method == "circuit":
+            self.check_circuits()
+        elif self.circuits:
+            raise ValueError(f"circuits are what method circuit evaluates, not method {self.method!r}")
         elif not components or any(c not in COMPONENTS for c in components) or len(set(components)) < len(components):
             raise ValueError(f"components must be a non-empty subset of {COMPONENTS}, got {list(components)}")
         if parse_positions(self.positions) != self.positions:
@@ -139,3 +147,12 @@ class PatchOptions:
             raise ValueError(f"edge attribution patches from the pair's other prompt: --donor pair, not {self.donor}")
         if self.ig_steps < 1:
             raise ValueError(f"--ig-steps must be at least 1, got {self.ig_steps}")
+
+    def check_circuits(self) -> None:
+        """A circuit evaluation runs the clean prompt, the edges outside each circuit ablated."""
+        if self.components or not self.circuits:
+            raise ValueError(f"a circuit evaluation takes circuits, not components: got {self.components}")
+        if self.direction != "noise":
+            raise ValueError("a circuit evaluation runs the clean prompt with ablated edges: direction noise")
+        if self.donor not in CIRCUIT_DONORS:
+            raise ValueError(f"--donor must be one of {', '.join(CIRCUIT_DONORS)} for circuits, not {self.donor}")

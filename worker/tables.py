@@ -59,6 +59,18 @@ def edges_schema(metric: str) -> pa.Schema:
     )
 
 
+def faithfulness_schema(metric: str) -> pa.Schema:
+    return pa.schema(
+        [
+            ("pair_id", pa.string()),
+            ("circuit", pa.dictionary(pa.int32(), pa.string())),  # its name: OUT/circuits/NAME.json; `empty`: no edge
+            ("edges", pa.int32()),  # how many edges it keeps
+            (metric, pa.float32()),  # the clean run's metric with every edge outside the circuit ablated
+            ("faithfulness", pa.float32()),  # (metric - empty's) / (clean's - empty's)
+        ]
+    )
+
+
 def pair_columns(metric: str) -> list[tuple[str, pa.DataType]]:
     return [
         ("pair_id", pa.string()),
@@ -83,7 +95,7 @@ RESULT_COLUMNS = (
     | {
         name
         for metric in METRICS
-        for schema in (effects_schema(metric), paths_schema(metric), edges_schema(metric))
+        for schema in (effects_schema(metric), paths_schema(metric), edges_schema(metric), faithfulness_schema(metric))
         for name in schema.names
     }
     | {name for metric in METRICS for name, _ in pair_columns(metric)}
@@ -111,6 +123,10 @@ def paths_table(columns: dict[str, Sequence], options: PatchOptions) -> pa.Table
 
 def edges_table(columns: dict[str, Sequence], options: PatchOptions) -> pa.Table:
     return with_metadata(pa.table(columns, schema=edges_schema(options.metric)), options)
+
+
+def faithfulness_table(columns: dict[str, Sequence], options: PatchOptions) -> pa.Table:
+    return with_metadata(pa.table(columns, schema=faithfulness_schema(options.metric)), options)
 
 
 def empty_effects(options: PatchOptions) -> pa.Table:
