@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from jobs.circuits import circuits_to_evaluate
 from jobs.cluster import NoCluster
 from jobs.datasets import write_jsonl
 from jobs.datasets.greater_than import generate_greater_than
@@ -25,6 +26,7 @@ from jobs.results.report import DRILL_DOWN_PAIRS, build_report
 from jobs.run import JobError, run_job
 from jobs.spec import DEFAULT_BATCH_PAIRS, JobSpec
 from jobs.store import OutputConflict, Store
+from worker.circuits import MIB_BUDGETS, SELECTIONS, parse_budgets
 from worker.options import (
     DEFAULT_COMPONENTS,
     DEFAULT_DONOR,
@@ -82,10 +84,11 @@ def receivers_option(ctx, param, value: tuple[str, ...]) -> tuple[str, ...]:
         raise click.BadParameter(str(error)) from None
 
 
-def run_options(positions_help: str | None, positions_default: str | None):
-    """The options every run takes (the main command, `paths`, `edges`): input, model, output, how
-    the metric is read, where and in what batches it runs; `--positions` where the command patches
-    positions (`positions_help` None: edges, which score every position at once)."""
+def run_options(positions_help: str | None, positions_default: str | None, direction: bool = True):
+    """The options every run takes (the main command, `paths`, `edges`, `circuit`): input, model,
+    output, how the metric is read, where and in what batches it runs; `--positions` where the
+    command patches positions (`positions_help` None: edges and circuits, which take every position
+    at once); `--direction` where it can go both ways (a circuit runs the clean prompt)."""
     options = [
         click.option(
             "--pairs",
@@ -102,12 +105,12 @@ def run_options(positions_help: str | None, positions_default: str | None):
         click.option(
             "--out",
             help="Output directory or URI (s3://...).  [default: runs/<pairs file stem>, "
-            "runs/<pairs file stem>-paths for paths, -edges for edges]",
+            "runs/<pairs file stem>-paths for paths, -edges for edges, -circuits for circuit]",
         ),
         positions := click.option(
             "--positions", default=positions_default, show_default=True, callback=positions_option, help=positions_help
         ),
-        click.option(
+        directions := click.option(
             "--direction",
             type=click.Choice(DIRECTIONS),
             default="denoise",
@@ -179,8 +182,8 @@ def run_options(positions_help: str | None, positions_default: str | None):
         ),
     ]
 
-    if positions_help is None:
-        options = [option for option in options if option is not positions]
+    dropped = ([positions] if positions_help is None else []) + ([] if direction else [directions])
+    options = [option for option in options if option not in dropped]
 
     def apply(command):
         for option in reversed(options):
@@ -327,6 +330,59 @@ def edges(pairs: str | None, out: str | None, method: str, ig_steps: int, **opti
         raise click.BadParameter(f"must be at least 1, got {ig_steps}", param_hint="--ig-steps")
     out = out or str(Path("runs") / f"{Path(pairs).stem}-edges")
     run(JobSpec(pairs=pairs, out=out, components=(), method=method, ig_steps=ig_steps, **options))
+
+
+@cli.command("circuit")
+@run_options(None, None, direction=False)
+@click.option(
+    "--edges",
+    "edges_run",
+    help="An edges run (the OUT of driver.py edges on this model): a circuit selected from its aggregate at "
+    "each --budgets.",
+)
+@click.option(
+    "--circuit",
+    "circuit_files",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="A circuit in EAP-IG's graph JSON (its in-graph edges; named by the file; repeat for several).",
+)
+@click.option(
+    "--budgets",
+    default=",".join(MIB_BUDGETS),
+    show_default=True,
+    help="With --edges: edge counts, or percentages of all edges (MIB's ten by default).",
+)
+@click.option(
+    "--select",
+    type=click.Choice(SELECTIONS),
+    default="top",
+    show_default=True,
+    help="top: the edges of largest |score|; greedy: grown from the logits, each step the largest-|score| "
+    "edge into a node already in the circuit. Both then pruned to the paths from input to logits.",
+)
+def circuit(
+    pairs: str | None,
+    out: str | None,
+    edges_run: str | None,
+    circuit_files: tuple[str, ...],
+    budgets: str,
+    select: str,
+    **options,
+) -> None:
+    """Faithfulness of circuits over every pair: the clean run with every edge outside the circuit ablated.
+
+    Each pair's metric with the circuit alone, against the full model (clean) and the empty circuit
+    (every edge ablated: the corrupted run for --donor pair): faithfulness = (m(C) - m(empty)) /
+    (m(clean) - m(empty)). Writes OUT/circuits/NAME.json (EAP-IG's graph JSON), OUT/faithfulness/
+    part-*.parquet (one row per pair and circuit), the aggregate per circuit and the report.
+    """
+    if pairs is None:
+        raise click.UsageError("--pairs FILE is required")
+    with user_errors_reported():
+        found = circuits_to_evaluate(options["model"], edges_run, circuit_files, parse_budgets(budgets), select)
+    out = out or str(Path("runs") / f"{Path(pairs).stem}-circuits")
+    run(JobSpec(pairs=pairs, out=out, components=(), method="circuit", direction="noise", circuits=found, **options))
 
 
 @cli.command("make-ioi")

@@ -30,6 +30,7 @@ from jobs.results.report import build_report
 from jobs.shards import Shard, filled_shards, plan_shards, read_ahead
 from jobs.spec import JobSpec, config_hash, versions
 from jobs.store import Store, results_kind
+from worker.circuits import CIRCUITS_DIR
 from worker.graph import Graph
 from worker.options import MEAN_DONORS, METHODS, PatchOptions
 from worker.pairs import Pair
@@ -268,6 +269,7 @@ class Job:
             "pair_count": self.pair_count,
             "invalid_count": self.n_invalid,
             "donor_means": self.means,
+            **({"circuits": circuit_entries(spec.circuits)} if spec.circuits else {}),
             "versions": versions(),
             "shards": [
                 {
@@ -288,6 +290,20 @@ class Job:
         }
 
 
+def circuit_entries(circuits) -> list[dict]:
+    """What the manifest says of each circuit: its file, size, budget and place on the curve."""
+    return [
+        {
+            "name": c.name,
+            "file": f"{CIRCUITS_DIR}/{c.name}.json",
+            "edges": len(c.edges),
+            "budget": c.budget,
+            "fraction": c.fraction(),
+        }
+        for c in circuits
+    ]
+
+
 def prepare_job(spec: JobSpec, reading: Reading, started: float, phases: Phases) -> Job:
     """Plan the shards and open the output; finished shards of an earlier run count as done."""
     config = spec.config()
@@ -296,6 +312,10 @@ def prepare_job(spec: JobSpec, reading: Reading, started: float, phases: Phases)
     previous = store.prepare(config_hash(config), spec.overwrite)
     if reading.scan.invalid:
         store.write_invalid(reading.scan.invalid)
+    if spec.circuits:
+        store.fs.create_dir(store.path(CIRCUITS_DIR), recursive=True)
+    for circuit in spec.circuits:  # what the actors evaluate, in EAP-IG's graph JSON
+        store.write_bytes(circuit.to_json().encode(), CIRCUITS_DIR, f"{circuit.name}.json")
     log = ShardLog.resumed(store.finished_shards() & {s.name for s in shards}, previous)
     job = Job(spec, config, reading, shards, store, log, len(log.finished), started, phases)
     store.write_manifest(job.manifest("running"))
@@ -318,6 +338,8 @@ def compute(job: Job) -> str:
     spec, phases = job.spec, job.phases
     try:
         options = spec.patch_options()
+        if spec.circuits:
+            options = replace(options, circuits_at=job.store.part_writer().root)
         with phases.timed("start_actors"):
             actors = start_actors(pool_shape(spec.workers, spec.device), spec.model, spec.device, spec.dtype)
             wait_until_ready(actors, options)

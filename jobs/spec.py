@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from worker.circuits import Circuit
 from worker.options import DEFAULT_DONOR, DEFAULT_IG_STEPS, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_METRIC, PatchOptions
 
 DEFAULT_BATCH_PAIRS = 32
@@ -58,6 +59,7 @@ class JobSpec:
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     skip_invalid: bool = False
     overwrite: bool = False
+    circuits: tuple[Circuit, ...] = ()  # method circuit: what to evaluate (written to OUT/circuits/)
 
     def patch_options(self) -> PatchOptions:
         """What every actor is asked to do with each shard."""
@@ -73,12 +75,12 @@ class JobSpec:
             self.donor,
             self.seed,
             ig_steps=self.ig_steps,
+            circuits=tuple(circuit.name for circuit in self.circuits),
         )
 
     def config(self) -> dict:
         """The result-deciding options plus the pair file's content hash."""
-        fields = asdict(self)
-        config = {key: fields[key] for key in RESULT_DECIDING}
+        config = {key: getattr(self, key) for key in RESULT_DECIDING}
         config["components"] = list(self.components)
         if self.receivers:
             config["receivers"] = list(self.receivers)
@@ -90,12 +92,18 @@ class JobSpec:
             del config["seed"]
         if self.method != "eap-ig":  # the steps only EAP-IG's
             del config["ig_steps"]
+        if self.circuits:  # each circuit by its edges (their scores decide nothing)
+            config["circuits"] = {c.name: text_sha256(",".join(sorted(c.edge_names()))) for c in self.circuits}
         config["pairs_sha256"] = file_sha256(self.pairs)
         return config
 
 
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def file_sha256(path: str) -> str:

@@ -18,6 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from jobs.pairfile import InvalidLine
+from worker.circuits import CIRCUITS_DIR
 from worker.options import METHODS
 from worker.parts import MEANS_FILE, PAIR_PARTS_DIR, PartWriter, atomic_output, filesystem, is_uri, write_parquet
 
@@ -48,6 +49,7 @@ EFFECTS = ResultsKind("effects", ("component", "layer", "head"), "position", est
 PATH_SENDERS = ResultsKind("paths", ("receiver", "sender_layer", "sender_head"), "sender_position", False, True)
 EDGES = ResultsKind("edges", ("edge", "sender", "receiver"), "", estimates=True, senders=False)  # no position
 FAITHFULNESS = ResultsKind("faithfulness", ("circuit", "edges", ""), "", estimates=False, senders=False)  # per circuit
+KINDS = (EFFECTS, PATH_SENDERS, EDGES, FAITHFULNESS)
 
 
 def results_kind(method: str | None) -> ResultsKind:
@@ -119,7 +121,7 @@ class Store:
                 self.fs.delete_file(info.path)
 
     def clear(self) -> None:
-        for directory in (EFFECTS.directory, PATH_SENDERS.directory, PAIR_PARTS_DIR):
+        for directory in (*(kind.directory for kind in KINDS), PAIR_PARTS_DIR, CIRCUITS_DIR):
             if self.exists(directory):
                 self.fs.delete_dir(self.path(directory))
         self.remove(MANIFEST, PAIRS_FILE, INVALID_FILE, AGGREGATE_FILE, GROUPS_FILE, REPORT_FILE, MEANS_FILE)

@@ -183,3 +183,19 @@ def test_query_command_prints_a_table_and_refuses_bad_sql_in_one_line(known_run)
     assert as_json.stdout.strip() == f'{{"n": {len(effects)}}}'
     bad = subprocess.run([sys.executable, driver, "query", store.uri, "SELEC 1"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: SQL error")
+
+
+def test_intervals_are_student_t():
+    """The t quantile against scipy's, and the interval of each row's mean (none below two pairs)."""
+    from scipy import stats
+
+    from jobs.results.intervals import t_quantile, with_interval
+
+    for df in (1, 2, 3, 7, 30, 250, 10**5):
+        assert t_quantile(0.975, df) == pytest.approx(stats.t.ppf(0.975, df), rel=1e-9)
+    values = RNG.normal(size=9)
+    table = pa.table({"mean": [values.mean(), 1.0], "std": [values.std(ddof=1), None], "count": [9, 1]})
+    rows = with_interval(table, "mean", "std", "count").to_pylist()
+    low, high = stats.t.interval(0.95, 8, loc=values.mean(), scale=stats.sem(values))
+    assert (rows[0]["ci_low"], rows[0]["ci_high"]) == pytest.approx((low, high), rel=1e-9)
+    assert rows[1]["ci_low"] is None and list(rows[0]) == ["mean", "std", "ci_low", "ci_high", "count"]

@@ -12,8 +12,17 @@ import torch
 
 from tests.conftest import TOL
 from tests.reference import reference_edge_set
-from worker.circuit_runs import CIRCUITS_DIR, circuit_tables
-from worker.circuits import MIB_BUDGETS, Circuit, budget_edges, parse_budgets, prune, select_greedy, select_top
+from worker.circuit_runs import circuit_tables
+from worker.circuits import (
+    CIRCUITS_DIR,
+    MIB_BUDGETS,
+    Circuit,
+    budget_edges,
+    parse_budgets,
+    prune,
+    select_greedy,
+    select_top,
+)
 from worker.graph import Graph
 from worker.options import PatchOptions
 

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -748,4 +749,92 @@ def test_edges_end_to_end(tmp_path, tiny_model, tiny_model_dir, tokenizer_and_ct
 def test_bad_edge_options_are_one_line(tmp_path, tiny_model_dir, extra, message):
     failed = run_driver("edges", "--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", tmp_path / "o", *extra)
     assert failed.returncode == 2 and message in failed.stderr
+    assert "Traceback" not in failed.stderr and not (tmp_path / "o").exists()
+
+
+def test_circuit_end_to_end(tmp_path, tiny_model, tiny_model_dir, tokenizer_and_ctx):
+    """`driver.py circuit`: circuits selected from an edges run's aggregate at each budget (their
+    JSON equal to selecting by hand) and one from a file, every (pair, circuit) once and equal to
+    the in-process core; the aggregate's dataset faithfulness (a ratio of means) and 95% interval
+    (scipy's t interval) by hand; the manifest, report and a re-run with nothing to do."""
+    from scipy import stats
+
+    from worker.circuit_runs import circuit_tables
+    from worker.circuits import Circuit, budget_edges, select_top
+
+    edges_out, out = tmp_path / "edges", tmp_path / "circuits"
+    common = ["--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--batch-pairs", 5]
+    assert run_driver("edges", *common, "--out", edges_out, "--direction", "noise").returncode == 0
+    graph = Graph.of(tiny_model)
+    theirs = Circuit("theirs", graph, frozenset(e for e, name in enumerate(graph.edge_names) if "m0" in name), ())
+    theirs = Circuit.from_json(
+        "theirs", Circuit("x", graph, theirs.edges, (0.0,) * len(graph.edges)).to_json(), graph, ""
+    )
+    (tmp_path / "theirs.json").write_text(theirs.to_json())
+    args = [
+        "circuit",
+        *common,
+        "--out",
+        out,
+        "--edges",
+        edges_out,
+        "--budgets",
+        "10%,50%",
+        "--circuit",
+        tmp_path / "theirs.json",
+    ]
+    done = run_driver(*args)
+    assert done.returncode == 0, done.stderr
+    estimates = {r["edge"]: r["mean_estimate"] for r in pq.read_table(edges_out / "aggregate.parquet").to_pylist()}
+    scores = [estimates[name] for name in graph.edge_names]
+    circuits = [
+        Circuit.from_json(n, (out / "circuits" / f"{n}.json").read_text(), graph, n) for n in ("top-10pct", "top-50pct")
+    ]
+    for circuit, budget in zip(circuits, ("10%", "50%")):
+        assert circuit.edges == select_top(graph, scores, budget_edges(budget, len(graph.edges)))
+    assert Circuit.from_json("theirs", (out / "circuits" / "theirs.json").read_text(), graph, "").edges == theirs.edges
+    rows = pq.read_table(out / "faithfulness").to_pylist()
+    pairs = read_pairs(EXAMPLE_PAIRS, *tokenizer_and_ctx).pairs
+    assert len(rows) == len({(r["pair_id"], r["circuit"]) for r in rows}) == len(pairs) * 4
+    names = ("top-10pct", "top-50pct", "theirs")
+    options = PatchOptions((), direction="noise", method="circuit", circuits=names, circuits_at=str(out))
+    core = {(r["pair_id"], r["circuit"]): r for r in circuit_tables(tiny_model, pairs, options)[0].to_pylist()}
+    for r in rows:
+        assert r["logit_diff"] == pytest.approx(core[(r["pair_id"], r["circuit"])]["logit_diff"], abs=RUN_TOL)
+    clean = {r["pair_id"]: r["clean_logit_diff"] for r in pq.read_table(out / "pairs.parquet").to_pylist()}
+    empty = {r["pair_id"]: r["logit_diff"] for r in rows if r["circuit"] == "empty"}
+    kept = {p for p in clean if abs(clean[p] - empty[p]) >= DEFAULT_MIN_GAP}
+    aggregate = {r["circuit"]: r for r in pq.read_table(out / "aggregate.parquet").to_pylist()}
+    for name in names:
+        mine = [r for r in rows if r["circuit"] == name and r["pair_id"] in kept]
+        mean = lambda values: sum(values) / len(values)  # noqa: E731
+        ratio = (mean([r["logit_diff"] for r in mine]) - mean([empty[r["pair_id"]] for r in mine])) / (
+            mean([clean[r["pair_id"]] for r in mine]) - mean([empty[r["pair_id"]] for r in mine])
+        )
+        row = aggregate[name]
+        assert row["faithfulness"] == pytest.approx(ratio, rel=1e-4) and row["pairs"] == len(mine)
+        values = [r["faithfulness"] for r in mine]
+        low, high = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx((low, high), rel=1e-4)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [c["name"] for c in manifest["circuits"]] == list(names) and manifest["circuits"][0]["fraction"] == 0.1
+    report = (out / "report.html").read_text()
+    assert "CPR (area under faithfulness" in report and 'id="fig-faithfulness"' in report
+    assert run_driver(*args).stderr.count("nothing to do") == 1
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "error: give circuits to evaluate: --edges EDGES_RUN"),
+        (["--edges", "nowhere", "--budgets", "0%"], "error: budget '0%' must be above 0"),
+        (["--circuit", "missing.json"], "error: missing.json: cannot read it"),
+        (["--edges", REPO / "examples"], "examples: not a finished edges run"),
+        (["--circuit", EXAMPLE_PAIRS], "not JSON"),
+        (["--circuit", REPO / "examples" / "tiny-gpt2" / "config.json"], "config.json: not a graph JSON"),
+    ],
+)
+def test_bad_circuit_options_are_one_line(tmp_path, tiny_model_dir, extra, message):
+    failed = run_driver("circuit", "--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", tmp_path / "o", *extra)
+    assert failed.returncode == 2 and message in failed.stderr, failed.stderr
     assert "Traceback" not in failed.stderr and not (tmp_path / "o").exists()

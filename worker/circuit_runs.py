@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 from nnsight import TransformersModel
 
-from worker.circuits import Circuit
+from worker.circuits import CIRCUITS_DIR, EMPTY, Circuit
 from worker.edge_sets import edge_set_values
 from worker.graph import Graph
 from worker.options import PatchOptions
@@ -26,9 +26,6 @@ from worker.pairs import Pair
 from worker.parts import filesystem
 from worker.patching import per_length
 from worker.tables import faithfulness_table
-
-CIRCUITS_DIR = "circuits"  # under OUT: NAME.json per circuit, EAP-IG's graph JSON
-EMPTY = "empty"  # the circuit of no edge: every edge ablated
 
 
 @cache

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 from worker.graph import Graph
 
+CIRCUITS_DIR = "circuits"  # under a run's OUT: NAME.json per circuit
+EMPTY = "empty"  # the circuit of no edge (every edge ablated), evaluated with every circuit
 SELECTIONS = ("top", "greedy")
 MIB_BUDGETS = ("0.1%", "0.2%", "0.5%", "1%", "2%", "5%", "10%", "20%", "50%", "100%")
 
@@ -120,12 +122,22 @@ class Circuit:
     graph: Graph
     edges: frozenset[int]
     scores: tuple[float, ...]
+    budget: str | None = None  # what it was selected at (None: made elsewhere)
 
     @classmethod
     def selected(cls, graph: Graph, scores: Sequence[float], select: str, budget: str) -> Circuit:
         """The circuit `select` (top or greedy) picks at `budget`, named `<select>-<budget>` (% as pct)."""
         edges = SELECT[select](graph, scores, budget_edges(budget, len(graph.edges)))
-        return cls(f"{select}-{budget.replace('%', 'pct')}", graph, edges, tuple(float(s) for s in scores))
+        return cls(f"{select}-{budget.replace('%', 'pct')}", graph, edges, tuple(float(s) for s in scores), budget)
+
+    def edge_names(self) -> list[str]:
+        return [self.graph.edge_names[e] for e in sorted(self.edges)]
+
+    def fraction(self) -> float:
+        """Where it sits on the faithfulness curve: its budget's fraction of all edges (MIB's x), or
+        for a circuit made elsewhere the fraction of edges it keeps."""
+        n_edges = len(self.graph.edges)
+        return budget_fraction(self.budget, n_edges) if self.budget else len(self.edges) / n_edges
 
     def nodes(self) -> set[str]:
         """The nodes the circuit's edges touch, and `logits` (always in the graph)."""

@@ -18,8 +18,10 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs.results.intervals import with_interval
 from jobs.results.query import QueryError, duckdb_connection
-from jobs.store import AGGREGATE_FILE, EDGES, GROUPS_FILE, PAIR_PARTS_DIR, PAIRS_FILE, Store
+from jobs.store import AGGREGATE_FILE, EDGES, FAITHFULNESS, GROUPS_FILE, PAIR_PARTS_DIR, PAIRS_FILE, Store
+from worker.circuits import EMPTY
 from worker.options import DEFAULT_METRIC
 
 DEFAULT_MIN_GAP = 0.1
@@ -129,6 +131,42 @@ ORDER BY "group" NULLS FIRST, abs(mean_estimate) DESC NULLS LAST, edge
 """
 
 
+FAITHFULNESS_BATCH_SQL = """
+WITH f AS (
+    SELECT pair_id, CAST(circuit AS VARCHAR) AS circuit, edges, "{metric}"::DOUBLE AS value,
+           faithfulness::DOUBLE AS faithfulness
+    FROM batch
+), p AS (
+    SELECT f.pair_id, {group} AS "group", "clean_{metric}"::DOUBLE AS clean, f.value AS empty,
+           abs("clean_{metric}" - f.value) < {min_gap} AS excluded
+    FROM batch_pairs JOIN f ON f.pair_id = batch_pairs.pair_id AND f.circuit = '{empty}'
+)
+SELECT f.circuit, f.edges, p."group",
+       count(*) FILTER (WHERE NOT excluded) AS pairs, count(*) FILTER (WHERE excluded) AS excluded_pairs,
+       count(f.faithfulness) FILTER (WHERE NOT excluded) AS n, sum(f.faithfulness) FILTER (WHERE NOT excluded) AS s,
+       sum(f.faithfulness * f.faithfulness) FILTER (WHERE NOT excluded) AS ss,
+       sum(f.value) FILTER (WHERE NOT excluded) AS v, sum(p.empty) FILTER (WHERE NOT excluded) AS e,
+       sum(p.clean) FILTER (WHERE NOT excluded) AS c
+FROM f JOIN p USING (pair_id)
+GROUP BY ALL
+"""
+FAITHFULNESS_AGGREGATE_SQL = """
+WITH sums AS (
+    SELECT circuit, edges, "group", sum(pairs)::BIGINT AS pairs, sum(excluded_pairs)::BIGINT AS excluded_pairs,
+           sum(n)::BIGINT AS n, sum(s) AS s, sum(ss) AS ss, sum(v) AS v, sum(e) AS e, sum(c) AS c
+    FROM batches
+    GROUP BY ALL
+)
+SELECT circuit, edges, "group", pairs, excluded_pairs, n AS count, s / nullif(n, 0) AS mean_faithfulness,
+       CASE WHEN n > 1 THEN sqrt(greatest((ss - s * s / n) / (n - 1), 0)) END AS std_faithfulness,
+       (v - e) / nullif(c - e, 0) AS faithfulness,
+       v / nullif(pairs, 0) AS "mean_{metric}", e / nullif(pairs, 0) AS "mean_empty_{metric}",
+       c / nullif(pairs, 0) AS "mean_clean_{metric}"
+FROM sums
+ORDER BY "group" NULLS FIRST, edges, circuit
+"""
+
+
 def quote_identifier(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -150,6 +188,8 @@ def aggregate(
         raise QueryError(f"cannot group by {group_by!r}: pairs has no such column ({', '.join(schema.names)})")
     if store.kind is EDGES:
         return aggregate_edges(store, group_by, min_gap, metric)
+    if store.kind is FAITHFULNESS:
+        return aggregate_faithfulness(store, group_by, min_gap, metric)
     (kind, layer, head), position, estimates = store.kind.cell, store.kind.position, store.kind.estimates
     fields = {
         "kind": kind,
@@ -196,6 +236,24 @@ def aggregate_edges(store: Store, group_by: str | None, min_gap: float, metric: 
         "metric": metric,
     }
     return written(store, in_batches(store, schema, EDGE_BATCH_SQL.format(**fields), EDGE_AGGREGATE_SQL), group_by)
+
+
+def aggregate_faithfulness(store: Store, group_by: str | None, min_gap: float, metric: str) -> pa.Table:
+    """A circuit run's aggregate: per circuit (and group), the mean, std, 95% interval and count of
+    the pairs' faithfulness (pairs whose clean and empty-circuit metrics are closer than `min_gap`
+    left out and counted), and MIB's dataset-level faithfulness, the ratio of the means:
+    (mean m(C) - mean m(empty)) / (mean m(clean) - mean m(empty)) over the same pairs."""
+    schema = pq.read_schema(store.path(PAIRS_FILE), filesystem=store.fs)
+    fields = {
+        "group": "CAST(" + quote_identifier(group_by) + " AS VARCHAR)" if group_by else "NULL::VARCHAR",
+        "min_gap": float(min_gap),
+        "metric": metric,
+        "empty": EMPTY,
+    }
+    table = in_batches(
+        store, schema, FAITHFULNESS_BATCH_SQL.format(**fields), FAITHFULNESS_AGGREGATE_SQL.format(**fields)
+    )
+    return written(store, with_interval(table, "mean_faithfulness", "std_faithfulness", "count"), group_by)
 
 
 def written(store: Store, table: pa.Table, group_by: str | None) -> pa.Table:

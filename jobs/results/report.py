@@ -22,11 +22,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.results.aggregate import ALL_POSITIONS, DEFAULT_MIN_GAP, aggregate
+from jobs.results.circuit_report import circuit_figures
+from jobs.results.circuit_report import summary as circuit_summary
 from jobs.results.edge_report import agreement, edge_figures
 from jobs.results.heatmaps import heatmap
 from jobs.results.query import connect_tables
 from jobs.results.verification import collect_verified, correlations, fmt, scatter_figures, top_k_agreement
-from jobs.store import EDGES, EFFECTS, GROUPS_FILE, REPORT_FILE, ResultsKind, Store
+from jobs.store import EDGES, EFFECTS, FAITHFULNESS, GROUPS_FILE, REPORT_FILE, ResultsKind, Store
 from worker.options import COMPONENTS, DEFAULT_DONOR, DEFAULT_METRIC, HEAD_COMPONENTS, METHODS, Method
 from worker.parts import is_uri
 
@@ -331,6 +333,11 @@ def write_report(
     model = manifest.get("model", "?")
     run = run_title(manifest)
     connection = connect_tables(store)
+    if store.kind is FAITHFULNESS:
+        figures = circuit_figures(store, aggregate_rows, manifest, run)
+        summary = summary_rows(connection, manifest, min_gap) + circuit_summary(aggregate_rows, manifest)
+        store.write_bytes(page(f"patchsweep: {model}", summary, [("Circuits", figures)]).encode(), REPORT_FILE)
+        return f"report: {store.path(REPORT_FILE)} ({len(figures)} figures)"
     if store.kind is EDGES:
         figures = edge_figures(aggregate_rows, run)
         summary = summary_rows(connection, manifest, min_gap) + agreement(connection, method_of(manifest).title)

@@ -1,0 +1,179 @@
+"""The report's figures for a circuit run: the faithfulness curve over the edge budgets, a table of
+the circuits, and each circuit drawn as a graph (plotly, offline: no graphviz).
+
+MIB's two summaries of the curve, over the selected circuits in budget order, with x the budget's
+fraction of all edges and f its dataset-level faithfulness, by the trapezoid rule on a linear x
+(as MIB's `evaluate_area_under_curve` computes them):
+- CPR, the area under f: higher is better;
+- CMD, the area under |1 - f|: lower is better.
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import pairwise
+
+import plotly.graph_objects as go
+
+from jobs.store import Store
+from worker.circuits import CIRCUITS_DIR, EMPTY, Circuit
+from worker.graph import Graph
+
+DRAWN_EDGES = 2000  # circuits with more edges are listed, not drawn: a hairball says nothing
+DASH = {"q": "solid", "k": "dash", "v": "dot", "": "solid"}  # into a head's query, key or value; else solid
+
+
+def mib_areas(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """(CPR, CMD) of (fraction, faithfulness) points, or None with fewer than two."""
+    points = sorted(points)
+    if len(points) < 2:
+        return None
+    steps = list(pairwise(points))
+    under = sum((x2 - x1) * (f1 + f2) / 2 for (x1, f1), (x2, f2) in steps)
+    from_one = sum((x2 - x1) * (abs(1 - f1) + abs(1 - f2)) / 2 for (x1, f1), (x2, f2) in steps)
+    return under, from_one
+
+
+def curve_points(rows: list[dict], entries: list[dict]) -> list[tuple[dict, dict]]:
+    """(manifest entry, aggregate row) of each circuit, over every pair, in order of its fraction."""
+    overall = {row["circuit"]: row for row in rows if row["group"] is None}
+    return sorted(((e, overall[e["name"]]) for e in entries if e["name"] in overall), key=lambda p: p[0]["fraction"])
+
+
+def summary(rows: list[dict], manifest: dict) -> list[tuple[str, str]]:
+    """The summary lines: the circuits, and MIB's CPR and CMD over the selected ones."""
+    entries = manifest.get("circuits", [])
+    selected = [(e["fraction"], row["faithfulness"]) for e, row in curve_points(rows, entries) if e["budget"]]
+    lines = [("circuits", f"{len(entries)} (and {EMPTY}, every edge ablated)")]
+    areas = mib_areas([(x, f) for x, f in selected if f is not None])
+    if areas:
+        lines.append(("CPR (area under faithfulness; higher is better)", f"{areas[0]:.4f}"))
+        lines.append(("CMD (area under |1 - faithfulness|; lower is better)", f"{areas[1]:.4f}"))
+    return lines
+
+
+def curve(points: list[tuple[dict, dict]], run: str) -> go.Figure:
+    x = [entry["fraction"] * 100 for entry, _ in points]
+    names = [entry["name"] for entry, _ in points]
+    figure = go.Figure()
+    figure.add_scatter(
+        x=x, y=[row["faithfulness"] for _, row in points], mode="lines+markers", name="dataset", text=names
+    )
+    means = [row["mean_faithfulness"] for _, row in points]
+    figure.add_scatter(
+        x=x,
+        y=means,
+        mode="markers",
+        name="mean over pairs (95% interval)",
+        text=names,
+        error_y={
+            "type": "data",
+            "symmetric": False,
+            "array": [None if r["ci_high"] is None else r["ci_high"] - m for (_, r), m in zip(points, means)],
+            "arrayminus": [None if r["ci_low"] is None else m - r["ci_low"] for (_, r), m in zip(points, means)],
+        },
+    )
+    figure.update_layout(
+        title=f"{run}: faithfulness by circuit size",
+        xaxis={"title": "edges kept (% of all edges)", "type": "log"},
+        yaxis={"title": "faithfulness (1 = the full model, 0 = every edge ablated)"},
+    )
+    return figure
+
+
+def table(points: list[tuple[dict, dict]], run: str) -> go.Figure:
+    def fmt(value) -> str:
+        return "" if value is None else f"{value:.3f}"
+
+    columns = {
+        "circuit": [e["name"] for e, _ in points],
+        "edges": [e["edges"] for e, _ in points],
+        "faithfulness": [fmt(r["faithfulness"]) for _, r in points],
+        "mean over pairs": [fmt(r["mean_faithfulness"]) for _, r in points],
+        "95% interval": [f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]" for _, r in points],
+        "pairs": [r["pairs"] for _, r in points],
+    }
+    figure = go.Figure(go.Table(header={"values": list(columns)}, cells={"values": list(columns.values())}))
+    figure.update_layout(title=f"{run}: circuits", height=140 + 24 * len(points))
+    return figure
+
+
+def node_place(graph: Graph, node: str) -> tuple[float, float]:
+    """Where a node is drawn: columns in forward order (input; per layer its heads, then its MLP;
+    logits), heads one above another."""
+    middle = (graph.heads - 1) / 2
+    if node == "input":
+        return 0.0, middle
+    if node == "logits":
+        return 2.0 * graph.layers + 1, middle
+    if node.startswith("m"):
+        return 2.0 * int(node[1:]) + 2, middle
+    layer, head = node[1:].split(".h")
+    return 2.0 * int(layer) + 1, float(head)
+
+
+def drawing(circuit: Circuit, run: str) -> go.Figure:
+    """The circuit's nodes by layer and its edges: blue positive, red negative score, width by |score|,
+    into a head's query solid, key dashed, value dotted."""
+    graph, figure = circuit.graph, go.Figure()
+    largest = max((abs(circuit.scores[e]) for e in circuit.edges if circuit.scores[e] == circuit.scores[e]), default=0)
+    groups: dict[tuple, tuple[list, list]] = {}
+    for e in circuit.edges:
+        s, r = graph.edges[e]
+        sender, receiver = graph.senders[s][0], graph.receivers[r][0]
+        score = circuit.scores[e] if circuit.scores[e] == circuit.scores[e] else 0.0
+        width = 1 + round(4 * abs(score) / largest) if largest else 1
+        key = (score >= 0, receiver[-2] if receiver.endswith(">") else "", width)
+        xs, ys = groups.setdefault(key, ([], []))
+        for node in (sender, Graph.node_of(receiver)):
+            x, y = node_place(graph, node)
+            xs.append(x)
+            ys.append(y)
+        xs.append(None)
+        ys.append(None)
+    for (positive, input, width), (xs, ys) in sorted(groups.items(), key=lambda item: item[0][2]):
+        colour = "rgba(31,119,180,0.6)" if positive else "rgba(214,39,40,0.6)"
+        name = f"{'+' if positive else '-'} into {input or 'stream'}"
+        line = {"color": colour, "width": width, "dash": DASH[input]}
+        figure.add_scatter(x=xs, y=ys, mode="lines", line=line, name=name, hoverinfo="skip", showlegend=False)
+    nodes = sorted(circuit.nodes(), key=lambda node: node_place(graph, node))
+    places = [node_place(graph, node) for node in nodes]
+    figure.add_scatter(
+        x=[x for x, _ in places],
+        y=[y for _, y in places],
+        mode="markers+text",
+        text=nodes,
+        textposition="top center",
+        marker={"size": 9, "color": "#444"},
+        name="nodes",
+        showlegend=False,
+    )
+    figure.update_layout(
+        title=f"{run}: circuit {circuit.name} ({len(circuit.edges)} edges; blue +, red -; q solid, k dashed, v dotted)",
+        xaxis={"showticklabels": False, "title": "input, then per layer its heads and MLP, then logits"},
+        yaxis={"showticklabels": False, "title": "head"},
+        height=360 + 12 * graph.heads,
+    )
+    return figure
+
+
+def read_circuit(store: Store, entry: dict) -> Circuit:
+    """A run's circuit from its JSON, on the graph its `cfg` names."""
+    path = store.path(CIRCUITS_DIR, f"{entry['name']}.json")
+    with store.fs.open_input_stream(path) as stream:
+        text = stream.read().decode()
+    cfg = json.loads(text)["cfg"]
+    graph = Graph(cfg["n_layers"], cfg["n_heads"], cfg["parallel_attn_mlp"], cfg["d_model"])
+    return Circuit.from_json(entry["name"], text, graph, path)
+
+
+def circuit_figures(store: Store, rows: list[dict], manifest: dict, run: str) -> list[tuple[str, go.Figure]]:
+    """The curve and the table over every pair, then each circuit small enough to draw."""
+    points = curve_points(rows, manifest.get("circuits", []))
+    if not points:
+        return []
+    figures = [("faithfulness", curve(points, run)), ("circuits", table(points, run))]
+    for entry, _ in points:
+        if 0 < entry["edges"] <= DRAWN_EDGES:
+            figures.append((f"circuit-{entry['name']}", drawing(read_circuit(store, entry), run)))
+    return figures
