@@ -385,6 +385,57 @@ def circuit(
     run(JobSpec(pairs=pairs, out=out, components=(), method="circuit", direction="noise", circuits=found, **options))
 
 
+@cli.command("find-circuits")
+@run_options(None, None, direction=False)
+@click.option(
+    "--method",
+    type=click.Choice(EDGE_METHODS),
+    default="eap-ig",
+    show_default=True,
+    help="How the edges are scored first (as driver.py edges, direction noise: EAP-IG's convention).",
+)
+@click.option("--ig-steps", type=int, default=DEFAULT_IG_STEPS, show_default=True, help="eap-ig: interpolated runs.")
+@click.option("--budgets", default=",".join(MIB_BUDGETS), show_default=True, help="Edge counts or percentages.")
+@click.option("--select", type=click.Choice(SELECTIONS), default="top", show_default=True, help="As for circuit.")
+def find_circuits(
+    pairs: str | None, out: str | None, method: str, ig_steps: int, budgets: str, select: str, **options
+) -> None:
+    """Edges, then circuits, in one command: the common case of `edges` and `circuit`.
+
+    Scores every edge of every pair (OUT/edges, an edges run), selects a circuit at each budget
+    from its aggregate, and evaluates their faithfulness on the same pairs (OUT/evaluation, a
+    circuit run). Each is a run of its own: re-running resumes whichever is unfinished.
+    """
+    if pairs is None:
+        raise click.UsageError("--pairs FILE is required")
+    if ig_steps < 1:
+        raise click.BadParameter(f"must be at least 1, got {ig_steps}", param_hint="--ig-steps")
+    out = (out or str(Path("runs") / f"{Path(pairs).stem}-find-circuits")).rstrip("/")
+    edges = JobSpec(
+        pairs=pairs,
+        out=f"{out}/edges",
+        components=(),
+        method=method,
+        direction="noise",
+        ig_steps=ig_steps,
+        **{**options, "donor": DEFAULT_DONOR},  # edges are scored from the pair's other prompt; --donor ablates
+    )
+    with user_errors_reported():
+        wanted = parse_budgets(budgets)
+        PatchOptions((), "each", "noise", options["metric"], method="circuit", donor=options["donor"], circuits=("-",))
+        code = run_job(edges)
+    if code != 0:
+        sys.exit(code)
+    with user_errors_reported():
+        found = circuits_to_evaluate(options["model"], edges.out, (), wanted, select)
+    evaluation = f"{out}/evaluation"
+    run(
+        JobSpec(
+            pairs=pairs, out=evaluation, components=(), method="circuit", direction="noise", circuits=found, **options
+        )
+    )
+
+
 @cli.command("make-ioi")
 @click.option("--n", "n_pairs", type=click.IntRange(min=1), default=200, show_default=True, help="Number of pairs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same file.")

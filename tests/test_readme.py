@@ -134,3 +134,14 @@ def test_the_quoted_top_edges_are_what_the_query_prints(walkthrough):
     rows = [line.split() for line in printed.splitlines()[2:-1]]
     quoted = [("a0.h3->m0", 0.16), ("a3.h3->logits", 0.15), ("m0->a3.h3<v>", 0.12)]
     assert [(row[0], round(float(row[1]), 2)) for row in rows[:3]] == quoted
+
+
+def test_the_quoted_faithfulness_is_what_the_query_prints(walkthrough):
+    """'keep 0.25 of the behaviour with 9 edges, 0.74 with 20 and 0.84 with 46; 91 edges (a
+    fifth) keep 0.97', and the report's 'CPR 0.94' and 'CMD 0.06'."""
+    printed = next(done.stdout for command, done in walkthrough.results if "find-circuits/evaluation" in command)
+    rows = {int(row[1]): float(row[2]) for row in (line.split() for line in printed.splitlines()[2:-1])}
+    assert {edges: rows.get(edges) for edges in (9, 20, 46, 91)} == {9: 0.25, 20: 0.74, 46: 0.84, 91: 0.97}
+    report = (walkthrough.here / "runs/ioi_pairs-find-circuits/evaluation/report.html").read_text()
+    cpr, cmd = re.findall(r"(?:CPR|CMD) \(area under[^<]*</th><td>([0-9.]+)<", report)
+    assert (round(float(cpr), 2), round(float(cmd), 2)) == (0.94, 0.06)

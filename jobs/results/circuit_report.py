@@ -94,7 +94,7 @@ def table(points: list[tuple[dict, dict]], run: str) -> go.Figure:
         "pairs": [r["pairs"] for _, r in points],
     }
     figure = go.Figure(go.Table(header={"values": list(columns)}, cells={"values": list(columns.values())}))
-    figure.update_layout(title=f"{run}: circuits", height=140 + 24 * len(points))
+    figure.update_layout(title=f"{run}: circuits", height=180 + 30 * len(points))
     return figure
 
 
