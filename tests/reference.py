@@ -665,18 +665,21 @@ def reference_eap_names(model: PreTrainedModel) -> list[str]:
 
 
 @torch.no_grad()
-def reference_edge_set(model: PreTrainedModel, pair, direction: str, patched: set[str], metric: str = "logit_diff"):
+def reference_edge_set(
+    model: PreTrainedModel, pair, direction: str, patched: set[str], metric: str = "logit_diff", donor=None
+):
     """The receiving run's metric with every edge named in `patched` patched at once: one whole
     forward with hooks, each receiver reading the stream plus, for each of its patched edges, the
     sender's donor output minus that sender's output in this same forward (caught as the forward
-    reaches it, so a sender after a patched edge sends its patched value)."""
-    model = ungrouped_copy(model)
-    donor, receiving = (
+    reaches it, so a sender after a patched edge sends its patched value). `donor`: {sender: [T, d]},
+    the senders' ablated outputs; by default the pair's donor-side prompt's."""
+    model, ablated = ungrouped_copy(model), donor
+    donor_ids, receiving = (
         (list(pair.clean_ids), list(pair.corrupted_ids))
         if direction == "denoise"
         else (list(pair.corrupted_ids), list(pair.clean_ids))
     )
-    donor_logits, theirs = next_token_logits(model, donor), sender_outputs(model, donor)
+    donor_logits, theirs = next_token_logits(model, donor_ids), ablated or sender_outputs(model, donor_ids)
     into, ours, streams = defaultdict(list), {}, {}
     for edge in patched:
         sender, receiver = edge.split("->")

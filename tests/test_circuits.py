@@ -3,15 +3,20 @@ to work by hand: two layers of one head, sequential blocks (23 edges)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
+from collections import defaultdict
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from jobs.means import means_table
 from tests.conftest import TOL
-from tests.reference import reference_edge_set
+from tests.reference import position_key, reference_edge_set, sender_outputs
+from tests.test_patching import labelled, resampled
 from worker.circuit_runs import circuit_tables
 from worker.circuits import (
     CIRCUITS_DIR,
@@ -24,7 +29,9 @@ from worker.circuits import (
     select_top,
 )
 from worker.graph import Graph
+from worker.means import donor_sums
 from worker.options import PatchOptions
+from worker.parts import MEANS_FILE
 
 GRAPH = Graph(2, 1, parallel=False, d_model=8)
 SCORES = {  # everything else scores 0
@@ -172,7 +179,6 @@ def test_circuit_evaluation_matches_hook_reference(hooked_family, tmp_path):
     "changes, message",
     [
         ({"direction": "denoise"}, "direction noise"),
-        ({"donor": "resample"}, "--donor must be one of"),
         ({"circuits": ()}, "takes circuits"),
         ({"method": "exact", "components": ("resid",)}, "circuits are what method circuit evaluates"),
     ],
@@ -181,3 +187,59 @@ def test_circuit_options_are_checked(changes, message):
     given = {"components": (), "direction": "noise", "method": "circuit", "circuits": ("c",)} | changes
     with pytest.raises(ValueError, match=message):
         PatchOptions(**given)
+
+
+def ablated_outputs(hf_model, pairs, donor: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Per pair, its senders' ablated outputs by hand: zeros; its resampled prompt's; or the mean of
+    the donor-side (corrupted) outputs over the pairs' positions with its position's key (`mean`:
+    the label; `mean-all`: every position)."""
+    if donor == "resample":
+        return {p.pair_id: sender_outputs(hf_model, list(p.donor_ids)) for p in pairs}
+    outputs = {p.pair_id: sender_outputs(hf_model, list(p.corrupted_ids)) for p in pairs}
+    if donor == "zero":
+        return {pair: {s: torch.zeros_like(v) for s, v in found.items()} for pair, found in outputs.items()}
+    keys = {p.pair_id: [position_key(p, t, donor) for t in range(p.n_tokens)] for p in pairs}
+    gathered = defaultdict(list)
+    for pair, found in outputs.items():
+        for t, key in enumerate(keys[pair]):
+            for sender, values in found.items():
+                gathered[(sender, key)].append(values[t])
+    mean = {site: torch.stack(values).mean(0) for site, values in gathered.items()}
+    return {
+        pair: {s: torch.stack([mean[(s, key)] for key in keys[pair]]) for s in found} for pair, found in outputs.items()
+    }
+
+
+@pytest.mark.parametrize("donor", ["zero", "mean-all", "mean", "resample"])
+def test_circuits_with_ablated_edges_match_hook_reference(hooked_family, tmp_path, donor):
+    """Every family and donor: the edges outside a circuit carry zeros, the stored means (worker
+    sums of the pairs, as a run stores them) or a resampled prompt's outputs; the full circuit gives
+    the clean metric, `empty` (every edge ablated) and a top-30% circuit equal the reference."""
+    model, hf_model, pairs = hooked_family
+    pairs = [resampled(p) if donor == "resample" else labelled(p) for p in pairs]
+    graph = Graph.of(model)
+    draw = torch.rand(len(graph.edges), generator=torch.Generator().manual_seed(2)).tolist()
+    full = Circuit("full", graph, frozenset(range(len(graph.edges))), tuple(draw))
+    some = Circuit.selected(graph, draw, "top", "30%")
+    names = written([full, some], tmp_path)
+    options = PatchOptions((), direction="noise", method="circuit", donor=donor, circuits=names)
+    means = None
+    if donor.startswith("mean"):
+        (tmp_path / "run").mkdir()
+        pq.write_table(means_table([donor_sums(model, [p], options) for p in pairs]), tmp_path / "run" / MEANS_FILE)
+        means = str(tmp_path / "run")
+    options = dataclasses.replace(options, circuits_at=str(tmp_path), means=means)
+    rows, pairs_rows = circuit_tables(model, pairs, options)
+    ablated = ablated_outputs(hf_model, pairs, donor)
+    for pair, baselines in zip(pairs, pairs_rows.to_pylist()):
+        found = {r["circuit"]: r for r in rows.to_pylist() if r["pair_id"] == pair.pair_id}
+        assert found["full"]["logit_diff"] == pytest.approx(baselines["clean_logit_diff"], abs=TOL)
+        outside = {name for e, name in enumerate(graph.edge_names) if e not in some.edges}
+        for name, patched in ((some.name, outside), ("empty", set(graph.edge_names))):
+            expected = reference_edge_set(hf_model, pair, "noise", patched, donor=ablated[pair.pair_id])
+            assert found[name]["logit_diff"] == pytest.approx(expected, abs=TOL), name
+        empty = found["empty"]["logit_diff"]
+        if donor != "resample":  # an ablation is not the pair's corrupted run
+            assert abs(empty - baselines["corrupted_logit_diff"]) > 10 * TOL
+        faithfulness = (found[some.name]["logit_diff"] - empty) / (baselines["clean_logit_diff"] - empty)
+        assert found[some.name]["faithfulness"] == pytest.approx(faithfulness, abs=1e-3)

@@ -55,16 +55,18 @@ class EdgeSetRun:
         self.hidden = read.acts.resid[0][self.receiving, start:]
         self.matrices = matrices.to(self.hidden.device, self.hidden.dtype)
         self.differences = self.hidden.new_zeros(matrices.shape[1], *self.hidden.shape)
-        self.differences[0] = read.acts.resid[0][self.donor_rows, start:] - self.hidden
+        self.differences[0] = self.donated("input", 0, read.acts.resid[0]) - self.hidden
         self.arguments = suffix_arguments(model, start, self.hidden)
 
     def change(self, senders: int, receivers: slice) -> torch.Tensor:
         """[rows, positions, receivers, d]: what each receiver reads beyond the stream, from the first `senders`."""
         return torch.einsum("sntd,nsr->ntrd", self.differences[:senders], self.matrices[:, :senders, receivers])
 
-    def donated(self, component: str, layer: int) -> torch.Tensor:
-        acts, here = self.read.acts, slice(self.start, None)
-        return self.read.donors.take((component, layer), acts.sites[(component, layer)], self.donor_rows, here)
+    def donated(self, component: str, layer: int, acts: torch.Tensor | None = None) -> torch.Tensor:
+        """What sender `component` of `layer` sends along an ablated edge: the donor's output, zeros
+        or the stored mean (`input`: the stream entering block 0, layer 0)."""
+        acts = self.read.acts.sites[(component, layer)] if acts is None else acts
+        return self.read.donors.take((component, layer), acts, self.donor_rows, slice(self.start, None))
 
     def block(self, layer: int, block: torch.nn.Module, sent: int, received: int) -> None:
         """Block `layer` on the run's stream, its receivers reading their changes and its senders'

@@ -30,7 +30,7 @@ from worker.options import PatchOptions
 from worker.pairs import Pair
 from worker.parts import MEANS_FILE, filesystem
 from worker.rows import PairRows
-from worker.sites import FORWARD_ORDER, component_output, n_layers, site_values
+from worker.sites import FORWARD_ORDER, component_output, embedding_output, n_layers, site_values
 
 ALL_POSITIONS = "all"
 SUMS_SCHEMA = pa.schema(
@@ -53,15 +53,21 @@ def position_keys(pair: Pair, donor: str) -> list[str]:
     return [f"{pair.n_tokens}:{t}" for t in range(pair.n_tokens)]
 
 
-def donor_sites(options: PatchOptions) -> list[str]:
-    """The components whose means a run needs, those it patches (path patching: heads), in the
-    order a forward pass reaches them."""
-    return [component for component in FORWARD_ORDER if component in options.components]
+GRAPH_SENDERS = ("input", "head", "mlp")  # what a run of the graph's edges ablates (worker/graph.py's senders)
+
+
+def donor_sites(options: PatchOptions, layers: int) -> list[tuple[str, int]]:
+    """The (component, layer) sites whose means a run needs, in the order a forward pass reaches
+    them: those it patches (path patching: heads), or, for a run of the graph's edges (no
+    components: circuits), every sender: the embeddings (`input`, layer 0), each layer's heads and MLP."""
+    wanted = options.components or GRAPH_SENDERS
+    first = [("input", 0)] if "input" in wanted else []
+    return first + [(component, layer) for layer in range(layers) for component in FORWARD_ORDER if component in wanted]
 
 
 def donor_sums(model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions) -> pa.Table:
     """Per site and key: how many donor-side positions of `pairs` there are, and their activations' sum."""
-    rows, components = PairRows.of(options), donor_sites(options)
+    rows, sites = PairRows.of(options), donor_sites(options, n_layers(model))
     sums: dict[tuple[str, int, str], torch.Tensor] = {}
     counts: dict[str, int] = defaultdict(int)  # positions per key: the same at every site
     by_length: dict[int, list[Pair]] = defaultdict(list)
@@ -74,15 +80,15 @@ def donor_sums(model: TransformersModel, pairs: Sequence[Pair], options: PatchOp
             donor_side = [(p.clean_ids, p.corrupted_ids)[rows.donor_offset] for p in chunk]
             input_ids = torch.tensor(donor_side, device=model.device)
             with torch.inference_mode(), model.trace({"input_ids": input_ids}, logits_to_keep=1):
-                saved = nnsight.save([])  # in forward order: layer by layer, components in FORWARD_ORDER
-                for layer in range(n_layers(model)):
-                    for component in components:
-                        saved.append(component_output(model, component, layer))
+                saved = nnsight.save([])  # in forward order (`donor_sites`)
+                for component, layer in sites:
+                    saved.append(
+                        embedding_output(model) if component == "input" else component_output(model, component, layer)
+                    )
             flat = [key for pair in chunk for key in position_keys(pair, options.donor)]
             names = sorted(set(flat))
             number = {name: k for k, name in enumerate(names)}
             index = torch.tensor([number[key] for key in flat])
-            sites = [(component, layer) for layer in range(n_layers(model)) for component in components]
             for (component, layer), act in zip(sites, saved):
                 values = site_values(model, component, act)
                 values = values.reshape(values.shape[0] * values.shape[1], -1).double().cpu()

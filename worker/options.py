@@ -49,7 +49,6 @@ METHODS = {
 }
 PATCH_METHODS = tuple(name for name, method in METHODS.items() if method.results == "effects")  # the main command's
 EDGE_METHODS = tuple(name for name, method in METHODS.items() if method.results == "edges")  # `driver.py edges`
-CIRCUIT_DONORS = ("pair",)  # what a circuit's ablated edges carry (worker/circuit_runs.py)
 
 
 class ModelLoadError(RuntimeError):
@@ -154,5 +153,3 @@ class PatchOptions:
             raise ValueError(f"a circuit evaluation takes circuits, not components: got {self.components}")
         if self.direction != "noise":
             raise ValueError("a circuit evaluation runs the clean prompt with ablated edges: direction noise")
-        if self.donor not in CIRCUIT_DONORS:
-            raise ValueError(f"--donor must be one of {', '.join(CIRCUIT_DONORS)} for circuits, not {self.donor}")
