@@ -45,6 +45,7 @@ from worker.options import (
     PatchOptions,
     parse_positions,
 )
+from worker.parts import child
 from worker.receivers import parse_receivers
 
 EXIT_USAGE = 2
@@ -410,10 +411,10 @@ def find_circuits(
         raise click.UsageError("--pairs FILE is required")
     if ig_steps < 1:
         raise click.BadParameter(f"must be at least 1, got {ig_steps}", param_hint="--ig-steps")
-    out = (out or str(Path("runs") / f"{Path(pairs).stem}-find-circuits")).rstrip("/")
+    out = out or str(Path("runs") / f"{Path(pairs).stem}-find-circuits")
     edges = JobSpec(
         pairs=pairs,
-        out=f"{out}/edges",
+        out=child(out, "edges"),
         components=(),
         method=method,
         direction="noise",
@@ -428,7 +429,7 @@ def find_circuits(
         sys.exit(code)
     with user_errors_reported():
         found = circuits_to_evaluate(options["model"], edges.out, (), wanted, select)
-    evaluation = f"{out}/evaluation"
+    evaluation = child(out, "evaluation")
     run(
         JobSpec(
             pairs=pairs, out=evaluation, components=(), method="circuit", direction="noise", circuits=found, **options

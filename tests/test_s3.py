@@ -101,3 +101,27 @@ def test_a_failed_run_resumes_from_the_bucket(s3_endpoint, tiny_model_dir):
     assert resumed.returncode == 0, resumed.stderr
     assert "(2 already done" in resumed.stderr
     assert len([f for f in listing(uri) if f.startswith("effects/")]) == 3
+
+
+def test_find_circuits_in_a_bucket(s3_endpoint, tiny_model_dir):
+    """Edges, circuits selected from the bucket's aggregate, their JSON and the mean donor's means
+    written there and read back by the actors, the faithfulness parts and report beside them."""
+    uri = bucket_uri(s3_endpoint, "runs", "found")
+    args = ["--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", uri, "--batch-pairs", 5]
+    done = run_driver("find-circuits", *args, "--method", "eap", "--budgets", "10%,100%", "--donor", "mean-all")
+    assert done.returncode == 0, done.stderr
+    files = set(listing(uri))
+    assert {"edges/aggregate.parquet", "evaluation/circuits/top-10pct.json", "evaluation/donor_means.parquet"} <= files
+    assert {"evaluation/report.html", "evaluation/aggregate.parquet"} <= files
+    assert [f for f in sorted(files) if f.startswith("evaluation/faithfulness/")] == [
+        f"evaluation/faithfulness/part-{i:05d}.parquet" for i in range(3)
+    ]
+    counted = run_driver(
+        "query",
+        uri.replace("found?", "found/evaluation?"),
+        "SELECT count(*) AS n FROM faithfulness",
+        "--format",
+        "json",
+        env_extra=CREDENTIALS,
+    )
+    assert [json.loads(line) for line in counted.stdout.splitlines()] == [{"n": 12 * 3}]

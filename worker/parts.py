@@ -29,6 +29,12 @@ def is_uri(location: str) -> bool:
     return "://" in location
 
 
+def child(location: str, name: str) -> str:
+    """`location`/`name`: a directory under a local path or a URI (before the URI's query string)."""
+    base, _, query = location.partition("?")
+    return f"{base.rstrip('/')}/{name}" + (f"?{query}" if query else "")
+
+
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem and root path of `uri`: a URI pyarrow understands, or a local path (made absolute)."""
     if is_uri(uri):
