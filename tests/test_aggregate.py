@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from scipy import stats
 
 from jobs.results.aggregate import aggregate
 from jobs.results.query import QueryError, format_table, query
@@ -91,6 +92,9 @@ def by_hand(pairs: pd.DataFrame, effects: pd.DataFrame, min_gap: float) -> pd.Da
             "excluded_pairs": group.loc[group["excluded"], "pair_id"].nunique(),
             "mean_score": kept["score"].mean() if len(kept) else None,
             "std_score": kept["score"].std() if len(kept) > 1 else None,
+            "ci": stats.t.interval(0.95, len(kept) - 1, loc=kept["score"].mean(), scale=stats.sem(kept["score"]))
+            if len(kept) > 1
+            else (None, None),
             "mean_logit_diff": group["logit_diff"].mean(),
             "normalized_effect": (group["logit_diff"].mean() - group["corrupted_logit_diff"].mean())
             / (group["clean_logit_diff"].mean() - group["corrupted_logit_diff"].mean()),
@@ -112,6 +116,11 @@ def test_aggregate_equals_pandas_by_hand(known_run):
                 assert row[column] is None, column
             else:
                 assert row[column] == pytest.approx(want[column], abs=1e-5), column
+        if want["ci"][0] is None:
+            assert row["ci_low"] is None and row["ci_high"] is None
+        else:  # scipy's Student-t interval of the kept pairs' scores
+            assert (row["ci_low"], row["ci_high"]) == pytest.approx(want["ci"], abs=1e-5)
+    assert b"Student t" in table.schema.metadata[b"patchsweep.interval"]
     assert store.exists("aggregate.parquet")
     labelled = [r for r in rows if r["component"] == "resid" and r["layer"] == 0 and r["n_tokens"] is None]
     assert [r["label"] for r in labelled] == ["S1", "x", "S2", "END"]
@@ -187,8 +196,6 @@ def test_query_command_prints_a_table_and_refuses_bad_sql_in_one_line(known_run)
 
 def test_intervals_are_student_t():
     """The t quantile against scipy's, and the interval of each row's mean (none below two pairs)."""
-    from scipy import stats
-
     from jobs.results.intervals import t_quantile, with_interval
 
     for df in (1, 2, 3, 7, 30, 250, 10**5):

@@ -209,7 +209,7 @@ def aggregate(
         "metric": metric,
     }
     table = in_batches(store, schema, BATCH_SQL.format(**fields), AGGREGATE_SQL.format(**fields))
-    return written(store, table, group_by)
+    return written(store, with_intervals(table, estimates), group_by)
 
 
 def in_batches(store: Store, pairs_schema: pa.Schema, batch_sql: str, total_sql: str) -> pa.Table:
@@ -235,7 +235,8 @@ def aggregate_edges(store: Store, group_by: str | None, min_gap: float, metric: 
         "min_gap": float(min_gap),
         "metric": metric,
     }
-    return written(store, in_batches(store, schema, EDGE_BATCH_SQL.format(**fields), EDGE_AGGREGATE_SQL), group_by)
+    table = in_batches(store, schema, EDGE_BATCH_SQL.format(**fields), EDGE_AGGREGATE_SQL)
+    return written(store, with_intervals(table, estimates=True), group_by)
 
 
 def aggregate_faithfulness(store: Store, group_by: str | None, min_gap: float, metric: str) -> pa.Table:
@@ -254,6 +255,13 @@ def aggregate_faithfulness(store: Store, group_by: str | None, min_gap: float, m
         store, schema, FAITHFULNESS_BATCH_SQL.format(**fields), FAITHFULNESS_AGGREGATE_SQL.format(**fields)
     )
     return written(store, with_interval(table, "mean_faithfulness", "std_faithfulness", "count"), group_by)
+
+
+def with_intervals(table: pa.Table, estimates: bool) -> pa.Table:
+    """`table` with the 95% interval of `mean_score` (`ci_low`, `ci_high`) and, where the run
+    estimates, of `mean_estimate` (`estimate_ci_low`, `estimate_ci_high`)."""
+    table = with_interval(table, "mean_score", "std_score", "count")
+    return with_interval(table, "mean_estimate", "std_estimate", "estimate_count", "estimate_") if estimates else table
 
 
 def written(store: Store, table: pa.Table, group_by: str | None) -> pa.Table:

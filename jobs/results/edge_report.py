@@ -46,6 +46,10 @@ def node_order(name: str) -> tuple:
     return (int(name[1:]), 1)
 
 
+def interval(low: float | None, high: float | None) -> str:
+    return "" if low is None else f"[{low:.4f}, {high:.4f}]"
+
+
 def edge_figures(rows: list[dict], run: str) -> list[tuple[str, go.Figure]]:
     """The top edges by |mean estimate| (a table) and the sender x receiver heatmap, over every pair."""
     overall = [row for row in rows if row["group"] is None and row["mean_estimate"] is not None]
@@ -54,12 +58,13 @@ def edge_figures(rows: list[dict], run: str) -> list[tuple[str, go.Figure]]:
     top = sorted(overall, key=lambda row: -abs(row["mean_estimate"]))[:TOP_EDGES]
     table = go.Figure(
         go.Table(
-            header={"values": ["edge", "mean estimate", "std", "pairs"]},
+            header={"values": ["edge", "mean estimate", "std", "95% interval", "pairs"]},
             cells={
                 "values": [
                     [row["edge"] for row in top],
                     [f"{row['mean_estimate']:.4f}" for row in top],
                     [f"{row['std_estimate']:.4f}" if row["std_estimate"] is not None else "" for row in top],
+                    [interval(row["estimate_ci_low"], row["estimate_ci_high"]) for row in top],
                     [row["pairs"] for row in top],
                 ]
             },

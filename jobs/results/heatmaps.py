@@ -28,7 +28,7 @@ def heatmap(
         ygap=1,
         hovertemplate=(
             f"{y_title} %{{y}}, %{{x}}<br>mean %{{z:.3f}}<br>std %{{customdata[0]:.3f}}<br>"
-            "count %{customdata[1]}<extra></extra>"
+            "count %{customdata[1]}<br>95% interval [%{customdata[2]:.3f}, %{customdata[3]:.3f}]<extra></extra>"
             if hover is not None
             else f"{y_title} %{{y}}, %{{x}}<br>{statistic} %{{z:.3f}}<extra></extra>"
         ),

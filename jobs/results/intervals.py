@@ -8,6 +8,7 @@ SciPy in the driver for one number per row.
 from __future__ import annotations
 
 import math
+from functools import cache
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -52,8 +53,10 @@ def t_cdf(t: float, df: float) -> float:
     return 1 - tail if t >= 0 else tail
 
 
+@cache
 def t_quantile(p: float, df: float) -> float:
-    """The t distribution's `p` quantile (p > 0.5), by bisection on its CDF."""
+    """The t distribution's `p` quantile (p > 0.5), by bisection on its CDF (cached: an aggregate's
+    rows share a few pair counts)."""
     low, high = 0.0, 1.0
     while t_cdf(high, df) < p:
         low, high = high, 2 * high

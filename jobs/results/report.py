@@ -131,12 +131,10 @@ def aggregate_figures(
         x = x_order(column, {cell[column] for cell in cells}, positions)
         layers = sorted({cell["layer"] for cell in cells})
         at = {(cell["layer"], cell[column]): cell for cell in cells}
-        count = "count" if statistic == "score" else f"{statistic}_count"
+        prefix = "" if statistic == "score" else f"{statistic}_"
+        named = (f"std_{statistic}", f"{prefix}count" if prefix else "count", f"{prefix}ci_low", f"{prefix}ci_high")
         z = [[at.get((layer, value), {}).get(f"mean_{statistic}") for value in x] for layer in layers]
-        hover = [
-            [[at.get((layer, value), {}).get(f"std_{statistic}"), at.get((layer, value), {}).get(count)] for value in x]
-            for layer in layers
-        ]
+        hover = [[[at.get((layer, value), {}).get(name) for name in named] for value in x] for layer in layers]
         n_pairs = max(cell["pairs"] for cell in cells)
         scope = "".join(
             [
