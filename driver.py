@@ -23,6 +23,7 @@ from jobs.pairfile import PairFileError
 from jobs.results.aggregate import DEFAULT_MIN_GAP
 from jobs.results.query import QueryError, format_table, query
 from jobs.results.report import DRILL_DOWN_PAIRS, build_report
+from jobs.results.stability import DEFAULT_SPLITS, MAX_PAIRS, SplitHalves
 from jobs.run import JobError, run_job
 from jobs.spec import DEFAULT_BATCH_PAIRS, JobSpec
 from jobs.store import OutputConflict, Store
@@ -505,10 +506,28 @@ def make_greater_than(n_pairs: int, seed: int, out: str, model: str) -> None:
     help="How many individual pairs to show with their tokens.",
 )
 @click.option("--png", is_flag=True, help="Also write each heatmap as OUT/png/*.png (needs Chromium).")
-def report(out: str, group_by: str | None, min_gap: float, drill_down: int, png: bool) -> None:
+@click.option(
+    "--stability/--no-stability",
+    default=None,
+    help=f"Split the pairs in random halves and compare them (OUT/stability.parquet). [default: on up to "
+    f"{MAX_PAIRS:,} pairs]",
+)
+@click.option("--splits", type=click.IntRange(min=1), default=DEFAULT_SPLITS, show_default=True, help="Halvings.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which random halvings: same seed, same halves.")
+def report(
+    out: str,
+    group_by: str | None,
+    min_gap: float,
+    drill_down: int,
+    png: bool,
+    stability: bool | None,
+    splits: int,
+    seed: int,
+) -> None:
     """Rebuild OUT/aggregate.parquet and OUT/report.html from a run's tables."""
+    halves = SplitHalves(stability, splits, seed)
     with user_errors_reported():
-        click.echo(build_report(Store(out), group_by, min_gap, drill_down, png), err=True)
+        click.echo(build_report(Store(out), group_by, min_gap, drill_down, png, halves), err=True)
 
 
 @cli.command("query")

@@ -2,7 +2,7 @@
 
     python -m bench.query_speed --rows 5000000
 Writes a fake run (50 Parquet parts, IOI-like labels) to a temp dir, then times SQL through
-`jobs.results.query.query` and the full aggregation.
+`jobs.results.query.query`, the full aggregation and the split-half stability.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from jobs.results.aggregate import aggregate, with_intervals
+from jobs.results.aggregate import DEFAULT_MIN_GAP, aggregate, with_intervals
 from jobs.results.intervals import t_quantile
 from jobs.results.query import query
+from jobs.results.stability import DEFAULT_SPLITS, stability
 from jobs.store import PAIR_PARTS_DIR, Store
 from worker.tables import effects_schema, pair_columns
 
@@ -121,6 +122,10 @@ def main() -> None:
         with_intervals(bare, estimates=True)
         intervals = time.perf_counter() - start
         print(f"{'  of which the 95% intervals':32s} {intervals:6.2f} s  ({intervals / seconds:.1%})")
+        start = time.perf_counter()
+        halves = stability(store, "logit_diff", DEFAULT_MIN_GAP, "score", DEFAULT_SPLITS)
+        seconds = time.perf_counter() - start
+        print(f"{f'stability ({DEFAULT_SPLITS} split halves)':32s} {seconds:6.2f} s  ({halves.num_rows} rows)")
         print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
 

@@ -27,6 +27,7 @@ BATCH_PARTS = 1000  # parts read together; a dataset keeps the footer of every p
 MANIFEST, PAIRS_FILE, INVALID_FILE = "manifest.json", "pairs.parquet", "invalid.jsonl"
 AGGREGATE_FILE, REPORT_FILE = "aggregate.parquet", "report.html"
 GROUPS_FILE = "aggregate_groups.parquet"  # `report --group-by`: per group, beside the overall aggregate
+STABILITY_FILE = "stability.parquet"  # the split halves (jobs/results/stability.py)
 
 
 class OutputConflict(RuntimeError):
@@ -124,7 +125,9 @@ class Store:
         for directory in (*(kind.directory for kind in KINDS), PAIR_PARTS_DIR, CIRCUITS_DIR):
             if self.exists(directory):
                 self.fs.delete_dir(self.path(directory))
-        self.remove(MANIFEST, PAIRS_FILE, INVALID_FILE, AGGREGATE_FILE, GROUPS_FILE, REPORT_FILE, MEANS_FILE)
+        self.remove(
+            MANIFEST, PAIRS_FILE, INVALID_FILE, AGGREGATE_FILE, GROUPS_FILE, STABILITY_FILE, REPORT_FILE, MEANS_FILE
+        )
 
     def remove(self, *names: str) -> None:
         """Delete the files `names` where they exist."""

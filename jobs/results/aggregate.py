@@ -42,6 +42,10 @@ ESTIMATE_TOTALS = """
 ESTIMATE_STATISTICS = """
        n_e AS estimate_count, s_e / nullif(n_e, 0) AS mean_estimate,
        CASE WHEN n_e > 1 THEN sqrt(greatest((ss_e - s_e * s_e / n_e) / (n_e - 1), 0)) END AS std_estimate,"""
+LABEL_SQL = (  # a row's label: the pair's label of its position, else the position; `all` for every position
+    "CASE WHEN e.{position} IS NULL THEN '" + ALL_POSITIONS + "' "
+    "ELSE coalesce(p.labels[e.{position} + 1], CAST(e.{position} AS VARCHAR)) END"
+)
 BATCH_SQL = """
 WITH p AS (
     SELECT pair_id, n_tokens, labels, "clean_{metric}"::DOUBLE AS clean, "corrupted_{metric}"::DOUBLE AS corrupted,
@@ -51,8 +55,7 @@ WITH p AS (
 ), cells AS (
     SELECT {cell}, e.{position} AS position, e.score::DOUBLE AS score, {estimate} e."{metric}"::DOUBLE AS value,
            p.pair_id, p.clean, p.corrupted, p."group", p.excluded,
-           CASE WHEN e.{position} IS NULL THEN '{all_positions}'
-                ELSE coalesce(p.labels[e.{position} + 1], CAST(e.{position} AS VARCHAR)) END AS label,
+           {label} AS label,
            CASE WHEN p.labels IS NULL AND e.{position} IS NOT NULL THEN p.n_tokens END AS length_group
     FROM batch e JOIN p USING (pair_id)
 ), per_pair AS (
@@ -205,7 +208,7 @@ def aggregate(
         "group": "CAST(" + quote_identifier(group_by) + " AS VARCHAR)" if group_by else "NULL::VARCHAR",
         "min_gap": float(min_gap),
         "noise": "true" if direction == "noise" else "false",
-        "all_positions": ALL_POSITIONS,
+        "label": LABEL_SQL.format(position=position),
         "metric": metric,
     }
     table = in_batches(store, schema, BATCH_SQL.format(**fields), AGGREGATE_SQL.format(**fields))

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 
-from jobs.store import AGGREGATE_FILE, GROUPS_FILE, PAIRS_FILE, Store
+from jobs.store import AGGREGATE_FILE, GROUPS_FILE, PAIRS_FILE, STABILITY_FILE, Store
 
 DUCKDB_MEMORY_LIMIT = "256MB"
 
@@ -52,6 +52,7 @@ def connect_tables(store: Store) -> duckdb.DuckDBPyConnection:
         "pairs": PAIRS_FILE,
         "aggregate": AGGREGATE_FILE,
         "aggregate_groups": GROUPS_FILE,
+        "stability": STABILITY_FILE,
     }
     for view, name in sources.items():
         if store.exists(name):

@@ -20,6 +20,7 @@ import plotly.graph_objects as go
 import plotly.offline
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from jobs.results.aggregate import ALL_POSITIONS, DEFAULT_MIN_GAP, aggregate
 from jobs.results.circuit_report import circuit_figures
@@ -27,8 +28,19 @@ from jobs.results.circuit_report import summary as circuit_summary
 from jobs.results.edge_report import agreement, edge_figures
 from jobs.results.heatmaps import heatmap
 from jobs.results.query import connect_tables
+from jobs.results.stability import DEFAULT_HALVES, SplitHalves, stability, stability_figures
 from jobs.results.verification import collect_verified, correlations, fmt, scatter_figures, top_k_agreement
-from jobs.store import EDGES, EFFECTS, FAITHFULNESS, GROUPS_FILE, REPORT_FILE, ResultsKind, Store
+from jobs.store import (
+    EDGES,
+    EFFECTS,
+    FAITHFULNESS,
+    GROUPS_FILE,
+    PAIRS_FILE,
+    REPORT_FILE,
+    STABILITY_FILE,
+    ResultsKind,
+    Store,
+)
 from worker.options import COMPONENTS, DEFAULT_DONOR, DEFAULT_METRIC, HEAD_COMPONENTS, METHODS, Method
 from worker.parts import is_uri
 
@@ -324,22 +336,31 @@ def verification(
 
 
 def write_report(
-    store: Store, aggregate_rows: list[dict], min_gap: float, drill_down: int = DRILL_DOWN_PAIRS, png: bool = False
+    store: Store,
+    aggregate_rows: list[dict],
+    min_gap: float,
+    drill_down: int = DRILL_DOWN_PAIRS,
+    png: bool = False,
+    stable: tuple[str, pa.Table | None] = ("not computed", None),
 ) -> str:
-    """Write report.html (and PNGs if asked); returns a line saying what was written."""
+    """Write report.html (and PNGs if asked); returns a line saying what was written. `stable`:
+    what the summary says of split-half stability, and its table (None: not computed)."""
     manifest = store.read_manifest() or {}
     model = manifest.get("model", "?")
     run = run_title(manifest)
     connection = connect_tables(store)
+    summary = [*summary_rows(connection, manifest, min_gap), ("split-half stability", stable[0])]
+    halvings = stability_figures(stable[1], run) if stable[1] is not None else []
+    stability_section = ("Stability: would other pairs of the task give the same answer?", halvings)
     if store.kind is FAITHFULNESS:
         figures = circuit_figures(store, aggregate_rows, manifest, run)
-        summary = summary_rows(connection, manifest, min_gap) + circuit_summary(aggregate_rows, manifest)
+        summary += circuit_summary(aggregate_rows, manifest)
         store.write_bytes(page(f"patchsweep: {model}", summary, [("Circuits", figures)]).encode(), REPORT_FILE)
         return f"report: {store.path(REPORT_FILE)} ({len(figures)} figures)"
     if store.kind is EDGES:
         figures = edge_figures(aggregate_rows, run)
-        summary = summary_rows(connection, manifest, min_gap) + agreement(connection, method_of(manifest).title)
-        document = page(f"patchsweep: {model}", summary, [("Edges", figures)])
+        summary += agreement(connection, method_of(manifest).title)
+        document = page(f"patchsweep: {model}", summary, [("Edges", figures), stability_section])
         store.write_bytes(document.encode(), REPORT_FILE)
         return f"report: {store.path(REPORT_FILE)} ({len(figures)} figures)"
     statistic = "estimate" if method_of(manifest).estimates else "score"
@@ -349,10 +370,11 @@ def write_report(
     layout = "sender layer and head, per receiver" if store.kind.senders else "layer and position"
     document = page(
         f"patchsweep: {model}",
-        summary_rows(connection, manifest, min_gap) + checks,
+        summary + checks,
         [
             (f"Mean {statistic} by {layout}", heatmaps),
             ("AtP against exact patching (verified cells)", scatters),
+            stability_section,
             ("Individual pairs", pairs),
         ],
     )
@@ -374,10 +396,12 @@ def build_report(
     min_gap: float = DEFAULT_MIN_GAP,
     drill_down: int = DRILL_DOWN_PAIRS,
     png: bool = False,
+    halves: SplitHalves = DEFAULT_HALVES,
 ) -> str:
-    """Aggregate the run in `store` (overall, and per group with `group_by`) and write its report;
-    returns a line saying what was written. Without `group_by` an earlier grouped table is removed:
-    it would describe other shards or another min-gap than the report beside it."""
+    """Aggregate the run in `store` (overall, and per group with `group_by`), measure its split-half
+    stability as `halves` asks, and write its report; returns a line saying what was written.
+    Without `group_by` an earlier grouped table is removed: it would describe other shards or
+    another min-gap than the report beside it; an earlier stability table not rebuilt likewise."""
     manifest = store.read_manifest() or {}
     direction, metric = manifest.get("direction", "denoise"), manifest.get("metric", DEFAULT_METRIC)
     rows = aggregate(store, direction, None, min_gap, metric).to_pylist()
@@ -385,4 +409,11 @@ def build_report(
         rows += aggregate(store, direction, group_by, min_gap, metric).to_pylist()
     else:
         store.remove(GROUPS_FILE)
-    return write_report(store, rows, min_gap, drill_down, png)
+    stable = None
+    n_pairs = pq.read_metadata(store.path(PAIRS_FILE), filesystem=store.fs).num_rows
+    if halves.wanted(n_pairs):
+        statistic = "estimate" if method_of(manifest).estimates else "score"
+        stable = stability(store, metric, min_gap, statistic, halves.splits, halves.seed)
+    else:
+        store.remove(STABILITY_FILE)
+    return write_report(store, rows, min_gap, drill_down, png, (halves.said(n_pairs, stable), stable))

@@ -1,0 +1,280 @@
+"""Split-half stability: would another sample of the same task give the same answer?
+
+The run's pairs (those the min gap keeps) are split into two halves at random, R times (split r
+draws a permutation from `numpy.random.default_rng([seed, r])` over the pair ids in sorted
+order: the first half of it is half A), each half is aggregated as the run is (per cell, the
+mean over its pairs of the pair's mean statistic: `score`, or `estimate` where the run
+estimates), and the halves are compared within each scope (a component; a path-patching
+receiver; every edge of an edges run):
+- `spearman`: the Spearman correlation (average ranks) of the cell means of the two halves, over
+  the cells both halves have;
+- `top-10 overlap`: the share of half A's 10 cells of largest |mean| among half B's 10;
+- for edges also `top-P overlap` at each of MIB's edge budgets P (the share of the top N edges,
+  N = int(P / 100 * edges), that both halves keep): how stable a circuit of that size is.
+
+Each value is one row of `stability.parquet` (view `stability`), the split's number and the
+halves' sizes with it; the report gives the median and range per scope and measure. The pairs
+are read a batch of shards at a time, as the aggregate reads them: per batch, its (scope, cell,
+pair) means are added into each split's two halves' sums, so memory holds the sums, not the rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import plotly.graph_objects as go
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from jobs.results.aggregate import LABEL_SQL
+from jobs.results.query import duckdb_connection
+from jobs.store import EDGES, FAITHFULNESS, PAIR_PARTS_DIR, PAIRS_FILE, STABILITY_FILE, Store
+from worker.circuits import MIB_BUDGETS, budget_edges
+
+DEFAULT_SPLITS = 20
+TOP = 10
+MAX_PAIRS = 100_000  # the report computes stability by default up to this many pairs
+
+CELL_VALUES_SQL = """
+WITH p AS (
+    SELECT pair_id, n_tokens, labels FROM batch_pairs
+    WHERE abs("clean_{metric}" - "corrupted_{metric}") >= {min_gap}
+)
+SELECT CAST(e.{kind} AS VARCHAR) AS scope,
+       concat(e.{layer}, '|', coalesce(CAST(e.{head} AS VARCHAR), ''), '|', {label}, '|',
+              CASE WHEN p.labels IS NULL AND e.{position} IS NOT NULL THEN CAST(p.n_tokens AS VARCHAR) ELSE '' END)
+           AS cell,
+       e.pair_id, avg(e.{statistic}::DOUBLE) AS value
+FROM batch e JOIN p USING (pair_id)
+WHERE e.{statistic} IS NOT NULL
+GROUP BY ALL
+"""
+EDGE_VALUES_SQL = """
+SELECT 'edges' AS scope, CAST(e.edge AS VARCHAR) AS cell, e.pair_id, e.{statistic}::DOUBLE AS value
+FROM batch e JOIN batch_pairs p USING (pair_id)
+WHERE abs(p."clean_{metric}" - p."corrupted_{metric}") >= {min_gap} AND e.{statistic} IS NOT NULL
+"""
+
+
+@dataclass
+class HalfSums:
+    """Per split, per half, per (scope, cell): the sum and count of the pairs' values."""
+
+    halves: np.ndarray  # [splits, pairs]: 0 for half A, 1 for half B
+    pair_index: dict[str, int]
+    cells: dict[tuple[str, str], int] = field(default_factory=dict)
+    sums: np.ndarray = field(default_factory=lambda: np.zeros((0,)))
+    counts: np.ndarray = field(default_factory=lambda: np.zeros((0,)))
+
+    def add(self, table: pa.Table) -> None:
+        """Add a batch's (scope, cell, pair_id, value) rows."""
+        keys = pc.binary_join_element_wise(table.column("scope"), table.column("cell"), "\x1f").dictionary_encode()
+        keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+        for key in keys.dictionary.to_pylist():
+            self.cells.setdefault(tuple(key.split("\x1f", 1)), len(self.cells))
+        local = np.array([self.cells[tuple(k.split("\x1f", 1))] for k in keys.dictionary.to_pylist()], dtype=np.int64)
+        cell = local[keys.indices.to_numpy(zero_copy_only=False)]
+        pairs = np.array([self.pair_index[p] for p in table.column("pair_id").to_pylist()], dtype=np.int64)
+        values = table.column("value").to_numpy()
+        splits, n = len(self.halves), len(self.cells)
+        if self.sums.shape != (splits, 2, n):
+            grown = np.zeros((splits, 2, n)), np.zeros((splits, 2, n))
+            if self.sums.size:
+                grown[0][..., : self.sums.shape[-1]], grown[1][..., : self.counts.shape[-1]] = self.sums, self.counts
+            self.sums, self.counts = grown
+        for split, halves in enumerate(self.halves):
+            at = halves[pairs] * n + cell
+            self.sums[split] += np.bincount(at, weights=values, minlength=2 * n).reshape(2, n)
+            self.counts[split] += np.bincount(at, minlength=2 * n).reshape(2, n)
+
+
+def halves(pair_ids: list[str], splits: int, seed: int) -> np.ndarray:
+    """[splits, pairs] (pairs in sorted id order): each split's random halves, 0 for A, 1 for B."""
+    result = np.ones((splits, len(pair_ids)), dtype=np.int64)
+    for split in range(splits):
+        order = np.random.default_rng([seed, split]).permutation(len(pair_ids))
+        result[split, order[: len(pair_ids) // 2]] = 0
+    return result
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties given the mean of the ranks they span."""
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return (sums / counts)[inverse]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    if len(a) < 2:
+        return None
+    ra, rb = average_ranks(a), average_ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def top_overlap(a: np.ndarray, b: np.ndarray, n: int) -> float | None:
+    """The share of `a`'s `n` largest |values| among `b`'s (ties in cell order)."""
+    n = min(n, len(a))
+    if n < 1:
+        return None
+    top_a = set(np.argsort(-np.abs(a), kind="mergesort")[:n].tolist())
+    top_b = set(np.argsort(-np.abs(b), kind="mergesort")[:n].tolist())
+    return len(top_a & top_b) / n
+
+
+def measures(scope: str, a: np.ndarray, b: np.ndarray) -> list[tuple[str, float | None]]:
+    found = [("spearman", spearman(a, b)), (f"top-{TOP} overlap", top_overlap(a, b, TOP))]
+    if scope == "edges":
+        found += [(f"top-{budget} overlap", top_overlap(a, b, budget_edges(budget, len(a)))) for budget in MIB_BUDGETS]
+    return found
+
+
+def cell_values_sql(store: Store, metric: str, min_gap: float, statistic: str) -> str:
+    fields = {"metric": metric, "min_gap": float(min_gap), "statistic": statistic}
+    if store.kind is EDGES:
+        return EDGE_VALUES_SQL.format(**fields)
+    (kind, layer, head), position = store.kind.cell, store.kind.position
+    label = LABEL_SQL.format(position=position)
+    return CELL_VALUES_SQL.format(kind=kind, layer=layer, head=head, position=position, label=label, **fields)
+
+
+def kept_pair_ids(store: Store, metric: str, min_gap: float) -> list[str]:
+    pairs = pq.read_table(
+        store.path(PAIRS_FILE), filesystem=store.fs, columns=["pair_id", f"clean_{metric}", f"corrupted_{metric}"]
+    )
+    gap = pc.abs(pc.subtract(pairs.column(f"clean_{metric}"), pairs.column(f"corrupted_{metric}")))
+    return sorted(pairs.filter(pc.greater_equal(gap, min_gap)).column("pair_id").to_pylist())
+
+
+def stability(
+    store: Store, metric: str, min_gap: float, statistic: str, splits: int = DEFAULT_SPLITS, seed: int = 0
+) -> pa.Table | None:
+    """The split-half table of the run in `store` (see the module's docstring), written as
+    `stability.parquet`; None for a circuit run (its few circuits have their intervals instead)
+    or a run of fewer than four kept pairs."""
+    pair_ids = kept_pair_ids(store, metric, min_gap)
+    if store.kind is FAITHFULNESS or len(pair_ids) < 4:
+        store.remove(STABILITY_FILE)
+        return None
+    sums = HalfSums(halves(pair_ids, splits, seed), {pair: i for i, pair in enumerate(pair_ids)})
+    pairs_schema = pq.read_schema(store.path(PAIRS_FILE), filesystem=store.fs)
+    connection, sql = duckdb_connection(), cell_values_sql(store, metric, min_gap, statistic)
+    for names in store.shard_batches():
+        connection.register("batch", store.parts(store.results, names))
+        connection.register("batch_pairs", store.parts(PAIR_PARTS_DIR, names, pairs_schema))
+        sums.add(connection.sql(sql).to_arrow_table())
+    rows = []
+    scopes: dict[str, list[int]] = {}
+    for (scope, _), index in sums.cells.items():
+        scopes.setdefault(scope, []).append(index)
+    for split in range(splits):
+        sizes = np.bincount(sums.halves[split], minlength=2)
+        for scope, cells in sorted(scopes.items()):
+            counts = sums.counts[split][:, cells]
+            both = (counts > 0).all(axis=0)
+            a, b = (sums.sums[split][h, cells][both] / counts[h][both] for h in (0, 1))
+            for measure, value in measures(scope, a, b):
+                rows.append(
+                    {
+                        "scope": scope,
+                        "split": split,
+                        "measure": measure,
+                        "value": value,
+                        "pairs_a": int(sizes[0]),
+                        "pairs_b": int(sizes[1]),
+                    }
+                )
+    table = pa.Table.from_pylist(rows, schema=STABILITY_SCHEMA).replace_schema_metadata(
+        {
+            b"patchsweep.seed": str(seed).encode(),
+            b"patchsweep.splits": str(splits).encode(),
+            b"patchsweep.statistic": statistic.encode(),
+            b"patchsweep.min_gap": str(min_gap).encode(),
+        }
+    )
+    store.write_table(table, STABILITY_FILE)
+    return table
+
+
+STABILITY_SCHEMA = pa.schema(
+    [
+        ("scope", pa.string()),
+        ("split", pa.int16()),
+        ("measure", pa.string()),
+        ("value", pa.float64()),
+        ("pairs_a", pa.int64()),
+        ("pairs_b", pa.int64()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class SplitHalves:
+    """What the report is asked for: stability on, off, or (None) on up to `MAX_PAIRS` pairs."""
+
+    on: bool | None = None
+    splits: int = DEFAULT_SPLITS
+    seed: int = 0
+
+    def wanted(self, n_pairs: int) -> bool:
+        return self.on if self.on is not None else n_pairs <= MAX_PAIRS
+
+    def said(self, n_pairs: int, table: pa.Table | None) -> str:
+        """The report summary's line."""
+        if table is not None:
+            return f"{self.splits} random halvings of the pairs (seed {self.seed}); see Stability"
+        if not self.wanted(n_pairs):
+            return "off (--no-stability)" if self.on is False else f"skipped above {MAX_PAIRS:,} pairs (--stability)"
+        return "not computed: a circuit run, or fewer than four pairs"
+
+
+DEFAULT_HALVES = SplitHalves()
+
+
+def summary_rows(table: pa.Table) -> list[dict]:
+    """Per scope and measure: the median, lowest and highest value over the splits."""
+    grouped: dict[tuple[str, str], list[float]] = {}
+    for row in table.to_pylist():
+        if row["value"] is not None:
+            grouped.setdefault((row["scope"], row["measure"]), []).append(row["value"])
+    return [
+        {"scope": scope, "measure": measure, "median": float(np.median(v)), "low": min(v), "high": max(v)}
+        for (scope, measure), v in grouped.items()
+    ]
+
+
+def stability_figures(table: pa.Table, run: str) -> list[tuple[str, go.Figure]]:
+    """A table of every scope's medians and ranges, and per scope the splits' values per measure."""
+    rows = summary_rows(table)
+    if not rows:
+        return []
+    metadata = table.schema.metadata or {}
+    splits, seed = (metadata.get(f"patchsweep.{key}".encode(), b"?").decode() for key in ("splits", "seed"))
+    columns = {
+        "scope": [r["scope"] for r in rows],
+        "measure": [r["measure"] for r in rows],
+        "median": [f"{r['median']:.3f}" for r in rows],
+        "range over splits": [f"[{r['low']:.3f}, {r['high']:.3f}]" for r in rows],
+    }
+    summary = go.Figure(go.Table(header={"values": list(columns)}, cells={"values": list(columns.values())}))
+    summary.update_layout(
+        title=f"{run}: split-half stability ({splits} random halvings, seed {seed})", height=220 + 28 * len(rows)
+    )
+    figures = [("stability", summary)]
+    values = table.filter(pc.is_valid(table.column("value"))).to_pylist()
+    for scope in dict.fromkeys(r["scope"] for r in rows):
+        mine = [r for r in values if r["scope"] == scope]
+        figure = go.Figure(go.Box(x=[r["measure"] for r in mine], y=[r["value"] for r in mine], boxpoints="all"))
+        figure.update_layout(
+            title=f"{run}: {scope}, one point per halving (1 = the halves agree)",
+            yaxis={"title": "between the two halves", "range": [-1.05, 1.05]},
+            height=360,
+        )
+        figures.append((f"stability-{scope}", figure))
+    return figures
