@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 from scipy import stats
 
+from jobs.results.aggregate import aggregate
 from jobs.results.stability import TOP, stability
 from jobs.store import Store
 from tests.test_aggregate import pair_row
@@ -19,18 +20,22 @@ LABELS = ["S1", "x", "S2", "y", "END"]
 LAYERS = 4
 
 
-def synthetic_run(root, agree: bool, n_pairs: int = 40, seed: int = 0) -> tuple[Store, pd.DataFrame]:
+def synthetic_run(
+    root, agree: bool, n_pairs: int = 40, seed: int = 0, flipped: bool = False
+) -> tuple[Store, pd.DataFrame]:
     """Labelled pairs whose resid and mlp cells have each a fixed effect plus a little noise
-    (`agree`), or nothing but noise; pair p3 has a gap below the min gap."""
+    (`agree`), or nothing but noise; pair p3 has a gap below the min gap. Odd pairs are template
+    t1, even ones t0; `flipped`: t1's effects are t0's negated."""
     rng = np.random.default_rng(seed)
     base = rng.normal(size=(2, LAYERS, len(LABELS)))
-    pairs = [pair_row(f"p{i}", len(LABELS), LABELS, 2.0, 1.95 if i == 3 else -1.0, "t") for i in range(n_pairs)]
+    pairs = [pair_row(f"p{i}", len(LABELS), LABELS, 2.0, 1.95 if i == 3 else -1.0, f"t{i % 2}") for i in range(n_pairs)]
     rows = []
     for p in pairs:
         for c, component in enumerate(("resid", "mlp")):
             for layer in range(LAYERS):
                 for position in range(len(LABELS)):
-                    effect = base[c, layer, position] if agree else 0.0
+                    sign = -1 if flipped and p["template"] == "t1" else 1
+                    effect = sign * base[c, layer, position] if agree else 0.0
                     score = effect + rng.normal(scale=0.05 if agree else 1.0)
                     rows.append(
                         {
@@ -92,3 +97,19 @@ def test_stability_tells_agreeing_pairs_from_noise(tmp_path):
     noise, _ = synthetic_run(tmp_path / "noise", agree=False)
     assert median(agreeing, "spearman") > 0.95 and median(agreeing, f"top-{TOP} overlap") >= 0.9
     assert median(noise, "spearman") < 0.5 and median(noise, f"top-{TOP} overlap") < 0.7
+
+
+@pytest.mark.parametrize("flipped", [False, True])
+def test_groups_that_disagree_are_told_apart(tmp_path, flipped):
+    """With --group-by, the two templates' cell means compared: the same effects agree, negated
+    ones correlate at -1 (and their top 10 by |mean| still coincide)."""
+    store, _ = synthetic_run(tmp_path / "run", agree=True, flipped=flipped)
+    grouped = aggregate(store, "denoise", "template", 0.1).to_pylist()
+    rows = stability(store, "logit_diff", 0.1, "score", splits=2, grouped=grouped).to_pylist()
+    compared = [r for r in rows if r["groups"] is not None]
+    assert {(r["scope"], r["groups"]) for r in compared} == {("resid", "t0 vs t1"), ("mlp", "t0 vs t1")}
+    for r in compared:
+        if r["measure"] == "spearman":
+            assert r["value"] == pytest.approx(-1 if flipped else 1, abs=0.05) and r["split"] is None
+    halves = [r["value"] for r in rows if r["groups"] is None and r["measure"] == "spearman"]
+    assert (max(halves) < 0.9) if flipped else (min(halves) > 0.95)  # random halves mix the templates

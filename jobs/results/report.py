@@ -405,15 +405,15 @@ def build_report(
     manifest = store.read_manifest() or {}
     direction, metric = manifest.get("direction", "denoise"), manifest.get("metric", DEFAULT_METRIC)
     rows = aggregate(store, direction, None, min_gap, metric).to_pylist()
-    if group_by:
-        rows += aggregate(store, direction, group_by, min_gap, metric).to_pylist()
-    else:
+    grouped = aggregate(store, direction, group_by, min_gap, metric).to_pylist() if group_by else []
+    if not group_by:
         store.remove(GROUPS_FILE)
+    rows += grouped
     stable = None
     n_pairs = pq.read_metadata(store.path(PAIRS_FILE), filesystem=store.fs).num_rows
     if halves.wanted(n_pairs):
         statistic = "estimate" if method_of(manifest).estimates else "score"
-        stable = stability(store, metric, min_gap, statistic, halves.splits, halves.seed)
+        stable = stability(store, metric, min_gap, statistic, halves.splits, halves.seed, grouped)
     else:
         store.remove(STABILITY_FILE)
     return write_report(store, rows, min_gap, drill_down, png, (halves.said(n_pairs, stable), stable))

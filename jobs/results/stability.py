@@ -13,7 +13,9 @@ receiver; every edge of an edges run):
   N = int(P / 100 * edges), that both halves keep): how stable a circuit of that size is.
 
 Each value is one row of `stability.parquet` (view `stability`), the split's number and the
-halves' sizes with it; the report gives the median and range per scope and measure. The pairs
+halves' sizes with it; the report gives the median and range per scope and measure. With
+`--group-by`, the groups are compared the same way, two at a time (their aggregate's cell
+means; `groups` names them, `split` is null): do the templates agree with each other? The pairs
 are read a batch of shards at a time, as the aggregate reads them: per batch, its (scope, cell,
 pair) means are added into each split's two halves' sums, so memory holds the sums, not the rows.
 """
@@ -135,6 +137,45 @@ def measures(scope: str, a: np.ndarray, b: np.ndarray) -> list[tuple[str, float 
     return found
 
 
+def group_agreement(store: Store, grouped: list[dict], statistic: str) -> list[dict]:
+    """Rows comparing every two groups of a grouped aggregate per scope: the measures of two
+    halves, over the cells both groups have."""
+    if store.kind is EDGES:
+        scope_column, cell_columns = None, ("edge",)
+    else:
+        scope_column, cell_columns = store.kind.cell[0], (*store.kind.cell[1:], "label", "n_tokens")
+    means: dict[tuple[str, str], dict[tuple, float]] = {}
+    sizes: dict[str, int] = {}
+    for row in grouped:
+        value = row.get(f"mean_{statistic}")
+        if row["group"] is not None and value is not None:
+            key = tuple(row.get(column) for column in cell_columns)
+            scope = "edges" if scope_column is None else str(row[scope_column])
+            means.setdefault((scope, row["group"]), {})[key] = value
+            sizes[row["group"]] = max(sizes.get(row["group"], 0), row["pairs"])
+    rows = []
+    for scope in sorted({scope for scope, _ in means}):
+        groups = sorted(group for s, group in means if s == scope)
+        for i, first in enumerate(groups):
+            for second in groups[i + 1 :]:
+                a, b = means[(scope, first)], means[(scope, second)]
+                shared = sorted(set(a) & set(b), key=str)
+                x, y = np.array([a[k] for k in shared]), np.array([b[k] for k in shared])
+                for measure, value in measures(scope, x, y):
+                    rows.append(
+                        {
+                            "scope": scope,
+                            "split": None,
+                            "measure": measure,
+                            "value": value,
+                            "pairs_a": sizes[first],
+                            "pairs_b": sizes[second],
+                            "groups": f"{first} vs {second}",
+                        }
+                    )
+    return rows
+
+
 def cell_values_sql(store: Store, metric: str, min_gap: float, statistic: str) -> str:
     fields = {"metric": metric, "min_gap": float(min_gap), "statistic": statistic}
     if store.kind is EDGES:
@@ -153,9 +194,16 @@ def kept_pair_ids(store: Store, metric: str, min_gap: float) -> list[str]:
 
 
 def stability(
-    store: Store, metric: str, min_gap: float, statistic: str, splits: int = DEFAULT_SPLITS, seed: int = 0
+    store: Store,
+    metric: str,
+    min_gap: float,
+    statistic: str,
+    splits: int = DEFAULT_SPLITS,
+    seed: int = 0,
+    grouped: list[dict] | None = None,
 ) -> pa.Table | None:
-    """The split-half table of the run in `store` (see the module's docstring), written as
+    """The split-half table of the run in `store` (see the module's docstring), with the
+    agreement of the groups of `grouped` (a grouped aggregate's rows) when given, written as
     `stability.parquet`; None for a circuit run (its few circuits have their intervals instead)
     or a run of fewer than four kept pairs."""
     pair_ids = kept_pair_ids(store, metric, min_gap)
@@ -190,6 +238,8 @@ def stability(
                         "pairs_b": int(sizes[1]),
                     }
                 )
+    if grouped:
+        rows += group_agreement(store, grouped, statistic)
     table = pa.Table.from_pylist(rows, schema=STABILITY_SCHEMA).replace_schema_metadata(
         {
             b"patchsweep.seed": str(seed).encode(),
@@ -210,6 +260,7 @@ STABILITY_SCHEMA = pa.schema(
         ("value", pa.float64()),
         ("pairs_a", pa.int64()),
         ("pairs_b", pa.int64()),
+        ("groups", pa.string()),  # with --group-by: the two groups compared (split null)
     ]
 )
 
@@ -239,13 +290,21 @@ DEFAULT_HALVES = SplitHalves()
 
 def summary_rows(table: pa.Table) -> list[dict]:
     """Per scope and measure: the median, lowest and highest value over the splits."""
-    grouped: dict[tuple[str, str], list[float]] = {}
+    grouped: dict[tuple[str, str, str], list[float]] = {}
     for row in table.to_pylist():
         if row["value"] is not None:
-            grouped.setdefault((row["scope"], row["measure"]), []).append(row["value"])
+            compared = row["groups"] or "random halves"
+            grouped.setdefault((row["scope"], compared, row["measure"]), []).append(row["value"])
     return [
-        {"scope": scope, "measure": measure, "median": float(np.median(v)), "low": min(v), "high": max(v)}
-        for (scope, measure), v in grouped.items()
+        {
+            "scope": scope,
+            "halves": halves,
+            "measure": measure,
+            "median": float(np.median(v)),
+            "low": min(v),
+            "high": max(v),
+        }
+        for (scope, halves, measure), v in grouped.items()
     ]
 
 
@@ -258,6 +317,7 @@ def stability_figures(table: pa.Table, run: str) -> list[tuple[str, go.Figure]]:
     splits, seed = (metadata.get(f"patchsweep.{key}".encode(), b"?").decode() for key in ("splits", "seed"))
     columns = {
         "scope": [r["scope"] for r in rows],
+        "halves": [r["halves"] for r in rows],
         "measure": [r["measure"] for r in rows],
         "median": [f"{r['median']:.3f}" for r in rows],
         "range over splits": [f"[{r['low']:.3f}, {r['high']:.3f}]" for r in rows],
@@ -267,7 +327,7 @@ def stability_figures(table: pa.Table, run: str) -> list[tuple[str, go.Figure]]:
         title=f"{run}: split-half stability ({splits} random halvings, seed {seed})", height=220 + 28 * len(rows)
     )
     figures = [("stability", summary)]
-    values = table.filter(pc.is_valid(table.column("value"))).to_pylist()
+    values = table.filter(pc.and_(pc.is_valid(table.column("value")), pc.is_null(table.column("groups")))).to_pylist()
     for scope in dict.fromkeys(r["scope"] for r in rows):
         mine = [r for r in values if r["scope"] == scope]
         figure = go.Figure(go.Box(x=[r["measure"] for r in mine], y=[r["value"] for r in mine], boxpoints="all"))
