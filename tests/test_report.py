@@ -141,7 +141,8 @@ def test_report_has_one_plotly_and_a_heatmap_per_component(ioi_run):
     for component in COMPONENTS:
         assert f'id="fig-{component}"' in text
         assert f"tiny (denoise, logit_diff): {component}, N={kept} pairs" in text
-    assert text.count('class="figure"') == 3 + 2 * 3 + 1 + 3  # heatmaps, drill-downs, stability: table, per component
+    # heatmaps, drill-downs, stability: its table, how many pairs, one box plot per component
+    assert text.count('class="figure"') == 3 + 2 * 3 + 1 + 1 + 3
     assert 'id="fig-stability"' in text and "20 random halvings of the pairs (seed 0)" in text
 
 
@@ -234,11 +235,12 @@ def test_chromium_renders_every_plot(ioi_run, tmp_path):
     ).stdout
     figures = dom.count('class="figure"')
     heatmaps = 3 + 3  # per component, and the drill-down's
-    assert figures == heatmaps + 1 + 3  # and stability's table and one box plot per component
+    assert figures == heatmaps + 1 + 1 + 3  # and stability's table, how many pairs, a box plot per component
     assert dom.count('class="hm"') == heatmaps, "every heatmap figure must have drawn its heatmap layer"
     images = re.findall(r'xlink:href="data:image/png;base64,([A-Za-z0-9+/=]+)"', dom)
     assert len(images) == heatmaps and all(len(image) > 500 for image in images)
     assert dom.count('class="trace boxes"') == 3 and dom.count('class="table-control-view"') == 1
+    assert dom.count("top cell's interval half-width") >= 3  # how many pairs: drawn, a width curve per component
 
 
 def test_png_export_or_a_clear_reason(ioi_run):

@@ -69,23 +69,32 @@ def test_halves_are_reproducible_from_the_seed(tmp_path):
     assert first.schema.metadata[b"patchsweep.seed"] == b"3" and store.exists("stability.parquet")
 
 
-def test_a_split_equals_one_by_hand(tmp_path):
+@pytest.mark.parametrize("size", [None, 16])
+def test_a_split_equals_one_by_hand(tmp_path, size):
     """Split 2 by the documented recipe: the kept pairs' ids sorted, permuted by
-    default_rng([seed, split]), the first half A; per cell the mean of each half, scipy's Spearman."""
-    store, rows = synthetic_run(tmp_path / "run", agree=True)
+    default_rng([seed, split]) (for a smaller sample of `size` pairs, [seed, split, size], its
+    first `size` pairs halved), the first half A; per cell each half's mean, scipy's Spearman."""
+    store, rows = synthetic_run(tmp_path / "run", agree=False)
     table = stability(store, "logit_diff", 0.1, "score", splits=3, seed=7).to_pylist()
     kept = sorted(set(rows["pair_id"]) - {"p3"})
-    order = np.random.default_rng([7, 2]).permutation(len(kept))
-    half_a = {kept[i] for i in order[: len(kept) // 2]}
+    order = np.random.default_rng([7, 2] if size is None else [7, 2, size]).permutation(len(kept))
+    halved = len(kept) if size is None else size  # the run's own halving: every pair, B one larger
+    half_a = {kept[i] for i in order[: halved // 2]}
+    half_b = {kept[i] for i in order[halved // 2 : halved if size is None else halved // 2 * 2]}
+    assert {8, 16, 32, 39} == {r["pairs_a"] + r["pairs_b"] for r in table}  # 8, 16, 32 below the run's 39
     for component in ("resid", "mlp"):
-        mine = rows[(rows["component"] == component) & (rows["pair_id"] != "p3")]
+        mine = rows[(rows["component"] == component) & rows["pair_id"].isin(half_a | half_b)]
         means = mine.assign(a=mine["pair_id"].isin(half_a)).groupby(["a", "layer", "position"])["score"].mean()
         a, b = means[True].to_numpy(), means[False].to_numpy()
-        found = {r["measure"]: r["value"] for r in table if r["scope"] == component and r["split"] == 2}
+        found = {
+            r["measure"]: r["value"]
+            for r in table
+            if r["scope"] == component and r["split"] == 2 and r["pairs_a"] + r["pairs_b"] == halved
+        }
         assert found["spearman"] == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-9)
         top_a, top_b = set(np.argsort(-np.abs(a))[:TOP]), set(np.argsort(-np.abs(b))[:TOP])
         assert found[f"top-{TOP} overlap"] == len(top_a & top_b) / TOP
-        assert {(r["pairs_a"], r["pairs_b"]) for r in table} == {(19, 20)}
+        assert {(r["pairs_a"], r["pairs_b"]) for r in table if r["pairs_a"] > 16} == {(19, 20)}
 
 
 def test_stability_tells_agreeing_pairs_from_noise(tmp_path):
@@ -111,5 +120,5 @@ def test_groups_that_disagree_are_told_apart(tmp_path, flipped):
     for r in compared:
         if r["measure"] == "spearman":
             assert r["value"] == pytest.approx(-1 if flipped else 1, abs=0.05) and r["split"] is None
-    halves = [r["value"] for r in rows if r["groups"] is None and r["measure"] == "spearman"]
+    halves = [r["value"] for r in rows if r["groups"] is None and r["measure"] == "spearman" and r["pairs_a"] == 19]
     assert (max(halves) < 0.9) if flipped else (min(halves) > 0.95)  # random halves mix the templates

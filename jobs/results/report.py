@@ -342,6 +342,7 @@ def write_report(
     drill_down: int = DRILL_DOWN_PAIRS,
     png: bool = False,
     stable: tuple[str, pa.Table | None] = ("not computed", None),
+    statistic: str = "score",
 ) -> str:
     """Write report.html (and PNGs if asked); returns a line saying what was written. `stable`:
     what the summary says of split-half stability, and its table (None: not computed)."""
@@ -350,7 +351,8 @@ def write_report(
     run = run_title(manifest)
     connection = connect_tables(store)
     summary = [*summary_rows(connection, manifest, min_gap), ("split-half stability", stable[0])]
-    halvings = stability_figures(stable[1], run) if stable[1] is not None else []
+    overall = [row for row in aggregate_rows if row["group"] is None]
+    halvings = stability_figures(stable[1], run, overall, statistic) if stable[1] is not None else []
     stability_section = ("Stability: would other pairs of the task give the same answer?", halvings)
     if store.kind is FAITHFULNESS:
         figures = circuit_figures(store, aggregate_rows, manifest, run)
@@ -409,11 +411,10 @@ def build_report(
     if not group_by:
         store.remove(GROUPS_FILE)
     rows += grouped
-    stable = None
+    stable, statistic = None, "estimate" if method_of(manifest).estimates else "score"
     n_pairs = pq.read_metadata(store.path(PAIRS_FILE), filesystem=store.fs).num_rows
     if halves.wanted(n_pairs):
-        statistic = "estimate" if method_of(manifest).estimates else "score"
         stable = stability(store, metric, min_gap, statistic, halves.splits, halves.seed, grouped)
     else:
         store.remove(STABILITY_FILE)
-    return write_report(store, rows, min_gap, drill_down, png, (halves.said(n_pairs, stable), stable))
+    return write_report(store, rows, min_gap, drill_down, png, (halves.said(n_pairs, stable), stable), statistic)

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.results.aggregate import LABEL_SQL
+from jobs.results.intervals import t_quantile
 from jobs.results.query import duckdb_connection
 from jobs.store import EDGES, FAITHFULNESS, PAIR_PARTS_DIR, PAIRS_FILE, STABILITY_FILE, Store
 from worker.circuits import MIB_BUDGETS, budget_edges
@@ -64,7 +65,7 @@ WHERE abs(p."clean_{metric}" - p."corrupted_{metric}") >= {min_gap} AND e.{stati
 class HalfSums:
     """Per split, per half, per (scope, cell): the sum and count of the pairs' values."""
 
-    halves: np.ndarray  # [splits, pairs]: 0 for half A, 1 for half B
+    halves: np.ndarray  # [halvings, pairs]: 0 for half A, 1 for half B, 2 for a pair left out
     pair_index: dict[str, int]
     cells: dict[tuple[str, str], int] = field(default_factory=dict)
     sums: np.ndarray = field(default_factory=lambda: np.zeros((0,)))
@@ -81,24 +82,40 @@ class HalfSums:
         pairs = np.array([self.pair_index[p] for p in table.column("pair_id").to_pylist()], dtype=np.int64)
         values = table.column("value").to_numpy()
         splits, n = len(self.halves), len(self.cells)
-        if self.sums.shape != (splits, 2, n):
+        if self.sums.shape[-1:] != (n,):
             grown = np.zeros((splits, 2, n)), np.zeros((splits, 2, n))
             if self.sums.size:
                 grown[0][..., : self.sums.shape[-1]], grown[1][..., : self.counts.shape[-1]] = self.sums, self.counts
             self.sums, self.counts = grown
         for split, halves in enumerate(self.halves):
-            at = halves[pairs] * n + cell
-            self.sums[split] += np.bincount(at, weights=values, minlength=2 * n).reshape(2, n)
-            self.counts[split] += np.bincount(at, minlength=2 * n).reshape(2, n)
+            at = halves[pairs] * n + cell  # a pair left out (2) lands past the two halves' cells
+            self.sums[split] += np.bincount(at, weights=values, minlength=3 * n)[: 2 * n].reshape(2, n)
+            self.counts[split] += np.bincount(at, minlength=3 * n)[: 2 * n].reshape(2, n)
 
 
-def halves(pair_ids: list[str], splits: int, seed: int) -> np.ndarray:
-    """[splits, pairs] (pairs in sorted id order): each split's random halves, 0 for A, 1 for B."""
-    result = np.ones((splits, len(pair_ids)), dtype=np.int64)
+def halves(pair_ids: list[str], splits: int, seed: int, size: int | None = None) -> np.ndarray:
+    """[splits, pairs] (pairs in sorted id order): each split's random halves of every pair (0 for
+    A, 1 for B), or with `size` of `size` pairs drawn at random (the rest 2: left out)."""
+    if size is None:
+        result = np.ones((splits, len(pair_ids)), dtype=np.int64)
+        for split in range(splits):
+            order = np.random.default_rng([seed, split]).permutation(len(pair_ids))
+            result[split, order[: len(pair_ids) // 2]] = 0
+        return result
+    result = np.full((splits, len(pair_ids)), 2, dtype=np.int64)
     for split in range(splits):
-        order = np.random.default_rng([seed, split]).permutation(len(pair_ids))
-        result[split, order[: len(pair_ids) // 2]] = 0
+        order = np.random.default_rng([seed, split, size]).permutation(len(pair_ids))
+        result[split, order[: size // 2]], result[split, order[size // 2 : size // 2 * 2]] = 0, 1
     return result
+
+
+def subsample_sizes(n_pairs: int) -> list[int]:
+    """The smaller samples "how many pairs" halves too: 8, 16, 32, ... below the run's pairs."""
+    sizes, size = [], 8
+    while size < n_pairs:
+        sizes.append(size)
+        size *= 2
+    return sizes
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
@@ -210,7 +227,9 @@ def stability(
     if store.kind is FAITHFULNESS or len(pair_ids) < 4:
         store.remove(STABILITY_FILE)
         return None
-    sums = HalfSums(halves(pair_ids, splits, seed), {pair: i for i, pair in enumerate(pair_ids)})
+    sizes = subsample_sizes(len(pair_ids))
+    halvings = np.concatenate([halves(pair_ids, splits, seed)] + [halves(pair_ids, splits, seed, n) for n in sizes])
+    sums = HalfSums(halvings, {pair: i for i, pair in enumerate(pair_ids)})
     pairs_schema = pq.read_schema(store.path(PAIRS_FILE), filesystem=store.fs)
     connection, sql = duckdb_connection(), cell_values_sql(store, metric, min_gap, statistic)
     for names in store.shard_batches():
@@ -221,12 +240,12 @@ def stability(
     scopes: dict[str, list[int]] = {}
     for (scope, _), index in sums.cells.items():
         scopes.setdefault(scope, []).append(index)
-    for split in range(splits):
-        sizes = np.bincount(sums.halves[split], minlength=2)
+    for halving in range(len(halvings)):
+        split, counted = halving % splits, np.bincount(sums.halves[halving], minlength=3)
         for scope, cells in sorted(scopes.items()):
-            counts = sums.counts[split][:, cells]
+            counts = sums.counts[halving][:, cells]
             both = (counts > 0).all(axis=0)
-            a, b = (sums.sums[split][h, cells][both] / counts[h][both] for h in (0, 1))
+            a, b = (sums.sums[halving][h, cells][both] / counts[h][both] for h in (0, 1))
             for measure, value in measures(scope, a, b):
                 rows.append(
                     {
@@ -234,8 +253,8 @@ def stability(
                         "split": split,
                         "measure": measure,
                         "value": value,
-                        "pairs_a": int(sizes[0]),
-                        "pairs_b": int(sizes[1]),
+                        "pairs_a": int(counted[0]),
+                        "pairs_b": int(counted[1]),
                     }
                 )
     if grouped:
@@ -288,11 +307,19 @@ class SplitHalves:
 DEFAULT_HALVES = SplitHalves()
 
 
+def full_halvings(table: pa.Table) -> int:
+    """How many pairs the run's own halvings split (the smaller samples split fewer)."""
+    halved = table.filter(pc.is_null(table.column("groups")))
+    return pc.max(pc.add(halved.column("pairs_a"), halved.column("pairs_b"))).as_py() or 0
+
+
 def summary_rows(table: pa.Table) -> list[dict]:
-    """Per scope and measure: the median, lowest and highest value over the splits."""
+    """Per scope and measure: the median, lowest and highest value over the run's halvings (and
+    over the pairs of groups compared)."""
     grouped: dict[tuple[str, str, str], list[float]] = {}
+    full = full_halvings(table)
     for row in table.to_pylist():
-        if row["value"] is not None:
+        if row["value"] is not None and (row["groups"] is not None or row["pairs_a"] + row["pairs_b"] == full):
             compared = row["groups"] or "random halves"
             grouped.setdefault((row["scope"], compared, row["measure"]), []).append(row["value"])
     return [
@@ -308,8 +335,60 @@ def summary_rows(table: pa.Table) -> list[dict]:
     ]
 
 
-def stability_figures(table: pa.Table, run: str) -> list[tuple[str, go.Figure]]:
-    """A table of every scope's medians and ranges, and per scope the splits' values per measure."""
+def pairs_needed(table: pa.Table) -> dict[str, list[tuple[int, float]]]:
+    """Per scope, (pairs halved, median top-10 overlap) for each sample size, the run's own last."""
+    medians: dict[str, dict[int, list[float]]] = {}
+    for row in table.to_pylist():
+        if row["groups"] is None and row["measure"] == f"top-{TOP} overlap" and row["value"] is not None:
+            medians.setdefault(row["scope"], {}).setdefault(row["pairs_a"] + row["pairs_b"], []).append(row["value"])
+    return {scope: [(n, float(np.median(v))) for n, v in sorted(by_n.items())] for scope, by_n in medians.items()}
+
+
+def how_many_pairs(table: pa.Table, aggregate_rows: list[dict], statistic: str, run: str) -> go.Figure:
+    """Per scope the median top-10 overlap of the halves against the pairs halved (the smallest
+    sample reaching 0.9 named), and the 95% interval's half-width against the number of pairs for
+    each scope's top cell (t(0.975, n - 1) * its std / sqrt(n))."""
+    figure = go.Figure()
+    for scope, curve in pairs_needed(table).items():
+        reached = next((n for n, overlap in curve if overlap >= 0.9), None)
+        said = f"0.9 at {reached} pairs" if reached else f"not 0.9 within {curve[-1][0]} pairs"
+        figure.add_scatter(
+            x=[n for n, _ in curve], y=[o for _, o in curve], mode="lines+markers", name=f"{scope} ({said})"
+        )
+    full = full_halvings(table)
+    sizes = [*subsample_sizes(full), full]
+    tops: dict[str, dict] = {}
+    for row in aggregate_rows:
+        if row.get("group") is None and row.get(f"std_{statistic}") is not None:
+            scope = "edges" if "edge" in row else str(row.get("component", row.get("receiver")))
+            if scope not in tops or abs(row[f"mean_{statistic}"]) > abs(tops[scope][f"mean_{statistic}"]):
+                tops[scope] = row
+    for scope, row in tops.items():
+        std = row[f"std_{statistic}"]
+        width = [t_quantile(0.975, n - 1) * std / np.sqrt(n) for n in sizes if n > 1]
+        figure.add_scatter(
+            x=[n for n in sizes if n > 1],
+            y=width,
+            mode="lines",
+            line={"dash": "dot"},
+            yaxis="y2",
+            name=f"{scope}: top cell's interval half-width",
+        )
+    figure.update_layout(
+        title=f"{run}: how many pairs? Top-10 overlap of two halves, and the top cell's 95% half-width",
+        xaxis={"title": "pairs (both halves)", "type": "log"},
+        yaxis={"title": f"median top-{TOP} overlap", "range": [0, 1.05]},
+        yaxis2={"title": f"half-width of the mean {statistic}", "overlaying": "y", "side": "right"},
+        height=420,
+    )
+    return figure
+
+
+def stability_figures(
+    table: pa.Table, run: str, aggregate_rows: list[dict], statistic: str
+) -> list[tuple[str, go.Figure]]:
+    """A table of every scope's medians and ranges, "how many pairs", and per scope the run's
+    halvings' values per measure."""
     rows = summary_rows(table)
     if not rows:
         return []
@@ -320,14 +399,21 @@ def stability_figures(table: pa.Table, run: str) -> list[tuple[str, go.Figure]]:
         "halves": [r["halves"] for r in rows],
         "measure": [r["measure"] for r in rows],
         "median": [f"{r['median']:.3f}" for r in rows],
-        "range over splits": [f"[{r['low']:.3f}, {r['high']:.3f}]" for r in rows],
+        "range": [f"[{r['low']:.3f}, {r['high']:.3f}]" for r in rows],
     }
     summary = go.Figure(go.Table(header={"values": list(columns)}, cells={"values": list(columns.values())}))
     summary.update_layout(
         title=f"{run}: split-half stability ({splits} random halvings, seed {seed})", height=220 + 28 * len(rows)
     )
-    figures = [("stability", summary)]
-    values = table.filter(pc.and_(pc.is_valid(table.column("value")), pc.is_null(table.column("groups")))).to_pylist()
+    figures = [("stability", summary), ("how-many-pairs", how_many_pairs(table, aggregate_rows, statistic, run))]
+    full = full_halvings(table)
+    values = [
+        r
+        for r in table.filter(
+            pc.and_(pc.is_valid(table.column("value")), pc.is_null(table.column("groups")))
+        ).to_pylist()
+        if r["pairs_a"] + r["pairs_b"] == full
+    ]
     for scope in dict.fromkeys(r["scope"] for r in rows):
         mine = [r for r in values if r["scope"] == scope]
         figure = go.Figure(go.Box(x=[r["measure"] for r in mine], y=[r["value"] for r in mine], boxpoints="all"))
