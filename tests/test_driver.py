@@ -459,7 +459,7 @@ def test_heads_and_chosen_positions_end_to_end(tmp_path, tiny_model, tiny_model_
         assert by_key[key(r)] == pytest.approx(r["logit_diff"], abs=RUN_TOL)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["positions"] == manifest["config"]["positions"] == positions
-    panels = {"S2,END": 1 + 2, "all": 1 + 1}[positions]  # resid (or the all-positions panel), then heads per label
+    panels = {"S2,END": 1 + 1, "all": 1 + 1}[positions]  # resid (or the all-positions panel), then the heads
     assert f"({panels} heatmaps" in done.stderr
 
 

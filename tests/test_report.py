@@ -51,7 +51,9 @@ def ioi_run(tmp_path_factory, tiny_model, tokenizer_and_ctx):
     return store, len(tiny_model.transformer.h), records
 
 
-def test_heads_get_a_layer_by_head_heatmap_per_label(tmp_path, tiny_model, tokenizer_and_ctx):
+def test_heads_are_small_multiples_on_one_colour_scale(tmp_path, tiny_model, tokenizer_and_ctx):
+    """One figure for `head`: a layer x head panel per label whose cells are not all exactly 0, in
+    label order on one colour scale symmetric around 0; the all-zero labels named in one line."""
     store, records, result = ioi_store(tmp_path, tiny_model, tokenizer_and_ctx, 4, ["head"])
     config = tiny_model._module.config
     labels_of = {r["id"]: r["labels"] for r in records}
@@ -59,14 +61,22 @@ def test_heads_get_a_layer_by_head_heatmap_per_label(tmp_path, tiny_model, token
     positions = label_positions(connect_tables(store))
     figures = aggregate_figures(aggregate(store, "denoise").to_pylist(), "tiny", positions)
     labels = sorted({label for r in records for label in r["labels"]}, key=lambda label: (positions[label], label))
-    assert [name for name, _ in figures] == [f"head-{label}" for label in labels]
-    for (_, figure), label in zip(figures, labels):
-        heatmap = figure.data[0]
-        assert list(heatmap.x) == list(range(config.n_head)) and len(heatmap.z) == config.n_layer
-        assert figure.layout.xaxis.title.text == "head" and f"head at {label}," in figure.layout.title.text
-        for layer in range(config.n_layer):
-            for head in range(config.n_head):
-                assert heatmap.z[layer][head] == pytest.approx(means[(label, layer, head)], abs=1e-5)
+    cells = [(layer, head) for layer in range(config.n_layer) for head in range(config.n_head)]
+    zero = [label for label in labels if all(means[(label, *cell)] == 0 for cell in cells)]
+    drawn = [label for label in labels if label not in zero]
+    assert zero and drawn  # the labels before the first differing token, and the rest
+    assert [name for name, _ in figures] == ["head"]
+    figure = figures[0][1]
+    titles = [a.text for a in figure.layout.annotations]
+    assert [title.split(" (N=")[0] for title in titles[: len(drawn)]] == [f"at {label}" for label in drawn]
+    assert titles[-1].startswith("Every cell exactly 0 " + ", ".join(f"at {label}" for label in zero) + ":")
+    largest = max(abs(means[(label, *cell)]) for label in drawn for cell in cells)
+    assert (figure.layout.coloraxis.cmin, figure.layout.coloraxis.cmax) == pytest.approx((-largest, largest))
+    for heatmap, label in zip(figure.data, drawn, strict=True):
+        assert list(heatmap.x) == [str(h) for h in range(config.n_head)] and len(heatmap.z) == config.n_layer
+        assert heatmap.coloraxis == "coloraxis"
+        for layer, head in cells:
+            assert heatmap.z[layer][head] == pytest.approx(means[(label, layer, head)], abs=1e-5)
 
 
 def mean_scores(result, key) -> dict[tuple, float]:
@@ -90,11 +100,12 @@ def test_all_positions_get_a_layer_by_component_panel_and_heads_one_of_their_own
     rows = aggregate(store, "denoise").to_pylist()
     assert {row["label"] for row in rows} == {"all"} and {row["n_tokens"] for row in rows} == {None}
     figures = dict(aggregate_figures(rows, "tiny", label_positions(connect_tables(store))))
-    assert list(figures) == ["all-positions", "head-all"]
+    assert list(figures) == ["all-positions", "head"]
     components = figures["all-positions"]
     assert list(components.data[0].x) == ["resid", "attn", "mlp"] and "all positions," in components.layout.title.text
-    heads = figures["head-all"]
-    assert list(heads.data[0].x) == list(range(config.n_head)) and "head at all positions," in heads.layout.title.text
+    heads = figures["head"]
+    assert list(heads.data[0].x) == [str(h) for h in range(config.n_head)]
+    assert heads.layout.annotations[0].text.startswith("at all positions (N=")
     for layer in range(config.n_layer):
         for i, component in enumerate(["resid", "attn", "mlp"]):
             assert components.data[0].z[layer][i] == pytest.approx(means[(component, layer, None)], abs=1e-5)
@@ -213,13 +224,12 @@ def test_group_by_adds_heatmaps_per_group_and_leaves_the_overall_aggregate(ioi_r
     assert not store.exists(GROUPS_FILE) and overall_rows() == overall
 
 
-def test_chromium_renders_every_plot(ioi_run, tmp_path):
+def rendered(store, tmp_path) -> str:
+    """The report's DOM once headless Chromium has drawn it."""
     chromium = find_chromium()
     if chromium is None:
         pytest.skip("headless Chromium is not installed (.ci/run installs Debian's chromium)")
-    store, _, _ = ioi_run
-    build_report(store, drill_down=1)
-    dom = subprocess.run(
+    return subprocess.run(
         [
             chromium,
             *CHROMIUM_FLAGS,
@@ -233,6 +243,24 @@ def test_chromium_renders_every_plot(ioi_run, tmp_path):
         timeout=120,
         check=True,
     ).stdout
+
+
+def test_chromium_draws_the_heads_small_multiples(tmp_path, tiny_model, tokenizer_and_ctx):
+    """As a browser shows it: one figure of heads with a heatmap per drawn label, one colour bar,
+    and the line that names the labels left out."""
+    store, _, _ = ioi_store(tmp_path, tiny_model, tokenizer_and_ctx, 4, ["head"])
+    build_report(store, drill_down=0)
+    dom = rendered(store, tmp_path)
+    figure = dom.split('id="fig-head"')[1].split('class="figure"')[0]
+    drawn = aggregate_figures(aggregate(store, "denoise").to_pylist(), "t", label_positions(connect_tables(store)))
+    assert figure.count('class="hm"') == len(drawn[0][1].data) > 1
+    assert len(re.findall(r'class="cb[0-9a-z]* colorbar"', figure)) == 1 and "Every cell exactly 0 at " in figure
+
+
+def test_chromium_renders_every_plot(ioi_run, tmp_path):
+    store, _, _ = ioi_run
+    build_report(store, drill_down=1)
+    dom = rendered(store, tmp_path)
     figures = dom.count('class="figure"')
     heatmaps = 3 + 3  # per component, and the drill-down's
     assert figures == heatmaps + 1 + 1 + 3  # and stability's table, how many pairs, a box plot per component

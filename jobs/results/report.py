@@ -26,7 +26,7 @@ from jobs.results.aggregate import ALL_POSITIONS, DEFAULT_MIN_GAP, aggregate
 from jobs.results.circuit_report import circuit_figures
 from jobs.results.circuit_report import summary as circuit_summary
 from jobs.results.edge_report import agreement, edge_figures
-from jobs.results.heatmaps import heatmap
+from jobs.results.heatmaps import Panel, heatmap, small_multiples
 from jobs.results.query import connect_tables
 from jobs.results.stability import DEFAULT_HALVES, SplitHalves, stability, stability_figures
 from jobs.results.verification import collect_verified, correlations, fmt, scatter_figures, top_k_agreement
@@ -123,12 +123,23 @@ def x_order(column: str, values: set, positions: dict[str, float]) -> list:
     return sorted(values, key=COMPONENTS.index) if column == "component" else sorted(values)
 
 
+def component_rank(name: str) -> tuple:
+    """Components in the canonical order (worker/options.py COMPONENTS); receivers after, by name."""
+    return (COMPONENTS.index(name) if name in COMPONENTS else len(COMPONENTS), name)
+
+
+def scope_said(group, n_tokens) -> str:
+    """What a panel's title adds of its scope: the group, the token length of unlabelled pairs."""
+    return "".join([f", group {group}" if group is not None else "", f", {n_tokens}-token pairs" if n_tokens else ""])
+
+
 def aggregate_figures(
     rows: list[dict], run: str, positions: dict[str, float], statistic: str = "score", kind: ResultsKind = EFFECTS
 ) -> list[tuple[str, go.Figure]]:
     """One heatmap per panel (see `panel_of`) present in the aggregate rows of a `kind` run, with
-    hover statistics; per head (`head`, q, k, v, pattern), the IOI paper's layer x head figure at
-    each position label."""
+    hover statistics; per head (`head`, q, k, v, pattern; path patching's senders), the IOI
+    paper's layer x head figure at each position label, drawn as small multiples of the
+    component that share one colour scale (`small_multiples`)."""
     panels: dict[tuple, list[dict]] = defaultdict(list)
     columns: dict[tuple, str] = {}
     for row in rows:
@@ -136,7 +147,8 @@ def aggregate_figures(
             row = {**row, "layer": row["sender_layer"], "head": row["sender_head"]}
         key, columns[key] = panel_of(row, kind)
         panels[key].append(row)
-    figures = []
+    figures: list = []
+    multiples: dict[tuple, list[Panel]] = {}  # per-head panels, per (name, group, n_tokens)
     for key in sorted(panels, key=lambda key: panel_order(key, positions)):
         name, group, n_tokens, label = key
         cells, column = panels[key], columns[key]
@@ -148,17 +160,19 @@ def aggregate_figures(
         z = [[at.get((layer, value), {}).get(f"mean_{statistic}") for value in x] for layer in layers]
         hover = [[[at.get((layer, value), {}).get(name) for name in named] for value in x] for layer in layers]
         n_pairs = max(cell["pairs"] for cell in cells)
-        scope = "".join(
-            [
-                f", group {group}" if group is not None else "",
-                f", {n_tokens}-token pairs" if n_tokens is not None else "",
-            ]
-        )
+        scope = scope_said(group, n_tokens)
         at = " from senders at" if kind.senders else " at"  # path patching: where the senders were patched
         at_label = {None: "", ALL_POSITIONS: f"{at} all positions"}.get(label, f"{at} {label}")
         title = f"{run}: {name}{at_label}, N={n_pairs} pairs{scope}"
         file_name = "-".join(str(part).replace(" ", "-") for part in key if part is not None)
         x_title = "sender head" if kind.senders else column if column != "label" else "position"
+        if column == "head":
+            whole = (name, group, n_tokens)
+            if whole not in multiples:
+                multiples[whole] = []
+                figures.append(whole)  # a place held: drawn once all its labels are in
+            multiples[whole].append(Panel(at_label.strip(), x, layers, z, hover, n_pairs))
+            continue
         figures.append(
             (
                 file_name,
@@ -174,6 +188,14 @@ def aggregate_figures(
                 ),
             )
         )
+    for index, entry in enumerate(figures):
+        if len(entry) == 3:  # a place held for a component's small multiples
+            name, group, n_tokens = entry
+            title = f"{run}: {name}{scope_said(group, n_tokens)}"
+            file_name = "-".join(str(part).replace(" ", "-") for part in entry if part is not None)
+            y_title = "sender layer" if kind.senders else "layer"
+            x_title = "sender head" if kind.senders else "head"
+            figures[index] = (file_name, small_multiples(title, multiples[entry], x_title, y_title, statistic))
     return figures
 
 
@@ -207,7 +229,8 @@ def drill_down_figures(
         for component, layer, head, position, score in effects:
             row = layer if head is None else f"{layer}.{head}"
             by_component[component][(row, position)] = score
-        for component, scores in by_component.items():
+        for component in sorted(by_component, key=component_rank):  # in the aggregate's order
+            scores = by_component[component]
             rows = list(dict.fromkeys(row for row, _ in scores))
             spots = sorted({position for _, position in scores}, key=lambda p: -1 if p is None else p)
             x = [ALL_POSITIONS if p is None else f"{p}:{tokens[p]}" for p in spots]
