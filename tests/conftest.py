@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from worker.model import load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_PAIRS = REPO / "examples" / "pairs.jsonl"
+TEST_DEVICE = os.environ.get("PATCHSWEEP_TEST_DEVICE", "cpu")  # bench/gpu_check.sh: the patching tests on cuda
 TOL = 1e-4  # on logit differences, absolute
 OUTPUT_COMPONENTS = ("resid", "attn", "mlp", "head")  # the broad tests; tests/test_attention_sites.py the rest
 ATTENTION_SITES = ("q", "k", "v", "pattern")
@@ -66,7 +68,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
-    return load_model(str(tiny_model_dir), device="cpu")
+    return load_model(str(tiny_model_dir), device=TEST_DEVICE)
 
 
 @pytest.fixture(scope="session")
@@ -107,4 +109,4 @@ def hooked_family(request, tmp_path_factory, tiny_model, tiny_model_dir, ioi_pai
     encoder = encoder_for(tokenizer, records)
     pairs = [parse_record(r, str(i), encoder, n_ctx) for i, r in enumerate(records)]
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    return load_model(str(model_dir), device="cpu"), hf_model, pairs
+    return load_model(str(model_dir), device=TEST_DEVICE), hf_model, pairs

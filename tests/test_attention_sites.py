@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from examples.tiny_families import FAMILIES, build_tiny
 from examples.tiny_gpt2 import build_tiny_gpt2
 from jobs.pairfile import encoder_for, parse_record
-from tests.conftest import ATTENTION_SITES, IOI_LINES, TOL
+from tests.conftest import ATTENTION_SITES, IOI_LINES, TEST_DEVICE, TOL
 from tests.reference import reference_atp
 from tests.test_means import by_hand, stored_means
 from tests.test_patching import assert_matches_reference, at_labels, by_cell, labelled, resampled
@@ -31,7 +31,7 @@ def family(request, tmp_path_factory):
     encoder = encoder_for(tokenizer, records)
     pairs = [parse_record(r, str(i), encoder, n_ctx) for i, r in enumerate(records)]
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    return request.param, load_model(str(model_dir), device="cpu"), hf_model, pairs
+    return request.param, load_model(str(model_dir), device=TEST_DEVICE), hf_model, pairs
 
 
 def heads_per_site(hf_model) -> dict[str, int]:

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from examples.tiny_families import FAMILIES, build_tiny
 from jobs.datasets.ioi import generate_ioi
 from jobs.pairfile import encoder_for, parse_record, read_pairs
-from tests.conftest import IOI_LINES, OUTPUT_COMPONENTS, TOL, write_jsonl
+from tests.conftest import IOI_LINES, OUTPUT_COMPONENTS, TEST_DEVICE, TOL, write_jsonl
 from tests.reference import reference_atp
 from tests.test_patching import assert_matches_reference, by_cell
 from tests.test_paths import assert_paths_match_reference, labelled, paths
@@ -30,7 +30,7 @@ def family(request, tmp_path_factory):
     encoder = encoder_for(tokenizer, records)
     pairs = [parse_record(r, str(i), encoder, n_ctx) for i, r in enumerate(records)]
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    return request.param, model_dir, load_model(str(model_dir), device="cpu"), hf_model, pairs
+    return request.param, model_dir, load_model(str(model_dir), device=TEST_DEVICE), hf_model, pairs
 
 
 @pytest.mark.parametrize("path", ["trace", "reuse"])

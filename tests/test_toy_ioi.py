@@ -8,7 +8,7 @@ from __future__ import annotations
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from examples.toy_ioi.train import HELD_OUT_TEMPLATES, evaluate
-from tests.conftest import REPO
+from tests.conftest import REPO, TEST_DEVICE
 
 TOY_MODEL = REPO / "examples" / "toy-ioi-gpt2"
 IOI_PAIRS = REPO / "examples" / "ioi_pairs.jsonl"
@@ -30,7 +30,7 @@ def test_atp_ranks_the_cells_exact_patching_ranks_highest_near_the_top():
     from worker.patching import patch_batch
 
     pairs = read_pairs(IOI_PAIRS, *load_tokenizer(str(TOY_MODEL))).pairs[:40]
-    model = load_model(str(TOY_MODEL), device="cpu")
+    model = load_model(str(TOY_MODEL), device=TEST_DEVICE)
     exact = patch_batch(model, pairs, ["resid", "attn"]).effects.to_pandas()
     exact["estimate"] = patch_batch(model, pairs, ["resid", "attn"], method="atp").effects.column("estimate").to_numpy()
     for component, rows in exact.groupby("component"):
