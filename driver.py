@@ -46,7 +46,7 @@ from worker.options import (
     PatchOptions,
     parse_positions,
 )
-from worker.parts import child
+from worker.parts import base_name, child
 from worker.receivers import parse_receivers
 
 EXIT_USAGE = 2
@@ -94,9 +94,8 @@ def run_options(positions_help: str | None, positions_default: str | None, direc
     options = [
         click.option(
             "--pairs",
-            type=click.Path(dir_okay=False),
             help="Pair file (JSONL, gzip/zstd JSONL or Parquet): clean, corrupted, correct, incorrect[, id, "
-            "labels, metadata].",
+            "labels, metadata]; a path, or a URI such as s3://BUCKET/KEY (the endpoint options as for --out).",
         ),
         click.option(
             "--model",
@@ -195,6 +194,11 @@ def run_options(positions_help: str | None, positions_default: str | None, direc
     return apply
 
 
+def default_out(pairs: str, suffix: str = "") -> str:
+    """runs/<the pair file's name without its extension><suffix>, for a local path or a URI."""
+    return str(Path("runs") / f"{Path(base_name(pairs)).stem}{suffix}")
+
+
 def run(spec: JobSpec) -> None:
     with user_errors_reported():
         spec.patch_options()  # a bad combination of options is refused before anything starts
@@ -245,7 +249,7 @@ def cli(ctx: click.Context, pairs: str | None, out: str | None, **options) -> No
         return
     if pairs is None:
         raise click.UsageError("--pairs FILE is required (or give a subcommand)")
-    run(JobSpec(pairs=pairs, out=out or str(Path("runs") / Path(pairs).stem), **options))
+    run(JobSpec(pairs=pairs, out=out or default_out(pairs), **options))
 
 
 @cli.command("paths")
@@ -284,7 +288,7 @@ def paths(pairs: str | None, out: str | None, receivers: tuple[str, ...], sender
     run(
         JobSpec(
             pairs=pairs,
-            out=out or str(Path("runs") / f"{Path(pairs).stem}-paths"),
+            out=out or default_out(pairs, "-paths"),
             components=("head",),
             method=PATHS,
             receivers=receivers,
@@ -330,7 +334,7 @@ def edges(pairs: str | None, out: str | None, method: str, ig_steps: int, **opti
         raise click.UsageError("--pairs FILE is required")
     if ig_steps < 1:
         raise click.BadParameter(f"must be at least 1, got {ig_steps}", param_hint="--ig-steps")
-    out = out or str(Path("runs") / f"{Path(pairs).stem}-edges")
+    out = out or default_out(pairs, "-edges")
     run(JobSpec(pairs=pairs, out=out, components=(), method=method, ig_steps=ig_steps, **options))
 
 
@@ -383,7 +387,7 @@ def circuit(
         raise click.UsageError("--pairs FILE is required")
     with user_errors_reported():
         found = circuits_to_evaluate(options["model"], edges_run, circuit_files, parse_budgets(budgets), select)
-    out = out or str(Path("runs") / f"{Path(pairs).stem}-circuits")
+    out = out or default_out(pairs, "-circuits")
     run(JobSpec(pairs=pairs, out=out, components=(), method="circuit", direction="noise", circuits=found, **options))
 
 
@@ -412,7 +416,7 @@ def find_circuits(
         raise click.UsageError("--pairs FILE is required")
     if ig_steps < 1:
         raise click.BadParameter(f"must be at least 1, got {ig_steps}", param_hint="--ig-steps")
-    out = out or str(Path("runs") / f"{Path(pairs).stem}-find-circuits")
+    out = out or default_out(pairs, "-find-circuits")
     edges = JobSpec(
         pairs=pairs,
         out=child(out, "edges"),
@@ -441,7 +445,7 @@ def find_circuits(
 @cli.command("make-ioi")
 @click.option("--n", "n_pairs", type=click.IntRange(min=1), default=200, show_default=True, help="Number of pairs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same file.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
+@click.option("--out", required=True, help="JSONL file to write: a path, or a URI such as s3://BUCKET/KEY.")
 @click.option(
     "--model",
     default=DEFAULT_MODEL,
@@ -469,7 +473,7 @@ def make_ioi(n_pairs: int, seed: int, out: str, model: str, corruption: str) -> 
 @cli.command("make-greater-than")
 @click.option("--n", "n_pairs", type=click.IntRange(min=1), default=200, show_default=True, help="Number of pairs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same file.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
+@click.option("--out", required=True, help="JSONL file to write: a path, or a URI such as s3://BUCKET/KEY.")
 @click.option(
     "--model",
     default=DEFAULT_MODEL,

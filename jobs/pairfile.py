@@ -28,6 +28,7 @@ import zstandard
 from jobs.tokens import decoded_pieces, readable
 from worker.options import NEEDS_INCORRECT, PatchOptions
 from worker.pairs import Pair
+from worker.parts import opened
 from worker.tables import RESULT_COLUMNS
 
 if TYPE_CHECKING:
@@ -224,32 +225,39 @@ GZIP_MAGIC, ZSTD_MAGIC, PARQUET_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"PAR1
 CHUNK_LINES = 4096  # lines tokenized in one batched call; memory is bounded by a chunk, not the file
 
 
+def unreadable(path: str | Path, error: Exception) -> PairFileError:
+    """One line for a pair file that cannot be read: a missing file or key, a bucket that does not
+    answer, credentials it refuses."""
+    said = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return PairFileError(f"{path}: cannot read pair file: {said}")
+
+
 def first_bytes(path: str | Path) -> bytes:
     try:
-        with open(path, "rb") as handle:
+        with opened(str(path)) as handle:
             return handle.read(4)
-    except OSError as error:
-        raise PairFileError(f"{path}: cannot read pair file: {error.strerror or error}") from error
+    except (OSError, ValueError, pa.ArrowException) as error:
+        raise unreadable(path, error) from error
 
 
 def jsonl_lines(path: str | Path, magic: bytes) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, raw bytes) of every non-blank line of a JSONL file, read as a stream:
     plain, or gzip- or zstd-compressed (told apart by their first bytes, not the name)."""
     try:
-        with open(path, "rb") as raw:
+        with opened(str(path)) as raw:
             if magic.startswith(GZIP_MAGIC):
                 handle = gzip.GzipFile(fileobj=raw)
             elif magic.startswith(ZSTD_MAGIC):
                 handle = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
             else:
-                handle = raw
+                handle = io.BufferedReader(raw)  # an Arrow stream reads lines through a buffer
             for number, line in enumerate(handle, start=1):
                 if line.strip():
                     yield number, line.rstrip(b"\r\n")
     except (OSError, EOFError, zstandard.ZstdError) as error:
         if magic.startswith((GZIP_MAGIC, ZSTD_MAGIC)):
             raise PairFileError(f"{path}: cannot read pair file: a damaged compressed file ({error})") from error
-        raise PairFileError(f"{path}: cannot read pair file: {error.strerror or error}") from error
+        raise unreadable(path, error) from error
 
 
 def decode_line(raw: bytes) -> Any:
@@ -266,7 +274,7 @@ def parquet_rows(path: str | Path) -> Iterator[tuple[int, bytes, Any]]:
     for the line), with the JSONL keys as columns; a null is a key the row does not have."""
     number = 0
     try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK_LINES):
+        for batch in pq.ParquetFile(opened(str(path), random_access=True)).iter_batches(batch_size=CHUNK_LINES):
             for row in batch.to_pylist():
                 number += 1
                 record = {key: value for key, value in row.items() if value is not None}

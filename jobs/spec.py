@@ -11,10 +11,10 @@ import json
 import platform
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 from worker.circuits import Circuit
 from worker.options import DEFAULT_DONOR, DEFAULT_IG_STEPS, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_METRIC, PatchOptions
+from worker.parts import opened
 
 DEFAULT_BATCH_PAIRS = 32
 RESULT_DECIDING = (
@@ -106,9 +106,10 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def file_sha256(path: str) -> str:
+def file_sha256(location: str) -> str:
+    """Of a local file or a URI's object, as stored."""
     digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
+    with opened(location) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

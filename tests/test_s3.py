@@ -125,3 +125,53 @@ def test_find_circuits_in_a_bucket(s3_endpoint, tiny_model_dir):
         env_extra=CREDENTIALS,
     )
     assert [json.loads(line) for line in counted.stdout.splitlines()] == [{"n": 12 * 3}]
+
+
+def test_pair_files_from_a_bucket(s3_endpoint, tmp_path, tiny_model, tiny_model_dir, tokenizer_and_ctx):
+    """`--pairs s3://...`, gzip-compressed and Parquet, streamed from the bucket: the same rows as
+    the in-process core on the local file, the config hashed from the object's bytes; `make-ioi`
+    writes to a bucket; a missing key is one line, exit 2."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.pairfile import read_pairs
+    from jobs.spec import file_sha256
+    from tests.test_driver import RUN_TOL
+    from worker.patching import patch_batch
+
+    fs, root = pafs.FileSystem.from_uri(bucket_uri(s3_endpoint, "pairs", "files"))
+    lines = EXAMPLE_PAIRS.read_bytes()
+    with fs.open_output_stream(f"{root}/pairs.jsonl.gz", compression=None) as stream:  # as stored
+        stream.write(gzip.compress(lines))
+    records = [json.loads(line) for line in lines.decode().splitlines() if line.strip()]
+    records = [{**r, "correct": [r["correct"]] if isinstance(r["correct"], str) else r["correct"]} for r in records]
+    records = [
+        {**r, "incorrect": [r["incorrect"]] if isinstance(r["incorrect"], str) else r["incorrect"]} for r in records
+    ]
+    with fs.open_output_stream(f"{root}/pairs.parquet") as stream:
+        pq.write_table(pa.Table.from_pylist(records), stream)
+    core = patch_batch(tiny_model, read_pairs(EXAMPLE_PAIRS, *tokenizer_and_ctx).pairs, ["resid"]).effects.to_pylist()
+    expected = {(r["pair_id"], r["layer"], r["position"]): r["logit_diff"] for r in core}
+    for name in ("pairs.jsonl.gz", "pairs.parquet"):
+        uri = f"s3://pairs/files/{name}?endpoint_override={s3_endpoint}&scheme=http"
+        out = tmp_path / name
+        args = ["--pairs", uri, "--model", tiny_model_dir, "--out", out, "--components", "resid"]
+        done = run_driver(*args, env_extra=CREDENTIALS)
+        assert done.returncode == 0, done.stderr
+        rows = pq.read_table(out / "effects").to_pylist()
+        assert len(rows) == len(expected)
+        for r in rows:
+            assert r["logit_diff"] == pytest.approx(expected[(r["pair_id"], r["layer"], r["position"])], abs=RUN_TOL)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["pairs_file"] == uri and manifest["config"]["pairs_sha256"] == file_sha256(uri)
+    written = f"s3://pairs/files/ioi.jsonl?endpoint_override={s3_endpoint}&scheme=http"
+    made = run_driver("make-ioi", "--n", 20, "--out", written, "--model", tiny_model_dir, env_extra=CREDENTIALS)
+    assert made.returncode == 0, made.stderr
+    with fs.open_input_stream(f"{root}/ioi.jsonl") as stream:
+        assert 0 < len(stream.read().decode().splitlines()) <= 20
+    missing = f"s3://pairs/files/none.jsonl?endpoint_override={s3_endpoint}&scheme=http"
+    failed = run_driver("--pairs", missing, "--model", tiny_model_dir, "--out", tmp_path / "x", env_extra=CREDENTIALS)
+    assert failed.returncode == 2 and failed.stderr.count("\n") == 1, failed.stderr
+    assert f"error: {missing}: cannot read pair file" in failed.stderr and not (tmp_path / "x").exists()

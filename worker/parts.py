@@ -35,6 +35,24 @@ def child(location: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}" + (f"?{query}" if query else "")
 
 
+def opened(location: str, random_access: bool = False) -> pa.NativeFile:
+    """`location` (a local path or a URI) opened for reading, its bytes as stored (no
+    decompression by file name): a stream, or with `random_access` a seekable file (Parquet)."""
+    fs, path = filesystem(location)
+    return fs.open_input_file(path) if random_access else fs.open_input_stream(path, compression=None)
+
+
+def written_to(location: str) -> pa.NativeFile:
+    """`location` (a local path or a URI) opened for writing, whole or not at all (`atomic_output`)."""
+    fs, path = filesystem(location)
+    return atomic_output(fs, path)
+
+
+def base_name(location: str) -> str:
+    """The file name a local path or a URI ends with (a URI's query string left out)."""
+    return location.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+
+
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem and root path of `uri`: a URI pyarrow understands, or a local path (made absolute)."""
     if is_uri(uri):

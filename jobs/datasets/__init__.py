@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+
+from worker.parts import written_to
 
 
-def write_jsonl(records: list[dict], path: str | Path) -> None:
-    Path(path).write_text("".join(json.dumps(record) + "\n" for record in records))
+def write_jsonl(records: list[dict], location: str) -> None:
+    """The records as a JSONL pair file at a local path or a URI (s3://BUCKET/KEY)."""
+    try:
+        with written_to(str(location)) as stream:
+            stream.write("".join(json.dumps(record) + "\n" for record in records).encode())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{location}: cannot write it: {str(error).strip().splitlines()[0]}") from None
