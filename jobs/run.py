@@ -1,7 +1,8 @@
 """Running one job: validate, plan the shards, stream them to actors, record their receipts.
 
-The pair file is validated in a thread while Ray starts (loading torch, transformers and the
-tokenizer is most of the driver's start-up, and Ray's start is mostly waiting); that pass keeps
+The pair file is validated in a thread while Ray starts and the actors load their model
+(loading torch, transformers and the tokenizer is most of the driver's start-up, Ray's start
+is mostly waiting, and an actor's start is its own process loading the model); that pass keeps
 only the bad lines and the number of pairs of each length, enough to plan every shard. The
 file is then read again as a stream, each shard handed out as soon as it is full, so the
 driver's memory does not grow with the file. Each actor has one shard in flight at a time, and
@@ -333,16 +334,21 @@ def ray_running(address: str | None, phases: Phases) -> Iterator[None]:
             ray.shutdown()
 
 
-def compute(job: Job) -> str:
-    """Patch the job's unfinished shards; "done", or "interrupted" on Ctrl-C."""
+def ready_actors(spec: JobSpec, phases: Phases) -> list:
+    """The actor pool, each with its model loaded and able to do what `spec` asks."""
+    with phases.timed("start_actors"):
+        actors = start_actors(pool_shape(spec.workers, spec.device), spec.model, spec.device, spec.dtype)
+        wait_until_ready(actors, spec.patch_options())
+    return actors
+
+
+def compute(job: Job, actors: list) -> str:
+    """Patch the job's unfinished shards on `actors`; "done", or "interrupted" on Ctrl-C."""
     spec, phases = job.spec, job.phases
     try:
         options = spec.patch_options()
         if spec.circuits:
             options = replace(options, circuits_at=job.store.part_writer().root)
-        with phases.timed("start_actors"):
-            actors = start_actors(pool_shape(spec.workers, spec.device), spec.model, spec.device, spec.dtype)
-            wait_until_ready(actors, options)
         if options.donor in MEAN_DONORS:
             with phases.timed("donor_means"):
                 options = donor_means(job, actors, options)
@@ -406,6 +412,7 @@ def run_job(spec: JobSpec) -> int:
     with ThreadPoolExecutor(max_workers=1) as pool:
         validation = pool.submit(validated_file, spec, phases)
         with ray_running(spec.address, phases):
+            actors = ready_actors(spec, phases)  # they load the model while the file is validated
             job = prepare_job(spec, validation.result(), started, phases)
-            status = compute(job) if job.todo else "done"
+            status = compute(job, actors) if job.todo else "done"
     return finish(job, status)
