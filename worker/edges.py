@@ -89,25 +89,28 @@ def read_edges(model: TransformersModel, pairs: Sequence[Pair], options: PatchOp
     """One trace over the clean and corrupted prompts with one backward of the metric: of the
     receiving runs (`steps` 0: EAP), or of `steps` runs per pair whose embeddings go from the
     donor side toward the receiving side, donor + k/steps (receiving - donor) for k = 0..steps-1
-    (EAP-IG's "inputs" variant), appended after the pairs' own rows."""
+    (EAP-IG's "inputs" variant): step 0 is the donor row itself (its embeddings are the donor's),
+    steps 1.. are appended after the pairs' own rows."""
     device, where = model.device, family(model)
     layout, indices = PairRows.of(options), torch.arange(len(pairs), device=device)
-    base = layout.per_pair * len(pairs)
-    repeat = layout.of_rows(indices).tolist() + indices.repeat_interleave(steps).tolist()
-    own = layout.input_ids(pairs)  # then per pair `steps` rows, their embeddings replaced below
-    input_ids = torch.cat([own, own[layout.receiving_rows(indices.cpu())].repeat_interleave(steps, dim=0)]).to(device)
+    base, extra = layout.per_pair * len(pairs), max(steps - 1, 0)
+    repeat = layout.of_rows(indices).tolist() + indices.repeat_interleave(extra).tolist()
+    own = layout.input_ids(pairs)  # then per pair `extra` rows, their embeddings replaced below
+    input_ids = torch.cat([own, own[layout.receiving_rows(indices.cpu())].repeat_interleave(extra, dim=0)]).to(device)
     answers = Answers.of([pairs[p] for p in repeat]).to(device)
     donor_rows = layout.donor_rows(torch.tensor(repeat, device=device))
-    gradient_rows = (
-        torch.arange(base, base + steps * len(pairs), device=device) if steps else layout.receiving_rows(indices)
-    )
+    if steps:  # per pair, its steps in order: the donor row, then its appended rows
+        appended = base + torch.arange(len(pairs) * extra, device=device).view(len(pairs), extra)
+        gradient_rows = torch.cat([layout.donor_rows(indices)[:, None], appended], dim=1).flatten()
+    else:
+        gradient_rows = layout.receiving_rows(indices)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     with torch.enable_grad(), model.trace(inputs, logits_to_keep=1):
         saved = nnsight.save({"attn_in": [], "qkv": [], "z": [], "mlp_in": [], "mlp_norm": [], "mlp": []})
         embedded = embedding_output(model)
-        if steps:
+        if extra:
             donor, receiving = embedded[layout.donor_rows(indices)], embedded[layout.receiving_rows(indices)]
-            fractions = torch.arange(steps, device=device, dtype=embedded.dtype)[None, :, None, None] / steps
+            fractions = torch.arange(1, steps, device=device, dtype=embedded.dtype)[None, :, None, None] / steps
             embedded[base:] = (donor[:, None] + fractions * (receiving - donor)[:, None]).flatten(0, 1)
         embedded.requires_grad_(True)
         saved["input"] = embedded
@@ -191,7 +194,7 @@ def eap_estimates(
     estimated patched metric (the receiving run's plus the edge's change): EAP, or with `steps`
     EAP-IG over that many interpolated runs."""
     layout, graph = PairRows.of(options), Graph.of(model)
-    per_group = max(1, options.max_batch_tokens // ((layout.per_pair + steps) * pairs[0].n_tokens))
+    per_group = max(1, options.max_batch_tokens // ((layout.per_pair + max(steps - 1, 0)) * pairs[0].n_tokens))
     metrics, estimates = [], []
     for first in range(0, len(pairs), per_group):
         read = read_edges(model, pairs[first : first + per_group], options, steps)
