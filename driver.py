@@ -297,24 +297,51 @@ def paths(pairs: str | None, out: str | None, receivers: tuple[str, ...], sender
     )
 
 
+def edge_scoring(default_method: str):
+    """--method and --ig-steps: how `edges` (and `find-circuits`, first) score every edge."""
+
+    def apply(command):
+        command = click.option(
+            "--ig-steps",
+            type=click.IntRange(min=1),
+            default=DEFAULT_IG_STEPS,
+            show_default=True,
+            help="eap-ig: interpolated runs per pair.",
+        )(command)
+        return click.option(
+            "--method",
+            type=click.Choice(EDGE_METHODS),
+            default=default_method,
+            show_default=True,
+            help="eap: (sender's donor output - its receiving output) x the metric's gradient at the receiver's "
+            "input, at the receiving run; eap-ig: that gradient averaged over --ig-steps runs whose embeddings go "
+            "from the donor side toward the receiving side.",
+        )(command)
+
+    return apply
+
+
+def circuit_selection(command):
+    """--budgets and --select: the circuits an edges run's aggregate gives (`circuit`, `find-circuits`)."""
+    command = click.option(
+        "--select",
+        type=click.Choice(SELECTIONS),
+        default="top",
+        show_default=True,
+        help="top: the edges of largest |score|; greedy: grown from the logits, each step the largest-|score| "
+        "edge into a node already in the circuit. Both then pruned to the paths from input to logits.",
+    )(command)
+    return click.option(
+        "--budgets",
+        default=",".join(MIB_BUDGETS),
+        show_default=True,
+        help="Edge counts, or percentages of all edges (MIB's ten by default): a circuit at each.",
+    )(command)
+
+
 @cli.command("edges")
 @run_options(None, None)
-@click.option(
-    "--method",
-    type=click.Choice(EDGE_METHODS),
-    default="eap",
-    show_default=True,
-    help="eap: (sender's donor output - its receiving output) x the metric's gradient at the receiver's input, "
-    "at the receiving run; eap-ig: that gradient averaged over --ig-steps runs whose embeddings go from the "
-    "donor side toward the receiving side.",
-)
-@click.option(
-    "--ig-steps",
-    type=int,
-    default=DEFAULT_IG_STEPS,
-    show_default=True,
-    help="eap-ig: interpolated runs per pair.",
-)
+@edge_scoring("eap")
 @click.option(
     "--verify-top",
     type=click.IntRange(min=0),
@@ -332,8 +359,6 @@ def edges(pairs: str | None, out: str | None, method: str, ig_steps: int, **opti
     """
     if pairs is None:
         raise click.UsageError("--pairs FILE is required")
-    if ig_steps < 1:
-        raise click.BadParameter(f"must be at least 1, got {ig_steps}", param_hint="--ig-steps")
     out = out or default_out(pairs, "-edges")
     run(JobSpec(pairs=pairs, out=out, components=(), method=method, ig_steps=ig_steps, **options))
 
@@ -353,20 +378,7 @@ def edges(pairs: str | None, out: str | None, method: str, ig_steps: int, **opti
     type=click.Path(dir_okay=False),
     help="A circuit in EAP-IG's graph JSON (its in-graph edges; named by the file; repeat for several).",
 )
-@click.option(
-    "--budgets",
-    default=",".join(MIB_BUDGETS),
-    show_default=True,
-    help="With --edges: edge counts, or percentages of all edges (MIB's ten by default).",
-)
-@click.option(
-    "--select",
-    type=click.Choice(SELECTIONS),
-    default="top",
-    show_default=True,
-    help="top: the edges of largest |score|; greedy: grown from the logits, each step the largest-|score| "
-    "edge into a node already in the circuit. Both then pruned to the paths from input to logits.",
-)
+@circuit_selection
 def circuit(
     pairs: str | None,
     out: str | None,
@@ -393,16 +405,8 @@ def circuit(
 
 @cli.command("find-circuits")
 @run_options(None, None, direction=False)
-@click.option(
-    "--method",
-    type=click.Choice(EDGE_METHODS),
-    default="eap-ig",
-    show_default=True,
-    help="How the edges are scored first (as driver.py edges, direction noise: EAP-IG's convention).",
-)
-@click.option("--ig-steps", type=int, default=DEFAULT_IG_STEPS, show_default=True, help="eap-ig: interpolated runs.")
-@click.option("--budgets", default=",".join(MIB_BUDGETS), show_default=True, help="Edge counts or percentages.")
-@click.option("--select", type=click.Choice(SELECTIONS), default="top", show_default=True, help="As for circuit.")
+@edge_scoring("eap-ig")
+@circuit_selection
 def find_circuits(
     pairs: str | None, out: str | None, method: str, ig_steps: int, budgets: str, select: str, **options
 ) -> None:
@@ -414,8 +418,6 @@ def find_circuits(
     """
     if pairs is None:
         raise click.UsageError("--pairs FILE is required")
-    if ig_steps < 1:
-        raise click.BadParameter(f"must be at least 1, got {ig_steps}", param_hint="--ig-steps")
     out = out or default_out(pairs, "-find-circuits")
     edges = JobSpec(
         pairs=pairs,
