@@ -22,16 +22,11 @@ from pathlib import Path
 
 import torch
 
-from bench.driver_throughput import repeated_pairs
-from bench.gpt2_small import build_small
-from jobs.pairfile import read_pairs
+from bench.gpt2_small import add_model_arguments, model_and_pairs
 from worker.circuit_runs import circuit_tables
 from worker.circuits import CIRCUITS_DIR, MIB_BUDGETS, Circuit
 from worker.graph import Graph
-from worker.model import load_model, load_tokenizer
 from worker.options import PatchOptions
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def best_of(rounds: int, run) -> float:
@@ -57,19 +52,10 @@ def plain_forwards(model, pairs, max_batch_tokens: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", default=str(REPO / "examples" / "pairs.jsonl"))
-    parser.add_argument("--repeat", type=int, default=4)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--family", default="gpt2", choices=["gpt2", "gpt_neox", "llama"])
-    parser.add_argument("--rounds", type=int, default=1)
+    add_model_arguments(parser)
     args = parser.parse_args()
 
-    model_dir = str(build_small(args.family, f"{tempfile.gettempdir()}/patchsweep-{args.family}-12x768"))
-    pairs_file = Path(tempfile.mkdtemp()) / "pairs.jsonl"
-    repeated_pairs(Path(args.pairs), args.repeat, pairs_file)
-    pairs = read_pairs(pairs_file, *load_tokenizer(model_dir)).pairs
-    model = load_model(model_dir, args.device, args.dtype)
+    model, pairs = model_and_pairs(args)
     graph = Graph.of(model)
     scores = torch.rand(len(graph.edges), generator=torch.Generator().manual_seed(0)).tolist()
     circuits = [Circuit.selected(graph, scores, "top", budget) for budget in MIB_BUDGETS]

@@ -27,17 +27,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from bench.driver_throughput import repeated_pairs
-from bench.gpt2_small import build_small
-from jobs.pairfile import read_pairs
+from bench.gpt2_small import add_model_arguments, model_and_pairs
 from jobs.results.aggregate import aggregate
 from jobs.store import EDGES, PAIR_PARTS_DIR, PAIRS_FILE, Store
 from worker.edge_runs import edge_tables
 from worker.graph import Graph
-from worker.model import load_model, load_tokenizer
 from worker.options import PatchOptions
 
-REPO = Path(__file__).resolve().parent.parent
 SHARD = 32
 
 
@@ -77,22 +73,13 @@ def run_of(edges: pa.Table, pairs_rows: pa.Table, n_pairs: int) -> Store:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", default=str(REPO / "examples" / "pairs.jsonl"))
-    parser.add_argument("--repeat", type=int, default=4)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--family", default="gpt2", choices=["gpt2", "gpt_neox", "llama"])
+    add_model_arguments(parser)
     parser.add_argument("--ig-steps", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--verify-top", type=int, default=0, help="Also time eap with this --verify-top.")
     parser.add_argument("--aggregate-pairs", type=int, default=0, help="Also time the aggregate of this many pairs.")
     args = parser.parse_args()
 
-    model_dir = str(build_small(args.family, f"{tempfile.gettempdir()}/patchsweep-{args.family}-12x768"))
-    pairs_file = Path(tempfile.mkdtemp()) / "pairs.jsonl"
-    repeated_pairs(Path(args.pairs), args.repeat, pairs_file)
-    pairs = read_pairs(pairs_file, *load_tokenizer(model_dir)).pairs
-    model = load_model(model_dir, args.device, args.dtype)
+    model, pairs = model_and_pairs(args)
     edges = len(Graph.of(model).edges)
     print(
         f"family={args.family} device={model.device} dtype={args.dtype} threads={torch.get_num_threads()} "

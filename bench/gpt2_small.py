@@ -8,6 +8,8 @@ tokenizer is the tiny example one, since benchmark pairs are made of token ids d
 
 from __future__ import annotations
 
+import argparse
+import tempfile
 from pathlib import Path
 
 import torch
@@ -77,3 +79,28 @@ def synthetic_pairs(n: int, n_tokens: int = 16, vocab: int = 300, seed: int = 0)
             )
         )
     return pairs
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of an in-process benchmark on this shape: the pair file and its copies, the
+    model's family, device and dtype, and how many timed rounds (the fastest is quoted)."""
+    parser.add_argument("--pairs", default=str(Path(__file__).resolve().parent.parent / "examples" / "pairs.jsonl"))
+    parser.add_argument("--repeat", type=int, default=4)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--family", default="gpt2", choices=["gpt2", "gpt_neox", "llama"])
+    parser.add_argument("--rounds", type=int, default=1)
+
+
+def model_and_pairs(args: argparse.Namespace) -> tuple:
+    """The model `add_model_arguments` asked for (built once into the temp directory) and the pair
+    file `args.repeat` times over, read with its tokenizer."""
+    from bench.driver_throughput import repeated_pairs  # it imports this module
+    from jobs.pairfile import read_pairs
+    from worker.model import load_model, load_tokenizer
+
+    model_dir = str(build_small(args.family, f"{tempfile.gettempdir()}/patchsweep-{args.family}-12x768"))
+    pairs_file = Path(tempfile.mkdtemp()) / "pairs.jsonl"
+    repeated_pairs(Path(args.pairs), args.repeat, pairs_file)
+    pairs = read_pairs(pairs_file, *load_tokenizer(model_dir)).pairs
+    return load_model(model_dir, args.device, args.dtype), pairs
