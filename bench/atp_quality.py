@@ -1,12 +1,14 @@
-"""How good AtP's estimates are: exact patching of every cell against AtP on the same pairs.
+"""How good AtP's and AtP*'s estimates are: exact patching of every cell against both on the same pairs.
 
-    python -m bench.atp_quality --pairs 200 --components resid,attn,mlp,head --top 10
+    python -m bench.atp_quality --pairs 200 --components resid,attn,mlp,head,q,k --top 10
 
 Model: the bundled toy IOI model (examples/toy-ioi-gpt2); pairs: the first N of
-examples/ioi_pairs.jsonl. Prints, per component, Pearson and Spearman correlation of AtP's
-estimate with the exact score over every cell, and per component the mean share of each
-pair's exact top K cells that AtP also ranks in its top K; and both methods' time.
-Pairs with |clean - corrupted| < 0.1 are left out, as in the report.
+examples/ioi_pairs.jsonl. Prints, per component and method, Pearson and Spearman correlation
+of the estimate with the exact score over every cell, and the mean share of each pair's exact
+top K cells (of that component) that the method ranks in its top K: AtP by |estimate|, AtP* by
+GradDrop's size (as its --verify-top does) and, to separate the two fixes, by |estimate| (the
+QK fix alone); and each method's time. Pairs with |clean - corrupted| < 0.1 are left out, as
+in the report.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from jobs.pairfile import read_pairs
@@ -22,6 +25,20 @@ from worker.model import load_model, load_tokenizer
 from worker.patching import patch_batch
 
 REPO = Path(__file__).resolve().parent.parent
+RANKINGS = {
+    "atp": ("atp", "estimate"),
+    "atp* (graddrop)": ("atpstar", "graddrop"),
+    "atp* (qk only)": ("atpstar", "estimate"),
+}
+
+
+def top_share(frame: pd.DataFrame, column: str, k: int) -> float:
+    """The mean over pairs of the share of the pair's exact top `k` (by |score|) in its top `k` by |column|."""
+    shares = []
+    for _, cells in frame.groupby("pair_id"):
+        exact_top = set(cells.score.abs().nlargest(k).index)
+        shares.append(len(exact_top & set(cells[column].abs().nlargest(k).index)) / k)
+    return sum(shares) / len(shares)
 
 
 def main() -> None:
@@ -29,7 +46,7 @@ def main() -> None:
     parser.add_argument("--model", default=str(REPO / "examples" / "toy-ioi-gpt2"))
     parser.add_argument("--pairs-file", default=str(REPO / "examples" / "ioi_pairs.jsonl"))
     parser.add_argument("--pairs", type=int, default=200)
-    parser.add_argument("--components", default="resid,attn,mlp,head")
+    parser.add_argument("--components", default="resid,attn,mlp,head,q,k")
     parser.add_argument("--top", type=int, default=10)
     parser.add_argument("--direction", default="denoise")
     args = parser.parse_args()
@@ -38,39 +55,37 @@ def main() -> None:
     model = load_model(args.model, device="cpu")
     components = args.components.split(",")
     timings, tables = {}, {}
-    for method in ("exact", "atp"):
+    for method in ("exact", "atp", "atpstar"):
         start = time.perf_counter()
-        result = patch_batch(model, pairs, components, args.direction, method=method)
+        tables[method] = patch_batch(model, pairs, components, args.direction, method=method)
         timings[method] = time.perf_counter() - start
-        tables[method] = result
-    exact = tables["exact"].effects.to_pandas()
-    estimate = tables["atp"].effects.to_pandas()["estimate"]
+    frame = tables["exact"].effects.to_pandas()
+    for name, (method, column) in RANKINGS.items():
+        frame[name] = tables[method].effects.to_pandas()[column].values
     gaps = tables["exact"].pairs.to_pandas().set_index("pair_id")
     kept = (gaps.clean_logit_diff - gaps.corrupted_logit_diff).abs() >= 0.1
-    frame = exact.assign(estimate=estimate.values)
     frame = frame[frame.pair_id.map(kept)]
     print(
         f"model={args.model} pairs={len(pairs)} (kept {int(kept.sum())}) components={args.components} "
         f"direction={args.direction} threads={torch.get_num_threads()}"
     )
     print(
-        f"exact {timings['exact']:.1f} s ({len(pairs) / timings['exact']:.2f} pairs/s), "
-        f"atp {timings['atp']:.1f} s ({len(pairs) / timings['atp']:.2f} pairs/s), "
-        f"atp {timings['exact'] / timings['atp']:.1f}x faster"
-    )
-    print(f"{'component':10s} {'cells':>8s} {'pearson':>8s} {'spearman':>9s} {f'top-{args.top} share':>13s}")
-    for component, rows in frame.groupby("component", sort=False):
-        shares = []
-        for _, cells in rows.groupby("pair_id"):
-            exact_top = set(cells.score.abs().nlargest(args.top).index)
-            atp_top = set(cells.estimate.abs().nlargest(args.top).index)
-            shares.append(len(exact_top & atp_top) / args.top)
-        print(
-            f"{component:10s} {len(rows):8d} {rows.score.corr(rows.estimate):8.3f} "
-            f"{rows.score.rank().corr(rows.estimate.rank()):9.3f} {sum(shares) / len(shares):13.3f}"
+        ", ".join(
+            f"{method} {seconds:.1f} s ({len(pairs) / seconds:.2f} pairs/s)" for method, seconds in timings.items()
         )
-    for (component, layer), rows in frame.groupby(["component", "layer"], sort=False):
-        print(f"  {component} layer {layer}: pearson {rows.score.corr(rows.estimate):.3f}")
+    )
+    print(
+        f"{'component':10s} {'cells':>7s} | {'atp: pearson':>12s} {'spearman':>8s} {f'top-{args.top}':>6s} | "
+        f"{'atp*: pearson':>13s} {'spearman':>8s} {f'top-{args.top} (graddrop)':>17s} {'(qk only)':>9s}"
+    )
+    for component, rows in frame.groupby("component", sort=False):
+        atp, star = rows["atp"], rows["atp* (qk only)"]
+        print(
+            f"{component:10s} {len(rows):7d} | {rows.score.corr(atp):12.3f} {rows.score.rank().corr(atp.rank()):8.3f} "
+            f"{top_share(rows, 'atp', args.top):6.3f} | {rows.score.corr(star):13.3f} "
+            f"{rows.score.rank().corr(star.rank()):8.3f} {top_share(rows, 'atp* (graddrop)', args.top):17.3f} "
+            f"{top_share(rows, 'atp* (qk only)', args.top):9.3f}"
+        )
 
 
 if __name__ == "__main__":

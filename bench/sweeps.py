@@ -9,9 +9,9 @@ metric) sweeps over the 48 benchmark pairs, in one process, relative to the firs
 
 Each argument is COMPONENTS[:POSITIONS[:METRIC[:METHOD[:DONOR]]]] (components comma-separated,
 positions as `--positions`, default each; metric as `--metric`, default logit_diff; method
-exact or atp, default exact; donor as `--donor`, default pair: every pair resamples from
+exact, atp or atpstar, default exact; donor as `--donor`, default pair: every pair resamples from
 another of its length as the driver pairs them, and a mean donor's first pass is timed on its
-own line, once per components and donor). For atp, "cells run" still counts the cells estimated.
+own line, once per components and donor). For atp and atpstar, "cells run" still counts the cells estimated.
 Model: GPT-2-small-sized random, of `--family` (bench/gpt2_small.py); pairs: examples/pairs.jsonl four times
 over (14, 17 and 19 tokens, labelled). "cells run" counts the patched runs computed per pair
 (cells before the first differing token cost nothing from the pair's other prompt and are not

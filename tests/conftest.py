@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from examples.tiny_families import build_tiny
 from examples.tiny_gpt2 import build_tiny_gpt2
 from jobs.pairfile import encoder_for, parse_record
+from tests.reference import next_token_logits
 from worker.model import load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,6 +87,36 @@ def ioi_pairs(tokenizer_and_ctx):
     return [parse_record(r, str(i), encoder, n_ctx) for i, r in enumerate(records)]
 
 
+@pytest.fixture(scope="session")
+def hf_model(tiny_model_dir):
+    """The tiny GPT-2 as a plain Hugging Face model, for the references (tests/reference.py)."""
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def answer_pairs(hf_model, ioi_pairs) -> dict[str, list]:
+    """The IOI prompts with answers the tiny model gives weight to (its names have ~1e-4
+    probability, too little to test probabilities on): the top tokens after the clean prompt are
+    correct, the top tokens after the corrupted one incorrect; one answer each, or sets of three."""
+    found = {"single": [], "sets": []}
+    for pair in ioi_pairs:
+        clean_top = next_token_logits(hf_model, list(pair.clean_ids)).topk(10).indices.tolist()
+        corrupted_top = next_token_logits(hf_model, list(pair.corrupted_ids)).topk(10).indices.tolist()
+        for name, k in (("single", 1), ("sets", 3)):
+            correct = tuple(clean_top[:k])
+            incorrect = tuple([t for t in corrupted_top if t not in correct][:k])
+            found[name].append(
+                dataclasses.replace(
+                    pair,
+                    correct_ids=correct,
+                    incorrect_ids=incorrect,
+                    correct=tuple(map(str, correct)),
+                    incorrect=tuple(map(str, incorrect)),
+                )
+            )
+    return found
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (it was free a moment ago)."""
     with socket.socket() as s:
@@ -98,11 +130,11 @@ def write_jsonl(path: Path, records: list) -> Path:
 
 
 @pytest.fixture(scope="session", params=["gpt2", "gpt_neox", "llama", "qwen2"])
-def hooked_family(request, tmp_path_factory, tiny_model, tiny_model_dir, ioi_pairs):
+def hooked_family(request, tmp_path_factory, tiny_model, hf_model, ioi_pairs):
     """(nnsight model, Hugging Face model, two pairs of different lengths in its tokenization):
     parallel blocks (GPT-NeoX), grouped-query attention (Llama; Qwen2 with key/value biases)."""
     if request.param == "gpt2":
-        return tiny_model, AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), ioi_pairs[1:3]
+        return tiny_model, hf_model, ioi_pairs[1:3]
     model_dir = build_tiny(request.param, tmp_path_factory.mktemp(request.param))
     tokenizer, n_ctx = load_tokenizer(str(model_dir))
     records = [dict(zip(("clean", "corrupted", "correct", "incorrect"), line)) for line in IOI_LINES[1:3]]

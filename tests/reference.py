@@ -262,6 +262,83 @@ def reference_patching(
     return result
 
 
+def receiving_run(model: PreTrainedModel, pair, direction: str) -> tuple[list[int], list[int]]:
+    """(donor ids, receiving ids) of a pair's own two prompts."""
+    if direction == "denoise":
+        return list(pair.clean_ids), list(pair.corrupted_ids)
+    return list(pair.corrupted_ids), list(pair.clean_ids)
+
+
+def cut_block(model: PreTrainedModel, layer: int):
+    """A hook leaving block `layer`'s residual contribution out of the backward pass: its output
+    becomes input + (output - input).detach() (the same value)."""
+
+    def cut(module, args, kwargs, output):
+        block_input = args[0] if args else kwargs["hidden_states"]
+        new = block_input + (hidden(output) - block_input).detach()
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    block = dig(model, PARTS[model.config.model_type][0])[layer]
+    return block.register_forward_hook(cut, with_kwargs=True)
+
+
+def site_gradients(
+    model: PreTrainedModel, receiver: list[int], sites, metric: str, pair, donor_logits, cut: int | None = None
+) -> tuple[float, dict]:
+    """The receiving run's metric and, per site, (its activation, the metric's gradient there),
+    both [1, T, width] (`head_ordered`); with `cut`, block `cut`'s contribution is left out of the
+    backward. Plain autograd with retained gradients, one backward."""
+    kept = {}
+
+    def keeper(site):
+        def keep(act):
+            act.retain_grad()
+            kept[site] = act
+
+        return keep
+
+    handles = [] if cut is None else [cut_block(model, cut)]
+    for site in sites:
+        if site[0] in INPUTS:
+            module = input_site(model, site[1], 0, site[0])[0]
+            keep = keeper(site)
+            handles.append(module.register_forward_hook(lambda module, args, output, keep=keep: keep(output)))
+        elif site[0] != "pattern":
+            handles.append(hook(model, *site, keeper(site)))
+    try:
+        with torch.enable_grad(), eager(model):
+            output = model(torch.tensor([receiver]), output_attentions=True)
+            for component, layer in sites:
+                if component == "pattern":
+                    keeper((component, layer))(output.attentions[layer])
+            value = metric_of(metric, output.logits[0, -1].double(), pair, donor_logits)
+            value.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.zero_grad(set_to_none=True)
+    gradients = {}
+    for component, layer in sites:
+        act = kept[(component, layer)]
+        grad = torch.zeros_like(act) if act.grad is None else act.grad  # a site inside the cut block
+        gradients[(component, layer)] = tuple(head_ordered(model, component, layer, t) for t in (act.detach(), grad))
+    return float(value.detach()), gradients
+
+
+def cell_changes(model: PreTrainedModel, site, donor_act, own, grad, n_tokens: int, all_positions: bool) -> dict:
+    """{(component, layer, position, head): (donor - own) . grad over the cell's channels}."""
+    product = ((donor_act - own) * grad)[0].double()  # [T, width]
+    width = head_width(model, site[0], n_tokens)
+    changes = {}
+    for head in heads_of(model, site[0]):
+        channels = slice(None) if head is None else slice(head * width, (head + 1) * width)
+        per_position = product[:, channels].sum(-1)
+        spots = {None: per_position.sum()} if all_positions else dict(enumerate(per_position))
+        for position, change in spots.items():
+            changes[(*site, position, head)] = float(change)
+    return changes
+
+
 def reference_atp(
     model: PreTrainedModel,
     pair,
@@ -274,57 +351,99 @@ def reference_atp(
 ) -> dict:
     """{(component, layer, position, head or None): AtP's estimate of the patched metric}: the
     receiving run's metric plus (donor activation - receiving activation) . gradient of the metric
-    at the receiving run, summed over the cell's channels (and positions for all_positions);
-    plain autograd with retained gradients, one backward."""
-    donor, receiver = (
-        (pair.clean_ids, pair.corrupted_ids) if direction == "denoise" else (pair.corrupted_ids, pair.clean_ids)
-    )
+    at the receiving run, summed over the cell's channels (and positions for all_positions)."""
+    donor, receiver = receiving_run(model, pair, direction)
     sites = [(component, layer) for component in components for layer in range(model.config.num_hidden_layers)]
     with torch.no_grad():
-        donor_logits = next_token_logits(model, list(donor))
-        donor_acts = {site: donor_activation(model, pair, list(donor), *site, donor_kind, means) for site in sites}
-    kept = {}
-
-    def keeper(site):
-        def keep(act):
-            act.retain_grad()
-            kept[site] = act
-
-        return keep
-
-    handles = []
-    for site in sites:
-        if site[0] in INPUTS:
-            module = input_site(model, site[1], 0, site[0])[0]
-            keep = keeper(site)
-            handles.append(module.register_forward_hook(lambda module, args, output, keep=keep: keep(output)))
-        elif site[0] != "pattern":
-            handles.append(hook(model, *site, keeper(site)))
-    try:
-        with torch.enable_grad(), eager(model):
-            output = model(torch.tensor([list(receiver)]), output_attentions=True)
-            for component, layer in sites:
-                if component == "pattern":
-                    keeper((component, layer))(output.attentions[layer])
-            value = metric_of(metric, output.logits[0, -1].double(), pair, donor_logits)
-            value.backward()
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.zero_grad(set_to_none=True)
+        donor_logits = next_token_logits(model, donor)
+        donor_acts = {site: donor_activation(model, pair, donor, *site, donor_kind, means) for site in sites}
+    value, gradients = site_gradients(model, receiver, sites, metric, pair, donor_logits)
     result = {}
-    for component, layer in sites:
-        act = kept[(component, layer)]
-        own, grad = (head_ordered(model, component, layer, tensor) for tensor in (act.detach(), act.grad))
-        product = ((donor_acts[(component, layer)] - own) * grad)[0].double()  # [T, width]
-        width = head_width(model, component, len(receiver))
-        for head in heads_of(model, component):
-            channels = slice(None) if head is None else slice(head * width, (head + 1) * width)
-            per_position = product[:, channels].sum(-1)
-            spots = {None: per_position.sum()} if all_positions else dict(enumerate(per_position))
-            for position, change in spots.items():
-                result[(component, layer, position, head)] = float(value.detach()) + float(change)
+    for site in sites:
+        changes = cell_changes(model, site, donor_acts[site], *gradients[site], len(receiver), all_positions)
+        result.update({cell: value + change for cell, change in changes.items()})
     return result
+
+
+@torch.no_grad()
+def patched_pattern(model: PreTrainedModel, receiver: list[int], donor_act, component: str, layer: int, position, head):
+    """[1, T, heads * T] (`head_ordered`): layer `layer`'s attention probabilities with head `head`'s
+    query or key (`component`) at `position` (every position: None) the donor's, by a whole eager forward."""
+    module, channels = input_site(model, layer, head, component)
+    own = slice(head * (channels.stop - channels.start), (head + 1) * (channels.stop - channels.start))
+    positions = slice(None) if position is None else position
+
+    def write(module, args, output):
+        output[:, positions, channels] = donor_act[:, positions, own]
+
+    handle = module.register_forward_hook(write)
+    try:
+        with eager(model):
+            pattern = model(torch.tensor([receiver]), output_attentions=True).attentions[layer]
+    finally:
+        handle.remove()
+    return head_ordered(model, "pattern", layer, pattern)
+
+
+def reference_atpstar(
+    model: PreTrainedModel,
+    pair,
+    components,
+    direction: str,
+    all_positions: bool = False,
+    metric: str = "logit_diff",
+    donor_kind: str = "pair",
+    means=None,
+) -> dict:
+    """{(component, layer, position, head or None): (AtP*'s estimate of the patched metric, its
+    GradDrop size)}. The estimate: AtP's, except at a query or key, where the layer's attention
+    probabilities of a forward with the cell patched, minus the receiving run's, times the gradient
+    at the probabilities (summed over every head, row and source). The size: 1/(L-1) x the sum over
+    blocks l other than the cell's of |the same change with block l cut from the backward|, each
+    cut its own forward and backward (`cut_block`)."""
+    donor, receiver = receiving_run(model, pair, direction)
+    layers = model.config.num_hidden_layers
+    sites = [(component, layer) for component in components for layer in range(layers)]
+    qk = [(component, layer) for component, layer in sites if component in ("q", "k")]
+    sites += [("pattern", layer) for layer in {layer for _, layer in qk} if ("pattern", layer) not in sites]
+    with torch.no_grad():
+        donor_logits = next_token_logits(model, donor)
+        donor_acts = {
+            site: donor_activation(model, pair, donor, *site, donor_kind, means)
+            for site in sites
+            if site[0] in components
+        }
+        patterns = {
+            (*site, position, head): patched_pattern(model, receiver, donor_acts[site], *site, position, head)
+            for site in qk
+            for head in heads_of(model, site[0])
+            for position in ([None] if all_positions else range(len(receiver)))
+        }
+
+    def changes(gradients) -> dict:
+        found = {}
+        for site in sites:
+            if site in qk:
+                own, grad = gradients[("pattern", site[1])]
+                found.update(
+                    {cell: float(((p - own) * grad).sum()) for cell, p in patterns.items() if cell[:2] == site}
+                )
+            elif site[0] in components:
+                found.update(
+                    cell_changes(model, site, donor_acts[site], *gradients[site], len(receiver), all_positions)
+                )
+        return found
+
+    value, gradients = site_gradients(model, receiver, sites, metric, pair, donor_logits)
+    full = changes(gradients)
+    sizes = dict.fromkeys(full, 0.0)
+    for cut in range(layers):
+        for cell, change in changes(site_gradients(model, receiver, sites, metric, pair, donor_logits, cut)[1]).items():
+            if cell[1] != cut:
+                sizes[cell] += abs(change) / max(layers - 1, 1)
+    if layers == 1:
+        sizes = {cell: abs(change) for cell, change in full.items()}
+    return {cell: (value + change, sizes[cell]) for cell, change in full.items()}
 
 
 QKV = {  # family: where head h's query, key and value are computed -- written here, not taken from the worker

@@ -88,9 +88,9 @@ def test_atp_of_sites_matches_autograd_reference(family, donor):
 
 
 @pytest.fixture(scope="module")
-def gpt2(tiny_model, tiny_model_dir, ioi_pairs):
+def gpt2(tiny_model, hf_model, ioi_pairs):
     """The donors and labels below are the same code on every family: checked on GPT-2."""
-    return tiny_model, AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), ioi_pairs[1:3]
+    return tiny_model, hf_model, ioi_pairs[1:3]
 
 
 @pytest.mark.parametrize("path", ["trace", "reuse"])

@@ -574,7 +574,10 @@ def test_a_position_label_no_pair_has_is_one_line(tmp_path, tiny_model_dir):
     assert line.startswith(f"error: {EXAMPLE_PAIRS}: --positions lists 'S3', which no line has (its labels: ")
 
 
-def test_atp_end_to_end_estimates_every_cell_and_verifies_some(tmp_path, tiny_model, tiny_model_dir, tokenizer_and_ctx):
+@pytest.mark.parametrize(("method", "components"), [("atp", ["attn", "head"]), ("atpstar", ["head", "k"])])
+def test_atp_end_to_end_estimates_every_cell_and_verifies_some(
+    tmp_path, tiny_model, tiny_model_dir, tokenizer_and_ctx, method, components
+):
     out = tmp_path / "run"
     done = run_driver(
         "--pairs",
@@ -584,9 +587,9 @@ def test_atp_end_to_end_estimates_every_cell_and_verifies_some(tmp_path, tiny_mo
         "--out",
         out,
         "--components",
-        "attn,head",
+        ",".join(components),
         "--method",
-        "atp",
+        method,
         "--verify-top",
         3,
         "--batch-pairs",
@@ -594,7 +597,7 @@ def test_atp_end_to_end_estimates_every_cell_and_verifies_some(tmp_path, tiny_mo
     )
     assert done.returncode == 0, done.stderr
     pairs = read_pairs(EXAMPLE_PAIRS, *tokenizer_and_ctx).pairs
-    core = patch_batch(tiny_model, pairs, ["attn", "head"], method="atp", verify_top=3).effects.to_pylist()
+    core = patch_batch(tiny_model, pairs, components, method=method, verify_top=3).effects.to_pylist()
     rows = pq.read_table(out / "effects").to_pylist()
 
     def key(r):
@@ -604,11 +607,13 @@ def test_atp_end_to_end_estimates_every_cell_and_verifies_some(tmp_path, tiny_mo
     assert ran.keys() == {key(r) for r in core}
     for r in core:
         assert ran[key(r)]["estimate"] == pytest.approx(r["estimate"], abs=RUN_TOL, rel=RUN_TOL)
+        assert (ran[key(r)]["graddrop"] is None) == (method == "atp")
+        assert ran[key(r)]["graddrop"] == (r["graddrop"] and pytest.approx(r["graddrop"], abs=RUN_TOL, rel=RUN_TOL))
         assert (ran[key(r)]["logit_diff"] is None) == (r["logit_diff"] is None)
     assert sum(r["logit_diff"] is not None for r in rows) == len(pairs) * 2 * 3
     manifest = json.loads((out / "manifest.json").read_text())
-    assert (manifest["method"], manifest["verify_top"]) == ("atp", 3)
-    assert manifest["config"]["method"] == "atp" and manifest["config"]["verify_top"] == 3
+    assert (manifest["method"], manifest["verify_top"]) == (method, 3)
+    assert manifest["config"]["method"] == method and manifest["config"]["verify_top"] == 3
     assert "AtP checks" in done.stderr
 
 

@@ -8,7 +8,6 @@ from collections import defaultdict
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from transformers import GPT2LMHeadModel
 
 from jobs.means import means_table
 from tests.conftest import OUTPUT_COMPONENTS, TOL
@@ -19,11 +18,6 @@ from worker.means import donor_sums
 from worker.options import PatchOptions
 from worker.parts import MEANS_FILE
 from worker.patching import patch_batch
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_model_dir):
-    return GPT2LMHeadModel.from_pretrained(tiny_model_dir).eval()
 
 
 def by_hand(hf_model, pairs, components, direction, donor) -> dict:

@@ -5,18 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from transformers import GPT2LMHeadModel
 
 from tests.conftest import OUTPUT_COMPONENTS, TOL, score_tolerance
-from tests.reference import next_token_logits, reference_atp, reference_patching
+from tests.reference import reference_atp, reference_patching
 from worker.donors import Donors
 from worker.options import DEFAULT_COMPONENTS, METRICS, PatchOptions
 from worker.patching import cells_to_run, patch_batch, patch_cells, selected_cells, split_into_traces
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_model_dir):
-    return GPT2LMHeadModel.from_pretrained(tiny_model_dir).eval()
 
 
 def by_cell(effects, column):
@@ -162,30 +156,6 @@ def test_labels_before_the_first_difference_score_zero_and_keep_baselines(tiny_m
     result = patch_batch(tiny_model, pairs, ["resid", "head"], exact_path=path, positions="early")
     assert set(result.effects.column("score").to_pylist()) == {0.0}
     assert_matches_reference(result, hf_model, pairs, "denoise", wanted=at_labels("early"))
-
-
-@pytest.fixture(scope="module")
-def answer_pairs(hf_model, ioi_pairs) -> dict[str, list]:
-    """The IOI prompts with answers the tiny model gives weight to (its names have ~1e-4
-    probability, too little to test probabilities on): the top tokens after the clean prompt are
-    correct, the top tokens after the corrupted one incorrect; one answer each, or sets of three."""
-    found = {"single": [], "sets": []}
-    for pair in ioi_pairs:
-        clean_top = next_token_logits(hf_model, list(pair.clean_ids)).topk(10).indices.tolist()
-        corrupted_top = next_token_logits(hf_model, list(pair.corrupted_ids)).topk(10).indices.tolist()
-        for name, k in (("single", 1), ("sets", 3)):
-            correct = tuple(clean_top[:k])
-            incorrect = tuple([t for t in corrupted_top if t not in correct][:k])
-            found[name].append(
-                dataclasses.replace(
-                    pair,
-                    correct_ids=correct,
-                    incorrect_ids=incorrect,
-                    correct=tuple(map(str, correct)),
-                    incorrect=tuple(map(str, incorrect)),
-                )
-            )
-    return found
 
 
 @pytest.mark.parametrize("path", ["trace", "reuse"])

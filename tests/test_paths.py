@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from transformers import GPT2LMHeadModel
 
 from tests.conftest import TOL, score_tolerance
 from tests.reference import reference_paths
@@ -14,11 +13,6 @@ from tests.test_patching import resampled
 from worker.options import PatchOptions
 from worker.patching import patch_batch
 from worker.paths import path_batch
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_model_dir):
-    return GPT2LMHeadModel.from_pretrained(tiny_model_dir).eval()
 
 
 def labelled(pairs):

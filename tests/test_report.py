@@ -23,6 +23,7 @@ from jobs.results.report import (
 from jobs.store import GROUPS_FILE, Store
 from tests.conftest import write_jsonl
 from worker.options import DEFAULT_COMPONENTS as COMPONENTS
+from worker.options import METHODS
 from worker.patching import patch_batch
 
 
@@ -301,15 +302,17 @@ def test_the_metric_names_the_columns_titles_and_summary(tmp_path, tiny_model, t
     assert "tiny (denoise, kl): resid, N=" in text and "<th>clean kl</th>" in text
 
 
-def test_an_atp_run_shows_estimates_and_how_they_compare_with_exact(tmp_path, tiny_model, tokenizer_and_ctx):
-    k = 4
+@pytest.mark.parametrize("method", ["atp", "atpstar"])
+def test_an_atp_run_shows_estimates_and_how_they_compare_with_exact(tmp_path, tiny_model, tokenizer_and_ctx, method):
+    """AtP* ranks by GradDrop's size, AtP by |estimate|: each run's top-K share is by its own ranking."""
+    k, title, ranks_by = 4, METHODS[method].title, METHODS[method].ranks_by
     store, _, result = ioi_store(
-        tmp_path, tiny_model, tokenizer_and_ctx, 6, ["resid", "attn"], method="atp", verify_top=k
+        tmp_path, tiny_model, tokenizer_and_ctx, 6, ["resid", "attn"], method=method, verify_top=k
     )
     said = build_report(store, drill_down=1)
     assert "2 heatmaps, 2 AtP checks, 2 pair drill-downs" in said
     text = Path(store.path("report.html")).read_text()
-    assert "tiny (denoise, logit_diff, AtP estimate): resid, N=" in text
+    assert f"tiny (denoise, logit_diff, {title}): resid, N=" in text
     effects = result.effects.to_pandas().merge(result.pairs.to_pandas(), on="pair_id")
     kept = effects[(effects.clean_logit_diff - effects.corrupted_logit_diff).abs() >= 0.1]
     verified = kept[kept.score.notna()]
@@ -317,13 +320,13 @@ def test_an_atp_run_shows_estimates_and_how_they_compare_with_exact(tmp_path, ti
         pearson = rows.score.corr(rows.estimate)
         spearman = rows.score.rank().corr(rows.estimate.rank())
         assert (
-            f"{component}, exact score vs AtP estimate on {len(rows)} verified cells: "
+            f"{component}, exact score vs {title} on {len(rows)} verified cells: "
             f"Pearson {pearson:.3f}, Spearman {spearman:.3f}" in text
         )
     shares = []
     for _, rows in verified.groupby("pair_id"):
         exact_top = set(rows.score.abs().sort_values(ascending=False).index[:k])
-        atp_top = set(rows.estimate.abs().sort_values(ascending=False).index[:k])
+        atp_top = set(rows[ranks_by].abs().sort_values(ascending=False).index[:k])
         shares.append(len(exact_top & atp_top) / k)
     assert f"<td>{sum(shares) / len(shares):.3f} (mean over {len(shares)} pairs)</td>" in text
     rows = aggregate(store, "denoise").to_pylist()

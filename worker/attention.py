@@ -8,8 +8,9 @@ computation (scores, the mask transformers built, softmax in float32, grouped-qu
 values repeated per query head) with `module.pattern(probabilities)` between softmax and the
 values. The `pattern` site is that module's output, [rows, heads, destinations, sources];
 nnsight traces read and write it as any module's output, and the fast path (worker/reuse.py)
-hooks it. Runs that patch no pattern keep the model's own attention (sdpa: 5-8% faster on
-CPU, docs/PERFORMANCE.md).
+hooks it. The scores softmax takes (the mask added) pass through `module.scores` the same way:
+AtP*'s QK fix (worker/atpstar.py) reads them. Runs that patch no pattern keep the model's own
+attention (sdpa: 5-8% faster on CPU, docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ class PatternSite(torch.nn.Identity):
     """The attention probabilities of every head, [rows, heads, destinations, sources]."""
 
 
+class ScoreSite(torch.nn.Identity):
+    """What softmax takes: every head's scores with the mask added, [rows, heads, destinations, sources]."""
+
+
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Eager attention (as transformers' families write it), the probabilities through `module.pattern`."""
     groups = query.shape[1] // key.shape[1]
@@ -37,6 +42,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     scores = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
     if attention_mask is not None:
         scores = scores + attention_mask
+    scores = module.scores(scores)
     probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     pattern = module.pattern(torch.nn.functional.dropout(probabilities, p=dropout, training=module.training))
     return torch.matmul(pattern, value).transpose(1, 2).contiguous(), pattern
@@ -47,10 +53,11 @@ AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)  # an additive mask,
 
 
 def expose_patterns(model: TransformersModel) -> None:
-    """Give each block's attention module a `pattern` site (used while `reading_patterns`)."""
+    """Give each block's attention module its `pattern` and `scores` sites (used while `reading_patterns`)."""
     where = family_of(model._module.config)
     for block in part(model, where.blocks):
-        part(block, where.attention).pattern = PatternSite()
+        attention = part(block, where.attention)
+        attention.pattern, attention.scores = PatternSite(), ScoreSite()
 
 
 @contextmanager

@@ -2,67 +2,125 @@
 
 Patching activation a of the receiving run with the donor's changes the metric by about
 (a_donor - a_receiver) . dmetric/da, the gradient taken at the receiving run. So one nnsight
-trace runs a batch's clean and corrupted prompts together, the receivers' metric is
-back-propagated once (`with metric.backward()`), and each cell's estimate is the receiver's
-metric plus that product summed over the cell's values (all of d_model; one head's query, key,
-value or output, or its pattern row over the sources) at its position (or at every position,
-for `positions="all"`). Two forwards and one backward per batch score every cell, instead of
-one forward per cell. The model's parameters are frozen (worker/model.py), so the backward
-computes activation gradients only, and `max_batch_tokens` bounds the activations one backward keeps.
+trace runs a batch's clean and corrupted prompts together, keeping its autograd graph; the
+receivers' metric is back-propagated once (plain `torch.autograd.grad` on the saved values), and
+each cell's estimate is the receiver's metric plus that product summed over the cell's values
+(all of d_model; one head's query, key, value or output, or its pattern row over the sources) at
+its position (or at every position, for `positions="all"`). Two forwards and one backward per
+batch score every cell, instead of one forward per cell. The model's parameters are frozen
+(worker/model.py), so the backward computes activation gradients only, and `max_batch_tokens`
+bounds the activations one backward keeps.
 
 First order only: AtP is known to be poor for big activations (the residual stream, GPT-2's
-first MLP) and where attention saturates; `--verify-top` measures how poor on the run's pairs.
+first MLP) and where attention saturates; `--verify-top` measures how poor on the run's pairs,
+and AtP* (worker/atpstar.py) mends the two misses its paper names on the same read.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from functools import partial
 
 import nnsight
 import torch
 from nnsight import TransformersModel
 
 from worker.donors import Donors
+from worker.families import part
 from worker.metrics import Answers, DonorDistribution, vocabulary_metric
 from worker.options import HEAD_COMPONENTS, PatchOptions
 from worker.pairs import Pair
 from worker.rows import PairRows
-from worker.sites import FORWARD_ORDER, Cell, component_output, last_logits, n_layers, site_values
+from worker.sites import (
+    FORWARD_ORDER,
+    Cell,
+    component_output,
+    family,
+    last_logits,
+    n_layers,
+    projection,
+    site_values,
+)
+
+Key = tuple[str, int, bool]  # (component, layer, every position at once)
 
 
-def read_gradients(
-    model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions, components: set[str]
-) -> tuple[torch.Tensor, dict, dict]:
-    """One trace over the clean and corrupted prompts (rows 2p, 2p+1) with a backward of the
-    receivers' metric: the metric of every row, and per (component, layer) the values
-    (`site_values`) and their gradients."""
+@dataclass(frozen=True)
+class Estimates:
+    """What an estimating method gives `patch_group`: each pair's clean and corrupted metric, and
+    per work item the estimated patched metric and, where the method ranks by something else
+    than |estimated change| (AtP*'s GradDrop), how big it judges the effect (`size`)."""
+
+    clean: torch.Tensor
+    corrupted: torch.Tensor
+    patched: torch.Tensor
+    size: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class GraphRead:
+    """One forward of a group's rows (the `PairRows` layout) whose autograd graph is kept: every
+    row's metric, the receivers' metric summed (what is back-propagated), and per (component,
+    layer) the raw activation (`site_values` views it), each a point gradients can be taken at.
+    On request, each block's output (`stream`) and the normed stream each listed layer's
+    attention reads (`attention_inputs`)."""
+
+    metric: torch.Tensor
+    objective: torch.Tensor
+    acts: dict[tuple[str, int], torch.Tensor]
+    stream: list[torch.Tensor]
+    attention_inputs: dict[int, torch.Tensor]
+
+    def gradients(
+        self, at: Sequence[torch.Tensor], of: torch.Tensor | None = None, given: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """The gradient of the objective (or of `of`, whose own gradient is `given`) at each of `at`:
+        zeros where it does not depend on one. The graph is kept for the next call."""
+        wanted = [i for i, x in enumerate(at) if x.requires_grad]
+        grads = [torch.zeros_like(x) for x in at]
+        found = torch.autograd.grad(
+            self.objective if of is None else of, [at[i] for i in wanted], given, retain_graph=True, allow_unused=True
+        )
+        for i, grad in zip(wanted, found):
+            grads[i] = grads[i] if grad is None else grad
+        return grads
+
+
+def read_graph(
+    model: TransformersModel,
+    pairs: Sequence[Pair],
+    options: PatchOptions,
+    sites: Collection[tuple[str, int]],
+    stream: bool = False,
+    attention_layers: Collection[int] = (),
+) -> GraphRead:
+    """One trace over the clean and corrupted prompts (and resampled ones) of `pairs`, with
+    gradients enabled from each of `sites` on (the parameters are frozen)."""
     device = model.device
     layout, indices = PairRows.of(options), torch.arange(len(pairs), device=device)
     input_ids = layout.input_ids(pairs).to(device)
     answers = Answers.of([p for p in pairs for _ in range(layout.per_pair)]).to(device)
     donor_rows = layout.of_rows(layout.donor_rows(indices))
     receiver_rows = layout.receiving_rows(indices)
-    sites = [
-        (component, layer) for layer in range(n_layers(model)) for component in FORWARD_ORDER if component in components
-    ]
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     with torch.enable_grad(), model.trace(inputs, logits_to_keep=1):
-        acts = nnsight.save({})
-        for site in sites:
-            acts[site] = component_output(model, *site)
-            acts[site].requires_grad_(True)
+        acts, outputs, normed = nnsight.save({}), nnsight.save([]), nnsight.save({})
+        for layer in range(n_layers(model)):
+            block = part(model, family(model).blocks)[layer]
+            if layer in attention_layers:
+                normed[layer] = projection(model, block, "q").input
+            for component in FORWARD_ORDER:
+                if (component, layer) in sites:
+                    acts[(component, layer)] = component_output(model, component, layer)
+                    acts[(component, layer)].requires_grad_(True)
+            if stream:
+                outputs.append(component_output(model, "resid", layer))
         logits = last_logits(model)
         donor = DonorDistribution.of(logits[donor_rows].detach()) if options.metric == "kl" else None
-        metric = vocabulary_metric(options.metric, logits, answers, donor)
-        values = metric.detach().save()
-        grads = nnsight.save({})
-        if sites:
-            with metric[receiver_rows].sum().backward():
-                for site in reversed(sites):
-                    grads[site] = acts[site].grad
-    acts = {site: site_values(model, site[0], act.detach()) for site, act in acts.items()}
-    return values.cpu(), acts, {site: site_values(model, site[0], grad) for site, grad in grads.items()}
+        metric = nnsight.save(vocabulary_metric(options.metric, logits, answers, donor))
+    return GraphRead(metric, metric[receiver_rows].sum(), dict(acts), list(outputs), dict(normed))
 
 
 def first_order_effects(site: tuple[str, int], act: torch.Tensor, grad: torch.Tensor, donors: Donors) -> torch.Tensor:
@@ -74,58 +132,93 @@ def first_order_effects(site: tuple[str, int], act: torch.Tensor, grad: torch.Te
     return ((donor - rows.receiving_side(act)).float() * rows.receiving_side(grad).float()).sum(-1)
 
 
-def atp_estimates(
+def summed(effect: torch.Tensor, whole: bool) -> torch.Tensor:
+    """Per-position effects [P, T(, heads)], or for a patch of every position their sum [P, 1(, heads)]."""
+    return effect.sum(1, keepdim=True) if whole else effect
+
+
+GroupChanges = Callable[..., tuple[torch.Tensor, dict[Key, tuple[torch.Tensor, torch.Tensor | None]]]]
+"""(model, pairs of one read, their donors, options, keys) -> every row's metric, and per key the
+estimated change of the metric [P, T or 1(, heads)] and its size for ranking (or None)."""
+
+
+def atp_changes(
+    model: TransformersModel, pairs: Sequence[Pair], donors: Donors, options: PatchOptions, keys: Collection[Key]
+) -> tuple[torch.Tensor, dict[Key, tuple[torch.Tensor, None]]]:
+    """AtP: one backward, each site's first-order effect."""
+    sites = sorted({(component, layer) for component, layer, _ in keys}, key=lambda s: s[1])
+    read = read_graph(model, pairs, options, sites)
+    grads = dict(zip(sites, read.gradients([read.acts[site] for site in sites])))
+    changes = {}
+    for component, layer, whole in keys:
+        site = (component, layer)
+        act, grad = (site_values(model, component, tensor.detach()) for tensor in (read.acts[site], grads[site]))
+        changes[(component, layer, whole)] = (summed(first_order_effects(site, act, grad, donors), whole), None)
+    return read.metric.detach(), changes
+
+
+def estimate_cells(
     model: TransformersModel,
     pairs: Sequence[Pair],
     cells: Sequence[Cell],
     work: Sequence[tuple[int, int]],
     options: PatchOptions,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clean and corrupted metric per pair, and the estimated patched metric per `work` item."""
+    changes: GroupChanges,
+) -> Estimates:
+    """Clean and corrupted metric per pair, and the estimated patched metric per `work` item (with
+    its size where `changes` gives one), read in groups of pairs that fit `max_batch_tokens`."""
     n_tokens = pairs[0].n_tokens
     donors = Donors.of(options)
     layout = donors.rows
     pairs_per_group = max(1, options.max_batch_tokens // (layout.per_pair * n_tokens))
-    components = {cells[c].component for _, c in work}
-    baselines, estimates = [], torch.empty(len(work))
+    baselines, estimates, sizes = [], torch.empty(len(work)), torch.empty(len(work))
+    ranked = False
     for first in range(0, len(pairs), pairs_per_group):
         group = pairs[first : first + pairs_per_group]
-        values, acts, grads = read_gradients(model, group, options, components)
-        group_donors = donors.for_pairs(group)
-        baselines.append(values)
-        receiver = layout.receiving_side(values)
-        by_site: dict[tuple[str, int, bool], list[int]] = {}
+        by_key: dict[Key, list[int]] = {}
         for i, (pair, c) in enumerate(work):
             if first <= pair < first + len(group):
                 cell = cells[c]
-                by_site.setdefault((cell.component, cell.layer, cell.position is None), []).append(i)
-        for (component, layer, whole), indices in by_site.items():
-            site = (component, layer)
-            effect = first_order_effects(site, acts[site], grads[site], group_donors).cpu()
-            if whole:
-                effect = effect.sum(1, keepdim=True)
+                by_key.setdefault((cell.component, cell.layer, cell.position is None), []).append(i)
+        values, group_changes = changes(model, group, donors.for_pairs(group), options, by_key.keys())
+        values = values.cpu()
+        baselines.append(values)
+        receiver = layout.receiving_side(values)
+        for key, indices in by_key.items():
             pair_index = torch.tensor([work[i][0] - first for i in indices])
-            position = torch.tensor([0 if whole else cells[work[i][1]].position for i in indices])
-            picked = effect[pair_index, position]
-            if component in HEAD_COMPONENTS:
-                picked = picked[torch.arange(len(indices)), torch.tensor([cells[work[i][1]].head for i in indices])]
-            estimates[torch.tensor(indices)] = receiver[pair_index] + picked
+            position = torch.tensor([0 if key[2] else cells[work[i][1]].position for i in indices])
+            heads = torch.tensor([cells[work[i][1]].head or 0 for i in indices]) if key[0] in HEAD_COMPONENTS else None
+            change, size = group_changes[key]
+            estimates[torch.tensor(indices)] = receiver[pair_index] + at_cells(change, pair_index, position, heads)
+            if size is not None:
+                sizes[torch.tensor(indices)], ranked = at_cells(size, pair_index, position, heads), True
     metric = torch.cat(baselines)
-    return *layout.clean_and_corrupted(metric), estimates
+    return Estimates(*layout.clean_and_corrupted(metric), estimates, sizes if ranked else None)
+
+
+def at_cells(
+    values: torch.Tensor, pairs: torch.Tensor, positions: torch.Tensor, heads: torch.Tensor | None
+) -> torch.Tensor:
+    """Of per-pair values [P, T(, heads)], those at each cell's (pair, position(, head))."""
+    values = values.cpu()[pairs, positions]
+    return values if heads is None else values[torch.arange(len(heads)), heads]
+
+
+atp_estimates = partial(estimate_cells, changes=atp_changes)
 
 
 def verified_rows(
-    pair_ids: Sequence[str], rows: Sequence[tuple[int, int]], change: torch.Tensor, k: int
+    pair_ids: Sequence[str], rows: Sequence[tuple[int, int]], size: torch.Tensor, k: int
 ) -> set[tuple[int, int]]:
-    """Per pair: the `k` rows whose estimated change is largest in size, and `k` more drawn at
-    random from the rest (seeded by the pair's id, so a re-run draws the same), so that what
-    AtP misses is measured too."""
+    """Per pair: the `k` rows whose estimated effect is largest in size (|`size`|), and `k` more
+    drawn at random from the rest (seeded by the pair's id, so a re-run draws the same), so that
+    what the estimate misses is measured too."""
     by_pair: dict[int, list[int]] = {}
     for i, (pair, _) in enumerate(rows):
         by_pair.setdefault(pair, []).append(i)
     chosen = set()
     for pair, indices in by_pair.items():
-        ranked = sorted(indices, key=lambda i: -abs(float(change[i])))
+        ranked = sorted(indices, key=lambda i: -abs(float(size[i])))
         rest = sorted(ranked[k:])  # in row order, so float noise in the ranking cannot change the draw
         drawn = random.Random(f"verify:{pair_ids[pair]}").sample(rest, min(k, len(rest)))
         chosen.update(rows[i] for i in ranked[:k] + drawn)

@@ -4,7 +4,8 @@ What each method is (the table it writes, whether it estimates, whether it reads
 said torch-free in worker/options.py `METHODS`; here each name gets the function that turns a
 shard of pairs into its results table and its pairs table. The methods that write `effects`
 share one runner and differ only in how they estimate: exact patching estimates nothing,
-AtP estimates every cell first (worker/attribution.py) and exact-patches what `verify_top` picks.
+AtP estimates every cell first (worker/attribution.py; AtP* in worker/atpstar.py) and
+exact-patches what `verify_top` picks.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from functools import partial
 import pyarrow as pa
 from nnsight import TransformersModel
 
+from worker.atpstar import atpstar_estimates
 from worker.attention import reading_patterns
 from worker.attribution import atp_estimates
 from worker.circuit_runs import circuit_tables
@@ -35,6 +37,7 @@ def path_tables(model: TransformersModel, pairs: Sequence[Pair], options: PatchO
 RUNNERS: dict[str, Runner] = {
     "exact": partial(effects_batch, estimate=None),
     "atp": partial(effects_batch, estimate=atp_estimates),
+    "atpstar": partial(effects_batch, estimate=atpstar_estimates),
     "paths": path_tables,
     "eap": edge_tables,
     "eap-ig": edge_tables,

@@ -37,11 +37,13 @@ class Method:
     estimates: bool  # every cell gets an `estimate`; `score` only the cells --verify-top exact-patches
     receivers: bool  # measured through `--receivers` (path patching)
     title: str  # what figure titles say of it ("" for plain patching)
+    ranks_by: str = "estimate"  # the column whose size ranks cells for --verify-top (AtP*: GradDrop's)
 
 
 METHODS = {
     "exact": Method("effects", estimates=False, receivers=False, title=""),
     "atp": Method("effects", estimates=True, receivers=False, title="AtP estimate"),
+    "atpstar": Method("effects", estimates=True, receivers=False, title="AtP* estimate", ranks_by="graddrop"),
     PATHS: Method("paths", estimates=False, receivers=True, title="path patching"),
     "eap": Method("edges", estimates=True, receivers=False, title="EAP estimate"),
     "eap-ig": Method("edges", estimates=True, receivers=False, title="EAP-IG estimate"),

@@ -22,7 +22,7 @@ import pyarrow as pa
 import torch
 from nnsight import TransformersModel
 
-from worker.attribution import verified_rows
+from worker.attribution import Estimates, verified_rows
 from worker.donors import Donors
 from worker.metrics import Answers, DonorDistribution, vocabulary_metric
 from worker.options import (
@@ -260,7 +260,7 @@ def row_values(
     return patched
 
 
-Estimator = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # as `exact_values`, estimated
+Estimator = Callable[..., Estimates]  # (model, pairs, cells, work, options): AtP's, AtP*'s
 
 
 def patch_group(
@@ -282,16 +282,21 @@ def patch_group(
     work = cells_to_run(pairs, cells, rows, Donors.of(options))
     exact_values = reuse_values if exact_path == "reuse" else trace_values
     row_pairs = torch.tensor([p for p, _ in rows], dtype=torch.long)
-    estimate_scores, exact_rows = None, None
+    estimate_scores, exact_rows, sizes = None, None, None
     if estimate is not None:
-        clean, corrupted, estimated = estimate(model, pairs, cells, work, options)
+        estimates = estimate(model, pairs, cells, work, options)
+        clean, corrupted = estimates.clean, estimates.corrupted
     else:
         clean, corrupted, values = exact_values(model, pairs, cells, work, options)
     receiver = (corrupted if options.direction == "denoise" else clean)[row_pairs]
     if estimate is not None:
-        estimated = row_values(rows, receiver, work, estimated)
+        estimated = row_values(rows, receiver, work, estimates.patched)
         estimate_scores = normalized_score(estimated, clean[row_pairs], corrupted[row_pairs], options.direction)
-        verified = verified_rows([p.pair_id for p in pairs], rows, estimated - receiver, options.verify_top)
+        ranking = estimated - receiver
+        if estimates.size is not None:
+            ranking = row_values(rows, torch.zeros_like(receiver), work, estimates.size)
+            sizes = ranking / (clean - corrupted)[row_pairs].abs()
+        verified = verified_rows([p.pair_id for p in pairs], rows, ranking, options.verify_top)
         exact_rows = torch.tensor([row in verified for row in rows], dtype=torch.bool)
         work = [item for item in work if item in verified]
         values = exact_values(model, pairs, cells, work, options)[2] if work else torch.empty(0)
@@ -310,6 +315,7 @@ def patch_group(
         "estimate": pa.array(
             estimate_scores.numpy() if estimate_scores is not None else [None] * len(rows), pa.float32()
         ),
+        "graddrop": pa.array(sizes.numpy() if sizes is not None else [None] * len(rows), pa.float32()),
     }
     return effects_table(columns, options), clean, corrupted
 

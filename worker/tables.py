@@ -25,7 +25,8 @@ def effects_schema(metric: str) -> pa.Schema:
             ("head", pa.int16()),
             (metric, pa.float32()),
             ("score", pa.float32()),
-            ("estimate", pa.float32()),  # AtP's estimate of `score`; null in exact runs
+            ("estimate", pa.float32()),  # AtP's (AtP*'s) estimate of `score`; null in exact runs
+            ("graddrop", pa.float32()),  # AtP*'s GradDrop size of the effect over |clean - corrupted|; else null
         ]
     )
 

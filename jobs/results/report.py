@@ -343,19 +343,25 @@ def run_title(manifest: dict) -> str:
 def verification(
     connection, manifest: dict, run: str, min_gap: float
 ) -> tuple[list[tuple[str, str]], list[tuple[str, go.Figure]]]:
-    """For an AtP run with verified rows: summary lines and one scatter per component."""
-    k, metric = manifest.get("verify_top", 0), manifest.get("metric", DEFAULT_METRIC)
-    if not method_of(manifest).estimates or not k:
+    """For an AtP (AtP*) run with verified rows: summary lines and one scatter per component."""
+    k, metric, method = manifest.get("verify_top", 0), manifest.get("metric", DEFAULT_METRIC), method_of(manifest)
+    if not method.estimates or not k:
         return [], []
-    collect_verified(connection, metric, min_gap)
+    collect_verified(connection, metric, min_gap, method.ranks_by)
     agreements = correlations(connection)
     share, n_pairs = top_k_agreement(connection, k)
     lines = [
-        (f"AtP vs exact, {a.component}", f"Pearson {fmt(a.pearson)}, Spearman {fmt(a.spearman)} ({a.n} verified cells)")
+        (
+            f"{method.title} vs exact, {a.component}",
+            f"Pearson {fmt(a.pearson)}, Spearman {fmt(a.spearman)} ({a.n} verified cells)",
+        )
         for a in agreements
     ]
-    lines.append((f"exact top {k} that AtP ranked in its top {k}", f"{fmt(share)} (mean over {n_pairs} pairs)"))
-    return lines, scatter_figures(connection, run, agreements)
+    ranked = "its top" if method.ranks_by == "estimate" else f"its top by {method.ranks_by}"
+    lines.append(
+        (f"exact top {k} that {method.title} ranked in {ranked} {k}", f"{fmt(share)} (mean over {n_pairs} pairs)")
+    )
+    return lines, scatter_figures(connection, run, agreements, method.title)
 
 
 def write_report(

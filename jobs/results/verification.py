@@ -1,11 +1,12 @@
-"""How well AtP's estimates matched exact patching, on the rows `--verify-top` checked.
+"""How well AtP's (or AtP*'s) estimates matched exact patching, on the rows `--verify-top` checked.
 
 Per component: Pearson and Spearman correlation of exact `score` against `estimate` over the
 verified rows (each pair's top K estimates and K rows drawn at random), with a scatter plot.
-Per run: the share of each pair's K largest exact effects (among its verified rows) that AtP
-also ranked in its top K, averaged over pairs: since the verified rows are AtP's top K and K
-random others, this is high unless the random draws find big effects AtP missed. Pairs under
-the min-gap rule are left out, as in the aggregate.
+Per run: the share of each pair's K largest exact effects (among its verified rows) that the
+method also ranked in its top K (by |estimate|, AtP*: by GradDrop's size, the method's
+`ranks_by`), averaged over pairs: since the verified rows are its top K and K random others,
+this is high unless the random draws find big effects it missed. Pairs under the min-gap rule
+are left out, as in the aggregate.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from worker.options import COMPONENTS
 
 VERIFIED = """
 CREATE OR REPLACE TEMP TABLE verified AS
-SELECT e.pair_id, e.component, e.score, e.estimate
+SELECT e.pair_id, e.component, e.score, e.estimate, abs(e.{ranks_by}) AS size
 FROM effects e JOIN pairs p USING (pair_id)
 WHERE e.score IS NOT NULL AND e.estimate IS NOT NULL
   AND isfinite(e.score) AND abs("clean_{metric}" - "corrupted_{metric}") >= {min_gap}
@@ -41,11 +42,11 @@ TOP_K_AGREEMENT = """
 WITH ranked AS (
     SELECT pair_id,
            row_number() OVER (PARTITION BY pair_id ORDER BY abs(score) DESC, component, estimate) AS exact_rank,
-           row_number() OVER (PARTITION BY pair_id ORDER BY abs(estimate) DESC, component, score) AS atp_rank
+           row_number() OVER (PARTITION BY pair_id ORDER BY size DESC, component, score) AS method_rank
     FROM verified
 )
 SELECT avg(share), count(*) FROM (
-    SELECT pair_id, count(*) FILTER (WHERE exact_rank <= {k} AND atp_rank <= {k}) / {k} AS share
+    SELECT pair_id, count(*) FILTER (WHERE exact_rank <= {k} AND method_rank <= {k}) / {k} AS share
     FROM ranked GROUP BY pair_id
 )
 """
@@ -59,10 +60,10 @@ class Agreement:
     spearman: float | None
 
 
-def collect_verified(connection, metric: str, min_gap: float) -> None:
+def collect_verified(connection, metric: str, min_gap: float, ranks_by: str) -> None:
     """Read the verified rows of the pairs the min-gap rule keeps, once, into the temporary table
-    `verified` that the functions below query."""
-    connection.execute(VERIFIED.format(metric=metric, min_gap=float(min_gap)))
+    `verified` that the functions below query (`ranks_by`: the column whose size the method ranks by)."""
+    connection.execute(VERIFIED.format(metric=metric, min_gap=float(min_gap), ranks_by=ranks_by))
 
 
 def correlations(connection) -> list[Agreement]:
@@ -77,8 +78,8 @@ def top_k_agreement(connection, k: int) -> tuple[float | None, int]:
     return share, pairs
 
 
-def scatter_figures(connection, run: str, agreements: list[Agreement]) -> list[tuple[str, go.Figure]]:
-    """Exact score against AtP estimate, one scatter per component, with both correlations."""
+def scatter_figures(connection, run: str, agreements: list[Agreement], estimated: str) -> list[tuple[str, go.Figure]]:
+    """Exact score against the estimate (`estimated` names it), one scatter per component, with both correlations."""
     figures = []
     for agreement in agreements:
         points = connection.execute(
@@ -90,12 +91,12 @@ def scatter_figures(connection, run: str, agreements: list[Agreement]) -> list[t
             )
         )
         title = (
-            f"{run}: {agreement.component}, exact score vs AtP estimate on {agreement.n} verified cells: "
+            f"{run}: {agreement.component}, exact score vs {estimated} on {agreement.n} verified cells: "
             f"Pearson {fmt(agreement.pearson)}, Spearman {fmt(agreement.spearman)}"
         )
         figure.update_layout(
             title=title,
-            xaxis_title="AtP estimate",
+            xaxis_title=estimated,
             yaxis_title="exact score",
             height=420,
             margin={"l": 60, "r": 20, "t": 60, "b": 60},
