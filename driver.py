@@ -16,6 +16,8 @@ import click
 
 from jobs.circuits import circuits_to_evaluate
 from jobs.cluster import NoCluster
+from jobs.compact import PARTS_PER_FILE
+from jobs.compact import compact as compact_run
 from jobs.datasets import write_jsonl
 from jobs.datasets.greater_than import generate_greater_than
 from jobs.datasets.ioi import CORRUPTIONS, generate_ioi
@@ -534,6 +536,17 @@ def report(
     halves = SplitHalves(stability, splits, seed)
     with user_errors_reported():
         click.echo(build_report(Store(out), group_by, min_gap, drill_down, png, halves), err=True)
+
+
+@cli.command()
+@click.argument("out")
+@click.option(
+    "--parts-per-file", type=click.IntRange(min=2), default=PARTS_PER_FILE, show_default=True, help="Shards per file."
+)
+def compact(out: str, parts_per_file: int) -> None:
+    """Merge a run's results parts into fewer, larger files (safe to interrupt; queries and resumes as before)."""
+    with user_errors_reported():
+        click.echo(compact_run(Store(out), parts_per_file), err=True)
 
 
 @cli.command("query")

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from jobs.pairfile import PairFileError
+from jobs.store import part_name
 from worker.pairs import Pair
 
 
@@ -28,7 +29,7 @@ class Shard:
 
     @property
     def name(self) -> str:
-        return f"part-{self.index:05d}"
+        return part_name(self.index)
 
 
 def plan_shards(lengths: Mapping[int, int], batch_pairs: int) -> list[Shard]:

@@ -4,6 +4,8 @@ Layout (DESIGN.md): effects/part-*.parquet (paths/ for path patching, edges/ for
 pairs.parquet, manifest.json, invalid.jsonl. A shard's pairs rows go to _pairs/part-*.parquet
 first and its results part last, each to a temporary name then renamed, so a shard whose results
 part exists is whole; pairs.parquet is rebuilt from the _pairs parts at the end of every run.
+`driver.py compact` (jobs/compact.py) merges consecutive results parts into `parts-A-B.parquet`,
+which holds shards part-A to part-B: readers ask `results_files` which file holds which shards.
 """
 
 from __future__ import annotations
@@ -23,11 +25,30 @@ from worker.options import METHODS
 from worker.parts import MEANS_FILE, PAIR_PARTS_DIR, PartWriter, atomic_output, filesystem, is_uri, write_parquet
 
 PAIRS_ROW_GROUP = 65_536
+COMPACTED = "parts-"  # a compacted results file: parts-00000-00999 holds shards part-00000 .. part-00999
 BATCH_PARTS = 1000  # parts read together; a dataset keeps the footer of every part it has read
 MANIFEST, PAIRS_FILE, INVALID_FILE = "manifest.json", "pairs.parquet", "invalid.jsonl"
 AGGREGATE_FILE, REPORT_FILE = "aggregate.parquet", "report.html"
 GROUPS_FILE = "aggregate_groups.parquet"  # `report --group-by`: per group, beside the overall aggregate
 STABILITY_FILE = "stability.parquet"  # the split halves (jobs/results/stability.py)
+
+
+def part_name(index: int) -> str:
+    """The name of shard `index` (and of its results and pairs parts)."""
+    return f"part-{index:05d}"
+
+
+def part_index(name: str) -> int:
+    return int(name.removeprefix("part-"))
+
+
+def covered(name: str) -> list[str]:
+    """The shards a results file (its name without `.parquet`) holds: itself, or for a compacted
+    file every shard its name spans."""
+    if not name.startswith(COMPACTED):
+        return [name]
+    first, last = name.removeprefix(COMPACTED).split("-")
+    return [part_name(index) for index in range(int(first), int(last) + 1)]
 
 
 class OutputConflict(RuntimeError):
@@ -135,25 +156,44 @@ class Store:
             if self.exists(name):
                 self.fs.delete_file(self.path(name))
 
-    def finished_shards(self) -> set[str]:
-        """Names (part-00000) of shards whose results part is in place."""
+    def all_results_files(self) -> dict[str, list[str]]:
+        """Every results file in place (its name without `.parquet`) and the shards it holds."""
         selector = pafs.FileSelector(self.path(self.results), allow_not_found=True)
-        return {
-            info.base_name.removesuffix(".parquet")
-            for info in self.fs.get_file_info(selector)
-            if info.base_name.endswith(".parquet")
-        }
+        names = [info.base_name for info in self.fs.get_file_info(selector) if info.base_name.endswith(".parquet")]
+        return {name.removesuffix(".parquet"): covered(name.removesuffix(".parquet")) for name in names}
 
-    def shard_batches(self) -> Iterator[list[str]]:
-        """The finished shards' names, `BATCH_PARTS` at a time: read a large run's parts in such
-        batches, each with a dataset of its own, and memory does not grow with the run (one
-        dataset over every part keeps every part's footer)."""
-        names = sorted(self.finished_shards())
-        for first in range(0, len(names), BATCH_PARTS):
-            yield names[first : first + BATCH_PARTS]
+    def stale_parts(self) -> list[str]:
+        """Parts a compacted file holds too: what a compaction interrupted before deleting them left."""
+        files = self.all_results_files()
+        merged = {shard for name, shards in files.items() if name.startswith(COMPACTED) for shard in shards}
+        return sorted(name for name in files if name in merged)
+
+    def results_files(self) -> dict[str, list[str]]:
+        """The results files to read, in shard order, and the shards each holds: stale parts left out."""
+        stale = set(self.stale_parts())
+        files = {name: shards for name, shards in self.all_results_files().items() if name not in stale}
+        return dict(sorted(files.items(), key=lambda item: part_index(item[1][0])))
+
+    def finished_shards(self) -> set[str]:
+        """Names (part-00000) of shards whose results are in place."""
+        return {shard for shards in self.results_files().values() for shard in shards}
+
+    def shard_batches(self) -> Iterator[tuple[list[str], list[str]]]:
+        """(results files, the shards they hold) about `BATCH_PARTS` shards at a time: read a large
+        run's parts in such batches, each with a dataset of its own, and memory does not grow with
+        the run (one dataset over every part keeps every part's footer)."""
+        files, shards = [], []
+        for name, held in self.results_files().items():
+            files.append(name)
+            shards += held
+            if len(shards) >= BATCH_PARTS:
+                yield files, shards
+                files, shards = [], []
+        if files:
+            yield files, shards
 
     def parts(self, directory: str, names: list[str], schema: pa.Schema | None = None) -> ds.Dataset:
-        """The parts `names` of `directory` (the results directory or `_pairs`) as one dataset."""
+        """The files `names` (without `.parquet`) of `directory` (the results directory or `_pairs`) as one dataset."""
         return ds.dataset(
             [self.path(directory, f"{name}.parquet") for name in names],
             schema=schema,

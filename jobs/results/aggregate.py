@@ -219,9 +219,9 @@ def in_batches(store: Store, pairs_schema: pa.Schema, batch_sql: str, total_sql:
     """`batch_sql` over each batch of finished shards (views `batch`, `batch_pairs`), then
     `total_sql` over their results (view `batches`): memory bounded by a batch, not the run."""
     connection, batches = duckdb_connection(), []
-    for names in store.shard_batches():
-        connection.register("batch", store.parts(store.results, names))
-        connection.register("batch_pairs", store.parts(PAIR_PARTS_DIR, names, pairs_schema))
+    for files, shards in store.shard_batches():
+        connection.register("batch", store.parts(store.results, files))
+        connection.register("batch_pairs", store.parts(PAIR_PARTS_DIR, shards, pairs_schema))
         batches.append(connection.sql(batch_sql).to_arrow_table())
     if not batches:
         raise QueryError(f"{store.uri}: no finished shards to aggregate")

@@ -55,10 +55,15 @@ def connect_tables(store: Store) -> duckdb.DuckDBPyConnection:
         "stability": STABILITY_FILE,
     }
     for view, name in sources.items():
-        if store.exists(name):
+        files = list(store.results_files()) if view == store.results else []
+        if files:  # the files `results_files` names: not the parts a compacted file holds too
+            dataset = store.parts(store.results, files)
+        elif store.exists(name):
             dataset = ds.dataset(store.path(name), filesystem=store.fs, format="parquet")
-            connection.register(f"_{view}_dataset", dataset)
-            connection.execute(f"CREATE VIEW {view} AS SELECT * FROM _{view}_dataset")
+        else:
+            continue
+        connection.register(f"_{view}_dataset", dataset)
+        connection.execute(f"CREATE VIEW {view} AS SELECT * FROM _{view}_dataset")
     return connection
 
 

@@ -215,8 +215,8 @@ def drill_down_figures(
         "drill_down",
         pa.concat_tables(
             [
-                store.parts(store.results, names).to_table(columns=columns, filter=chosen)
-                for names in store.shard_batches()
+                store.parts(store.results, files).to_table(columns=columns, filter=chosen)
+                for files, _ in store.shard_batches()
             ]
         ),
     )

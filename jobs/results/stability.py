@@ -232,9 +232,9 @@ def stability(
     sums = HalfSums(halvings, {pair: i for i, pair in enumerate(pair_ids)})
     pairs_schema = pq.read_schema(store.path(PAIRS_FILE), filesystem=store.fs)
     connection, sql = duckdb_connection(), cell_values_sql(store, metric, min_gap, statistic)
-    for names in store.shard_batches():
-        connection.register("batch", store.parts(store.results, names))
-        connection.register("batch_pairs", store.parts(PAIR_PARTS_DIR, names, pairs_schema))
+    for files, shards in store.shard_batches():
+        connection.register("batch", store.parts(store.results, files))
+        connection.register("batch_pairs", store.parts(PAIR_PARTS_DIR, shards, pairs_schema))
         sums.add(connection.sql(sql).to_arrow_table())
     rows = []
     scopes: dict[str, list[int]] = {}
