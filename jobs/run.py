@@ -35,7 +35,7 @@ from worker.circuits import CIRCUITS_DIR
 from worker.graph import Graph
 from worker.options import MEAN_DONORS, METHODS, PatchOptions
 from worker.pairs import Pair
-from worker.parts import MEANS_FILE
+from worker.parts import MEANS_FILE, PAIR_PARTS_DIR
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -45,6 +45,7 @@ class JobError(RuntimeError):
 
 
 RECEIPT_KEYS = ("rows", "bytes", "seconds", "node")
+NODE_CHECK_SECONDS = 2.0  # while no shard finishes, how often the cluster is asked for lost nodes
 
 
 @dataclass
@@ -140,6 +141,30 @@ def wait_until_ready(actors: list, options: PatchOptions) -> None:
             raise JobError(reason)
 
 
+@dataclass
+class Pool:
+    """The actors and the node each runs on. An actor whose node the cluster reports dead leaves
+    the pool: Ray would restart it, but the node's resources are gone, so on a cluster with no
+    room it would wait for a place forever, and its shard with it."""
+
+    actors: list
+    nodes: list[str]
+
+    @classmethod
+    def of(cls, actors: list) -> Pool:
+        return cls(list(actors), ray.get([actor.node.remote() for actor in actors]))
+
+    def drop_lost(self) -> list:
+        """The actors on nodes that are gone, killed (never to restart) and out of the pool."""
+        dead = {node["NodeID"] for node in ray.nodes() if not node["Alive"]}
+        lost = [actor for actor, node in zip(self.actors, self.nodes) if node in dead]
+        for actor in lost:
+            ray.kill(actor, no_restart=True)
+        kept = [(actor, node) for actor, node in zip(self.actors, self.nodes) if node not in dead]
+        self.actors, self.nodes = [actor for actor, _ in kept], [node for _, node in kept]
+        return lost
+
+
 def short_error(error: Exception) -> str:
     """The last non-empty line of a remote traceback: the exception itself."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
@@ -157,30 +182,56 @@ def shards_to_run(job: Job, shards: list[Shard]) -> Iterator[tuple[Shard, tuple[
 
 
 def in_turn(
-    actors: list, shards: Iterator[tuple[Shard, tuple[Pair, ...]]], send: Callable, what: str, total: int
+    pool: Pool, shards: Iterator[tuple[Shard, tuple[Pair, ...]]], send: Callable, what: str, total: int
 ) -> Iterator[tuple[Shard, ray.ObjectRef]]:
     """Keep every actor busy with the next full shard, one in flight per actor (`send(actor,
     shard, pairs)` starts it and returns its reference); each shard and its reference as it
-    finishes, with a progress bar of `what` over `total` pairs."""
-    shards = read_ahead(shards, depth=len(actors))
+    finishes, with a progress bar of `what` over `total` pairs. While none finishes, the
+    cluster is asked every `NODE_CHECK_SECONDS` for lost nodes: their actors leave the pool and
+    their shards in flight go to the next free actor (a shard its lost actor had written
+    already is written again, to the same names, so its rows are there once)."""
+    shards = read_ahead(shards, depth=len(pool.actors))
+    again: list[tuple[Shard, tuple[Pair, ...]]] = []  # shards whose actor's node was lost
     in_flight: dict = {}
 
     def submit(actor) -> None:
-        if (next_shard := next(shards, None)) is not None:
-            in_flight[send(actor, *next_shard)] = (next_shard[0], actor)
+        if (next_shard := again.pop(0) if again else next(shards, None)) is not None:
+            in_flight[send(actor, *next_shard)] = (next_shard, actor)
 
-    for actor in actors:
+    for actor in pool.actors:
         submit(actor)
     with tqdm(total=total, unit="pair", file=sys.stderr, desc=what, dynamic_ncols=True, mininterval=1.0) as progress:
         while in_flight:
-            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-            shard, actor = in_flight.pop(ref)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=NODE_CHECK_SECONDS)
+            if not ready:
+                send_again(pool, in_flight, again, submit)
+                continue
+            (shard, _), actor = in_flight.pop(ready[0])
             submit(actor)
-            yield shard, ref
+            yield shard, ready[0]
             progress.update(shard.size)
 
 
-def donor_means(job: Job, actors: list, options: PatchOptions) -> PatchOptions:
+def send_again(pool: Pool, in_flight: dict, again: list, submit: Callable) -> None:
+    """Drop the actors of lost nodes from `pool`, queue their shards in flight `again`, and
+    start them on the actors left idle."""
+    lost = pool.drop_lost()
+    if not lost:
+        return
+    for ref, (shard, actor) in list(in_flight.items()):
+        if any(actor is gone for gone in lost):
+            del in_flight[ref]
+            again.append(shard)
+            tqdm.write(f"shard {shard[0].name}: its actor's node was lost; sent to another actor", file=sys.stderr)
+    if not pool.actors:
+        raise JobError("every node with an actor was lost; run the same command again to resume")
+    busy = [actor for _, actor in in_flight.values()]
+    for actor in pool.actors:
+        if again and not any(actor is other for other in busy):
+            submit(actor)
+
+
+def donor_means(job: Job, pool: Pool, options: PatchOptions) -> PatchOptions:
     """The first pass of a mean-donor run: every shard's donor-side sums from the actors, added
     into OUT/donor_means.parquet (reused when a run of this configuration already wrote it; this
     pass reads the pair file once more); `options` with the means for the actors to read."""
@@ -193,7 +244,7 @@ def donor_means(job: Job, actors: list, options: PatchOptions) -> PatchOptions:
             return actor.sum_shard.remote(pairs, options)
 
         def sums() -> Iterator[pa.Table]:  # added as they come: one shard's sums in memory at a time
-            for shard, ref in in_turn(actors, shards_to_run(job, job.shards), send, "donor means", job.pair_count):
+            for shard, ref in in_turn(pool, shards_to_run(job, job.shards), send, "donor means", job.pair_count):
                 try:
                     yield ray.get(ref)
                 except ray.exceptions.RayError as error:
@@ -205,7 +256,7 @@ def donor_means(job: Job, actors: list, options: PatchOptions) -> PatchOptions:
     return replace(options, means=store.part_writer().root)
 
 
-def dispatch(job: Job, actors: list, options: PatchOptions) -> None:
+def dispatch(job: Job, pool: Pool, options: PatchOptions) -> None:
     """Patch the unfinished shards; each actor writes its shard's parts itself and returns a
     receipt, which is recorded; failures are recorded by shard."""
     log, writer = job.log, job.store.part_writer()
@@ -214,7 +265,7 @@ def dispatch(job: Job, actors: list, options: PatchOptions) -> None:
         return actor.run_shard.remote(shard.name, pairs, options, writer)
 
     todo = job.todo
-    for shard, ref in in_turn(actors, shards_to_run(job, todo), send, "patching", sum(s.size for s in todo)):
+    for shard, ref in in_turn(pool, shards_to_run(job, todo), send, "patching", sum(s.size for s in todo)):
         try:
             log.receipts[shard.name] = asdict(ray.get(ref))
             log.finished.add(shard.name)
@@ -334,15 +385,15 @@ def ray_running(address: str | None, phases: Phases) -> Iterator[None]:
             ray.shutdown()
 
 
-def ready_actors(spec: JobSpec, phases: Phases) -> list:
+def ready_actors(spec: JobSpec, phases: Phases) -> Pool:
     """The actor pool, each with its model loaded and able to do what `spec` asks."""
     with phases.timed("start_actors"):
         actors = start_actors(pool_shape(spec.workers, spec.device), spec.model, spec.device, spec.dtype)
         wait_until_ready(actors, spec.patch_options())
-    return actors
+        return Pool.of(actors)
 
 
-def compute(job: Job, actors: list) -> str:
+def compute(job: Job, pool: Pool) -> str:
     """Patch the job's unfinished shards on `actors`; "done", or "interrupted" on Ctrl-C."""
     spec, phases = job.spec, job.phases
     try:
@@ -351,9 +402,9 @@ def compute(job: Job, actors: list) -> str:
             options = replace(options, circuits_at=job.store.part_writer().root)
         if options.donor in MEAN_DONORS:
             with phases.timed("donor_means"):
-                options = donor_means(job, actors, options)
+                options = donor_means(job, pool, options)
         with phases.timed("patch"):
-            dispatch(job, actors, options)
+            dispatch(job, pool, options)
     except KeyboardInterrupt:
         return "interrupted"
     return "done"
@@ -363,6 +414,8 @@ def finish(job: Job, status: str) -> int:
     """Write the pairs table, the final manifest and the report; the process exit code."""
     if job.log.failed:
         status = "failed"
+    for directory in (job.store.results, PAIR_PARTS_DIR):  # the actors are gone: what they left half-written
+        job.store.remove_temporaries(directory)
     # a shard an actor finished after the driver stopped listening (Ctrl-C) is finished all the same
     job.log.finished |= job.store.finished_shards() & {shard.name for shard in job.shards}
     with job.phases.timed("pairs_table"):
@@ -412,7 +465,7 @@ def run_job(spec: JobSpec) -> int:
     with ThreadPoolExecutor(max_workers=1) as pool:
         validation = pool.submit(validated_file, spec, phases)
         with ray_running(spec.address, phases):
-            actors = ready_actors(spec, phases)  # they load the model while the file is validated
+            pool = ready_actors(spec, phases)  # they load the model while the file is validated
             job = prepare_job(spec, validation.result(), started, phases)
-            status = compute(job, actors) if job.todo else "done"
+            status = compute(job, pool) if job.todo else "done"
     return finish(job, status)

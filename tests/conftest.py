@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,10 @@ from transformers import AutoModelForCausalLM
 
 from examples.tiny_families import build_tiny
 from examples.tiny_gpt2 import build_tiny_gpt2
-from jobs.pairfile import encoder_for, parse_record
+from jobs.pairfile import encoder_for, parse_record, read_pairs
 from tests.reference import next_token_logits
 from worker.model import load_model, load_tokenizer
+from worker.patching import patch_batch
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_PAIRS = REPO / "examples" / "pairs.jsonl"
@@ -127,6 +129,35 @@ def free_port() -> int:
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     return path
+
+
+@pytest.fixture(scope="session")
+def many_pairs(tmp_path_factory) -> Path:
+    """48 pairs (the 12 examples, four times over with fresh ids), three token lengths."""
+    records = [json.loads(line) for line in EXAMPLE_PAIRS.read_text().splitlines()]
+    copies = [{**r, "id": f"{r['id']}-{k}"} for k in range(4) for r in records]
+    return write_jsonl(tmp_path_factory.mktemp("pairs") / "many.jsonl", copies)
+
+
+@dataclass(frozen=True)
+class Core:
+    """What the single-process core computed: (logit_diff, score) per cell, baselines per pair."""
+
+    effects: dict
+    baselines: dict
+
+
+@pytest.fixture(scope="session")
+def core_effects(tiny_model, tokenizer_and_ctx, many_pairs) -> Core:
+    """The single-process patching core on the same pairs: what every driver run must match."""
+    pairs = read_pairs(many_pairs, *tokenizer_and_ctx).pairs
+    result = patch_batch(tiny_model, pairs, ["resid", "mlp"])
+    effects = {
+        (r["pair_id"], r["component"], r["layer"], r["position"]): (r["logit_diff"], r["score"])
+        for r in result.effects.to_pylist()
+    }
+    baselines = {r["pair_id"]: (r["clean_logit_diff"], r["corrupted_logit_diff"]) for r in result.pairs.to_pylist()}
+    return Core(effects, baselines)
 
 
 @pytest.fixture(scope="session", params=["gpt2", "gpt_neox", "llama", "qwen2"])

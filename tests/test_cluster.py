@@ -21,6 +21,8 @@ from ray.cluster_utils import Cluster
 from jobs.run import run_job
 from jobs.spec import JobSpec
 from tests.conftest import EXAMPLE_PAIRS, REPO, free_port
+from tests.test_driver import assert_same_effects, driver_command, effects_by_key
+from worker.faults import TEST_FAULT_ENV
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -46,6 +48,45 @@ def test_two_nodes_share_the_shards(tmp_path, tiny_model_dir):
     assert {s["status"] for s in manifest["shards"]} == {"done"}
     assert len({s["node"] for s in manifest["shards"]}) == 2
     assert pq.read_table(tmp_path / "run" / "pairs.parquet").num_rows == 12
+
+
+def test_a_node_lost_mid_run_leaves_its_shards_to_the_survivor(tmp_path, tiny_model_dir, many_pairs, core_effects):
+    """Two one-CPU nodes, an actor on each; the worker node's processes killed mid-run (its raylet
+    and its actor, as a machine that goes away). The driver drops the lost node's actor, sends its
+    shard in flight to the head's actor, and finishes with every row once, equal to one process."""
+    health = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_failure_threshold": 3}
+    head_args = {"num_cpus": 1, "include_dashboard": False, "_system_config": health}
+    os.environ[TEST_FAULT_ENV] = "slow:0.4"  # every shard takes a while: the node dies mid-run
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args=head_args)
+        worker = cluster.add_node(num_cpus=1)
+    finally:
+        del os.environ[TEST_FAULT_ENV]
+    out = tmp_path / "run"
+    args = ("--pairs", many_pairs, "--model", tiny_model_dir, "--out", out, "--components", "resid,mlp")
+    driver = subprocess.Popen(
+        driver_command(*args, "--batch-pairs", 2, "--workers", 2, "--address", cluster.address),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 180
+        while len(list(out.glob("effects/part-*.parquet"))) < 4 and time.time() < deadline:
+            time.sleep(0.05)
+        cluster.remove_node(worker, allow_graceful=False)
+        _, stderr = driver.communicate(timeout=300)
+    finally:
+        driver.kill()
+        cluster.shutdown()
+    assert driver.returncode == 0, stderr
+    assert "its actor's node was lost; sent to another actor" in stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "done" and {s["status"] for s in manifest["shards"]} == {"done"}
+    assert len(manifest["shards"]) == 24
+    assert_same_effects(effects_by_key(out), core_effects)  # every row exactly once
+    assert pq.read_table(out / "pairs.parquet").num_rows == 48
 
 
 def wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 90) -> None:

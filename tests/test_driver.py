@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import pytest
 from jobs.means import means_table
 from jobs.pairfile import read_pairs
 from jobs.results.aggregate import DEFAULT_MIN_GAP
-from tests.conftest import EXAMPLE_PAIRS, REPO, free_port, score_tolerance, write_jsonl
+from tests.conftest import EXAMPLE_PAIRS, REPO, Core, free_port, score_tolerance, write_jsonl
 from worker.edge_runs import edge_tables
 from worker.faults import TEST_FAULT_ENV
 from worker.graph import Graph
@@ -53,14 +52,6 @@ def effects_by_key(out: Path) -> dict:
     return {k: (r["logit_diff"], r["score"]) for k, r in zip(keys, rows)}
 
 
-@dataclass(frozen=True)
-class Core:
-    """What the single-process core computed: (logit_diff, score) per cell, baselines per pair."""
-
-    effects: dict
-    baselines: dict
-
-
 def assert_same_effects(actual: dict, expected: Core) -> None:
     """Logit differences to RUN_TOL; scores to a tolerance scaled by each pair's clean-corrupted gap."""
     assert actual.keys() == expected.effects.keys()
@@ -68,27 +59,6 @@ def assert_same_effects(actual: dict, expected: Core) -> None:
         assert actual[key][0] == pytest.approx(logit_diff, abs=RUN_TOL), key
         tolerance = score_tolerance(score, *expected.baselines[key[0]], tol=RUN_TOL)
         assert actual[key][1] == pytest.approx(score, abs=tolerance), key
-
-
-@pytest.fixture(scope="module")
-def many_pairs(tmp_path_factory) -> Path:
-    """48 pairs (the 12 examples, four times over with fresh ids), three token lengths."""
-    records = [json.loads(line) for line in EXAMPLE_PAIRS.read_text().splitlines()]
-    copies = [{**r, "id": f"{r['id']}-{k}"} for k in range(4) for r in records]
-    return write_jsonl(tmp_path_factory.mktemp("pairs") / "many.jsonl", copies)
-
-
-@pytest.fixture(scope="module")
-def core_effects(tiny_model, tokenizer_and_ctx, many_pairs) -> Core:
-    """The single-process patching core on the same pairs: what every driver run must match."""
-    pairs = read_pairs(many_pairs, *tokenizer_and_ctx).pairs
-    result = patch_batch(tiny_model, pairs, ["resid", "mlp"])
-    effects = {
-        (r["pair_id"], r["component"], r["layer"], r["position"]): (r["logit_diff"], r["score"])
-        for r in result.effects.to_pylist()
-    }
-    baselines = {r["pair_id"]: (r["clean_logit_diff"], r["corrupted_logit_diff"]) for r in result.pairs.to_pylist()}
-    return Core(effects, baselines)
 
 
 def test_end_to_end_matches_core_and_writes_the_tables(tmp_path, tiny_model_dir, many_pairs, core_effects):
