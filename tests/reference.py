@@ -229,6 +229,13 @@ def pattern_patched_logits(model, receiver_ids, donor_rows, layer, position, hea
         handle.remove()
 
 
+def receiving_run(pair, direction: str) -> tuple[list[int], list[int]]:
+    """(donor ids, receiving ids) of a pair's own two prompts."""
+    if direction == "denoise":
+        return list(pair.clean_ids), list(pair.corrupted_ids)
+    return list(pair.corrupted_ids), list(pair.clean_ids)
+
+
 @torch.no_grad()
 def reference_patching(
     model: PreTrainedModel,
@@ -244,29 +251,20 @@ def reference_patching(
 
     Every position one at a time, or with `all_positions` one patch of all of them (position None).
     """
-    donor, receiver = (
-        (pair.clean_ids, pair.corrupted_ids) if direction == "denoise" else (pair.corrupted_ids, pair.clean_ids)
-    )
-    donor_logits = next_token_logits(model, list(donor))
+    donor, receiver = receiving_run(pair, direction)
+    donor_logits = next_token_logits(model, donor)
     result = {
         "clean": measure(metric, next_token_logits(model, list(pair.clean_ids)), pair, donor_logits),
         "corrupted": measure(metric, next_token_logits(model, list(pair.corrupted_ids)), pair, donor_logits),
     }
     for component in components:
         for layer in range(model.config.num_hidden_layers):
-            act = donor_activation(model, pair, list(donor), component, layer, donor_kind, means)
+            act = donor_activation(model, pair, donor, component, layer, donor_kind, means)
             for head in heads_of(model, component):
                 for position in [None] if all_positions else range(len(receiver)):
-                    logits = patched_logits(model, list(receiver), act, component, layer, position, head)
+                    logits = patched_logits(model, receiver, act, component, layer, position, head)
                     result[(component, layer, position, head)] = measure(metric, logits, pair, donor_logits)
     return result
-
-
-def receiving_run(model: PreTrainedModel, pair, direction: str) -> tuple[list[int], list[int]]:
-    """(donor ids, receiving ids) of a pair's own two prompts."""
-    if direction == "denoise":
-        return list(pair.clean_ids), list(pair.corrupted_ids)
-    return list(pair.corrupted_ids), list(pair.clean_ids)
 
 
 def cut_block(model: PreTrainedModel, layer: int):
@@ -352,7 +350,7 @@ def reference_atp(
     """{(component, layer, position, head or None): AtP's estimate of the patched metric}: the
     receiving run's metric plus (donor activation - receiving activation) . gradient of the metric
     at the receiving run, summed over the cell's channels (and positions for all_positions)."""
-    donor, receiver = receiving_run(model, pair, direction)
+    donor, receiver = receiving_run(pair, direction)
     sites = [(component, layer) for component in components for layer in range(model.config.num_hidden_layers)]
     with torch.no_grad():
         donor_logits = next_token_logits(model, donor)
@@ -401,7 +399,7 @@ def reference_atpstar(
     at the probabilities (summed over every head, row and source). The size: 1/(L-1) x the sum over
     blocks l other than the cell's of |the same change with block l cut from the backward|, each
     cut its own forward and backward (`cut_block`)."""
-    donor, receiver = receiving_run(model, pair, direction)
+    donor, receiver = receiving_run(pair, direction)
     layers = model.config.num_hidden_layers
     sites = [(component, layer) for component in components for layer in range(layers)]
     qk = [(component, layer) for component, layer in sites if component in ("q", "k")]

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import pyarrow.fs as pafs
 import pytest
@@ -175,3 +179,37 @@ def test_pair_files_from_a_bucket(s3_endpoint, tmp_path, tiny_model, tiny_model_
     failed = run_driver("--pairs", missing, "--model", tiny_model_dir, "--out", tmp_path / "x", env_extra=CREDENTIALS)
     assert failed.returncode == 2 and failed.stderr.count("\n") == 1, failed.stderr
     assert f"error: {missing}: cannot read pair file" in failed.stderr and not (tmp_path / "x").exists()
+
+
+def checking_credentials_server(port: int) -> subprocess.Popen:
+    """A local S3 API server that checks every request's credentials (moto's IAM enforcement),
+    answering once it listens."""
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return server
+        time.sleep(0.1)
+    server.kill()
+    raise TimeoutError("the S3 API server did not start")
+
+
+@pytest.mark.parametrize("fault", ["unreachable", "wrong credentials"])
+def test_a_pair_file_that_cannot_be_reached_is_one_line(tmp_path, tiny_model_dir, fault):
+    """Nothing listens at the endpoint (pyarrow's own retries take a few seconds), or the server
+    refuses our credentials: one line naming the file, exit 2, nothing written."""
+    port = free_port()
+    server = checking_credentials_server(port) if fault == "wrong credentials" else None
+    uri = f"s3://pairs/ioi.jsonl?endpoint_override=127.0.0.1:{port}&scheme=http"
+    try:
+        failed = run_driver("--pairs", uri, "--model", tiny_model_dir, "--out", tmp_path / "x", env_extra=CREDENTIALS)
+    finally:
+        if server is not None:
+            server.kill()
+    assert failed.returncode == 2 and failed.stderr.count("\n") == 1, failed.stderr
+    assert failed.stderr.startswith(f"error: {uri}: cannot read pair file")
+    assert ("ACCESS_DENIED" if server else "Could not connect") in failed.stderr
+    assert not (tmp_path / "x").exists()
