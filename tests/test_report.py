@@ -331,3 +331,9 @@ def test_an_atp_run_shows_estimates_and_how_they_compare_with_exact(tmp_path, ti
     assert f"<td>{sum(shares) / len(shares):.3f} (mean over {len(shares)} pairs)</td>" in text
     rows = aggregate(store, "denoise").to_pylist()
     assert all(row["estimate_count"] > 0 and row["count"] <= row["estimate_count"] for row in rows)
+    assert ("mean_graddrop" in rows[0]) == (method == "atpstar")  # AtP*'s score over the pairs, the paper's c(n)
+    if method == "atpstar":
+        label = [str(t) if labels is None else labels[t] for labels, t in zip(kept.labels, kept.position)]
+        means = kept.assign(label=label).groupby(["component", "layer", "label"]).graddrop.mean()
+        for row in rows:
+            assert row["mean_graddrop"] == pytest.approx(means[(row["component"], row["layer"], row["label"])])

@@ -22,7 +22,7 @@ from jobs.results.intervals import with_interval
 from jobs.results.query import QueryError, duckdb_connection
 from jobs.store import AGGREGATE_FILE, EDGES, FAITHFULNESS, GROUPS_FILE, PAIR_PARTS_DIR, PAIRS_FILE, Store
 from worker.circuits import EMPTY
-from worker.options import DEFAULT_METRIC
+from worker.options import DEFAULT_METRIC, METHODS
 
 DEFAULT_MIN_GAP = 0.1
 ALL_POSITIONS = "all"  # the label of rows that patched every position at once
@@ -42,6 +42,14 @@ ESTIMATE_TOTALS = """
 ESTIMATE_STATISTICS = """
        n_e AS estimate_count, s_e / nullif(n_e, 0) AS mean_estimate,
        CASE WHEN n_e > 1 THEN sqrt(greatest((ss_e - s_e * s_e / n_e) / (n_e - 1), 0)) END AS std_estimate,"""
+GRADDROP_SUMS = """
+           count(graddrop) AS n_g, sum(graddrop::DOUBLE) AS s_g,"""
+GRADDROP_BATCH_TOTALS = """
+           coalesce(sum(n_g) FILTER (WHERE NOT excluded), 0) AS n_g, sum(s_g) FILTER (WHERE NOT excluded) AS s_g,"""
+GRADDROP_TOTALS = """
+           sum(n_g)::BIGINT AS n_g, sum(s_g) AS s_g,"""
+GRADDROP_STATISTICS = """
+       s_g / nullif(n_g, 0) AS mean_graddrop,"""
 LABEL_SQL = (  # a row's label: the pair's label of its position, else the position; `all` for every position
     "CASE WHEN e.{position} IS NULL THEN '" + ALL_POSITIONS + "' "
     "ELSE coalesce(p.labels[e.{position} + 1], CAST(e.{position} AS VARCHAR)) END"
@@ -53,14 +61,15 @@ WITH p AS (
            abs("clean_{metric}" - "corrupted_{metric}") < {min_gap} AS excluded
     FROM batch_pairs
 ), cells AS (
-    SELECT {cell}, e.{position} AS position, e.score::DOUBLE AS score, {estimate} e."{metric}"::DOUBLE AS value,
+    SELECT {cell}, e.{position} AS position, e.score::DOUBLE AS score, {estimate}
+           {graddrop} e."{metric}"::DOUBLE AS value,
            p.pair_id, p.clean, p.corrupted, p."group", p.excluded,
            {label} AS label,
            CASE WHEN p.labels IS NULL AND e.{position} IS NOT NULL THEN p.n_tokens END AS length_group
     FROM batch e JOIN p USING (pair_id)
 ), per_pair AS (
     SELECT {kind}, {layer}, {head}, label, "group", length_group, pair_id, excluded, clean, corrupted,
-           count(score) AS n, sum(score) AS s, sum(score * score) AS ss,{estimate_sums}
+           count(score) AS n, sum(score) AS s, sum(score * score) AS ss,{estimate_sums}{graddrop_sums}
            count(*) AS n_rows, count(value) AS n_v, sum(value) AS v, count(position) AS n_pos, sum(position) AS pos
     FROM cells
     GROUP BY ALL
@@ -69,7 +78,7 @@ SELECT {kind}, {layer}, {head}, label, "group", length_group,
        count(*) FILTER (WHERE NOT excluded) AS pairs,
        count(*) FILTER (WHERE excluded) AS excluded_pairs,
        coalesce(sum(n) FILTER (WHERE NOT excluded), 0) AS n, sum(s) FILTER (WHERE NOT excluded) AS s,
-       sum(ss) FILTER (WHERE NOT excluded) AS ss,{estimate_batch_totals}
+       sum(ss) FILTER (WHERE NOT excluded) AS ss,{estimate_batch_totals}{graddrop_batch_totals}
        sum(n_rows) AS n_rows, sum(n_v) AS n_v, sum(v) AS v, sum(clean * n_rows) AS clean,
        sum(corrupted * n_rows) AS corrupted, sum(n_pos) AS n_pos, sum(pos) AS pos
 FROM per_pair
@@ -79,7 +88,7 @@ AGGREGATE_SQL = """
 WITH sums AS (
     SELECT {kind}, {layer}, {head}, label, "group", length_group,
            sum(pairs)::BIGINT AS pairs, sum(excluded_pairs)::BIGINT AS excluded_pairs, sum(n)::BIGINT AS n,
-           sum(s) AS s, sum(ss) AS ss,{estimate_totals}
+           sum(s) AS s, sum(ss) AS ss,{estimate_totals}{graddrop_totals}
            sum(n_rows) AS n_rows, sum(n_v) AS n_v, sum(v) AS v, sum(clean) AS clean, sum(corrupted) AS corrupted,
            sum(n_pos) AS n_pos, sum(pos) AS pos
     FROM batches
@@ -89,6 +98,7 @@ SELECT {kind}, CAST({layer} AS SMALLINT) AS {layer}, CAST({head} AS SMALLINT) AS
        CAST(length_group AS SMALLINT) AS n_tokens, pairs, excluded_pairs, n AS count,
        s / nullif(n, 0) AS mean_score,
        CASE WHEN n > 1 THEN sqrt(greatest((ss - s * s / n) / (n - 1), 0)) END AS std_score,{estimate_statistics}
+       {graddrop_statistics}
        v / nullif(n_v, 0) AS "mean_{metric}",
        clean / n_rows AS "mean_clean_{metric}",
        corrupted / n_rows AS "mean_corrupted_{metric}",
@@ -194,6 +204,7 @@ def aggregate(
     if store.kind is FAITHFULNESS:
         return aggregate_faithfulness(store, group_by, min_gap, metric)
     (kind, layer, head), position, estimates = store.kind.cell, store.kind.position, store.kind.estimates
+    graddrop = METHODS[(store.read_manifest() or {}).get("method", "exact")].ranks_by == "graddrop"  # AtP*
     fields = {
         "kind": kind,
         "layer": layer,
@@ -205,6 +216,11 @@ def aggregate(
         "estimate_batch_totals": ESTIMATE_BATCH_TOTALS if estimates else "",
         "estimate_totals": ESTIMATE_TOTALS if estimates else "",
         "estimate_statistics": ESTIMATE_STATISTICS if estimates else "",
+        "graddrop": " e.graddrop::DOUBLE AS graddrop," if graddrop else "",
+        "graddrop_sums": GRADDROP_SUMS if graddrop else "",
+        "graddrop_batch_totals": GRADDROP_BATCH_TOTALS if graddrop else "",
+        "graddrop_totals": GRADDROP_TOTALS if graddrop else "",
+        "graddrop_statistics": GRADDROP_STATISTICS if graddrop else "",
         "group": "CAST(" + quote_identifier(group_by) + " AS VARCHAR)" if group_by else "NULL::VARCHAR",
         "min_gap": float(min_gap),
         "noise": "true" if direction == "noise" else "false",
