@@ -4,7 +4,7 @@
 #   bash bench/gpu_check.sh               # about 10 minutes on one GPU
 # 1. the tests that load a model, on the GPU (PATCHSWEEP_TEST_DEVICE=cuda: the worker on cuda, the
 #    plain-PyTorch references on the CPU, every number compared as on the CPU);
-# 2. the main benchmarks (patching sweeps, edges, circuits) in float32 and bfloat16;
+# 2. the main benchmarks (patching sweeps, AtP*, edges, circuits) in float32 and bfloat16;
 # 3. one table at the end: each benchmark's throughput per dtype, and the tests' result.
 # DEVICE=cpu runs the same on the CPU (a dry run of the script itself). Output: OUT (default
 # gpu_check/), each step's full log beside the table.
@@ -19,27 +19,29 @@ sys.exit(0 if sys.argv[1] != "cuda" or torch.cuda.is_available() else 1)
 EOF
 
 PATCHSWEEP_TEST_DEVICE=$device python -m pytest -q tests/test_patching.py tests/test_families.py \
-    tests/test_attention_sites.py tests/test_edges.py tests/test_circuits.py tests/test_toy_ioi.py \
+    tests/test_attention_sites.py tests/test_atpstar.py tests/test_edges.py tests/test_circuits.py tests/test_toy_ioi.py \
     > "$out/tests.log" 2>&1
 tests=$(tail -n 1 "$out/tests.log")
 
 rows=()
 for dtype in float32 bfloat16; do
     python -m bench.sweeps --device "$device" --dtype "$dtype" resid:each head:END \
+        resid,attn,mlp,head,q,k:each:logit_diff:atpstar \
         > "$out/sweeps-$dtype.log" 2>&1
     python -m bench.edges --device "$device" --dtype "$dtype" > "$out/edges-$dtype.log" 2>&1
     python -m bench.circuits --device "$device" --dtype "$dtype" > "$out/circuits-$dtype.log" 2>&1
     # each benchmark's pairs/s column (circuits: pairs x circuits/s)
     sweep=$(awk '/^resid:each/ {print $4; exit}' "$out/sweeps-$dtype.log")
     heads=$(awk '/^head:END/ {print $4; exit}' "$out/sweeps-$dtype.log")
+    atpstar=$(awk '$1 ~ /:atpstar$/ {print $4; exit}' "$out/sweeps-$dtype.log")
     eap=$(awk '$1 == "eap" {print $2; exit}' "$out/edges-$dtype.log")
     eapig=$(awk '$1 == "eap-ig" {print $4; exit}' "$out/edges-$dtype.log")
     circuits=$(awk 'found {print $1; exit} /pairs x circuits/ {found=1}' "$out/circuits-$dtype.log")
-    rows+=("$(printf '%-9s %10s %10s %10s %10s %12s' "$dtype" "${sweep:-fail}" "${heads:-fail}" \
-        "${eap:-fail}" "${eapig:-fail}" "${circuits:-fail}")")
+    rows+=("$(printf '%-9s %10s %10s %10s %10s %10s %12s' "$dtype" "${sweep:-fail}" "${heads:-fail}" \
+        "${atpstar:-fail}" "${eap:-fail}" "${eapig:-fail}" "${circuits:-fail}")")
 done
 
-printf '\n%-9s %10s %10s %10s %10s %12s   (pairs/s on %s; logs in %s/)\n' dtype resid:each head:END eap \
-    eap-ig circuits/s "$device" "$out"
+printf '\n%-9s %10s %10s %10s %10s %10s %12s   (pairs/s on %s; logs in %s/)\n' dtype resid:each head:END \
+    atpstar eap eap-ig circuits/s "$device" "$out"
 printf '%s\n' "${rows[@]}"
 echo "tests on $device: $tests"
