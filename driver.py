@@ -541,7 +541,11 @@ def report(
 @cli.command()
 @click.argument("out")
 @click.option(
-    "--parts-per-file", type=click.IntRange(min=2), default=PARTS_PER_FILE, show_default=True, help="Shards per file."
+    "--parts-per-file",
+    type=click.IntRange(min=2, max=PARTS_PER_FILE),
+    default=PARTS_PER_FILE,
+    show_default=True,
+    help="Shards per file.",
 )
 def compact(out: str, parts_per_file: int) -> None:
     """Merge a run's results parts into fewer, larger files (safe to interrupt; queries and resumes as before)."""

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.store import Store, part_index
-from worker.parts import atomic_output
+from jobs.store import BATCH_PARTS, Store, part_index
 
-PARTS_PER_FILE = 1000  # shards per compacted file: one batch of the aggregate's reads
+PARTS_PER_FILE = BATCH_PARTS  # shards per compacted file, at most: one batch of the aggregate's reads
 ROW_GROUP = 1 << 20  # rows per row group of a compacted file
 
 
@@ -46,16 +44,8 @@ def write_merged(store: Store, run: Sequence[str]) -> int:
     """Write the parts `run` into one file in row groups of `ROW_GROUP` rows; its rows."""
     paths = [store.path(store.results, f"{name}.parquet") for name in run]
     schema = pq.read_schema(paths[0], filesystem=store.fs)
-    rows, held = 0, []
-    target = store.path(store.results, f"{merged_name(run)}.parquet")
-    with atomic_output(store.fs, target) as stream, pq.ParquetWriter(stream, schema) as writer:
-        for index, path in enumerate(paths):
-            held.append(pq.read_table(path, filesystem=store.fs, schema=schema))
-            if sum(table.num_rows for table in held) >= ROW_GROUP or index == len(paths) - 1:
-                table = pa.concat_tables(held)
-                writer.write_table(table, row_group_size=ROW_GROUP)
-                rows, held = rows + table.num_rows, []
-    return rows
+    tables = (pq.read_table(path, filesystem=store.fs, schema=schema) for path in paths)
+    return store.write_row_groups(f"{store.results}/{merged_name(run)}.parquet", schema, tables, ROW_GROUP)
 
 
 def compact(store: Store, per_file: int = PARTS_PER_FILE) -> str:

@@ -44,6 +44,10 @@ class JobError(RuntimeError):
     """A problem the user must fix; the message is printed as it is (may span several lines)."""
 
 
+class NodesLost(JobError):
+    """Every node with an actor is gone: the run stops as failed, and a re-run resumes it."""
+
+
 RECEIPT_KEYS = ("rows", "bytes", "seconds", "node")
 NODE_CHECK_SECONDS = 2.0  # while no shard finishes, how often the cluster is asked for lost nodes
 
@@ -143,9 +147,11 @@ def wait_until_ready(actors: list, options: PatchOptions) -> None:
 
 @dataclass
 class Pool:
-    """The actors and the node each runs on. An actor whose node the cluster reports dead leaves
-    the pool: Ray would restart it, but the node's resources are gone, so on a cluster with no
-    room it would wait for a place forever, and its shard with it."""
+    """The actors and the node each started on. An actor whose node the cluster reports dead
+    leaves the pool: Ray would restart it, but the node's resources are gone, so on a cluster with
+    no room it would wait for a place forever, and its shard with it. (Where another node has
+    room, Ray may have restarted it there already; it is dropped all the same: the pool shrinks
+    rather than risk waiting forever.)"""
 
     actors: list
     nodes: list[str]
@@ -154,9 +160,16 @@ class Pool:
     def of(cls, actors: list) -> Pool:
         return cls(list(actors), ray.get([actor.node.remote() for actor in actors]))
 
+    def has(self, actor) -> bool:
+        return any(actor is kept for kept in self.actors)
+
     def drop_lost(self) -> list:
-        """The actors on nodes that are gone, killed (never to restart) and out of the pool."""
-        dead = {node["NodeID"] for node in ray.nodes() if not node["Alive"]}
+        """The actors on nodes that are gone, killed (never to restart) and out of the pool; none
+        while the cluster cannot say (asked again at the next check)."""
+        try:
+            dead = {node["NodeID"] for node in ray.nodes() if not node["Alive"]}
+        except ray.exceptions.RayError:
+            return []
         lost = [actor for actor, node in zip(self.actors, self.nodes) if node in dead]
         for actor in lost:
             ray.kill(actor, no_restart=True)
@@ -200,14 +213,19 @@ def in_turn(
 
     for actor in pool.actors:
         submit(actor)
+    next_check = time.monotonic() + NODE_CHECK_SECONDS
     with tqdm(total=total, unit="pair", file=sys.stderr, desc=what, dynamic_ncols=True, mininterval=1.0) as progress:
         while in_flight:
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=NODE_CHECK_SECONDS)
-            if not ready:
+            if time.monotonic() >= next_check:  # on the clock, not only when nothing finishes
                 send_again(pool, in_flight, again, submit)
+                next_check = time.monotonic() + NODE_CHECK_SECONDS
+                ready = [ref for ref in ready if ref in in_flight]
+            if not ready:
                 continue
             (shard, _), actor = in_flight.pop(ready[0])
-            submit(actor)
+            if pool.has(actor):
+                submit(actor)
             yield shard, ready[0]
             progress.update(shard.size)
 
@@ -224,7 +242,7 @@ def send_again(pool: Pool, in_flight: dict, again: list, submit: Callable) -> No
             again.append(shard)
             tqdm.write(f"shard {shard[0].name}: its actor's node was lost; sent to another actor", file=sys.stderr)
     if not pool.actors:
-        raise JobError("every node with an actor was lost; run the same command again to resume")
+        raise NodesLost("every node with an actor was lost; run the same command again to resume")
     busy = [actor for _, actor in in_flight.values()]
     for actor in pool.actors:
         if again and not any(actor is other for other in busy):
@@ -407,6 +425,9 @@ def compute(job: Job, pool: Pool) -> str:
             dispatch(job, pool, options)
     except KeyboardInterrupt:
         return "interrupted"
+    except NodesLost as error:
+        print(f"error: {error}", file=sys.stderr)
+        return "failed"
     return "done"
 
 
@@ -414,7 +435,7 @@ def finish(job: Job, status: str) -> int:
     """Write the pairs table, the final manifest and the report; the process exit code."""
     if job.log.failed:
         status = "failed"
-    for directory in (job.store.results, PAIR_PARTS_DIR):  # the actors are gone: what they left half-written
+    for directory in (job.store.results, PAIR_PARTS_DIR):  # the driver let go of its actors: their half-writes
         job.store.remove_temporaries(directory)
     # a shard an actor finished after the driver stopped listening (Ctrl-C) is finished all the same
     job.log.finished |= job.store.finished_shards() & {shard.name for shard in job.shards}

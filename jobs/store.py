@@ -11,6 +11,7 @@ which holds shards part-A to part-B: readers ask `results_files` which file hold
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from worker.parts import MEANS_FILE, PAIR_PARTS_DIR, PartWriter, atomic_output, 
 
 PAIRS_ROW_GROUP = 65_536
 COMPACTED = "parts-"  # a compacted results file: parts-00000-00999 holds shards part-00000 .. part-00999
+RESULTS_NAME = re.compile(r"part-\d+|parts-\d+-\d+")  # a results file's name, without `.parquet`
 BATCH_PARTS = 1000  # parts read together; a dataset keeps the footer of every part it has read
 MANIFEST, PAIRS_FILE, INVALID_FILE = "manifest.json", "pairs.parquet", "invalid.jsonl"
 AGGREGATE_FILE, REPORT_FILE = "aggregate.parquet", "report.html"
@@ -157,22 +159,27 @@ class Store:
                 self.fs.delete_file(self.path(name))
 
     def all_results_files(self) -> dict[str, list[str]]:
-        """Every results file in place (its name without `.parquet`) and the shards it holds."""
+        """Every results file in place (its name without `.parquet`: a part or a compacted file;
+        other files are not the run's) and the shards it holds, from one listing."""
         selector = pafs.FileSelector(self.path(self.results), allow_not_found=True)
-        names = [info.base_name for info in self.fs.get_file_info(selector) if info.base_name.endswith(".parquet")]
-        return {name.removesuffix(".parquet"): covered(name.removesuffix(".parquet")) for name in names}
+        infos = self.fs.get_file_info(selector)
+        names = [info.base_name.removesuffix(".parquet") for info in infos if info.base_name.endswith(".parquet")]
+        return {name: covered(name) for name in names if RESULTS_NAME.fullmatch(name)}
 
-    def stale_parts(self) -> list[str]:
-        """Parts a compacted file holds too: what a compaction interrupted before deleting them left."""
-        files = self.all_results_files()
+    def stale_parts(self, files: dict[str, list[str]] | None = None) -> list[str]:
+        """Parts a compacted file holds too (of `files`, by default the listing now): what a
+        compaction interrupted before deleting them left."""
+        files = self.all_results_files() if files is None else files
         merged = {shard for name, shards in files.items() if name.startswith(COMPACTED) for shard in shards}
         return sorted(name for name in files if name in merged)
 
     def results_files(self) -> dict[str, list[str]]:
-        """The results files to read, in shard order, and the shards each holds: stale parts left out."""
-        stale = set(self.stale_parts())
-        files = {name: shards for name, shards in self.all_results_files().items() if name not in stale}
-        return dict(sorted(files.items(), key=lambda item: part_index(item[1][0])))
+        """The results files to read, in shard order, and the shards each holds: stale parts left
+        out (judged on the same listing, so a compaction renaming meanwhile cannot double a row)."""
+        files = self.all_results_files()
+        stale = set(self.stale_parts(files))
+        kept = {name: shards for name, shards in files.items() if name not in stale}
+        return dict(sorted(kept.items(), key=lambda item: part_index(item[1][0])))
 
     def finished_shards(self) -> set[str]:
         """Names (part-00000) of shards whose results are in place."""
@@ -210,14 +217,22 @@ class Store:
             return 0
         schemas = [pq.read_schema(path, filesystem=self.fs) for path in paths]
         schema = pa.unify_schemas(schemas, promote_options="permissive").with_metadata(schemas[0].metadata)
+        tables = (ds.dataset(path, schema=schema, filesystem=self.fs, format="parquet").to_table() for path in paths)
+        return self.write_row_groups(PAIRS_FILE, schema, tables, PAIRS_ROW_GROUP)
+
+    def write_row_groups(self, name: str, schema: pa.Schema, tables: Iterable[pa.Table], row_group: int) -> int:
+        """Write `tables` (read one at a time) to `name` under OUT, whole or not at all, in row groups
+        of about `row_group` rows (a useful size, not one per part); the rows written."""
         rows, held = 0, []
-        with atomic_output(self.fs, self.path(PAIRS_FILE)) as stream, pq.ParquetWriter(stream, schema) as writer:
-            for index, path in enumerate(paths):
-                held.append(ds.dataset(path, schema=schema, filesystem=self.fs, format="parquet").to_table())
-                if sum(t.num_rows for t in held) >= PAIRS_ROW_GROUP or index == len(paths) - 1:
-                    table = pa.concat_tables(held)  # row groups of a useful size, not one per shard
-                    writer.write_table(table, row_group_size=PAIRS_ROW_GROUP)
-                    rows, held = rows + table.num_rows, []
+        with atomic_output(self.fs, self.path(name)) as stream, pq.ParquetWriter(stream, schema) as writer:
+            for table in tables:
+                held.append(table)
+                if sum(t.num_rows for t in held) >= row_group:
+                    writer.write_table(pa.concat_tables(held), row_group_size=row_group)
+                    rows, held = rows + sum(t.num_rows for t in held), []
+            if held:
+                writer.write_table(pa.concat_tables(held), row_group_size=row_group)
+                rows += sum(t.num_rows for t in held)
         return rows
 
     def write_invalid(self, invalid: list[InvalidLine]) -> None:

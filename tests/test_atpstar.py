@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from tests.conftest import ATTENTION_SITES, OUTPUT_COMPONENTS, TOL
+from examples.tiny_gpt2 import build_tiny_gpt2
+from tests.conftest import ATTENTION_SITES, OUTPUT_COMPONENTS, TEST_DEVICE, TOL
 from tests.reference import reference_atpstar
 from tests.test_means import by_hand, stored_means
 from tests.test_patching import by_cell, resampled
 from worker.atpstar import single_key_effects, single_key_weights
+from worker.model import load_model
 from worker.patching import patch_batch
 
 COMPONENTS = (*OUTPUT_COMPONENTS, *ATTENTION_SITES)
@@ -101,3 +104,14 @@ def test_atpstar_verifies_its_graddrop_top_cells_exactly(tiny_model, ioi_pairs):
     for _, rows in star.groupby("pair_id"):
         assert verified[rows.graddrop.nlargest(k).index].all()
     assert star.score[verified].to_numpy() == pytest.approx(exact.score[verified].to_numpy(), rel=1e-4, abs=1e-5)
+
+
+def test_atpstar_of_a_one_layer_model(tmp_path, ioi_pairs):
+    """No other block to cut: GradDrop's size is |the estimated change|."""
+    model_dir = build_tiny_gpt2(tmp_path / "one-layer", n_layer=1)
+    pairs = ioi_pairs[1:3]
+    result = patch_batch(load_model(str(model_dir), device=TEST_DEVICE), pairs, COMPONENTS, method="atpstar")
+    hf_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    assert_matches_reference(result, hf_model, pairs, COMPONENTS, "denoise")
+    rows = result.effects.to_pandas()
+    assert (rows.graddrop - rows.estimate.abs()).abs().max() < 1e-5  # both over the same |gap|

@@ -11,14 +11,16 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
+import pytest
 import ray
 import yaml
 from ray._common.utils import get_default_ray_temp_dir
 from ray.cluster_utils import Cluster
 
-from jobs.run import run_job
+from jobs.run import NodesLost, Pool, run_job, send_again
 from jobs.spec import JobSpec
 from tests.conftest import EXAMPLE_PAIRS, REPO, free_port
 from tests.test_driver import assert_same_effects, driver_command, effects_by_key
@@ -87,6 +89,34 @@ def test_a_node_lost_mid_run_leaves_its_shards_to_the_survivor(tmp_path, tiny_mo
     assert len(manifest["shards"]) == 24
     assert_same_effects(effects_by_key(out), core_effects)  # every row exactly once
     assert pq.read_table(out / "pairs.parquet").num_rows == 48
+
+
+class LosingPool(Pool):
+    """A pool whose next check finds the actors `lost` on dead nodes."""
+
+    def __init__(self, actors: list, lost: list) -> None:
+        super().__init__(list(actors), ["node"] * len(actors))
+        self.lost = lost
+
+    def drop_lost(self) -> list:
+        self.actors = [actor for actor in self.actors if actor not in self.lost]
+        return list(self.lost)
+
+
+def test_a_lost_actors_shard_goes_to_an_idle_actor_and_losing_all_stops_the_run(capsys):
+    busy, lost, idle = "busy", "lost", "idle"
+    shard = (SimpleNamespace(name="part-00001"), ())
+    in_flight, again, sent = {"r0": ((SimpleNamespace(name="part-00000"), ()), busy), "r1": (shard, lost)}, [], []
+
+    def submit(actor) -> None:
+        in_flight[f"r{len(in_flight) + 1}"] = (again.pop(0), actor)
+        sent.append(actor)
+
+    send_again(LosingPool([busy, lost, idle], [lost]), in_flight, again, submit)
+    assert sent == [idle] and list(in_flight.values())[-1] == (shard, idle) and "r1" not in in_flight
+    assert "shard part-00001: its actor's node was lost; sent to another actor" in capsys.readouterr().err
+    with pytest.raises(NodesLost, match="every node with an actor was lost"):
+        send_again(LosingPool([busy, idle], [busy, idle]), in_flight, again, submit)
 
 
 def wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 90) -> None:

@@ -13,7 +13,7 @@ from jobs.results.aggregate import aggregate
 from jobs.results.query import query
 from jobs.store import Store
 from tests.test_aggregate import pair_row
-from tests.test_driver import run_driver
+from tests.test_driver import TEST_FAULT_ENV, assert_same_effects, effects_by_key, run_driver
 from worker.tables import effects_schema
 
 ALL_ROWS = "SELECT * FROM effects ORDER BY pair_id, component, layer, position"
@@ -70,24 +70,32 @@ def test_an_interrupted_compaction_loses_and_repeats_nothing(tmp_path):
     assert aggregate(store, "denoise").equals(aggregated)
 
 
-def test_a_compacted_run_queries_and_resumes_as_before(tmp_path, tiny_model_dir, many_pairs):
+def test_a_compacted_run_queries_reports_and_resumes_as_before(tmp_path, tiny_model_dir, many_pairs, core_effects):
+    """A run with a failed shard (a gap in the part numbers) compacted: the same rows and
+    aggregate; the re-run computes only the failed shard; then there is nothing to do."""
     out = tmp_path / "run"
-    args = ("--pairs", many_pairs, "--model", tiny_model_dir, "--out", out, "--components", "resid", "--batch-pairs", 4)
-    assert run_driver(*args).returncode == 0
-    parts = len(list((out / "effects").iterdir()))
+    args = ("--pairs", many_pairs, "--model", tiny_model_dir, "--out", out, "--components", "resid,mlp")
+    args += ("--batch-pairs", 4)
+    assert run_driver(*args, env_extra={TEST_FAULT_ENV: "raise-on:ex3-1"}).returncode == 1
+    parts = sorted(p.name.removesuffix(".parquet") for p in (out / "effects").iterdir())
     before, aggregated = query(str(out), ALL_ROWS), pq.read_table(out / "aggregate.parquet").to_pandas()
 
     done = run_driver("compact", out, "--parts-per-file", 5)
     assert done.returncode == 0, done.stderr
-    files = -(-parts // 5)
-    assert done.stderr.strip() == f"compacted {parts} parts into {files} files; effects/ now holds {files} files"
-    assert all(p.name.startswith("parts-") for p in (out / "effects").iterdir())
+    runs = runs_of_parts(parts, 5)
+    files = len(list((out / "effects").iterdir()))
+    merged = sum(len(run) for run in runs)
+    assert files == len(runs) + len(parts) - merged and len(runs) > 1
+    assert done.stderr.strip() == f"compacted {merged} parts into {len(runs)} files; effects/ now holds {files} files"
     assert query(str(out), ALL_ROWS).equals(before)
-
-    again = run_driver(*args)
-    assert again.returncode == 0 and "nothing to do" in again.stderr
     assert run_driver("report", out).returncode == 0
     pd.testing.assert_frame_equal(pq.read_table(out / "aggregate.parquet").to_pandas(), aggregated, rtol=1e-9)
+
+    resumed = run_driver(*args)
+    assert resumed.returncode == 0 and f"({len(parts)} already done" in resumed.stderr, resumed.stderr
+    assert_same_effects(effects_by_key(out), core_effects)
+    again = run_driver(*args)
+    assert again.returncode == 0 and "nothing to do" in again.stderr
 
 
 @pytest.mark.parametrize("status", [None, "running"])

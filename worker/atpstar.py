@@ -14,8 +14,9 @@ p'_s' = exp(l_s') / Z' (s' != s), p'_s = exp(l') / Z', Z' = sum_{s' != s} exp(l_
 computed for every (t, s) at once from the receiving run's scores and those with every key
 patched (a score depends on its own key only), in log space with leave-one-out sums built from
 prefix and suffix sums, so a saturated row keeps its precision. On grouped-query models a key
-head's estimate sums over the query heads that read it. The scores come from one run of the
-layer's attention per donor input (worker/attention.py's `scores` site). `head`, `attn` and the
+head's estimate sums over the query heads that read it. The scores come from three runs of
+the layer's attention on the receiving rows: own, donor queries, donor keys (worker/attention.py's
+`scores` site). `head`, `attn` and the
 other cells keep AtP's estimate: the paper applies the fix to queries and keys themselves only.
 
 GradDrop (section 3.1.2, equation 11). A node's direct and indirect effects can cancel in the gradient. For
@@ -136,8 +137,9 @@ class QKFix:
         return cls(own, query_rows, all_keys, keep, new, kv_groups(model))
 
     def effect(self, component: str, whole: bool, grad: torch.Tensor) -> torch.Tensor:
-        """The change of the metric, [P, T or 1, heads], of patching `component` (q or k) of each
-        head at each position (or at every one, `whole`), given the gradient at the probabilities."""
+        """The change of the metric, [P, T or 1, heads (key/value heads for k)], of patching
+        `component` (q or k) of each head at each position (or at every one, `whole`), given the
+        gradient at the probabilities."""
         grad = grad.float()
         if component == "q":
             return summed((self.query_rows * grad).sum(-1).transpose(1, 2), whole)
@@ -171,14 +173,15 @@ def atpstar_changes(
         act, grad = (site_values(model, component, t.detach()) for t in (read.acts[key[:2]], grads[key[:2]]))
         return summed(first_order_effects(key[:2], act, grad, donors), whole)
 
-    grads = read.gradients([read.acts[site] for site in order] + read.stream)
-    at_outputs = grads[len(order) :]  # at each block's output: what a cut passes straight through
-    changes = {key: change(key, dict(zip(order, grads))) for key in keys}
+    graded = [site for site in order if site[0] not in QK]  # the QK fix reads the pattern's gradient only
+    grads = read.gradients([read.acts[site] for site in graded] + read.stream)
+    at_outputs = grads[len(graded) :]  # at each block's output: what a cut passes straight through
+    changes = {key: change(key, dict(zip(graded, grads))) for key in keys}
     if layers == 1:  # no cut: the size is |change|
         return read.metric.detach(), {key: (value, value.abs()) for key, value in changes.items()}
     sizes = {key: key[1] * value.abs() for key, value in changes.items()}  # the cuts below a node change nothing
     for cut in range(1, layers):  # block `cut`'s residual contribution left out of the backward
-        below = [site for site in order if site[1] < cut]
+        below = [site for site in graded if site[1] < cut]
         if not below:
             continue
         cut_grads = read.gradients([read.acts[site] for site in below], of=read.stream[cut - 1], given=at_outputs[cut])
