@@ -49,7 +49,7 @@ class NodesLost(JobError):
 
 
 RECEIPT_KEYS = ("rows", "bytes", "seconds", "node")
-NODE_CHECK_SECONDS = 2.0  # while no shard finishes, how often the cluster is asked for lost nodes
+NODE_CHECK_SECONDS = 2.0  # how often the dispatcher asks the cluster for lost nodes
 
 
 @dataclass
@@ -199,10 +199,10 @@ def in_turn(
 ) -> Iterator[tuple[Shard, ray.ObjectRef]]:
     """Keep every actor busy with the next full shard, one in flight per actor (`send(actor,
     shard, pairs)` starts it and returns its reference); each shard and its reference as it
-    finishes, with a progress bar of `what` over `total` pairs. While none finishes, the
-    cluster is asked every `NODE_CHECK_SECONDS` for lost nodes: their actors leave the pool and
-    their shards in flight go to the next free actor (a shard its lost actor had written
-    already is written again, to the same names, so its rows are there once)."""
+    finishes, with a progress bar of `what` over `total` pairs. Every `NODE_CHECK_SECONDS` the
+    cluster is asked for lost nodes: their actors leave the pool and their shards in flight go
+    to the next free actor (a shard its lost actor had written already is written again, to the
+    same names, so its rows are there once)."""
     shards = read_ahead(shards, depth=len(pool.actors))
     again: list[tuple[Shard, tuple[Pair, ...]]] = []  # shards whose actor's node was lost
     in_flight: dict = {}
