@@ -61,14 +61,14 @@ def compact(store: Store, per_file: int = PARTS_PER_FILE) -> str:
             f"{store.uri}: the run is still being written (status running); compact it once its driver has stopped"
         )
     store.remove_temporaries(store.results)
-    stale = store.stale_parts()
+    files = store.all_results_files()
+    stale = store.stale_parts(files)
     store.remove(*(f"{store.results}/{name}.parquet" for name in stale))
-    singles = [name for name, shards in store.results_files().items() if shards == [name]]
+    singles = [name for name, shards in files.items() if shards == [name] and name not in stale]
     runs = runs_of_parts(singles, per_file)
     for run in runs:
         write_merged(store, run)
         store.remove(*(f"{store.results}/{name}.parquet" for name in run))
-    files = len(store.results_files())
-    merged = sum(len(run) for run in runs)
+    merged, left = sum(len(run) for run in runs), len(store.results_files())
     removed = f"; removed {len(stale)} parts an interrupted compaction had merged" if stale else ""
-    return f"compacted {merged} parts into {len(runs)} files; {store.results}/ now holds {files} files{removed}"
+    return f"compacted {merged} parts into {len(runs)} files; {store.results}/ now holds {left} files{removed}"

@@ -412,7 +412,8 @@ def ready_actors(spec: JobSpec, phases: Phases) -> Pool:
 
 
 def compute(job: Job, pool: Pool) -> str:
-    """Patch the job's unfinished shards on `actors`; "done", or "interrupted" on Ctrl-C."""
+    """Patch the job's unfinished shards on `pool`'s actors; "done", "interrupted" on Ctrl-C, or
+    "failed" when every node with an actor is lost."""
     spec, phases = job.spec, job.phases
     try:
         options = spec.patch_options()

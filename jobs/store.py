@@ -223,16 +223,17 @@ class Store:
     def write_row_groups(self, name: str, schema: pa.Schema, tables: Iterable[pa.Table], row_group: int) -> int:
         """Write `tables` (read one at a time) to `name` under OUT, whole or not at all, in row groups
         of about `row_group` rows (a useful size, not one per part); the rows written."""
-        rows, held = 0, []
+        rows, held, held_rows = 0, [], 0
         with atomic_output(self.fs, self.path(name)) as stream, pq.ParquetWriter(stream, schema) as writer:
             for table in tables:
                 held.append(table)
-                if sum(t.num_rows for t in held) >= row_group:
+                held_rows += table.num_rows
+                if held_rows >= row_group:
                     writer.write_table(pa.concat_tables(held), row_group_size=row_group)
-                    rows, held = rows + sum(t.num_rows for t in held), []
+                    rows, held, held_rows = rows + held_rows, [], 0
             if held:
                 writer.write_table(pa.concat_tables(held), row_group_size=row_group)
-                rows += sum(t.num_rows for t in held)
+                rows += held_rows
         return rows
 
     def write_invalid(self, invalid: list[InvalidLine]) -> None:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from nnsight import TransformersModel
 
 from worker.attention import reading_patterns
-from worker.attribution import GraphRead, Key, estimate_cells, first_order_effects, read_graph, summed
+from worker.attribution import GraphRead, Key, donor_difference, estimate_cells, read_graph, summed
 from worker.donors import Donors
 from worker.families import part
 from worker.options import PatchOptions
@@ -166,12 +166,18 @@ def atpstar_changes(
         read = read_graph(model, pairs, options, order, stream=True, attention_layers=qk_layers)
         fixes = {layer: QKFix.of(model, layer, read, donors, wanted) for layer, wanted in qk_layers.items()}
 
+    differences = {  # donor minus receiving values: the same under every cut, taken once
+        site: donor_difference(site, site_values(model, site[0], read.acts[site].detach()), donors)
+        for site in sites
+        if site[0] not in QK
+    }
+
     def change(key: Key, grads: dict[tuple[str, int], torch.Tensor]) -> torch.Tensor:
         component, layer, whole = key
         if component in QK:
             return fixes[layer].effect(component, whole, donors.rows.receiving_side(grads[("pattern", layer)]))
-        act, grad = (site_values(model, component, t.detach()) for t in (read.acts[key[:2]], grads[key[:2]]))
-        return summed(first_order_effects(key[:2], act, grad, donors), whole)
+        grad = donors.rows.receiving_side(site_values(model, component, grads[key[:2]])).float()
+        return summed((differences[key[:2]] * grad).sum(-1), whole)
 
     graded = [site for site in order if site[0] not in QK]  # the QK fix reads the pattern's gradient only
     grads = read.gradients([read.acts[site] for site in graded] + read.stream)

@@ -123,13 +123,20 @@ def read_graph(
     return GraphRead(metric, metric[receiver_rows].sum(), dict(acts), list(outputs), dict(normed))
 
 
-def first_order_effects(site: tuple[str, int], act: torch.Tensor, grad: torch.Tensor, donors: Donors) -> torch.Tensor:
-    """Per pair, (donor - receiver) x the receiver's gradient at `site`, summed over the last axis:
-    [P, T], or per head [P, T, heads]; the donor's values are what `donors` give."""
+def donor_difference(site: tuple[str, int], act: torch.Tensor, donors: Donors) -> torch.Tensor:
+    """Per pair, what a patch of `site` changes in the receiving run's values `act` (all rows of
+    the read, `site_values`): donor minus receiver, in float32; the donor's values are what
+    `donors` give."""
     rows = donors.rows
     pairs = torch.arange(act.shape[0] // rows.per_pair, device=act.device)
     donor = donors.take(site, act, donors.source_rows(pairs), slice(None))
-    return ((donor - rows.receiving_side(act)).float() * rows.receiving_side(grad).float()).sum(-1)
+    return (donor - rows.receiving_side(act)).float()
+
+
+def first_order_effects(site: tuple[str, int], act: torch.Tensor, grad: torch.Tensor, donors: Donors) -> torch.Tensor:
+    """Per pair, (donor - receiver) x the receiver's gradient at `site`, summed over the last axis:
+    [P, T], or per head [P, T, heads]."""
+    return (donor_difference(site, act, donors) * donors.rows.receiving_side(grad).float()).sum(-1)
 
 
 def summed(effect: torch.Tensor, whole: bool) -> torch.Tensor:
