@@ -131,6 +131,17 @@ def head_ordered(model: PreTrainedModel, component: str, layer: int, act: torch.
     return act
 
 
+def capture_input(model: PreTrainedModel, ids: list[int], module: torch.nn.Module) -> torch.Tensor:
+    """[T, d]: what `module` reads (its first argument) in a forward of `ids`."""
+    stored = {}
+    handle = module.register_forward_pre_hook(lambda module, args: stored.setdefault("x", args[0].clone()))
+    try:
+        model(torch.tensor([ids]))
+    finally:
+        handle.remove()
+    return stored["x"][0]
+
+
 def capture_output(model: PreTrainedModel, ids: list[int], module: torch.nn.Module) -> torch.Tensor:
     stored = {}
     handle = module.register_forward_hook(lambda module, args, output: stored.setdefault("act", output.clone()))
@@ -637,12 +648,13 @@ def receiver_gradient(
 
 
 def sender_outputs(model: PreTrainedModel, ids: list[int]) -> dict[str, torch.Tensor]:
-    """{sender name: [T, d]}: the token embeddings plus positions (`input`; positions cancel in a
-    difference), each head's output through its columns of the output projection, each MLP's output."""
+    """{sender name: [T, d]}: the token embeddings alone (`input`, EAP-IG's `hook_embed`: the
+    output of the model's input embedding module), each head's output through its columns of the
+    output projection, each MLP's output."""
     config = model.config
     blocks_path, _, out_proj, _ = PARTS[config.model_type]
     width = config.hidden_size // config.num_attention_heads
-    found = {"input": capture_input(model, ids, dig(model, blocks_path)[0])}
+    found = {"input": capture_output(model, ids, model.get_input_embeddings())[0]}
     for layer in range(config.num_hidden_layers):
         z = capture(model, ids, "head", layer)[0]
         projection = dig(dig(model, blocks_path)[layer], out_proj)
@@ -652,16 +664,6 @@ def sender_outputs(model: PreTrainedModel, ids: list[int]) -> dict[str, torch.Te
             found[f"a{layer}.h{head}"] = z[:, channels] @ weight[:, channels].T
         found[f"m{layer}"] = capture(model, ids, "mlp", layer)[0]
     return found
-
-
-def capture_input(model: PreTrainedModel, ids: list[int], module: torch.nn.Module) -> torch.Tensor:
-    stored = {}
-    handle = module.register_forward_pre_hook(lambda module, args: stored.setdefault("x", args[0].clone()))
-    try:
-        model(torch.tensor([ids]))
-    finally:
-        handle.remove()
-    return stored["x"][0]
 
 
 def reference_eap(
@@ -683,6 +685,8 @@ def reference_eap(
         donor_logits = next_token_logits(model, donor)
         base = measure(metric, next_token_logits(model, receiving), pair, donor_logits)
         ours, theirs = sender_outputs(model, receiving), sender_outputs(model, donor)
+        first_block = dig(model, PARTS[model.config.model_type][0])[0]
+        stream, donor_stream = capture_input(model, receiving, first_block), capture_input(model, donor, first_block)
     edges = defaultdict(list)  # receiver: its senders
     for edge in reference_eap_names(model):
         sender, receiver = edge.split("->")
@@ -694,7 +698,7 @@ def reference_eap(
             receiver = ("head", int(found[1]), int(found[2]), found[3])
         else:
             receiver = ("logits",) if name == "logits" else ("mlp", int(name[1:]))
-        mixes = [theirs["input"] + k / steps * (ours["input"] - theirs["input"]) for k in range(steps)] or [None]
+        mixes = [donor_stream + k / steps * (stream - donor_stream) for k in range(steps)] or [None]
         gradient = sum(
             receiver_gradient(model, receiving, receiver, metric, pair, donor_logits, mix) for mix in mixes
         ) / len(mixes)
@@ -810,7 +814,8 @@ def reference_edge_set(
     before_attention, before_mlp, final = NORMS[config.model_type]
     heads, width = config.num_attention_heads, config.hidden_size // config.num_attention_heads
     blocks = dig(model, blocks_path)
-    handles = [blocks[0].register_forward_pre_hook(lambda m, args: ours.update(input=args[0][0]))]
+    embedding = model.get_input_embeddings()
+    handles = [embedding.register_forward_hook(lambda m, args, output: ours.update(input=output[0]))]
     for layer, block in enumerate(blocks):
         norm, mlp_norm = dig(block, before_attention), dig(block, before_mlp)
         handles.append(norm.register_forward_pre_hook(lambda m, args, at=layer: streams.update({at: args[0]})))

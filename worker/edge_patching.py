@@ -25,7 +25,7 @@ from nnsight import TransformersModel
 
 from worker.edges import output_weights
 from worker.families import part
-from worker.graph import Graph
+from worker.graph import GRAPH_SENDERS, Graph
 from worker.options import PatchOptions
 from worker.pairs import Pair
 from worker.reuse import GroupRead, block_on_suffix, read_groups, readout, suffix_arguments, writing
@@ -47,7 +47,7 @@ def sender_difference(model: TransformersModel, read: GroupRead, sender: str, pa
     acts, rows = read.acts, read.donors.rows
     donor, receiving = rows.donor_rows(pairs), rows.receiving_rows(pairs)
     if sender == "input":
-        act = acts.resid[0]
+        act = acts.sites[("input", 0)]
         return act[donor, start:] - act[receiving, start:]
     layer = int(sender[1:].split(".")[0])
     if sender.startswith("m"):
@@ -113,7 +113,7 @@ def exact_edge_values(
     values = torch.empty(len(items))
     baselines = []
     with torch.inference_mode():
-        for read in read_groups(model, pairs, options, ("head", "mlp")):
+        for read in read_groups(model, pairs, options, GRAPH_SENDERS):
             baselines.append(read.acts.metric)
             first = read.first
             batches = defaultdict(list)  # rows that run together: one receiver layer and kind, one start

@@ -25,7 +25,7 @@ from nnsight import TransformersModel
 
 from worker.edges import head_bias, head_weights, output_weights, ungrouped
 from worker.families import part
-from worker.graph import Graph
+from worker.graph import GRAPH_SENDERS, Graph
 from worker.options import PatchOptions
 from worker.pairs import Pair
 from worker.receivers import INPUTS
@@ -55,7 +55,7 @@ class EdgeSetRun:
         self.hidden = read.acts.resid[0][self.receiving, start:]
         self.matrices = matrices.to(self.hidden.device, self.hidden.dtype)
         self.differences = self.hidden.new_zeros(matrices.shape[1], *self.hidden.shape)
-        self.differences[0] = self.donated("input", 0, read.acts.resid[0]) - self.hidden
+        self.differences[0] = self.donated("input", 0) - read.acts.sites[("input", 0)][self.receiving, start:]
         self.arguments = suffix_arguments(model, start, self.hidden)
 
     def change(self, senders: int, receivers: slice) -> torch.Tensor:
@@ -64,7 +64,7 @@ class EdgeSetRun:
 
     def donated(self, component: str, layer: int, acts: torch.Tensor | None = None) -> torch.Tensor:
         """What sender `component` of `layer` sends along an ablated edge: the donor's output, zeros
-        or the stored mean (`input`: the stream entering block 0, layer 0)."""
+        or the stored mean (`input`: the token embeddings, layer 0)."""
         acts = self.read.acts.sites[(component, layer)] if acts is None else acts
         return self.read.donors.take((component, layer), acts, self.donor_rows, slice(self.start, None))
 
@@ -126,7 +126,7 @@ def edge_set_values(
         matrices = edge_matrices(Graph.of(model), patched)
         senders = matrices.shape[1]
         rows_per_run = max(1, options.max_batch_tokens * 32 // (pairs[0].n_tokens * senders))
-        for read in read_groups(model, pairs, options, ("head", "mlp")):
+        for read in read_groups(model, pairs, options, GRAPH_SENDERS):
             baselines.append(read.acts.metric)
             by_start: dict[int, list[int]] = {}
             for i, (pair, _) in enumerate(items):

@@ -107,13 +107,13 @@ def read_edges(model: TransformersModel, pairs: Sequence[Pair], options: PatchOp
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     with torch.enable_grad(), model.trace(inputs, logits_to_keep=1):
         saved = nnsight.save({"attn_in": [], "qkv": [], "z": [], "mlp_in": [], "mlp_norm": [], "mlp": []})
+        saved["input"] = component_output(model, "input", 0)  # the sender: token embeddings alone
         embedded = embedding_output(model)
         if extra:
             donor, receiving = embedded[layout.donor_rows(indices)], embedded[layout.receiving_rows(indices)]
             fractions = torch.arange(1, steps, device=device, dtype=embedded.dtype)[None, :, None, None] / steps
             embedded[base:] = (donor[:, None] + fractions * (receiving - donor)[:, None]).flatten(0, 1)
         embedded.requires_grad_(True)
-        saved["input"] = embedded
         for layer in range(n_layers(model)):
             block = part(model, where.blocks)[layer]
             saved["attn_in"].append(part(block, where.attn_norm).input)

@@ -17,6 +17,7 @@ from typing import Any
 class Family:
     blocks: str  # the decoder layers (a ModuleList); a block's output is `resid`
     embedding: str  # whose output is the residual stream entering block 0
+    token_embedding: str  # whose output is the token embeddings alone: the graph's `input` node
     attn_norm: str  # in a block: the norm before attention (its output feeds the query/key/value projections)
     attention: str  # in a block: output (element 0) is the attention sublayer's output, `attn`
     qkv: str  # in a block: the query/key/value projection, or with {} the q, k and v ones
@@ -36,6 +37,7 @@ FAMILIES = {
     "gpt2": Family(
         blocks="transformer.h",
         embedding="transformer.drop",
+        token_embedding="transformer.wte",  # position embeddings (wpe) are added after it
         attn_norm="ln_1",
         attention="attn",
         qkv="attn.c_attn",
@@ -53,6 +55,7 @@ FAMILIES = {
     "gpt_neox": Family(
         blocks="gpt_neox.layers",
         embedding="gpt_neox.emb_dropout",
+        token_embedding="gpt_neox.embed_in",
         attn_norm="input_layernorm",
         attention="attention",
         qkv="attention.query_key_value",
@@ -70,6 +73,7 @@ FAMILIES = {
     "llama": Family(
         blocks="model.layers",
         embedding="model.embed_tokens",
+        token_embedding="model.embed_tokens",
         attn_norm="input_layernorm",
         attention="self_attn",
         qkv="self_attn.{}_proj",

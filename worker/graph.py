@@ -1,7 +1,7 @@
 """The model's graph as EAP-IG and MIB name it, so circuits move between tools.
 
-Senders are `input` (the embeddings: the stream entering the first block; position embeddings,
-the same in every prompt, cancel in a difference), `a{L}.h{H}` (a head's output through the
+Senders are `input` (the token embeddings alone, EAP-IG's `hook_embed`: position embeddings, like
+the attention output bias, belong to no node, so no ablation touches them), `a{L}.h{H}` (a head's output through the
 output projection, bias excluded) and `m{L}` (an MLP's output); receivers are each head's query, key and value input
 (`a{L}.h{H}<q>`: the residual stream before the block's norm, as that head alone reads it), each
 MLP's input (`m{L}`: the stream before the MLP's norm) and `logits` (the final stream before the
@@ -20,6 +20,8 @@ from typing import Any
 
 from worker.families import family_of
 from worker.receivers import INPUTS
+
+GRAPH_SENDERS = ("input", "head", "mlp")  # the sites whose outputs the senders are (a run of edges reads them)
 
 
 @dataclass(frozen=True)

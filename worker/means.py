@@ -26,11 +26,12 @@ import pyarrow.parquet as pq
 import torch
 from nnsight import TransformersModel
 
+from worker.graph import GRAPH_SENDERS
 from worker.options import PatchOptions
 from worker.pairs import Pair
 from worker.parts import MEANS_FILE, filesystem
 from worker.rows import PairRows
-from worker.sites import FORWARD_ORDER, component_output, embedding_output, n_layers, site_values
+from worker.sites import FORWARD_ORDER, component_output, n_layers, site_values
 
 ALL_POSITIONS = "all"
 SUMS_SCHEMA = pa.schema(
@@ -53,13 +54,10 @@ def position_keys(pair: Pair, donor: str) -> list[str]:
     return [f"{pair.n_tokens}:{t}" for t in range(pair.n_tokens)]
 
 
-GRAPH_SENDERS = ("input", "head", "mlp")  # what a run of the graph's edges ablates (worker/graph.py's senders)
-
-
 def donor_sites(options: PatchOptions, layers: int) -> list[tuple[str, int]]:
     """The (component, layer) sites whose means a run needs, in the order a forward pass reaches
     them: those it patches (path patching: heads), or, for a run of the graph's edges (no
-    components: circuits), every sender: the embeddings (`input`, layer 0), each layer's heads and MLP."""
+    components: circuits), every sender: the token embeddings (`input`, layer 0), each layer's heads and MLP."""
     wanted = options.components or GRAPH_SENDERS
     first = [("input", 0)] if "input" in wanted else []
     return first + [(component, layer) for layer in range(layers) for component in FORWARD_ORDER if component in wanted]
@@ -82,9 +80,7 @@ def donor_sums(model: TransformersModel, pairs: Sequence[Pair], options: PatchOp
             with torch.inference_mode(), model.trace({"input_ids": input_ids}, logits_to_keep=1):
                 saved = nnsight.save([])  # in forward order (`donor_sites`)
                 for component, layer in sites:
-                    saved.append(
-                        embedding_output(model) if component == "input" else component_output(model, component, layer)
-                    )
+                    saved.append(component_output(model, component, layer))
             flat = [key for pair in chunk for key in position_keys(pair, options.donor)]
             names = sorted(set(flat))
             number = {name: k for k, name in enumerate(names)}

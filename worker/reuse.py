@@ -109,7 +109,8 @@ def read_activations(
 ) -> Activations:
     """One nnsight trace over the clean and corrupted prompts, saving every activation a patch needs.
 
-    Block inputs are always kept; the other components' activations only for `components`.
+    Block inputs are always kept; the other components' activations only for `components`
+    (`input`: the token embeddings, the graph's sender of that name, as site ("input", 0)).
     """
     device = model.device
     layout, indices = PairRows.of(options), torch.arange(len(pairs), device=device)
@@ -119,7 +120,10 @@ def read_activations(
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     donor = None  # only saved values leave a trace: set here, replaced inside for `kl`
     with torch.inference_mode(), model.trace(inputs, logits_to_keep=1, use_cache=True):
-        resid, sites = nnsight.save([embedding_output(model)]), nnsight.save({})
+        sites = nnsight.save({})
+        if "input" in components:  # the token embeddings, before the stream they enter
+            sites[("input", 0)] = component_output(model, "input", 0)
+        resid = nnsight.save([embedding_output(model)])
         for layer in range(len(blocks(model))):
             for component in FORWARD_ORDER:
                 if component in components and component != "resid":  # block outputs: `resid` above

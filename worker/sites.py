@@ -147,7 +147,8 @@ def receivers_problem(model: TransformersModel, receivers: tuple[Receiver, ...])
 
 
 def component_output(model: TransformersModel, component: str, layer: int) -> torch.Tensor:
-    """Inside a trace: the activation patched for `component`: block output, attention output,
+    """Inside a trace: the activation patched for `component`: the token embeddings (`input`, the
+    graph's sender of that name: EAP-IG's `hook_embed`), block output, attention output,
     MLP output, the heads' outputs (the attention output projection's input,
     [rows, T, n_heads * head_dim]), the projection computing `q`, `k` or `v`, or the attention
     probabilities (`pattern`). `site_values` gives each head's part of it.
@@ -156,6 +157,8 @@ def component_output(model: TransformersModel, component: str, layer: int) -> to
     hidden state, while indexing a plain tensor with [0] would select batch row 0.
     """
     where = family(model)
+    if component == "input":  # the graph's input node (layer 0): the token embeddings alone
+        return part(model, where.token_embedding).output
     block = part(model, where.blocks)[layer]
     if component == "head":
         return part(block, where.out_proj).input
