@@ -38,6 +38,7 @@ from worker.model import load_model, load_tokenizer
 from worker.options import MEAN_DONORS, PatchOptions, position_labels
 from worker.parts import MEANS_FILE
 from worker.patching import cells_to_run, model_cells, patch_batch, selected_cells
+from worker.sites import n_layers
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,7 +61,11 @@ def pairs_rows(model, pairs, components: list[str], positions: str) -> list:
 def cells_run(model, pairs, components: list[str], positions: str, donor: str, means: str | None) -> int:
     donors = Donors.of(PatchOptions(donor=donor, means=means))
     return sum(
-        len(cells_to_run(group, cells, selected_cells(group, cells, position_labels(positions)), donors))
+        len(
+            cells_to_run(
+                group, cells, selected_cells(group, cells, position_labels(positions)), donors, n_layers(model)
+            )
+        )
         for group, cells in grouped(model, pairs, components, positions)
     )
 

@@ -11,6 +11,7 @@ from tests.reference import reference_atp, reference_patching
 from worker.donors import Donors
 from worker.options import DEFAULT_COMPONENTS, METRICS, PatchOptions
 from worker.patching import cells_to_run, patch_batch, patch_cells, selected_cells, split_into_traces
+from worker.sites import n_layers
 
 
 def by_cell(effects, column):
@@ -253,15 +254,49 @@ def test_trace_split_respects_row_budget_and_covers_all_work():
 
 
 def test_cells_before_the_first_difference_need_no_forward_pass(ioi_pairs):
-    """From the pair's other prompt; an ablation changes every position, so every cell runs."""
-    cells = patch_cells(DEFAULT_COMPONENTS, 3, ioi_pairs[0].n_tokens)
+    """From the pair's other prompt; an ablation changes every position, so every cell runs (but
+    those of the last block that cannot reach the last position)."""
+    n_tokens = ioi_pairs[0].n_tokens
+    cells = patch_cells(DEFAULT_COMPONENTS, 3, n_tokens)
     rows = selected_cells(ioi_pairs[:1], cells)
-    work = cells_to_run(ioi_pairs[:1], cells, rows, Donors.of(PatchOptions()))
+    work = cells_to_run(ioi_pairs[:1], cells, rows, Donors.of(PatchOptions()), 3)
     start = ioi_pairs[0].first_difference
-    assert 0 < start < ioi_pairs[0].n_tokens
-    assert {cells[c].position for _, c in work} == set(range(start, ioi_pairs[0].n_tokens))
-    assert len(work) == 3 * 3 * (ioi_pairs[0].n_tokens - start)
-    assert cells_to_run(ioi_pairs[:1], cells, rows, Donors.of(PatchOptions(donor="zero"))) == rows
+    assert 0 < start < n_tokens - 1
+    assert {cells[c].position for _, c in work} == set(range(start, n_tokens))
+    assert len(work) == 3 * 2 * (n_tokens - start) + 3
+    ablated = cells_to_run(ioi_pairs[:1], cells, rows, Donors.of(PatchOptions(donor="zero")), 3)
+    assert len(ablated) == 3 * 2 * n_tokens + 3
+
+
+def test_last_block_cells_that_cannot_reach_the_last_position_need_no_forward_pass(ioi_pairs):
+    """In the last block only keys and values (read by the last position's attention) and the
+    last position itself reach the metric; `all` positions always do."""
+    n_tokens = ioi_pairs[0].n_tokens
+    components = ("resid", "attn", "mlp", "head", "q", "k", "v", "pattern")
+    cells = patch_cells(components, 2, n_tokens, dict.fromkeys(components[3:], 2))
+    rows = selected_cells(ioi_pairs[:1], cells)
+    run = {cells[c] for _, c in cells_to_run(ioi_pairs[:1], cells, rows, Donors.of(PatchOptions(donor="zero")), 2)}
+    skipped = {cell for cell in cells if cell not in run}
+    assert skipped == {
+        cell for cell in cells if cell.layer == 1 and cell.component not in ("k", "v") and cell.position < n_tokens - 1
+    }
+    every = patch_cells(components, 2, n_tokens, dict.fromkeys(components[3:], 2), positions="all")
+    assert len(
+        cells_to_run(ioi_pairs[:1], every, selected_cells(ioi_pairs[:1], every), Donors.of(PatchOptions()), 2)
+    ) == len(every)
+
+
+@pytest.mark.parametrize("method", ["exact", "atp"])
+def test_cells_that_cannot_reach_the_metric_are_exactly_zero(tiny_model, ioi_pairs, method):
+    """Not float noise around zero: the last block's resid before the last position is the
+    receiving run itself (score and estimate 0.0), while its keys there still move the metric
+    (some heads attend to a key so little that zeroing it changes nothing in float32)."""
+    result = patch_batch(tiny_model, ioi_pairs[:2], ["resid", "k"], donor="zero", method=method).effects.to_pylist()
+    last_layer, n_tokens = n_layers(tiny_model) - 1, {p.pair_id: p.n_tokens for p in ioi_pairs}
+    at_last_layer = [r for r in result if r["layer"] == last_layer and r["position"] < n_tokens[r["pair_id"]] - 1]
+    statistic = "score" if method == "exact" else "estimate"
+    assert {r[statistic] for r in at_last_layer if r["component"] == "resid"} == {0.0}
+    assert any(r[statistic] != 0.0 for r in at_last_layer if r["component"] == "k")
 
 
 def test_rejects_unknown_component_direction_and_metric(tiny_model, ioi_pairs):

@@ -4,6 +4,8 @@ pairs are noise."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -21,12 +23,21 @@ LAYERS = 4
 
 
 def synthetic_run(
-    root, agree: bool, n_pairs: int = 40, seed: int = 0, flipped: bool = False
+    root,
+    agree: bool,
+    n_pairs: int = 40,
+    seed: int = 0,
+    flipped: bool = False,
+    zeros: bool = False,
+    float_noise: float = 0.0,
 ) -> tuple[Store, pd.DataFrame]:
     """Labelled pairs whose resid and mlp cells have each a fixed effect plus a little noise
     (`agree`), or nothing but noise; pair p3 has a gap below the min gap. Odd pairs are template
-    t1, even ones t0; `flipped`: t1's effects are t0's negated."""
-    rng = np.random.default_rng(seed)
+    t1, even ones t0; `flipped`: t1's effects are t0's negated. `zeros`: the cells a patch cannot
+    move (the first two positions, before the prompts differ, and the last layer before the last
+    position) are exactly 0; `float_noise`: the standard deviation of rounding-sized noise added
+    to every score (drawn from a generator of its own, so the rest of the run is the same)."""
+    rng, rounding = np.random.default_rng(seed), np.random.default_rng([seed, 1])
     base = rng.normal(size=(2, LAYERS, len(LABELS)))
     pairs = [pair_row(f"p{i}", len(LABELS), LABELS, 2.0, 1.95 if i == 3 else -1.0, f"t{i % 2}") for i in range(n_pairs)]
     rows = []
@@ -37,6 +48,9 @@ def synthetic_run(
                     sign = -1 if flipped and p["template"] == "t1" else 1
                     effect = sign * base[c, layer, position] if agree else 0.0
                     score = effect + rng.normal(scale=0.05 if agree else 1.0)
+                    unmoved = position < 2 or (layer == LAYERS - 1 and position < len(LABELS) - 1)
+                    score = 0.0 if zeros and unmoved else score
+                    score += rounding.normal(scale=float_noise) if float_noise else 0.0
                     rows.append(
                         {
                             "pair_id": p["pair_id"],
@@ -106,6 +120,21 @@ def test_stability_tells_agreeing_pairs_from_noise(tmp_path):
     noise, _ = synthetic_run(tmp_path / "noise", agree=False)
     assert median(agreeing, "spearman") > 0.95 and median(agreeing, f"top-{TOP} overlap") >= 0.9
     assert median(noise, "spearman") < 0.5 and median(noise, f"top-{TOP} overlap") < 0.7
+
+
+def test_float_noise_does_not_move_stability(tmp_path):
+    """A run whose unmoved cells are exactly 0, and the same run with noise of 1e-7 (float32
+    rounding's size) on every score: every halving's measures agree to 0.01, as they do not when
+    the noise is ranked (tolerance 0)."""
+    exact, _ = synthetic_run(tmp_path / "exact", agree=True, zeros=True)
+    noisy, _ = synthetic_run(tmp_path / "noisy", agree=True, zeros=True, float_noise=1e-7)
+    first, second = (stability(store, "logit_diff", 0.1, "score", splits=5).to_pylist() for store in (exact, noisy))
+    assert [r["measure"] for r in first] == [r["measure"] for r in second]
+    for a, b in zip(first, second):
+        assert b["value"] == pytest.approx(a["value"], abs=0.01), a
+    with mock.patch("jobs.results.stability.NOISE_ULPS", 0):
+        ranked = stability(noisy, "logit_diff", 0.1, "score", splits=5).to_pylist()
+    assert max(abs(a["value"] - b["value"]) for a, b in zip(first, ranked)) > 0.05
 
 
 @pytest.mark.parametrize("flipped", [False, True])

@@ -6,7 +6,8 @@ order, each (component, layer) gets one row-indexed write that copies the donor 
 activations at each row's position into the receiving rows, so clean, corrupted and every
 patched run come out of a single batched forward. Only the last position's logits are
 computed, and read out by the run's metric (worker/metrics.py). Cells before a pair's first differing
-token are never run: their activations are identical in both prompts, so the score is 0.
+token are never run: their activations are identical in both prompts, so the score is 0; nor are
+cells of the last block that only change a position before the last (`reaches_metric`).
 `positions` picks the cells: every position (`each`), all positions in one patch (`all`,
 cells with position None), or only the positions whose label is listed.
 """
@@ -106,18 +107,40 @@ def selected_cells(pairs: Sequence[Pair], cells: Sequence[Cell], labels: Sequenc
     return rows
 
 
+OWN_POSITION = ("resid", "attn", "mlp", "head", "q", "pattern")  # what changes its own position's stream alone
+
+
+def reaches_metric(cell: Cell, n_layers: int, n_tokens: int) -> bool:
+    """Whether patching `cell` can change the metric, which reads the last position's logits.
+
+    In the last block, a component of `OWN_POSITION` at position t changes only position t's
+    stream (its query, its pattern row, its head and attention output, the MLP and the block
+    output there), which no later layer reads: before the last position it cannot reach the
+    logits. Keys and values can: the last position's attention reads every position's.
+    """
+    last_block = cell.layer == n_layers - 1 and cell.component in OWN_POSITION
+    return cell.position is None or not last_block or cell.position == n_tokens - 1
+
+
 def cells_to_run(
-    pairs: Sequence[Pair], cells: Sequence[Cell], rows: Sequence[tuple[int, int]], donors: Donors
+    pairs: Sequence[Pair], cells: Sequence[Cell], rows: Sequence[tuple[int, int]], donors: Donors, n_layers: int
 ) -> list[tuple[int, int]]:
-    """The (pair, cell) rows that need a forward pass.
+    """The (pair, cell) rows that need a forward pass (or an estimate); the others are the
+    receiving run exactly, score 0, in every method that estimates or patches cells.
 
     Before a pair's first differing token, clean and corrupted activations are identical at
     every layer (attention is causal), so patching there from the pair's other prompt changes
-    nothing: the patched run is the receiving run and the score is exactly 0, with no forward
-    pass needed. An ablation changes every position (`Donors.start`).
+    nothing. An ablation changes every position (`Donors.start`). A cell that cannot reach the
+    metric (`reaches_metric`) changes nothing whatever the donor: computed, it would be float
+    noise around zero, which ranks like an effect (jobs/results/stability.py).
     """
     starts = [donors.start(pair) for pair in pairs]
-    return [(p, c) for p, c in rows if cells[c].position is None or cells[c].position >= starts[p]]
+    return [
+        (p, c)
+        for p, c in rows
+        if (cells[c].position is None or cells[c].position >= starts[p])
+        and reaches_metric(cells[c], n_layers, pairs[p].n_tokens)
+    ]
 
 
 def split_into_traces(work: Sequence[tuple[int, int]], max_rows: int, per_pair: int = 2) -> list[list[tuple[int, int]]]:
@@ -279,7 +302,7 @@ def patch_group(
     assert all(p.n_tokens == n_tokens for p in pairs), "patch_group needs equal-length pairs"
     cells = model_cells(model, options.components, n_tokens, options.positions)
     rows = selected_cells(pairs, cells, position_labels(options.positions))
-    work = cells_to_run(pairs, cells, rows, Donors.of(options))
+    work = cells_to_run(pairs, cells, rows, Donors.of(options), n_layers(model))
     exact_values = reuse_values if exact_path == "reuse" else trace_values
     row_pairs = torch.tensor([p for p, _ in rows], dtype=torch.long)
     estimate_scores, exact_rows, sizes = None, None, None

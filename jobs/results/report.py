@@ -443,7 +443,8 @@ def build_report(
     stable, statistic = None, "estimate" if method_of(manifest).estimates else "score"
     n_pairs = pq.read_metadata(store.path(PAIRS_FILE), filesystem=store.fs).num_rows
     if halves.wanted(n_pairs):
-        stable = stability(store, metric, min_gap, statistic, halves.splits, halves.seed, grouped)
+        dtype = manifest.get("config", {}).get("dtype", "float32")
+        stable = stability(store, metric, min_gap, statistic, halves.splits, halves.seed, grouped, dtype)
     else:
         store.remove(STABILITY_FILE)
     return write_report(store, rows, min_gap, drill_down, png, (halves.said(n_pairs, stable), stable), statistic)

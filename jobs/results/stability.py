@@ -12,6 +12,15 @@ receiver; every edge of an edges run):
 - for edges also `top-P overlap` at each of MIB's edge budgets P (the share of the top N edges,
   N = int(P / 100 * edges), that both halves keep): how stable a circuit of that size is.
 
+Cells whose effect is float rounding around zero are not ranked: within a scope, a cell mean
+within `tolerance` of zero (`NOISE_ULPS` units of the run's dtype's precision times the scope's
+largest |mean|) counts as 0, tied with the other zeros in Spearman and left out of the top-k
+(whose overlap is then over the larger of the two tops). Rounding in a patched forward (sums
+over the model's width, a metric that is the difference of two logits) leaves errors of a few
+units of precision of the values it computes; a cell that no patch can move (exactly zero in
+exact arithmetic, e.g. one the last position cannot read) would otherwise get a sign from the
+CPU's summation order, and Spearman would rank it as an effect.
+
 Each value is one row of `stability.parquet` (view `stability`), the split's number and the
 halves' sizes with it; the report gives the median and range per scope and measure. With
 `--group-by`, the groups are compared the same way, two at a time (their aggregate's cell
@@ -38,6 +47,8 @@ from worker.circuits import MIB_BUDGETS, budget_edges
 
 DEFAULT_SPLITS = 20
 TOP = 10
+NOISE_ULPS = 16  # how many units of the dtype's precision, of the scope's largest |mean|, count as zero
+PRECISION = {"float32": 2.0**-23, "bfloat16": 2.0**-7, "float16": 2.0**-10}  # each dtype's machine epsilon
 MAX_PAIRS = 100_000  # the report computes stability by default up to this many pairs
 
 CELL_VALUES_SQL = """
@@ -137,24 +148,42 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def top_cells(values: np.ndarray, n: int) -> set[int]:
+    """The (at most) `n` cells of largest |value|, zeros left out (ties in cell order)."""
+    return {i for i in np.argsort(-np.abs(values), kind="mergesort")[:n].tolist() if values[i] != 0}
+
+
 def top_overlap(a: np.ndarray, b: np.ndarray, n: int) -> float | None:
-    """The share of `a`'s `n` largest |values| among `b`'s (ties in cell order)."""
-    n = min(n, len(a))
-    if n < 1:
+    """The share of `a`'s `n` largest |values| among `b`'s, over the larger of the two tops: zeros
+    (`tied_zeros`) are in neither; None where both halves are all zeros."""
+    top_a, top_b = top_cells(a, n), top_cells(b, n)
+    if not (top_a or top_b):
         return None
-    top_a = set(np.argsort(-np.abs(a), kind="mergesort")[:n].tolist())
-    top_b = set(np.argsort(-np.abs(b), kind="mergesort")[:n].tolist())
-    return len(top_a & top_b) / n
+    return len(top_a & top_b) / max(len(top_a), len(top_b))
 
 
-def measures(scope: str, a: np.ndarray, b: np.ndarray) -> list[tuple[str, float | None]]:
+def tolerance(a: np.ndarray, b: np.ndarray, dtype: str) -> float:
+    """How close to zero a cell mean of `a` or `b` is float rounding: `NOISE_ULPS` units of the
+    run's dtype's precision times the largest |mean| of either half."""
+    scale = max(np.abs(a).max(initial=0.0), np.abs(b).max(initial=0.0))
+    return NOISE_ULPS * PRECISION[dtype] * scale
+
+
+def tied_zeros(values: np.ndarray, within: float) -> np.ndarray:
+    return np.where(np.abs(values) <= within, 0.0, values)
+
+
+def measures(scope: str, a: np.ndarray, b: np.ndarray, dtype: str) -> list[tuple[str, float | None]]:
+    """The two halves' (or groups') agreement over the same cells, float noise around zero tied at 0."""
+    within = tolerance(a, b, dtype)
+    a, b = tied_zeros(a, within), tied_zeros(b, within)
     found = [("spearman", spearman(a, b)), (f"top-{TOP} overlap", top_overlap(a, b, TOP))]
     if scope == "edges":
         found += [(f"top-{budget} overlap", top_overlap(a, b, budget_edges(budget, len(a)))) for budget in MIB_BUDGETS]
     return found
 
 
-def group_agreement(store: Store, grouped: list[dict], statistic: str) -> list[dict]:
+def group_agreement(store: Store, grouped: list[dict], statistic: str, dtype: str) -> list[dict]:
     """Rows comparing every two groups of a grouped aggregate per scope: the measures of two
     halves, over the cells both groups have."""
     if store.kind is EDGES:
@@ -178,7 +207,7 @@ def group_agreement(store: Store, grouped: list[dict], statistic: str) -> list[d
                 a, b = means[(scope, first)], means[(scope, second)]
                 shared = sorted(set(a) & set(b), key=str)
                 x, y = np.array([a[k] for k in shared]), np.array([b[k] for k in shared])
-                for measure, value in measures(scope, x, y):
+                for measure, value in measures(scope, x, y, dtype):
                     rows.append(
                         {
                             "scope": scope,
@@ -218,11 +247,12 @@ def stability(
     splits: int = DEFAULT_SPLITS,
     seed: int = 0,
     grouped: list[dict] | None = None,
+    dtype: str = "float32",
 ) -> pa.Table | None:
     """The split-half table of the run in `store` (see the module's docstring), with the
     agreement of the groups of `grouped` (a grouped aggregate's rows) when given, written as
     `stability.parquet`; None for a circuit run (its few circuits have their intervals instead)
-    or a run of fewer than four kept pairs."""
+    or a run of fewer than four kept pairs. `dtype`: the run's, which sets what is float noise."""
     pair_ids = kept_pair_ids(store, metric, min_gap)
     if store.kind is FAITHFULNESS or len(pair_ids) < 4:
         store.remove(STABILITY_FILE)
@@ -246,7 +276,7 @@ def stability(
             counts = sums.counts[halving][:, cells]
             both = (counts > 0).all(axis=0)
             a, b = (sums.sums[halving][h, cells][both] / counts[h][both] for h in (0, 1))
-            for measure, value in measures(scope, a, b):
+            for measure, value in measures(scope, a, b, dtype):
                 rows.append(
                     {
                         "scope": scope,
@@ -258,13 +288,14 @@ def stability(
                     }
                 )
     if grouped:
-        rows += group_agreement(store, grouped, statistic)
+        rows += group_agreement(store, grouped, statistic, dtype)
     table = pa.Table.from_pylist(rows, schema=STABILITY_SCHEMA).replace_schema_metadata(
         {
             b"patchsweep.seed": str(seed).encode(),
             b"patchsweep.splits": str(splits).encode(),
             b"patchsweep.statistic": statistic.encode(),
             b"patchsweep.min_gap": str(min_gap).encode(),
+            b"patchsweep.dtype": dtype.encode(),
         }
     )
     store.write_table(table, STABILITY_FILE)
@@ -384,6 +415,14 @@ def how_many_pairs(table: pa.Table, aggregate_rows: list[dict], statistic: str, 
     return figure
 
 
+def noise_said(dtype: str) -> str:
+    """What the measures do with float noise, as the report says it."""
+    return (
+        f"cell means within {NOISE_ULPS} x {dtype}'s precision of a scope's largest |mean| count as 0: "
+        "tied in Spearman, left out of the top-k"
+    )
+
+
 def stability_figures(
     table: pa.Table, run: str, aggregate_rows: list[dict], statistic: str
 ) -> list[tuple[str, go.Figure]]:
@@ -393,7 +432,9 @@ def stability_figures(
     if not rows:
         return []
     metadata = table.schema.metadata or {}
-    splits, seed = (metadata.get(f"patchsweep.{key}".encode(), b"?").decode() for key in ("splits", "seed"))
+    splits, seed, dtype = (
+        metadata.get(f"patchsweep.{key}".encode(), b"?").decode() for key in ("splits", "seed", "dtype")
+    )
     columns = {
         "scope": [r["scope"] for r in rows],
         "halves": [r["halves"] for r in rows],
@@ -403,7 +444,8 @@ def stability_figures(
     }
     summary = go.Figure(go.Table(header={"values": list(columns)}, cells={"values": list(columns.values())}))
     summary.update_layout(
-        title=f"{run}: split-half stability ({splits} random halvings, seed {seed})", height=220 + 28 * len(rows)
+        title=f"{run}: split-half stability ({splits} random halvings, seed {seed})<br><sup>{noise_said(dtype)}</sup>",
+        height=240 + 28 * len(rows),
     )
     figures = [("stability", summary), ("how-many-pairs", how_many_pairs(table, aggregate_rows, statistic, run))]
     full = full_halvings(table)
