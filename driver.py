@@ -27,7 +27,7 @@ from jobs.results.query import QueryError, format_table, query
 from jobs.results.report import DRILL_DOWN_PAIRS, build_report
 from jobs.results.stability import DEFAULT_SPLITS, MAX_PAIRS, SplitHalves
 from jobs.run import JobError, run_job
-from jobs.spec import DEFAULT_BATCH_PAIRS, JobSpec
+from jobs.spec import DEFAULT_BATCH_PAIRS, DEFAULT_CONNECT_TIMEOUT, JobSpec
 from jobs.store import OutputConflict, Store
 from worker.circuits import MIB_BUDGETS, SELECTIONS, parse_budgets
 from worker.options import (
@@ -149,6 +149,13 @@ def run_options(positions_help: str | None, positions_default: str | None, direc
         ),
         click.option(
             "--address", help="Join a running Ray cluster (auto or HOST:PORT). Default: start a local Ray for this run."
+        ),
+        click.option(
+            "--connect-timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            default=DEFAULT_CONNECT_TIMEOUT,
+            show_default=True,
+            help="Seconds the cluster at --address (or RAY_ADDRESS) has to answer before the run gives up on it.",
         ),
         click.option(
             "--workers", type=click.IntRange(min=1), help="Number of actors. Default: one per GPU, or 1 CPU actor."

@@ -9,17 +9,19 @@ makes the plain init attach. One actor per GPU when the cluster has GPUs, else
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
+import grpc
 import ray
+from ray._private.gcs_utils import create_gcs_channel
 from ray._private.services import canonicalize_bootstrap_address_or_die
+from ray.core.generated.gcs_service_pb2 import GetClusterIdRequest
+from ray.core.generated.gcs_service_pb2_grpc import NodeInfoGcsServiceStub
 
 from worker.parts import is_uri
 
 MAX_RESTARTS = -1  # a dead actor (process exit, OOM kill) always comes back ...
 MAX_TASK_RETRIES = 2  # ... but a shard that keeps killing it is given up and reported
-PROBE_SECONDS = 5  # how long an address may take to accept a connection before it counts as down
 
 
 class NoCluster(ConnectionError):
@@ -39,32 +41,58 @@ class PoolShape:
     threads: int
 
 
-def probe(address: str, shown: str) -> None:
-    """Fail fast where nothing listens: `ray.init` would retry a dead address for two minutes.
+def gcs_address(address: str, shown: str) -> str:
+    """HOST:PORT of the GCS that `ray.init(address)` will join, found as `ray.init` finds it.
 
-    `auto` is resolved the way `ray.init` resolves it (the last `ray start`, or a running GCS);
-    HOST:PORT is tried as given. Addresses of other schemes (ray://) are left to Ray.
-    `shown` is how the address is named to the user.
+    `auto` is the address the last `ray start` recorded under the Ray temp dir, or a GCS found
+    running on this machine, so it may be a cluster the user did not mean: every error says
+    which address was found. A loopback host stands for the node's own IP, as in `ray.init`.
+    """
+    try:
+        return canonicalize_bootstrap_address_or_die(address)
+    except ConnectionError:  # `auto` found nothing
+        raise NoCluster(shown) from None
+
+
+def check_answers(address: str, shown: str, seconds: float) -> None:
+    """Fail within `seconds` where no GCS answers: `ray.init` would wait minutes for one.
+
+    `ray.init` retries a GCS that refuses, or that accepts connections but never replies (a
+    stopped or half shut-down head, a stale address), for minutes, logging as it goes. One
+    cheap GCS call with a deadline, on Ray's own gRPC channel (its token and TLS settings), asks
+    the same GCS first. A GCS that refuses the token has answered: `ray.init` says the rest.
+    Addresses of other schemes (ray://) are left to Ray.
     """
     if is_uri(address):
         return
+    target = gcs_address(address, shown)
+    found = f" (found {target})" if address == "auto" else ""
+    channel = create_gcs_channel(target)
     try:
-        bootstrap = canonicalize_bootstrap_address_or_die(address) if address == "auto" else address
-    except ConnectionError:
-        raise NoCluster(shown) from None
-    host, _, port = bootstrap.rpartition(":")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_SECONDS).close()
-    except (OSError, ValueError) as error:
-        found = f" (found {bootstrap})" if bootstrap != address else ""
-        raise NoCluster(shown, f"{found}: {getattr(error, 'strerror', None) or error}") from None
+        NodeInfoGcsServiceStub(channel).GetClusterId(GetClusterIdRequest(), timeout=seconds)
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.UNAUTHENTICATED:
+            raise NoCluster(shown, f"{found}: {unanswered(error, seconds)}") from None
+    finally:
+        channel.close()
 
 
-def connect(address: str | None) -> None:
+def unanswered(error: grpc.RpcError, seconds: float) -> str:
+    """Why no GCS answered, in a few words."""
+    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"its GCS did not answer within {seconds:g} s (--connect-timeout)"
+    if error.code() == grpc.StatusCode.UNAVAILABLE:  # gRPC's last word is the socket's: Connection refused, ...
+        return (error.details() or "unavailable").rpartition(": ")[2].rstrip("]")
+    return f"what answers is not a Ray GCS ({error.code().name}: {error.details()})"
+
+
+def connect(address: str | None, seconds: float) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS) once its GCS answers within `seconds`, else
+    start an embedded local Ray."""
     if address is not None or os.environ.get("RAY_ADDRESS"):
         target = address or os.environ["RAY_ADDRESS"]
         shown = address or f"{target} (from RAY_ADDRESS)"
-        probe(target, shown)
+        check_answers(target, shown, seconds)
         try:
             ray.init(address=address, logging_level="WARNING")
         except ConnectionError:

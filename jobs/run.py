@@ -393,9 +393,9 @@ def prepare_job(spec: JobSpec, reading: Reading, started: float, phases: Phases)
 
 
 @contextmanager
-def ray_running(address: str | None, phases: Phases) -> Iterator[None]:
+def ray_running(spec: JobSpec, phases: Phases) -> Iterator[None]:
     with phases.timed("start_ray"):
-        connect(address)
+        connect(spec.address, spec.connect_timeout)
     try:
         yield
     finally:
@@ -486,7 +486,7 @@ def run_job(spec: JobSpec) -> int:
     started, phases = time.time(), Phases()
     with ThreadPoolExecutor(max_workers=1) as pool:
         validation = pool.submit(validated_file, spec, phases)
-        with ray_running(spec.address, phases):
+        with ray_running(spec, phases):
             pool = ready_actors(spec, phases)  # they load the model while the file is validated
             job = prepare_job(spec, validation.result(), started, phases)
             status = compute(job, pool) if job.todo else "done"

@@ -17,6 +17,7 @@ from worker.options import DEFAULT_DONOR, DEFAULT_IG_STEPS, DEFAULT_MAX_BATCH_TO
 from worker.parts import opened
 
 DEFAULT_BATCH_PAIRS = 32
+DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds a cluster's GCS has to answer (jobs/cluster.py)
 RESULT_DECIDING = (
     "model",
     "components",
@@ -54,6 +55,7 @@ class JobSpec:
     dtype: str = "float32"
     device: str = "auto"
     address: str | None = None
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     workers: int | None = None
     batch_pairs: int = DEFAULT_BATCH_PAIRS
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS

@@ -5,8 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -124,6 +129,48 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# A PID namespace of its own, with a /proc to match; --kill-child: the command dies with unshare,
+# which is the process a test's timeout kills.
+OWN_PIDS = ["unshare", "--pid", "--fork", "--mount-proc", "--map-root-user", "--kill-child"]
+
+
+@cache
+def own_pids_allowed() -> bool:
+    """Whether this machine lets a test make PID namespaces (containers may forbid it)."""
+    try:
+        return subprocess.run([*OWN_PIDS, "true"], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def without_other_rays(command: list[str]) -> list[str]:
+    """`command` where Ray's `auto` sees no Ray processes but its own: in a PID namespace of its own.
+
+    `auto` takes a GCS it finds running anywhere on the machine (another test run's, another
+    user's) over the address the last `ray start` recorded, and RAY_TMPDIR hides only the latter.
+    Where namespaces are not allowed the command runs as it is, and the test is skipped while
+    another Ray runs here.
+    """
+    from ray._private.services import find_gcs_addresses  # ray: only for the tests that start it
+
+    if own_pids_allowed():
+        return [*OWN_PIDS, *command]
+    find_gcs_addresses.cache_clear()
+    if find_gcs_addresses():
+        pytest.skip("another Ray runs on this machine, and `auto` would find it (no PID namespace allowed)")
+    return command
+
+
+@pytest.fixture
+def ray_tmpdir(monkeypatch) -> Iterator[Path]:
+    """RAY_TMPDIR of the test's own: the address `ray start` records and the sessions of the Rays
+    it starts are its alone, and gone after it. Short, as Ray's socket paths under it must be."""
+    path = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    monkeypatch.setenv("RAY_TMPDIR", str(path))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def write_jsonl(path: Path, records: list) -> Path:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,15 @@ import pytest
 from jobs.means import means_table
 from jobs.pairfile import read_pairs
 from jobs.results.aggregate import DEFAULT_MIN_GAP
-from tests.conftest import EXAMPLE_PAIRS, REPO, Core, free_port, score_tolerance, write_jsonl
+from tests.conftest import (
+    EXAMPLE_PAIRS,
+    REPO,
+    Core,
+    free_port,
+    score_tolerance,
+    without_other_rays,
+    write_jsonl,
+)
 from worker.edge_runs import edge_tables
 from worker.faults import TEST_FAULT_ENV
 from worker.graph import Graph
@@ -352,25 +361,47 @@ def test_the_driver_starts_without_torch_or_transformers():
     assert loaded.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("address", ["auto", "127.0.0.1:{port}"])
-def test_no_ray_cluster_at_the_address_is_one_line(tmp_path, tiny_model_dir, address):
-    address = address.format(port=free_port())
-    failed = run_driver(
-        "--pairs",
-        EXAMPLE_PAIRS,
-        "--model",
-        tiny_model_dir,
-        "--out",
-        tmp_path / "o",
-        "--address",
-        address,
-        env_extra={"RAY_TMPDIR": str(tmp_path)},
-    )  # no `ray start` recorded here
+def run_driver_at(
+    address: str, model_dir: Path, out: Path, *options, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """The driver asked to join `address`; `auto` sees no Ray but those of this test (its RAY_TMPDIR,
+    its processes). Its timeout is well short of the minutes `ray.init` would wait."""
+    args = ("--pairs", EXAMPLE_PAIRS, "--model", model_dir, "--out", out, "--address", address, *options)
+    command = driver_command(*args)
+    if address == "auto":
+        command = without_other_rays(command)
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def no_cluster_line(failed: subprocess.CompletedProcess, address: str) -> str:
+    """The driver's one line for an address with no cluster, after checking that it is one line and exit 2."""
     assert failed.returncode == 2, failed.stderr
     assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr
     (line,) = failed.stderr.strip().splitlines()
     assert line.startswith(f"error: no running Ray cluster at {address}")
     assert line.endswith("; start one with ray start --head, or leave out --address")
+    return line
+
+
+@pytest.mark.parametrize("address", ["auto", "127.0.0.1:{port}"])
+def test_no_ray_cluster_at_the_address_is_one_line(tmp_path, tiny_model_dir, ray_tmpdir, address):
+    address = address.format(port=free_port())
+    line = no_cluster_line(run_driver_at(address, tiny_model_dir, tmp_path / "o"), address)  # no `ray start` recorded
+    why = "" if address == "auto" else ": Connection refused"  # auto: found nothing to name
+    assert line.startswith(f"error: no running Ray cluster at {address}{why}; ")
+
+
+def test_an_address_that_accepts_but_never_answers_is_one_line(tmp_path, tiny_model_dir):
+    """A process listens there but never replies (a hung head): the connection is given up on
+    after --connect-timeout. It listens on every interface: `ray.init` takes 127.0.0.1 for the
+    node's own IP, and so does the driver's check."""
+    with socket.create_server(("0.0.0.0", 0), backlog=16) as server:
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        started = time.time()
+        failed = run_driver_at(address, tiny_model_dir, tmp_path / "o", "--connect-timeout", 1.5)
+    assert time.time() - started < 60
+    line = no_cluster_line(failed, address)
+    assert line.startswith(f"error: no running Ray cluster at {address}: its GCS did not answer within 1.5 s")
 
 
 def test_an_unreachable_hub_fails_at_once_in_one_line(tmp_path):
