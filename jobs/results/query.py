@@ -29,11 +29,14 @@ class QueryError(ValueError):
     """Bad SQL or a missing table; the message is one line."""
 
 
-def duckdb_connection() -> duckdb.DuckDBPyConnection:
+def duckdb_connection(threads: int | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection held to `DUCKDB_MEMORY_LIMIT`, spilling to a directory of its own
-    (DuckDB instances sharing one overwrite each other's files)."""
+    (DuckDB instances sharing one overwrite each other's files). `threads`: at most this many
+    (the aggregate's and stability's small batches take 1: each thread holds hash tables of its
+    own, and the batches are too small to gain from more); by default one per core."""
     spill = f"{tempfile.gettempdir()}/patchsweep-duckdb-{uuid.uuid4().hex}"
-    connection = duckdb.connect(config={"memory_limit": DUCKDB_MEMORY_LIMIT, "temp_directory": spill})
+    config = {"memory_limit": DUCKDB_MEMORY_LIMIT, "temp_directory": spill}
+    connection = duckdb.connect(config=config | ({"threads": threads} if threads else {}))
     connection.execute("SET enable_progress_bar = false")  # it would cut into the driver's stderr lines
     # Arrow scans carry no row counts, so the join orderer guessed one row for each view and could
     # build its hash table on effects (millions of rows, which did not spill). Joins run as
