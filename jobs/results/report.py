@@ -205,7 +205,7 @@ def drill_down_figures(
     """Score heatmaps of the first few pairs, with their own tokens on x: layer (or layer.head for
     heads) x each position patched, or `all` where every position was patched at once; in a
     path-patching run, sender layer.head x sender position per receiver. Their rows are read a
-    batch of parts at a time (`Store.shard_batches`)."""
+    batch of parts at a time (`Store.row_batches`)."""
     pairs = connection.sql(f"SELECT pair_id, tokens FROM pairs ORDER BY pair_id LIMIT {int(n_pairs)}").fetchall()
     if not pairs:
         return []
@@ -213,12 +213,7 @@ def drill_down_figures(
     chosen = pc.field("pair_id").isin([pair_id for pair_id, _ in pairs])
     connection.register(
         "drill_down",
-        pa.concat_tables(
-            [
-                store.parts(store.results, files).to_table(columns=columns, filter=chosen)
-                for files, _ in store.shard_batches()
-            ]
-        ),
+        pa.concat_tables([results.to_table(columns=columns, filter=chosen) for results, _ in store.row_batches()]),
     )
     figures = []
     for pair_id, tokens in pairs:
