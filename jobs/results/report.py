@@ -27,7 +27,7 @@ from jobs.results.circuit_report import circuit_figures
 from jobs.results.circuit_report import summary as circuit_summary
 from jobs.results.edge_report import agreement, edge_figures
 from jobs.results.heatmaps import Panel, heatmap, small_multiples
-from jobs.results.query import connect_tables
+from jobs.results.query import connect_tables, release_memory
 from jobs.results.stability import DEFAULT_HALVES, SplitHalves, stability, stability_figures
 from jobs.results.verification import collect_verified, correlations, fmt, scatter_figures, top_k_agreement
 from jobs.store import (
@@ -391,7 +391,9 @@ def write_report(
         return f"report: {store.path(REPORT_FILE)} ({len(figures)} figures)"
     statistic = "estimate" if method_of(manifest).estimates else "score"
     heatmaps = aggregate_figures(aggregate_rows, run, label_positions(connection), statistic, store.kind)
+    release_memory()
     pairs = drill_down_figures(connection, store, run, drill_down, statistic)
+    release_memory()
     checks, scatters = verification(connection, manifest, run, min_gap)
     layout = "sender layer and head, per receiver" if store.kind.senders else "layer and position"
     document = page(
@@ -430,6 +432,7 @@ def build_report(
     another min-gap than the report beside it; an earlier stability table not rebuilt likewise."""
     manifest = store.read_manifest() or {}
     direction, metric = manifest.get("direction", "denoise"), manifest.get("metric", DEFAULT_METRIC)
+    release_memory()  # what the run (the driver's pairs table) left cached
     rows = aggregate(store, direction, None, min_gap, metric).to_pylist()
     grouped = aggregate(store, direction, group_by, min_gap, metric).to_pylist() if group_by else []
     if not group_by:
@@ -437,8 +440,10 @@ def build_report(
     rows += grouped
     stable, statistic = None, "estimate" if method_of(manifest).estimates else "score"
     n_pairs = pq.read_metadata(store.path(PAIRS_FILE), filesystem=store.fs).num_rows
+    release_memory()
     if halves.wanted(n_pairs):
         stable = stability(store, metric, min_gap, statistic, halves.splits, halves.seed, grouped)
+        release_memory()
     else:
         store.remove(STABILITY_FILE)
     return write_report(store, rows, min_gap, drill_down, png, (halves.said(n_pairs, stable), stable), statistic)
