@@ -29,7 +29,7 @@ PAIRS_ROW_GROUP = 65_536
 COMPACTED = "parts-"  # a compacted results file: parts-00000-00999 holds shards part-00000 .. part-00999
 RESULTS_NAME = re.compile(r"part-\d+|parts-\d+-\d+")  # a results file's name, without `.parquet`
 BATCH_PARTS = 1000  # parts read together; a dataset keeps the footer of every part it has read
-QUERY_ROWS = 1 << 16  # results rows a query grouping per pair reads at once (`Store.row_batches`)
+QUERY_ROWS = 1 << 15  # results rows a query grouping per pair reads at once (`Store.row_batches`)
 MANIFEST, PAIRS_FILE, INVALID_FILE = "manifest.json", "pairs.parquet", "invalid.jsonl"
 AGGREGATE_FILE, REPORT_FILE = "aggregate.parquet", "report.html"
 GROUPS_FILE = "aggregate_groups.parquet"  # `report --group-by`: per group, beside the overall aggregate
@@ -106,8 +106,13 @@ class Store:
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
         """Write to a temporary name, then rename: readers see the whole file or none."""
+        self.write_pieces([data], *parts)
+
+    def write_pieces(self, pieces: Iterable[bytes], *parts: str) -> None:
+        """`write_bytes` of the concatenated `pieces`, made and written one at a time."""
         with atomic_output(self.fs, self.path(*parts)) as stream:
-            stream.write(data)
+            for piece in pieces:
+                stream.write(piece)
 
     def write_table(self, table: pa.Table, *parts: str) -> None:
         write_parquet(self.fs, self.path(*parts), table)
