@@ -29,6 +29,7 @@ PAIRS_ROW_GROUP = 65_536
 COMPACTED = "parts-"  # a compacted results file: parts-00000-00999 holds shards part-00000 .. part-00999
 RESULTS_NAME = re.compile(r"part-\d+|parts-\d+-\d+")  # a results file's name, without `.parquet`
 BATCH_PARTS = 1000  # parts read together; a dataset keeps the footer of every part it has read
+QUERY_ROWS = 1 << 15  # results rows a query grouping per pair reads at once (`Store.row_batches`)
 MANIFEST, PAIRS_FILE, INVALID_FILE = "manifest.json", "pairs.parquet", "invalid.jsonl"
 AGGREGATE_FILE, REPORT_FILE = "aggregate.parquet", "report.html"
 GROUPS_FILE = "aggregate_groups.parquet"  # `report --group-by`: per group, beside the overall aggregate
@@ -105,8 +106,13 @@ class Store:
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
         """Write to a temporary name, then rename: readers see the whole file or none."""
+        self.write_pieces([data], *parts)
+
+    def write_pieces(self, pieces: Iterable[bytes], *parts: str) -> None:
+        """`write_bytes` of the concatenated `pieces`, made and written one at a time."""
         with atomic_output(self.fs, self.path(*parts)) as stream:
-            stream.write(data)
+            for piece in pieces:
+                stream.write(piece)
 
     def write_table(self, table: pa.Table, *parts: str) -> None:
         write_parquet(self.fs, self.path(*parts), table)
@@ -198,6 +204,29 @@ class Store:
                 files, shards = [], []
         if files:
             yield files, shards
+
+    def row_batches(self, rows: int | None = QUERY_ROWS) -> Iterator[tuple[ds.Dataset, list[str]]]:
+        """The results files as datasets of about `rows` rows each (whole files, so a pair's rows
+        are never split; a larger file alone), with the shards they hold: what a query grouping
+        per pair reads at once, so its hash table holds about `rows` groups, not a thousand
+        shards' (650 MiB at 200,000 pairs, docs/PERFORMANCE.md). Each file's footer is read once
+        and kept only while its batch is read. `rows` None: the batches of `shard_batches`."""
+        if rows is None:
+            for files, shards in self.shard_batches():
+                yield self.parts(self.results, files), shards
+            return
+        parquet = ds.ParquetFileFormat()
+        held, shards, held_rows = [], [], 0
+        for name, covers in self.results_files().items():
+            fragment = parquet.make_fragment(self.path(self.results, f"{name}.parquet"), self.fs)
+            held.append(fragment)
+            shards += covers
+            held_rows += fragment.metadata.num_rows
+            if held_rows >= rows:
+                yield ds.FileSystemDataset(held, held[0].physical_schema, parquet, self.fs), shards
+                held, shards, held_rows = [], [], 0
+        if held:
+            yield ds.FileSystemDataset(held, held[0].physical_schema, parquet, self.fs), shards
 
     def parts(self, directory: str, names: list[str], schema: pa.Schema | None = None) -> ds.Dataset:
         """The files `names` (without `.parquet`) of `directory` (the results directory or `_pairs`) as one dataset."""

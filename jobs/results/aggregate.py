@@ -20,18 +20,28 @@ import pyarrow.parquet as pq
 
 from jobs.results.intervals import with_interval
 from jobs.results.query import QueryError, duckdb_connection
-from jobs.store import AGGREGATE_FILE, EDGES, FAITHFULNESS, GROUPS_FILE, PAIR_PARTS_DIR, PAIRS_FILE, Store
+from jobs.store import (
+    AGGREGATE_FILE,
+    EDGES,
+    FAITHFULNESS,
+    GROUPS_FILE,
+    PAIR_PARTS_DIR,
+    PAIRS_FILE,
+    QUERY_ROWS,
+    Store,
+)
 from worker.circuits import EMPTY
 from worker.options import DEFAULT_METRIC, METHODS
 
 DEFAULT_MIN_GAP = 0.1
 ALL_POSITIONS = "all"  # the label of rows that patched every position at once
 
-# In stages, so that memory does not grow with the run: per batch of shards (`Store.shard_batches`:
-# their results parts joined with their pairs parts), sums per (cell, pair)
-# then per cell; at the end, the batches' sums per cell. A count of distinct pairs per cell over
-# the whole run keeps a hash set of ids in every group, which grows with the run until it runs
-# out of memory (docs/PERFORMANCE.md, the scale benchmark).
+# In stages, so that memory does not grow with the run: per batch of whole results files of about
+# `QUERY_ROWS` rows (`Store.row_batches`: their results parts joined with their pairs parts), sums
+# per (cell, pair) then per cell, kept in a DuckDB table; at the end, the batches' sums per cell.
+# A count of distinct pairs per cell over the whole run keeps a hash set of ids in every group,
+# which grows with the run until it runs out of memory, and so does the per (cell, pair) stage
+# over a thousand shards at once (docs/PERFORMANCE.md, the scale benchmark).
 ESTIMATE_SUMS = """
            count(estimate) AS n_e, sum(estimate::DOUBLE) AS s_e, sum(estimate::DOUBLE * estimate) AS ss_e,"""
 ESTIMATE_BATCH_TOTALS = """
@@ -227,21 +237,25 @@ def aggregate(
         "label": LABEL_SQL.format(position=position),
         "metric": metric,
     }
-    table = in_batches(store, schema, BATCH_SQL.format(**fields), AGGREGATE_SQL.format(**fields))
+    table = in_batches(store, schema, BATCH_SQL.format(**fields), AGGREGATE_SQL.format(**fields), QUERY_ROWS)
     return written(store, with_intervals(table, estimates), group_by)
 
 
-def in_batches(store: Store, pairs_schema: pa.Schema, batch_sql: str, total_sql: str) -> pa.Table:
-    """`batch_sql` over each batch of finished shards (views `batch`, `batch_pairs`), then
-    `total_sql` over their results (view `batches`): memory bounded by a batch, not the run."""
-    connection, batches = duckdb_connection(), []
-    for files, shards in store.shard_batches():
-        connection.register("batch", store.parts(store.results, files))
+def in_batches(
+    store: Store, pairs_schema: pa.Schema, batch_sql: str, total_sql: str, rows: int | None = None
+) -> pa.Table:
+    """`batch_sql` over each batch of finished shards (views `batch`, `batch_pairs`; `rows`: of
+    about that many results rows, for a query grouping per pair, see `Store.row_batches`), then
+    `total_sql` over their results (table `batches`, DuckDB's, so under its memory limit):
+    memory bounded by a batch, not the run."""
+    connection, into = duckdb_connection(threads=1 if rows else None), "CREATE TEMP TABLE batches AS"
+    for results, shards in store.row_batches(rows):
+        connection.register("batch", results)
         connection.register("batch_pairs", store.parts(PAIR_PARTS_DIR, shards, pairs_schema))
-        batches.append(connection.sql(batch_sql).to_arrow_table())
-    if not batches:
+        connection.execute(f"{into} {batch_sql}")
+        into = "INSERT INTO batches"
+    if into.startswith("CREATE"):
         raise QueryError(f"{store.uri}: no finished shards to aggregate")
-    connection.register("batches", pa.concat_tables(batches))
     return connection.sql(total_sql).to_arrow_table()
 
 

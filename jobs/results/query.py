@@ -9,6 +9,8 @@ aggregation take gigabytes on a machine shared with the actors (docs/PERFORMANCE
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import io
 import json
 import tempfile
@@ -19,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 
 from jobs.store import AGGREGATE_FILE, GROUPS_FILE, PAIRS_FILE, STABILITY_FILE, Store
 
@@ -29,17 +32,29 @@ class QueryError(ValueError):
     """Bad SQL or a missing table; the message is one line."""
 
 
-def duckdb_connection() -> duckdb.DuckDBPyConnection:
+def duckdb_connection(threads: int | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection held to `DUCKDB_MEMORY_LIMIT`, spilling to a directory of its own
-    (DuckDB instances sharing one overwrite each other's files)."""
+    (DuckDB instances sharing one overwrite each other's files). `threads`: at most this many
+    (the aggregate's and stability's small batches take 1: each thread holds hash tables of its
+    own, and the batches are too small to gain from more); by default one per core."""
     spill = f"{tempfile.gettempdir()}/patchsweep-duckdb-{uuid.uuid4().hex}"
-    connection = duckdb.connect(config={"memory_limit": DUCKDB_MEMORY_LIMIT, "temp_directory": spill})
+    config = {"memory_limit": DUCKDB_MEMORY_LIMIT, "temp_directory": spill}
+    connection = duckdb.connect(config=config | ({"threads": threads} if threads else {}))
     connection.execute("SET enable_progress_bar = false")  # it would cut into the driver's stderr lines
     # Arrow scans carry no row counts, so the join orderer guessed one row for each view and could
     # build its hash table on effects (millions of rows, which did not spill). Joins run as
     # written instead: the big view first (probed), pairs second (built).
     connection.execute("SET disabled_optimizers = 'join_order,build_side_probe_side'")
     return connection
+
+
+def release_memory() -> None:
+    """Hand back to the system the memory pyarrow's pool and the C heap keep cached once freed: a
+    step of the report then starts from what is in use, not from the high-water mark of the one
+    before (the run's pairs table left 55 MiB cached at 50,000 pairs, docs/PERFORMANCE.md)."""
+    pa.default_memory_pool().release_unused()
+    with contextlib.suppress(AttributeError, OSError):  # glibc's; elsewhere there is nothing to call
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def connect_tables(store: Store) -> duckdb.DuckDBPyConnection:
@@ -58,6 +73,9 @@ def connect_tables(store: Store) -> duckdb.DuckDBPyConnection:
         files = list(store.results_files()) if view == store.results else []
         if files:  # the files `results_files` names: not the parts a compacted file holds too
             dataset = store.parts(store.results, files)
+        elif store.exists(name) and natively_read(store, name):
+            connection.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet({sql_string(store.path(name))})")
+            continue
         elif store.exists(name):
             dataset = ds.dataset(store.path(name), filesystem=store.fs, format="parquet")
         else:
@@ -65,6 +83,18 @@ def connect_tables(store: Store) -> duckdb.DuckDBPyConnection:
         connection.register(f"_{view}_dataset", dataset)
         connection.execute(f"CREATE VIEW {view} AS SELECT * FROM _{view}_dataset")
     return connection
+
+
+def natively_read(store: Store, name: str) -> bool:
+    """Whether DuckDB reads the file `name` itself: a local file (its own reader streams within
+    its memory limit, where a pyarrow scan decodes whole row groups ahead: the report's pass over
+    pairs' labels took 77 MiB more at 200,000 pairs, docs/PERFORMANCE.md) whose path DuckDB would
+    not take for a glob. Elsewhere (S3) through pyarrow's filesystem."""
+    return isinstance(store.fs, pafs.LocalFileSystem) and not any(c in store.path(name) for c in "*?[{")
+
+
+def sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def one_line(error: Exception) -> str:

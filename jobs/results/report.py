@@ -10,10 +10,12 @@ each heatmap as a PNG by screenshotting it in headless Chromium, when Chromium i
 from __future__ import annotations
 
 import html
+import importlib.resources
 import shutil
 import subprocess
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -27,7 +29,7 @@ from jobs.results.circuit_report import circuit_figures
 from jobs.results.circuit_report import summary as circuit_summary
 from jobs.results.edge_report import agreement, edge_figures
 from jobs.results.heatmaps import Panel, heatmap, small_multiples
-from jobs.results.query import connect_tables
+from jobs.results.query import connect_tables, release_memory
 from jobs.results.stability import DEFAULT_HALVES, SplitHalves, stability, stability_figures
 from jobs.results.verification import collect_verified, correlations, fmt, scatter_figures, top_k_agreement
 from jobs.store import (
@@ -205,7 +207,7 @@ def drill_down_figures(
     """Score heatmaps of the first few pairs, with their own tokens on x: layer (or layer.head for
     heads) x each position patched, or `all` where every position was patched at once; in a
     path-patching run, sender layer.head x sender position per receiver. Their rows are read a
-    batch of parts at a time (`Store.shard_batches`)."""
+    batch of parts at a time (`Store.row_batches`)."""
     pairs = connection.sql(f"SELECT pair_id, tokens FROM pairs ORDER BY pair_id LIMIT {int(n_pairs)}").fetchall()
     if not pairs:
         return []
@@ -213,12 +215,7 @@ def drill_down_figures(
     chosen = pc.field("pair_id").isin([pair_id for pair_id, _ in pairs])
     connection.register(
         "drill_down",
-        pa.concat_tables(
-            [
-                store.parts(store.results, files).to_table(columns=columns, filter=chosen)
-                for files, _ in store.shard_batches()
-            ]
-        ),
+        pa.concat_tables([results.to_table(columns=columns, filter=chosen) for results, _ in store.row_batches()]),
     )
     figures = []
     for pair_id, tokens in pairs:
@@ -275,24 +272,45 @@ def summary_rows(connection, manifest: dict, min_gap: float) -> list[tuple[str, 
     ]
 
 
-def page(title: str, summary: list[tuple[str, str]], sections: list[tuple[str, list]]) -> str:
+def page_pieces(title: str, summary: list[tuple[str, str]], sections: list[tuple[str, list]]) -> Iterator[bytes]:
+    """report.html in pieces, written one at a time (`write_page`): the document is never whole in
+    memory, and plotly.js (4.8 MB) comes from its file a MiB at a time (`plotly_js`)."""
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary)
-    body = []
-    for heading, figures in (section for section in sections if section[1]):
-        body.append(f"<h2>{html.escape(heading)}</h2>")
-        body += [
-            f'<div class="figure" id="fig-{html.escape(name)}">'
-            f"{figure.to_html(full_html=False, include_plotlyjs=False)}</div>"
-            for name, figure in figures
-        ]
-    return (
+    yield (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title>"
-        f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        f"<title>{html.escape(title)}</title><script type='text/javascript'>"
+    ).encode()
+    yield from plotly_js()
+    yield (
+        "</script><style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
         "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}</style>"
-        f"</head><body><h1>{html.escape(title)}</h1><table>{rows}</table>{''.join(body)}</body></html>"
-    )
+        f"</head><body><h1>{html.escape(title)}</h1><table>{rows}</table>"
+    ).encode()
+    for heading, figures in (section for section in sections if section[1]):
+        yield f"<h2>{html.escape(heading)}</h2>".encode()
+        for name, figure in figures:
+            yield (
+                f'<div class="figure" id="fig-{html.escape(name)}">'
+                f"{figure.to_html(full_html=False, include_plotlyjs=False)}</div>"
+            ).encode()
+    yield b"</body></html>"
+
+
+def plotly_js() -> Iterator[bytes]:
+    """The bytes of `plotly.offline.get_plotlyjs()` (plotly's package_data/plotly.min.js), read a
+    MiB at a time: not whole as text and again as bytes."""
+    source = importlib.resources.files("plotly") / "package_data" / "plotly.min.js"
+    if not source.is_file():  # another plotly's layout: its own reader
+        yield plotly.offline.get_plotlyjs().encode()
+        return
+    with source.open("rb") as stream:
+        while chunk := stream.read(1 << 20):
+            yield chunk
+
+
+def write_page(store: Store, title: str, summary: list[tuple[str, str]], sections: list[tuple[str, list]]) -> None:
+    """report.html, written piece by piece (`page_pieces`)."""
+    store.write_pieces(page_pieces(title, summary, sections), REPORT_FILE)
 
 
 def write_pngs(figures: list[tuple[str, go.Figure]], out_dir: Path, chromium: str) -> list[Path]:
@@ -386,20 +404,22 @@ def write_report(
     if store.kind is FAITHFULNESS:
         figures = circuit_figures(store, aggregate_rows, manifest, run)
         summary += circuit_summary(aggregate_rows, manifest)
-        store.write_bytes(page(f"patchsweep: {model}", summary, [("Circuits", figures)]).encode(), REPORT_FILE)
+        write_page(store, f"patchsweep: {model}", summary, [("Circuits", figures)])
         return f"report: {store.path(REPORT_FILE)} ({len(figures)} figures)"
     if store.kind is EDGES:
         figures = edge_figures(aggregate_rows, run)
         summary += agreement(connection, method_of(manifest).title)
-        document = page(f"patchsweep: {model}", summary, [("Edges", figures), stability_section])
-        store.write_bytes(document.encode(), REPORT_FILE)
+        write_page(store, f"patchsweep: {model}", summary, [("Edges", figures), stability_section])
         return f"report: {store.path(REPORT_FILE)} ({len(figures)} figures)"
     statistic = "estimate" if method_of(manifest).estimates else "score"
     heatmaps = aggregate_figures(aggregate_rows, run, label_positions(connection), statistic, store.kind)
+    release_memory()
     pairs = drill_down_figures(connection, store, run, drill_down, statistic)
+    release_memory()
     checks, scatters = verification(connection, manifest, run, min_gap)
     layout = "sender layer and head, per receiver" if store.kind.senders else "layer and position"
-    document = page(
+    write_page(
+        store,
         f"patchsweep: {model}",
         summary + checks,
         [
@@ -409,7 +429,6 @@ def write_report(
             ("Individual pairs", pairs),
         ],
     )
-    store.write_bytes(document.encode(), REPORT_FILE)
     scattered = f", {len(scatters)} AtP checks" if scatters else ""
     said = f"report: {store.path(REPORT_FILE)} ({len(heatmaps)} heatmaps{scattered}, {len(pairs)} pair drill-downs)"
     if not png:
@@ -435,6 +454,7 @@ def build_report(
     another min-gap than the report beside it; an earlier stability table not rebuilt likewise."""
     manifest = store.read_manifest() or {}
     direction, metric = manifest.get("direction", "denoise"), manifest.get("metric", DEFAULT_METRIC)
+    release_memory()  # what the run (the driver's pairs table) left cached
     rows = aggregate(store, direction, None, min_gap, metric).to_pylist()
     grouped = aggregate(store, direction, group_by, min_gap, metric).to_pylist() if group_by else []
     if not group_by:
@@ -442,9 +462,11 @@ def build_report(
     rows += grouped
     stable, statistic = None, "estimate" if method_of(manifest).estimates else "score"
     n_pairs = pq.read_metadata(store.path(PAIRS_FILE), filesystem=store.fs).num_rows
+    release_memory()
     if halves.wanted(n_pairs):
         dtype = manifest.get("config", {}).get("dtype", "float32")
         stable = stability(store, metric, min_gap, statistic, halves.splits, halves.seed, grouped, dtype)
+        release_memory()
     else:
         store.remove(STABILITY_FILE)
     return write_report(store, rows, min_gap, drill_down, png, (halves.said(n_pairs, stable), stable), statistic)

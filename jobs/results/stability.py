@@ -31,6 +31,7 @@ pair) means are added into each split's two halves' sums, so memory holds the su
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,8 +77,8 @@ WHERE abs(p."clean_{metric}" - p."corrupted_{metric}") >= {min_gap} AND e.{stati
 class HalfSums:
     """Per split, per half, per (scope, cell): the sum and count of the pairs' values."""
 
-    halves: np.ndarray  # [halvings, pairs]: 0 for half A, 1 for half B, 2 for a pair left out
-    pair_index: dict[str, int]
+    halves: np.ndarray  # [halvings, pairs] int8: 0 for half A, 1 for half B, 2 for a pair left out
+    pair_ids: pa.Array  # in sorted order: a pair's index in `halves`
     cells: dict[tuple[str, str], int] = field(default_factory=dict)
     sums: np.ndarray = field(default_factory=lambda: np.zeros((0,)))
     counts: np.ndarray = field(default_factory=lambda: np.zeros((0,)))
@@ -90,7 +91,7 @@ class HalfSums:
             self.cells.setdefault(tuple(key.split("\x1f", 1)), len(self.cells))
         local = np.array([self.cells[tuple(k.split("\x1f", 1))] for k in keys.dictionary.to_pylist()], dtype=np.int64)
         cell = local[keys.indices.to_numpy(zero_copy_only=False)]
-        pairs = np.array([self.pair_index[p] for p in table.column("pair_id").to_pylist()], dtype=np.int64)
+        pairs = pc.index_in(table.column("pair_id"), value_set=self.pair_ids).to_numpy(zero_copy_only=False)
         values = table.column("value").to_numpy()
         splits, n = len(self.halves), len(self.cells)
         if self.sums.shape[-1:] != (n,):
@@ -99,21 +100,21 @@ class HalfSums:
                 grown[0][..., : self.sums.shape[-1]], grown[1][..., : self.counts.shape[-1]] = self.sums, self.counts
             self.sums, self.counts = grown
         for split, halves in enumerate(self.halves):
-            at = halves[pairs] * n + cell  # a pair left out (2) lands past the two halves' cells
+            at = halves[pairs].astype(np.int64) * n + cell  # a pair left out (2) lands past the two halves' cells
             self.sums[split] += np.bincount(at, weights=values, minlength=3 * n)[: 2 * n].reshape(2, n)
             self.counts[split] += np.bincount(at, minlength=3 * n)[: 2 * n].reshape(2, n)
 
 
-def halves(pair_ids: list[str], splits: int, seed: int, size: int | None = None) -> np.ndarray:
-    """[splits, pairs] (pairs in sorted id order): each split's random halves of every pair (0 for
-    A, 1 for B), or with `size` of `size` pairs drawn at random (the rest 2: left out)."""
+def halves(pair_ids: Sequence[str] | pa.Array, splits: int, seed: int, size: int | None = None) -> np.ndarray:
+    """[splits, pairs] int8 (pairs in sorted id order): each split's random halves of every pair (0
+    for A, 1 for B), or with `size` of `size` pairs drawn at random (the rest 2: left out)."""
     if size is None:
-        result = np.ones((splits, len(pair_ids)), dtype=np.int64)
+        result = np.ones((splits, len(pair_ids)), dtype=np.int8)
         for split in range(splits):
             order = np.random.default_rng([seed, split]).permutation(len(pair_ids))
             result[split, order[: len(pair_ids) // 2]] = 0
         return result
-    result = np.full((splits, len(pair_ids)), 2, dtype=np.int64)
+    result = np.full((splits, len(pair_ids)), 2, dtype=np.int8)
     for split in range(splits):
         order = np.random.default_rng([seed, split, size]).permutation(len(pair_ids))
         result[split, order[: size // 2]], result[split, order[size // 2 : size // 2 * 2]] = 0, 1
@@ -231,12 +232,15 @@ def cell_values_sql(store: Store, metric: str, min_gap: float, statistic: str) -
     return CELL_VALUES_SQL.format(kind=kind, layer=layer, head=head, position=position, label=label, **fields)
 
 
-def kept_pair_ids(store: Store, metric: str, min_gap: float) -> list[str]:
+def kept_pair_ids(store: Store, metric: str, min_gap: float) -> pa.Array:
+    """The ids of the pairs the min gap keeps, sorted (as Python sorts them: UTF-8 bytes sort as
+    code points), in Arrow: no Python string per pair."""
     pairs = pq.read_table(
         store.path(PAIRS_FILE), filesystem=store.fs, columns=["pair_id", f"clean_{metric}", f"corrupted_{metric}"]
     )
     gap = pc.abs(pc.subtract(pairs.column(f"clean_{metric}"), pairs.column(f"corrupted_{metric}")))
-    return sorted(pairs.filter(pc.greater_equal(gap, min_gap)).column("pair_id").to_pylist())
+    kept = pairs.filter(pc.greater_equal(gap, min_gap)).column("pair_id").combine_chunks()
+    return kept.take(pc.array_sort_indices(kept))
 
 
 def stability(
@@ -257,13 +261,15 @@ def stability(
     if store.kind is FAITHFULNESS or len(pair_ids) < 4:
         store.remove(STABILITY_FILE)
         return None
-    sizes = subsample_sizes(len(pair_ids))
-    halvings = np.concatenate([halves(pair_ids, splits, seed)] + [halves(pair_ids, splits, seed, n) for n in sizes])
-    sums = HalfSums(halvings, {pair: i for i, pair in enumerate(pair_ids)})
+    sizes = [None, *subsample_sizes(len(pair_ids))]  # the run's own halvings, then the smaller samples'
+    halvings = np.empty((splits * len(sizes), len(pair_ids)), dtype=np.int8)  # filled in place: no copy
+    for i, size in enumerate(sizes):
+        halvings[i * splits : (i + 1) * splits] = halves(pair_ids, splits, seed, size)
+    sums = HalfSums(halvings, pair_ids)
     pairs_schema = pq.read_schema(store.path(PAIRS_FILE), filesystem=store.fs)
-    connection, sql = duckdb_connection(), cell_values_sql(store, metric, min_gap, statistic)
-    for files, shards in store.shard_batches():
-        connection.register("batch", store.parts(store.results, files))
+    connection, sql = duckdb_connection(threads=1), cell_values_sql(store, metric, min_gap, statistic)
+    for results, shards in store.row_batches():  # a query's (scope, cell, pair) rows: about QUERY_ROWS
+        connection.register("batch", results)
         connection.register("batch_pairs", store.parts(PAIR_PARTS_DIR, shards, pairs_schema))
         sums.add(connection.sql(sql).to_arrow_table())
     rows = []
