@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 from jobs.results.intervals import with_interval
 from jobs.results.query import QueryError, duckdb_connection
 from jobs.store import AGGREGATE_FILE, EDGES, FAITHFULNESS, GROUPS_FILE, PAIR_PARTS_DIR, PAIRS_FILE, Store
-from worker.circuits import EMPTY
-from worker.options import DEFAULT_METRIC, METHODS
+from worker.contract.options import DEFAULT_METRIC, METHODS
+from worker.graph.circuits import EMPTY
 
 DEFAULT_MIN_GAP = 0.1
 ALL_POSITIONS = "all"  # the label of rows that patched every position at once
