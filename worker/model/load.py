@@ -1,9 +1,8 @@
 """Loading a checkpoint of a supported family into nnsight, from a hub id or a local directory.
 
 Both sources go through the same `TransformersModel` call; every way loading can fail
-(no network, bad path, an unsupported family or no causal LM head) becomes one `ModelLoadError` line.
-A hub that cannot be reached is noticed in seconds and the hub client put in offline mode
-(cached files only), instead of retrying every file for most of a minute.
+(no network, bad path, an unsupported family or no causal LM head) becomes one `ModelLoadError` line
+(the source resolved and the config checked by worker/model/checkpoint.py, as the driver does).
 """
 
 from __future__ import annotations
