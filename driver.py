@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from jobs.circuits import circuits_to_evaluate
+from jobs.circuit_sources import circuits_to_evaluate
 from jobs.cluster import NoCluster
 from jobs.compact import PARTS_PER_FILE
 from jobs.compact import compact as compact_run
@@ -29,8 +29,7 @@ from jobs.results.stability import DEFAULT_SPLITS, MAX_PAIRS, SplitHalves
 from jobs.run import JobError, run_job
 from jobs.spec import DEFAULT_BATCH_PAIRS, DEFAULT_CONNECT_TIMEOUT, JobSpec
 from jobs.store import OutputConflict, Store
-from worker.circuits import MIB_BUDGETS, SELECTIONS, parse_budgets
-from worker.options import (
+from worker.contract.options import (
     DEFAULT_COMPONENTS,
     DEFAULT_DONOR,
     DEFAULT_IG_STEPS,
@@ -48,8 +47,9 @@ from worker.options import (
     PatchOptions,
     parse_positions,
 )
-from worker.parts import base_name, child
-from worker.receivers import parse_receivers
+from worker.contract.receivers import parse_receivers
+from worker.contract.storage import base_name, child
+from worker.graph.circuits import MIB_BUDGETS, SELECTIONS, parse_budgets
 
 EXIT_USAGE = 2
 USER_ERRORS = (JobError, ModelLoadError, NoCluster, OutputConflict, PairFileError, QueryError, ValueError)
@@ -472,7 +472,9 @@ def find_circuits(
 )
 def make_ioi(n_pairs: int, seed: int, out: str, model: str, corruption: str) -> None:
     """Write IOI pairs (Wang et al. 2022 templates, both orders) with role labels."""
-    from worker.model import load_tokenizer  # torch and transformers: only the commands that need them load them
+    from worker.model.checkpoint import (
+        load_tokenizer,  # torch and transformers: only the commands that need them load them
+    )
 
     with user_errors_reported():
         tokenizer, _ = load_tokenizer(model)
@@ -494,7 +496,7 @@ def make_ioi(n_pairs: int, seed: int, out: str, model: str, corruption: str) -> 
 def make_greater_than(n_pairs: int, seed: int, out: str, model: str) -> None:
     """Write greater-than pairs (Hanna et al. 2023): "The war lasted from the year 17YY to the year 17",
     answer sets of the years above YY and at or below it, corrupted with YY = 01; for --metric prob_diff."""
-    from worker.model import load_tokenizer
+    from worker.model.checkpoint import load_tokenizer
 
     with user_errors_reported():
         tokenizer, _ = load_tokenizer(model)

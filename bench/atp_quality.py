@@ -21,8 +21,9 @@ import pandas as pd
 import torch
 
 from jobs.pairfile import read_pairs
-from worker.model import load_model, load_tokenizer
-from worker.patching import patch_batch
+from worker.methods.registry import patch_batch
+from worker.model.checkpoint import load_tokenizer
+from worker.model.load import load_model
 
 REPO = Path(__file__).resolve().parent.parent
 RANKINGS = {

@@ -1,5 +1,5 @@
 """What evaluating circuits costs: pairs x circuits per second of `driver.py circuit`'s core
-(worker/circuit_runs.py) over the 48 benchmark pairs, at MIB's ten budgets (and the empty
+(worker/methods/faithfulness.py) over the 48 benchmark pairs, at MIB's ten budgets (and the empty
 circuit), against a plain forward of the same pairs' clean prompts.
 
     python -m bench.circuits
@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from bench.gpt2_small import add_model_arguments, model_and_pairs
-from worker.circuit_runs import circuit_tables
-from worker.circuits import CIRCUITS_DIR, MIB_BUDGETS, Circuit
-from worker.graph import Graph
-from worker.options import PatchOptions
+from worker.contract.options import PatchOptions
+from worker.graph.circuits import CIRCUITS_DIR, MIB_BUDGETS, Circuit
+from worker.graph.mib import Graph
+from worker.methods.faithfulness import circuit_tables
 
 
 def best_of(rounds: int, run) -> float:

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from bench.scale import peak_rss_of
 from jobs.store import Store, part_name
-from worker.tables import effects_schema, pair_columns
+from worker.contract.tables import effects_schema, pair_columns
 
 REPO = Path(__file__).resolve().parent.parent
 QUERIES = (

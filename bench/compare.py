@@ -28,8 +28,9 @@ from bench.gpt2_small import build_gpt2_small
 from bench.seed_shape import seed_shape_patching
 from jobs.pairfile import read_pairs
 from tests.reference import reference_patching
-from worker.model import load_model, load_tokenizer
-from worker.patching import patch_batch
+from worker.methods.registry import patch_batch
+from worker.model.checkpoint import load_tokenizer
+from worker.model.load import load_model
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -30,9 +30,9 @@ import torch
 from bench.gpt2_small import add_model_arguments, model_and_pairs
 from jobs.results.aggregate import aggregate
 from jobs.store import EDGES, PAIR_PARTS_DIR, PAIRS_FILE, Store
-from worker.edge_runs import edge_tables
-from worker.graph import Graph
-from worker.options import PatchOptions
+from worker.contract.options import PatchOptions
+from worker.graph.mib import Graph
+from worker.methods.edges import edge_tables
 
 SHARD = 32
 

@@ -16,7 +16,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from examples.tiny_gpt2 import EOS, build_tokenizer, corpus
-from worker.pairs import Pair
+from worker.contract.pairs import Pair
 
 
 def save_random(out_dir: str | Path, make_model) -> Path:
@@ -97,7 +97,8 @@ def model_and_pairs(args: argparse.Namespace) -> tuple:
     file `args.repeat` times over, read with its tokenizer."""
     from bench.driver_throughput import repeated_pairs  # it imports this module
     from jobs.pairfile import read_pairs
-    from worker.model import load_model, load_tokenizer
+    from worker.model.checkpoint import load_tokenizer
+    from worker.model.load import load_model
 
     model_dir = str(build_small(args.family, f"{tempfile.gettempdir()}/patchsweep-{args.family}-12x768"))
     pairs_file = Path(tempfile.mkdtemp()) / "pairs.jsonl"

@@ -13,9 +13,9 @@ import time
 import torch
 
 from bench.gpt2_small import build_gpt2_small, synthetic_pairs
-from worker.model import load_model
-from worker.options import DEFAULT_MAX_BATCH_TOKENS
-from worker.patching import patch_batch
+from worker.contract.options import DEFAULT_MAX_BATCH_TOKENS
+from worker.methods.registry import patch_batch
+from worker.model.load import load_model
 
 
 def main() -> None:

@@ -23,11 +23,12 @@ import torch
 from bench.driver_throughput import repeated_pairs
 from bench.gpt2_small import build_small
 from jobs.pairfile import read_pairs
-from worker.model import load_model, load_tokenizer
-from worker.options import PatchOptions
-from worker.paths import path_batch
-from worker.receivers import parse_receiver
-from worker.sites import n_heads, n_layers
+from worker.contract.options import PatchOptions
+from worker.contract.receivers import parse_receiver
+from worker.methods.paths import path_batch
+from worker.model.checkpoint import load_tokenizer
+from worker.model.load import load_model
+from worker.model.sites import n_heads, n_layers
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -20,7 +20,7 @@ from jobs.results.intervals import t_quantile
 from jobs.results.query import query
 from jobs.results.stability import DEFAULT_SPLITS, stability
 from jobs.store import PAIR_PARTS_DIR, Store
-from worker.tables import effects_schema, pair_columns
+from worker.contract.tables import effects_schema, pair_columns
 
 LABELS = [
     "start",

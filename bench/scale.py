@@ -161,8 +161,8 @@ def whole_driver(pairs_file: Path, n_pairs: int, args) -> None:
 def read_only(pairs_file: Path, n_pairs: int, args) -> None:
     from jobs.pairfile import scan_pairs, stream_pairs
     from jobs.shards import filled_shards, plan_shards
-    from worker.model import load_tokenizer
-    from worker.options import PatchOptions
+    from worker.contract.options import PatchOptions
+    from worker.model.checkpoint import load_tokenizer
 
     tokenizer, n_ctx = load_tokenizer(str(REPO / args.model))
     start = time.perf_counter()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import nnsight
 import torch
 
-from worker.pairs import Pair
+from worker.contract.pairs import Pair
 
 
 def encoding(ids: tuple[int, ...]) -> dict:

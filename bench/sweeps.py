@@ -30,15 +30,18 @@ import torch
 
 from bench.driver_throughput import repeated_pairs
 from bench.gpt2_small import build_small
-from jobs.means import means_table
+from jobs.means_pass import means_table
 from jobs.pairfile import read_pairs
-from worker.donors import Donors
-from worker.means import donor_sums
-from worker.model import load_model, load_tokenizer
-from worker.options import MEAN_DONORS, PatchOptions, position_labels
-from worker.parts import MEANS_FILE
-from worker.patching import cells_to_run, model_cells, patch_batch, selected_cells
-from worker.sites import n_layers
+from worker.batch.cells import model_cells, selected_cells
+from worker.batch.donors import Donors
+from worker.batch.mean_donors import donor_sums
+from worker.contract.options import MEAN_DONORS, PatchOptions, position_labels
+from worker.contract.storage import MEANS_FILE
+from worker.engines.trace import cells_to_run
+from worker.methods.registry import patch_batch
+from worker.model.checkpoint import load_tokenizer
+from worker.model.load import load_model
+from worker.model.sites import n_layers
 
 REPO = Path(__file__).resolve().parent.parent
 

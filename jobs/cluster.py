@@ -18,7 +18,7 @@ from ray._private.services import canonicalize_bootstrap_address_or_die
 from ray.core.generated.gcs_service_pb2 import GetClusterIdRequest
 from ray.core.generated.gcs_service_pb2_grpc import NodeInfoGcsServiceStub
 
-from worker.parts import is_uri
+from worker.contract.storage import is_uri
 
 MAX_RESTARTS = -1  # a dead actor (process exit, OOM kill) always comes back ...
 MAX_TASK_RETRIES = 2  # ... but a shard that keeps killing it is given up and reported

@@ -26,10 +26,10 @@ import pyarrow.parquet as pq
 import zstandard
 
 from jobs.tokens import decoded_pieces, readable
-from worker.options import NEEDS_INCORRECT, PatchOptions
-from worker.pairs import Pair
-from worker.parts import opened
-from worker.tables import RESULT_COLUMNS
+from worker.contract.options import NEEDS_INCORRECT, PatchOptions
+from worker.contract.pairs import Pair
+from worker.contract.storage import opened
+from worker.contract.tables import RESULT_COLUMNS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -25,17 +25,17 @@ import ray
 from tqdm import tqdm
 
 from jobs.cluster import connect, pool_shape, start_actors
-from jobs.means import means_table
+from jobs.means_pass import means_table
 from jobs.pairfile import FileScan, scan_pairs, stream_pairs
 from jobs.results.report import build_report
 from jobs.shards import Shard, filled_shards, plan_shards, read_ahead
 from jobs.spec import JobSpec, config_hash, versions
 from jobs.store import Store, results_kind
-from worker.circuits import CIRCUITS_DIR
-from worker.graph import Graph
-from worker.options import MEAN_DONORS, METHODS, PatchOptions
-from worker.pairs import Pair
-from worker.parts import MEANS_FILE, PAIR_PARTS_DIR
+from worker.contract.options import MEAN_DONORS, METHODS, PatchOptions
+from worker.contract.pairs import Pair
+from worker.contract.storage import MEANS_FILE, PAIR_PARTS_DIR
+from worker.graph.circuits import CIRCUITS_DIR
+from worker.graph.mib import Graph
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -107,7 +107,9 @@ class Reading:
 
 def validated_file(spec: JobSpec, phases: Phases) -> Reading:
     with phases.timed("validate"):
-        from worker.model import load_tokenizer  # here, in the validation thread: torch loads while Ray starts
+        from worker.model.checkpoint import (
+            load_tokenizer,  # here, in the validation thread: torch loads while Ray starts
+        )
 
         tokenizer, n_ctx = load_tokenizer(spec.model)
         scan = scan_pairs(spec.pairs, tokenizer, n_ctx, spec.patch_options())
@@ -127,7 +129,7 @@ def say_if_every_edge_verified(spec: JobSpec) -> None:
     """An edge method's `--verify-top` above the model's edge count verifies every edge: said once."""
     if METHODS[spec.method].results != "edges" or not spec.verify_top:
         return
-    from worker.model import load_config
+    from worker.model.checkpoint import load_config
 
     edges = len(Graph.of_config(load_config(spec.model)).edges)
     if spec.verify_top > edges:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from jobs.pairfile import PairFileError
 from jobs.store import part_name
-from worker.pairs import Pair
+from worker.contract.pairs import Pair
 
 
 @dataclass(frozen=True)

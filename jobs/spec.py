@@ -12,9 +12,15 @@ import platform
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
-from worker.circuits import Circuit
-from worker.options import DEFAULT_DONOR, DEFAULT_IG_STEPS, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_METRIC, PatchOptions
-from worker.parts import opened
+from worker.contract.options import (
+    DEFAULT_DONOR,
+    DEFAULT_IG_STEPS,
+    DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_METRIC,
+    PatchOptions,
+)
+from worker.contract.storage import opened
+from worker.graph.circuits import Circuit
 
 DEFAULT_BATCH_PAIRS = 32
 DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds a cluster's GCS has to answer (jobs/cluster.py)

@@ -21,9 +21,17 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from jobs.pairfile import InvalidLine
-from worker.circuits import CIRCUITS_DIR
-from worker.options import METHODS
-from worker.parts import MEANS_FILE, PAIR_PARTS_DIR, PartWriter, atomic_output, filesystem, is_uri, write_parquet
+from worker.contract.options import METHODS
+from worker.contract.storage import (
+    MEANS_FILE,
+    PAIR_PARTS_DIR,
+    PartWriter,
+    atomic_output,
+    filesystem,
+    is_uri,
+    write_parquet,
+)
+from worker.graph.circuits import CIRCUITS_DIR
 
 PAIRS_ROW_GROUP = 65_536
 COMPACTED = "parts-"  # a compacted results file: parts-00000-00999 holds shards part-00000 .. part-00999

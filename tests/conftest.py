@@ -21,8 +21,9 @@ from examples.tiny_families import build_tiny
 from examples.tiny_gpt2 import build_tiny_gpt2
 from jobs.pairfile import encoder_for, parse_record, read_pairs
 from tests.reference import next_token_logits
-from worker.model import load_model, load_tokenizer
-from worker.patching import patch_batch
+from worker.methods.registry import patch_batch
+from worker.model.checkpoint import load_tokenizer
+from worker.model.load import load_model
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_PAIRS = REPO / "examples" / "pairs.jsonl"

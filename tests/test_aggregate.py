@@ -14,7 +14,7 @@ from scipy import stats
 from jobs.results.aggregate import aggregate
 from jobs.results.query import QueryError, format_table, query
 from jobs.store import Store
-from worker.tables import effects_schema, pair_columns
+from worker.contract.tables import effects_schema, pair_columns
 
 RNG = np.random.default_rng(0)
 

@@ -1,4 +1,4 @@
-"""AtP* (worker/atpstar.py) against an autograd reference of its two fixes (tests/reference.py::
+"""AtP* (worker/engines/atpstar.py) against an autograd reference of its two fixes (tests/reference.py::
 reference_atpstar): the QK fix's probabilities from a whole forward with the query or key
 patched, GradDrop's from one forward and backward per cut block, on every family."""
 
@@ -13,9 +13,9 @@ from tests.conftest import ATTENTION_SITES, OUTPUT_COMPONENTS, TEST_DEVICE, TOL
 from tests.reference import reference_atpstar
 from tests.test_means import by_hand, stored_means
 from tests.test_patching import by_cell, resampled
-from worker.atpstar import single_key_effects, single_key_weights
-from worker.model import load_model
-from worker.patching import patch_batch
+from worker.engines.atpstar import single_key_effects, single_key_weights
+from worker.methods.registry import patch_batch
+from worker.model.load import load_model
 
 COMPONENTS = (*OUTPUT_COMPONENTS, *ATTENTION_SITES)
 

@@ -14,9 +14,10 @@ from tests.conftest import ATTENTION_SITES, IOI_LINES, TEST_DEVICE, TOL
 from tests.reference import reference_atp
 from tests.test_means import by_hand, stored_means
 from tests.test_patching import assert_matches_reference, at_labels, by_cell, labelled, resampled
-from worker.model import load_model, load_tokenizer
-from worker.options import PatchOptions
-from worker.patching import patch_batch
+from worker.contract.options import PatchOptions
+from worker.methods.registry import patch_batch
+from worker.model.checkpoint import load_tokenizer
+from worker.model.load import load_model
 
 BUDGET = 24 * 16  # tokens per forward: small, so traces, pair groups and row chunks split
 

@@ -18,7 +18,7 @@ from jobs.results.query import DUCKDB_MEMORY_LIMIT, duckdb_connection
 from jobs.results.stability import stability
 from jobs.store import Store, part_name
 from tests.test_aggregate import pair_row
-from worker.tables import effects_schema, pair_columns
+from worker.contract.tables import effects_schema, pair_columns
 
 SHARDS = 6
 

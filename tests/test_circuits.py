@@ -1,4 +1,4 @@
-"""Circuits (worker/circuits.py): selection, pruning and EAP-IG's graph JSON on a graph small enough
+"""Circuits (worker/graph/circuits.py): selection, pruning and EAP-IG's graph JSON on a graph small enough
 to work by hand: two layers of one head, sequential blocks (23 edges)."""
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs.means import means_table
+from jobs.means_pass import means_table
 from tests.conftest import TOL
 from tests.reference import position_key, reference_edge_set, sender_outputs
 from tests.test_patching import labelled, resampled
-from worker.circuit_runs import circuit_tables
-from worker.circuits import (
+from worker.batch.mean_donors import donor_sums
+from worker.contract.options import PatchOptions
+from worker.contract.storage import MEANS_FILE
+from worker.graph.circuits import (
     CIRCUITS_DIR,
     MIB_BUDGETS,
     Circuit,
@@ -28,10 +30,8 @@ from worker.circuits import (
     select_greedy,
     select_top,
 )
-from worker.graph import Graph
-from worker.means import donor_sums
-from worker.options import PatchOptions
-from worker.parts import MEANS_FILE
+from worker.graph.mib import Graph
+from worker.methods.faithfulness import circuit_tables
 
 GRAPH = Graph(2, 1, parallel=False, d_model=8)
 SCORES = {  # everything else scores 0

@@ -28,7 +28,7 @@ from jobs.run import NodesLost, Pool, run_job, send_again
 from jobs.spec import DEFAULT_CONNECT_TIMEOUT, JobSpec
 from tests.conftest import EXAMPLE_PAIRS, REPO, free_port
 from tests.test_driver import assert_same_effects, driver_command, effects_by_key, no_cluster_line, run_driver_at
-from worker.faults import TEST_FAULT_ENV
+from worker.contract.faults import TEST_FAULT_ENV
 
 RAY = str(Path(sys.executable).parent / "ray")
 

@@ -14,7 +14,7 @@ from jobs.results.query import query
 from jobs.store import Store
 from tests.test_aggregate import pair_row
 from tests.test_driver import TEST_FAULT_ENV, assert_same_effects, effects_by_key, run_driver
-from worker.tables import effects_schema
+from worker.contract.tables import effects_schema
 
 ALL_ROWS = "SELECT * FROM effects ORDER BY pair_id, component, layer, position"
 

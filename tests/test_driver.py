@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.means import means_table
+from jobs.means_pass import means_table
 from jobs.pairfile import read_pairs
 from jobs.results.aggregate import DEFAULT_MIN_GAP
 from tests.conftest import (
@@ -28,15 +28,15 @@ from tests.conftest import (
     without_other_rays,
     write_jsonl,
 )
-from worker.edge_runs import edge_tables
-from worker.faults import TEST_FAULT_ENV
-from worker.graph import Graph
-from worker.means import donor_sums
-from worker.model import PROXY_VARIABLES
-from worker.options import PatchOptions
-from worker.parts import MEANS_FILE
-from worker.patching import patch_batch
-from worker.paths import path_batch
+from worker.batch.mean_donors import donor_sums
+from worker.contract.faults import TEST_FAULT_ENV
+from worker.contract.options import PatchOptions
+from worker.contract.storage import MEANS_FILE
+from worker.graph.mib import Graph
+from worker.methods.edges import edge_tables
+from worker.methods.paths import path_batch
+from worker.methods.registry import patch_batch
+from worker.model.checkpoint import PROXY_VARIABLES
 
 # Driver runs against the in-process core: other processes, other batches, and on a loaded
 # machine other BLAS thread splits, so the same cell's logit difference has differed by up
@@ -765,8 +765,8 @@ def test_circuit_end_to_end(tmp_path, tiny_model, tiny_model_dir, tokenizer_and_
     (scipy's t interval) by hand; the manifest, report and a re-run with nothing to do."""
     from scipy import stats
 
-    from worker.circuit_runs import circuit_tables
-    from worker.circuits import Circuit, budget_edges, select_top
+    from worker.graph.circuits import Circuit, budget_edges, select_top
+    from worker.methods.faithfulness import circuit_tables
 
     edges_out, out = tmp_path / "edges", tmp_path / "circuits"
     common = ["--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--batch-pairs", 5]

@@ -1,4 +1,4 @@
-"""Edge attribution (worker/edges.py) against an autograd reference of its formula with a leaf
+"""Edge attribution (worker/engines/eap.py) against an autograd reference of its formula with a leaf
 copy of each receiver's input (tests/reference.py::reference_eap)."""
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ from jobs.run import say_if_every_edge_verified
 from jobs.spec import JobSpec
 from tests.conftest import TOL
 from tests.reference import reference_eap, reference_edge_patching, reference_edge_set
-from worker.edge_patching import exact_edge_values
-from worker.edge_runs import edge_tables
-from worker.edge_sets import edge_set_values
-from worker.edges import eap_estimates, ungrouped
-from worker.graph import Graph
-from worker.options import METRICS, PatchOptions
-from worker.patching import patch_batch
-from worker.sites import kv_groups
+from worker.contract.options import METRICS, PatchOptions
+from worker.engines.eap import eap_estimates
+from worker.engines.edge_patching import exact_edge_values
+from worker.engines.edge_sets import edge_set_values
+from worker.graph.mib import Graph
+from worker.methods.edges import edge_tables
+from worker.methods.registry import patch_batch
+from worker.model.sites import kv_groups
+from worker.model.weights import ungrouped
 
 
 def test_the_graph_is_eap_igs():

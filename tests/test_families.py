@@ -15,10 +15,11 @@ from tests.conftest import IOI_LINES, OUTPUT_COMPONENTS, TEST_DEVICE, TOL, write
 from tests.reference import reference_atp
 from tests.test_patching import assert_matches_reference, by_cell
 from tests.test_paths import assert_paths_match_reference, labelled, paths
-from worker.model import load_model, load_tokenizer
-from worker.patching import patch_batch
-from worker.receivers import parse_receivers
-from worker.sites import receivers_problem
+from worker.contract.receivers import parse_receivers
+from worker.methods.registry import patch_batch
+from worker.model.checkpoint import load_tokenizer
+from worker.model.load import load_model
+from worker.model.sites import receivers_problem
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -15,9 +15,10 @@ from jobs.datasets.greater_than import generate_greater_than
 from jobs.pairfile import read_pairs
 from tests.conftest import REPO
 from tests.test_patching import assert_matches_reference
-from worker.model import load_model, load_tokenizer
-from worker.options import PatchOptions
-from worker.patching import patch_batch
+from worker.contract.options import PatchOptions
+from worker.methods.registry import patch_batch
+from worker.model.checkpoint import load_tokenizer
+from worker.model.load import load_model
 
 YEARS = [f"{y:02d}" for y in range(100)]
 

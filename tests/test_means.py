@@ -9,15 +9,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.means import means_table
+from jobs.means_pass import means_table
 from tests.conftest import OUTPUT_COMPONENTS, TOL
 from tests.reference import capture, position_key, reference_atp
 from tests.test_patching import assert_matches_reference, by_cell, labelled
 from tests.test_paths import assert_paths_match_reference, paths
-from worker.means import donor_sums
-from worker.options import PatchOptions
-from worker.parts import MEANS_FILE
-from worker.patching import patch_batch
+from worker.batch.mean_donors import donor_sums
+from worker.contract.options import PatchOptions
+from worker.contract.storage import MEANS_FILE
+from worker.methods.registry import patch_batch
 
 
 def by_hand(hf_model, pairs, components, direction, donor) -> dict:

@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from worker.model import load_model, load_tokenizer
-from worker.options import ModelLoadError, PatchOptions
+from worker.contract.options import ModelLoadError, PatchOptions
+from worker.model.checkpoint import load_tokenizer
+from worker.model.load import load_model
 
 
 def test_local_directory_loads_on_cpu(tiny_model, tiny_model_dir):

@@ -8,7 +8,7 @@ import pytest
 
 from jobs.pairfile import PairFileError, read_pairs
 from tests.conftest import IOI_LINES, write_jsonl
-from worker.options import PatchOptions
+from worker.contract.options import PatchOptions
 
 CLEAN, CORRUPTED, CORRECT, INCORRECT = IOI_LINES[0]
 GOOD = {"clean": CLEAN, "corrupted": CORRUPTED, "correct": CORRECT, "incorrect": INCORRECT}

@@ -8,10 +8,12 @@ import pytest
 
 from tests.conftest import OUTPUT_COMPONENTS, TOL, score_tolerance
 from tests.reference import reference_atp, reference_patching
-from worker.donors import Donors
-from worker.options import DEFAULT_COMPONENTS, METRICS, PatchOptions
-from worker.patching import cells_to_run, patch_batch, patch_cells, selected_cells, split_into_traces
-from worker.sites import n_layers
+from worker.batch.cells import patch_cells, selected_cells
+from worker.batch.donors import Donors
+from worker.contract.options import DEFAULT_COMPONENTS, METRICS, PatchOptions
+from worker.engines.trace import cells_to_run, split_into_traces
+from worker.methods.registry import patch_batch
+from worker.model.sites import n_layers
 
 
 def by_cell(effects, column):
@@ -220,7 +222,7 @@ def test_positions_before_first_difference_score_zero_at_layer_zero(tiny_model, 
 
 
 def test_reuse_and_trace_agree_in_bfloat16_too(tiny_model_dir, ioi_pairs):
-    from worker.model import load_model
+    from worker.model.load import load_model
 
     model = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16")
     trace = by_cell(patch_batch(model, ioi_pairs, OUTPUT_COMPONENTS, exact_path="trace").effects, "logit_diff")
@@ -230,7 +232,7 @@ def test_reuse_and_trace_agree_in_bfloat16_too(tiny_model_dir, ioi_pairs):
 
 
 def test_auto_exact_path_picks_reuse_for_gpt2_and_rejects_unknown(tiny_model, ioi_pairs):
-    from worker.reuse import resolve_exact_path
+    from worker.engines.reuse import resolve_exact_path
 
     assert resolve_exact_path("auto") == "reuse"
     with pytest.raises(ValueError, match="exact_path"):

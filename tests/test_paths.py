@@ -1,4 +1,4 @@
-"""Path patching (worker/paths.py) against a literal plain-PyTorch hook reference of the IOI
+"""Path patching (worker/engines/path_patching.py) against a literal plain-PyTorch hook reference of the IOI
 paper's recipe, and the checks its definition implies."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 from tests.conftest import TOL, score_tolerance
 from tests.reference import reference_paths
 from tests.test_patching import resampled
-from worker.options import PatchOptions
-from worker.patching import patch_batch
-from worker.paths import path_batch
+from worker.contract.options import PatchOptions
+from worker.methods.paths import path_batch
+from worker.methods.registry import patch_batch
 
 
 def labelled(pairs):

@@ -22,9 +22,9 @@ from jobs.results.report import (
 )
 from jobs.store import GROUPS_FILE, Store
 from tests.conftest import write_jsonl
-from worker.options import DEFAULT_COMPONENTS as COMPONENTS
-from worker.options import METHODS
-from worker.patching import patch_batch
+from worker.contract.options import DEFAULT_COMPONENTS as COMPONENTS
+from worker.contract.options import METHODS
+from worker.methods.registry import patch_batch
 
 
 def ioi_store(tmp, model, tokenizer_and_ctx, n_pairs: int, components, **options) -> tuple[Store, list[dict], object]:

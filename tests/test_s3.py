@@ -143,7 +143,7 @@ def test_pair_files_from_a_bucket(s3_endpoint, tmp_path, tiny_model, tiny_model_
     from jobs.pairfile import read_pairs
     from jobs.spec import file_sha256
     from tests.test_driver import RUN_TOL
-    from worker.patching import patch_batch
+    from worker.methods.registry import patch_batch
 
     fs, root = pafs.FileSystem.from_uri(bucket_uri(s3_endpoint, "pairs", "files"))
     lines = EXAMPLE_PAIRS.read_bytes()

@@ -16,7 +16,7 @@ from jobs.results.aggregate import aggregate
 from jobs.results.stability import TOP, stability
 from jobs.store import Store
 from tests.test_aggregate import pair_row
-from worker.tables import effects_schema, pair_columns
+from worker.contract.tables import effects_schema, pair_columns
 
 LABELS = ["S1", "x", "S2", "y", "END"]
 LAYERS = 4

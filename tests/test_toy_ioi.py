@@ -26,8 +26,9 @@ def test_atp_ranks_the_cells_exact_patching_ranks_highest_near_the_top():
     resid and 0.90 for attn over every cell; 97% and 98% of each pair's exact top 10 in AtP's
     top 10), checked here on 40 pairs with bounds well below those numbers."""
     from jobs.pairfile import read_pairs
-    from worker.model import load_model, load_tokenizer
-    from worker.patching import patch_batch
+    from worker.methods.registry import patch_batch
+    from worker.model.checkpoint import load_tokenizer
+    from worker.model.load import load_model
 
     pairs = read_pairs(IOI_PAIRS, *load_tokenizer(str(TOY_MODEL))).pairs[:40]
     model = load_model(str(TOY_MODEL), device=TEST_DEVICE)

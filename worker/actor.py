@@ -15,15 +15,15 @@ import ray
 import torch
 import transformers
 
-from worker.faults import InjectedFault
-from worker.means import donor_sums
-from worker.methods import run_method
-from worker.model import load_model
-from worker.options import HEAD_COMPONENTS, ModelLoadError, PatchOptions
-from worker.pairs import Pair
-from worker.parts import PartWriter, Receipt
-from worker.receivers import parse_receivers
-from worker.sites import head_split_problem, receivers_problem
+from worker.batch.mean_donors import donor_sums
+from worker.contract.faults import InjectedFault
+from worker.contract.options import HEAD_COMPONENTS, ModelLoadError, PatchOptions
+from worker.contract.pairs import Pair
+from worker.contract.receivers import parse_receivers
+from worker.contract.storage import PartWriter, Receipt
+from worker.methods.registry import run_method
+from worker.model.load import load_model
+from worker.model.sites import head_split_problem, receivers_problem
 
 
 class PatchWorker:

@@ -103,8 +103,8 @@ def patching_signature(model, tokenizer, n: int = 60) -> dict:
     """Mean resid patching score at S2 and END per layer (swap corruption): the IOI shape."""
     from jobs.datasets.ioi import generate_ioi
     from jobs.pairfile import encoder_for, parse_record
-    from worker.model import load_model
-    from worker.patching import patch_batch
+    from worker.methods.registry import patch_batch
+    from worker.model.load import load_model
 
     with tempfile.TemporaryDirectory() as scratch:
         model.save_pretrained(scratch)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from worker.parts import written_to
+from worker.contract.storage import written_to
 
 
 def write_jsonl(records: list[dict], location: str) -> None:

@@ -30,8 +30,8 @@ from jobs.store import (
     QUERY_ROWS,
     Store,
 )
-from worker.circuits import EMPTY
-from worker.options import DEFAULT_METRIC, METHODS
+from worker.contract.options import DEFAULT_METRIC, METHODS
+from worker.graph.circuits import EMPTY
 
 DEFAULT_MIN_GAP = 0.1
 ALL_POSITIONS = "all"  # the label of rows that patched every position at once

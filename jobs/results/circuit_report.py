@@ -16,8 +16,8 @@ from itertools import pairwise
 import plotly.graph_objects as go
 
 from jobs.store import Store
-from worker.circuits import CIRCUITS_DIR, EMPTY, Circuit
-from worker.graph import Graph
+from worker.graph.circuits import CIRCUITS_DIR, EMPTY, Circuit
+from worker.graph.mib import Graph
 
 DRAWN_EDGES = 2000  # circuits with more edges are listed, not drawn: a hairball says nothing
 DASH = {"q": "solid", "k": "dash", "v": "dot", "": "solid"}  # into a head's query, key or value; else solid

@@ -43,8 +43,8 @@ from jobs.store import (
     ResultsKind,
     Store,
 )
-from worker.options import COMPONENTS, DEFAULT_DONOR, DEFAULT_METRIC, HEAD_COMPONENTS, METHODS, Method
-from worker.parts import is_uri
+from worker.contract.options import COMPONENTS, DEFAULT_DONOR, DEFAULT_METRIC, HEAD_COMPONENTS, METHODS, Method
+from worker.contract.storage import is_uri
 
 DRILL_DOWN_PAIRS = 3
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
@@ -65,7 +65,7 @@ def find_chromium() -> str | None:
 
 
 def panel_order(key: tuple, positions: dict[str, float]) -> tuple:
-    """Components in the canonical order (worker/options.py COMPONENTS), then groups, token lengths, labels."""
+    """Components in the canonical order (worker/contract/options.py COMPONENTS), then groups, token lengths, labels."""
     name, group, n_tokens, label = key
     rank = COMPONENTS.index(name) if name in COMPONENTS else -1  # the all-positions panel first
     return (
@@ -126,7 +126,7 @@ def x_order(column: str, values: set, positions: dict[str, float]) -> list:
 
 
 def component_rank(name: str) -> tuple:
-    """Components in the canonical order (worker/options.py COMPONENTS); receivers after, by name."""
+    """Components in the canonical order (worker/contract/options.py COMPONENTS); receivers after, by name."""
     return (COMPONENTS.index(name) if name in COMPONENTS else len(COMPONENTS), name)
 
 

@@ -44,7 +44,7 @@ from jobs.results.aggregate import LABEL_SQL
 from jobs.results.intervals import t_quantile
 from jobs.results.query import duckdb_connection
 from jobs.store import EDGES, FAITHFULNESS, PAIR_PARTS_DIR, PAIRS_FILE, STABILITY_FILE, Store
-from worker.circuits import MIB_BUDGETS, budget_edges
+from worker.graph.circuits import MIB_BUDGETS, budget_edges
 
 DEFAULT_SPLITS = 20
 TOP = 10

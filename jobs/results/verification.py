@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import plotly.graph_objects as go
 
-from worker.options import COMPONENTS
+from worker.contract.options import COMPONENTS
 
 VERIFIED = """
 CREATE OR REPLACE TEMP TABLE verified AS
