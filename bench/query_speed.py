@@ -92,6 +92,7 @@ def fake_run(root: str, rows: int, parts: int = 50) -> Store:
                 "logit_diff": rng.normal(size=n).astype(np.float32),
                 "score": rng.normal(size=n).astype(np.float32),
                 "estimate": pa.nulls(n, pa.float32()),
+                "graddrop": pa.nulls(n, pa.float32()),
             },
             schema=effects_schema("logit_diff"),
         )

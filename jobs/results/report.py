@@ -213,10 +213,12 @@ def drill_down_figures(
         return []
     columns = ["pair_id", *store.kind.cell, store.kind.position, statistic]
     chosen = pc.field("pair_id").isin([pair_id for pair_id, _ in pairs])
-    connection.register(
-        "drill_down",
-        pa.concat_tables([results.to_table(columns=columns, filter=chosen) for results, _ in store.row_batches()]),
-    )
+    found: list[pa.Table] = []
+    for results, _ in store.row_batches():
+        rows = results.to_table(columns=columns, filter=chosen)
+        if rows.num_rows or not found:  # empty tables kept would hold buffers per batch: 100 MiB at 31,000 parts
+            found.append(rows.combine_chunks())
+    connection.register("drill_down", pa.concat_tables(found))
     figures = []
     for pair_id, tokens in pairs:
         effects = connection.execute(
