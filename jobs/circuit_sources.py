@@ -1,5 +1,6 @@
-"""The circuits a `driver.py circuit` run evaluates: selected from an edges run's aggregate at edge
-budgets (worker/graph/circuits.py), or read from graph JSON files made by hand or by another tool.
+"""The circuits a `driver.py circuit` run evaluates: selected from an edges run's aggregate (or, in
+the Python API, an edges table in memory) at edge budgets (worker/graph/circuits.py), or read from
+graph JSON files made by hand or by another tool.
 
 Selection ranks edges by |mean estimate| over the edges run's pairs, or by |mean score| where
 every edge of every pair was patched exactly (`--verify-top` at least the edge count). Both the
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -28,11 +30,31 @@ def edge_scores(edges_run: str, graph: Graph, model: str) -> list[float]:
     if manifest.get("model") != model:
         raise QueryError(f"{edges_run}: its edges were scored on {manifest.get('model')!r}, not {model!r} (--model)")
     table = pq.read_table(store.path(AGGREGATE_FILE), filesystem=store.fs)
-    table = table.filter(pc.is_null(table.column("group")))
+    return ranking_scores(table.filter(pc.is_null(table.column("group"))), graph, edges_run)
+
+
+def edges_table_scores(edges: pa.Table, graph: Graph) -> list[float]:
+    """Each edge's score (graph order) from an edges table in memory (the Python API's `edges`):
+    its mean over every pair of the table, as the aggregate computes it (which also leaves out
+    pairs whose gap is under the report's --min-gap)."""
+    sums = edges.select(["edge", "estimate", "score"]).cast(
+        pa.schema([("edge", pa.string()), ("estimate", pa.float64()), ("score", pa.float64())])
+    )
+    table = sums.group_by("edge").aggregate(
+        [("estimate", "mean"), ("estimate", "count"), ("score", "count"), ("score", "mean")]
+    )
+    names = {"estimate_mean": "mean_estimate", "estimate_count": "estimate_count"}
+    names |= {"score_count": "count", "score_mean": "mean_score", "edge": "edge"}
+    return ranking_scores(table.rename_columns([names[c] for c in table.column_names]), graph, "the edges table")
+
+
+def ranking_scores(aggregate: pa.Table, graph: Graph, source: str) -> list[float]:
+    """What selection ranks edges by, in graph order, from one aggregate row per edge: the mean
+    estimate, or the mean exact score where every edge of every pair was patched exactly."""
     wanted = ["edge", "mean_estimate", "estimate_count", "count", "mean_score"]
-    rows = {row["edge"]: row for row in table.select(wanted).to_pylist()}
+    rows = {row["edge"]: row for row in aggregate.select(wanted).to_pylist()}
     if set(rows) != set(graph.edge_names):
-        raise QueryError(f"{edges_run}: its {len(rows)} edges are not this model's graph of {len(graph.edges)} edges")
+        raise QueryError(f"{source}: its {len(rows)} edges are not this model's graph of {len(graph.edges)} edges")
     exact = all(row["count"] and row["count"] == row["estimate_count"] for row in rows.values())
     column = "mean_score" if exact else "mean_estimate"
     return [float("nan") if rows[name][column] is None else rows[name][column] for name in graph.edge_names]
@@ -62,10 +84,15 @@ def circuits_to_evaluate(
     from worker.model.checkpoint import load_config  # transformers: only once the options are known to be complete
 
     graph = Graph.of_config(load_config(model))
-    circuits = []
-    if edges_run:
-        scores = edge_scores(edges_run, graph, model)
-        circuits = [Circuit.selected(graph, scores, select, budget) for budget in budgets]
+    scores = edge_scores(edges_run, graph, model) if edges_run else None
+    return chosen_circuits(graph, scores, files, budgets, select)
+
+
+def chosen_circuits(
+    graph: Graph, scores: list[float] | None, files: tuple[str, ...], budgets: tuple[str, ...], select: str
+) -> tuple[Circuit, ...]:
+    """The circuits `select` picks from edge `scores` at each budget (none without scores), and those of `files`."""
+    circuits = [Circuit.selected(graph, scores, select, budget) for budget in budgets] if scores is not None else []
     circuits += circuits_from_files(files, graph)
     names = [c.name for c in circuits]
     twice = sorted({name for name in names if names.count(name) > 1})

@@ -8,6 +8,7 @@ run command included), optional `[...]` parts left out; the test command, the Ra
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -156,3 +157,65 @@ def test_the_quoted_stability_is_what_the_run_stored(walkthrough):
     spearman = [r["value"] for r in rows if r["scope"] == "resid" and r["measure"] == "spearman"]
     assert [round(v, 2) for v in (float(np.median(spearman)), min(spearman), max(spearman))] == [1.0, 0.82, 1.0]
     assert {r["value"] for r in rows if r["scope"] == "resid" and r["measure"] == "top-10 overlap"} == {1.0}
+
+
+def readme_python() -> str:
+    """The code block of the README's Python API section."""
+    text = README.read_text()
+    section = text[text.index("## Python API") :]
+    return re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+
+
+def test_the_python_api_section_runs_as_written(walkthrough):
+    """The section's code, as written, in the directory the README's commands ran in (its
+    `open_run` reads their first run); what it computed is then printed and checked: the
+    connection's views are `query`'s, and every table records the options it was given."""
+    shown = """
+import json
+print(json.dumps({
+    "open_run": [list(row) for row in run.sql("SELECT component, round(max(mean_score), 2) FROM aggregate "
+                                              "GROUP BY 1 ORDER BY 1").fetchall()],
+    "rows": [result.effects.num_rows, heads.effects.num_rows, routes.paths.num_rows, found.edges.num_rows],
+    "verified": heads.effects.filter(heads.effects["score"].is_valid()).num_rows,
+    "receivers": sorted(set(routes.paths["receiver"].to_pylist())),
+    "circuits": sorted(set(circuits.faithfulness["circuit"].to_pylist())),
+    "edges": len(found.graph.edges),
+}))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", readme_python() + shown],
+        cwd=walkthrough.here,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.splitlines()[-1])
+    sql = "SELECT component, round(max(mean_score), 2) FROM aggregate GROUP BY 1 ORDER BY 1"
+    assert seen["open_run"] == [list(row.values()) for row in query(str(walkthrough.here / FIRST_OUT), sql).to_pylist()]
+    n_pairs, layers, heads = 24, 4, 4
+    assert seen["rows"][3] == n_pairs * seen["edges"]
+    assert seen["rows"][1] == n_pairs * layers * heads  # one position, END
+    assert 0 < seen["verified"] <= n_pairs * 6  # verify_top 3: the top 3 and 3 at random, per pair
+    assert seen["receivers"] == ["2.3:v,3.3:v", "logits"]
+    assert seen["circuits"] == ["empty", "top-10pct", "top-2pct"]
+
+
+def test_circuits_from_edges_in_memory_are_the_driver_s(walkthrough):
+    """`ps.evaluate_circuits(edges=ps.edges(...))` selects from each edge's mean over the pairs in
+    memory what `driver.py circuit --edges` selects from the edges run's aggregate: on the README's
+    edges run (every pair above the gap), the same scores, and so the same circuits."""
+    import patchsweep as ps
+    from jobs.circuit_sources import edge_scores, edges_table_scores
+
+    source = "examples/toy-ioi-gpt2"
+    pairs = ps.read_pairs(str(REPO / "examples/ioi_pairs.jsonl"), model=str(REPO / source)).pairs
+    model = ps.load_model(str(REPO / source), device="cpu")
+    found = ps.edges(model, pairs, method="eap")
+    in_memory = edges_table_scores(found.edges, found.graph)
+    from_run = edge_scores(str(walkthrough.here / "runs/ioi_pairs-edges"), found.graph, source)
+    np.testing.assert_allclose(in_memory, from_run, rtol=1e-4, atol=1e-7)
+    chosen = ps.evaluate_circuits(model, pairs[:2], edges=found, budgets=["2%", "5%"]).circuits
+    assert [c.edges for c in chosen] == [
+        ps.Circuit.selected(found.graph, from_run, "top", b).edges for b in ("2%", "5%")
+    ]

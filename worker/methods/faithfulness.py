@@ -66,7 +66,15 @@ def circuit_group(
 
 
 def circuit_tables(model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions) -> tuple[pa.Table, pa.Table]:
-    """The faithfulness and pairs tables of `pairs`: every circuit of `options` evaluated on every pair."""
+    """The faithfulness and pairs tables of `pairs`: every circuit of the run `options.circuits_at`
+    names evaluated on every pair."""
     circuits = load_circuits(options.circuits_at, options.circuits, Graph.of(model))
+    return evaluate_circuits(model, pairs, options, circuits)
+
+
+def evaluate_circuits(
+    model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions, circuits: Sequence[Circuit]
+) -> tuple[pa.Table, pa.Table]:
+    """The faithfulness and pairs tables of `circuits` (in memory) evaluated on every pair."""
     parts, pairs_rows = per_length(pairs, options, lambda group: circuit_group(model, group, options, circuits))
     return (pa.concat_tables(parts) if parts else faithfulness_table({}, options)), pairs_rows
