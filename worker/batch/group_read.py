@@ -54,6 +54,17 @@ class GroupRead:
     prefix: list[tuple[torch.Tensor, torch.Tensor]]
     donors: Donors
 
+    def share_of(self, items: Sequence[tuple]) -> list[int]:
+        """`group_share` of this read's pairs."""
+        return group_share(items, self.first, len(self.pairs))
+
+
+def group_share(items: Sequence[tuple], first: int, size: int) -> list[int]:
+    """The indices, in order, of the `items` (each a pair's index among all the pairs, then what is
+    done to it) whose pair is one of the `size` pairs from `first` on: of the work listed for every
+    pair, the part one group of pairs runs."""
+    return [i for i, item in enumerate(items) if first <= item[0] < first + size]
+
 
 def read_groups(
     model: TransformersModel, pairs: Sequence[Pair], options: PatchOptions, components: Sequence[str]

@@ -118,12 +118,12 @@ def exact_edge_values(
             baselines.append(read.acts.metric)
             first = read.first
             batches = defaultdict(list)  # rows that run together: one receiver layer and kind, one start
-            for i, (pair, edge) in enumerate(items):
-                if first <= pair < first + len(read.pairs):
-                    sender, receiver = graph.senders[graph.edges[edge][0]][0], graph.receivers[graph.edges[edge][1]][0]
-                    layer, kind, _ = receiver_site(receiver, graph.layers)
-                    start = read.donors.start(pairs[pair])
-                    batches[(layer, kind, start)].append((i, (pair - first, sender, receiver)))
+            for i in read.share_of(items):
+                pair, edge = items[i]
+                sender, receiver = graph.senders[graph.edges[edge][0]][0], graph.receivers[graph.edges[edge][1]][0]
+                layer, kind, _ = receiver_site(receiver, graph.layers)
+                start = read.donors.start(pairs[pair])
+                batches[(layer, kind, start)].append((i, (pair - first, sender, receiver)))
             for (_, _, start), batch in batches.items():
                 for chunk in range(0, len(batch), rows_per_run):
                     run = batch[chunk : chunk + rows_per_run]

@@ -130,9 +130,8 @@ def edge_set_values(
         for read in read_groups(model, pairs, options, GRAPH_SENDERS):
             baselines.append(read.acts.metric)
             by_start: dict[int, list[int]] = {}
-            for i, (pair, _) in enumerate(items):
-                if read.first <= pair < read.first + len(read.pairs):
-                    by_start.setdefault(read.donors.start(pairs[pair]), []).append(i)
+            for i in read.share_of(items):
+                by_start.setdefault(read.donors.start(pairs[items[i][0]]), []).append(i)
             for start, mine in by_start.items():
                 for chunk in range(0, len(mine), rows_per_run):
                     run = torch.tensor(mine[chunk : chunk + rows_per_run])

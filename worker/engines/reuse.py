@@ -102,7 +102,7 @@ def reuse_values(
         for read in read_groups(model, pairs, options, options.components):
             baselines.append(read.acts.metric)
             first = read.first
-            mine = [i for i, (pair, _) in enumerate(work) if first <= pair < first + len(read.pairs)]
+            mine = read.share_of(work)
             spans = {i: patched_span(pairs[work[i][0]], cells[work[i][1]], read.donors) for i in mine}
             for start, whole in sorted(set(spans.values())):
                 at_start = [i for i in mine if spans[i] == (start, whole)]

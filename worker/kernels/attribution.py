@@ -12,6 +12,7 @@ import torch
 from nnsight import TransformersModel
 
 from worker.batch.donors import Donors
+from worker.batch.group_read import group_share
 from worker.batch.metrics import Answers, DonorDistribution, vocabulary_metric
 from worker.batch.rows import PairRows
 from worker.contract.options import HEAD_COMPONENTS, PatchOptions
@@ -149,10 +150,9 @@ def estimate_cells(
     for first in range(0, len(pairs), pairs_per_group):
         group = pairs[first : first + pairs_per_group]
         by_key: dict[Key, list[int]] = {}
-        for i, (pair, c) in enumerate(work):
-            if first <= pair < first + len(group):
-                cell = cells[c]
-                by_key.setdefault((cell.component, cell.layer, cell.position is None), []).append(i)
+        for i in group_share(work, first, len(group)):
+            cell = cells[work[i][1]]
+            by_key.setdefault((cell.component, cell.layer, cell.position is None), []).append(i)
         values, group_changes = changes(model, group, donors.for_pairs(group), options, by_key.keys())
         values = values.cpu()
         baselines.append(values)

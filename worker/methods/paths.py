@@ -43,7 +43,7 @@ def path_group(
         for read in read_groups(model, pairs, options, ("head", "attn")):
             baselines.append(read.acts.metric)
             first = read.first
-            mine = [i for i, (pair, _) in enumerate(rows) if first <= pair < first + len(read.pairs)]
+            mine = read.share_of(rows)
             items = [(rows[i][0] - first, senders[rows[i][1]]) for i in mine]
             for receiver in receivers:
                 values[receiver][torch.tensor(mine)] = receiver_values(model, read, items, receiver, options)
