@@ -13,7 +13,7 @@ from nnsight import TransformersModel
 
 from worker.batch.donors import Donors
 from worker.batch.metrics import Answers, DonorDistribution, vocabulary_metric
-from worker.batch.rows import PairRows
+from worker.batch.rows import PairRows, per_batch
 from worker.contract.options import PatchOptions
 from worker.contract.pairs import Pair
 from worker.model.sites import (
@@ -72,7 +72,7 @@ def read_groups(
     """The pairs (of one token length) in groups whose clean and corrupted prompts fit
     `max_batch_tokens`, each read once (`read_activations`, keeping `components`)."""
     donors = Donors.of(options)
-    per_group = max(1, options.max_batch_tokens // (donors.rows.per_pair * pairs[0].n_tokens))
+    per_group = per_batch(options, pairs[0].n_tokens, donors.rows.per_pair)
     rows = donors.rows
     for first in range(0, len(pairs), per_group):
         group = pairs[first : first + per_group]

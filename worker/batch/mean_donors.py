@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 from nnsight import TransformersModel
 
-from worker.batch.rows import PairRows
+from worker.batch.rows import PairRows, per_batch
 from worker.contract.options import PatchOptions
 from worker.contract.pairs import Pair
 from worker.contract.storage import MEANS_FILE, filesystem
@@ -72,7 +72,7 @@ def donor_sums(model: TransformersModel, pairs: Sequence[Pair], options: PatchOp
     for pair in pairs:
         by_length[pair.n_tokens].append(pair)
     for group in by_length.values():
-        per_trace = max(1, options.max_batch_tokens // group[0].n_tokens)
+        per_trace = per_batch(options, group[0].n_tokens)
         for first in range(0, len(group), per_trace):
             chunk = group[first : first + per_trace]
             donor_side = [(p.clean_ids, p.corrupted_ids)[rows.donor_offset] for p in chunk]

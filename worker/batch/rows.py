@@ -17,6 +17,13 @@ from worker.contract.options import PatchOptions
 from worker.contract.pairs import Pair
 
 
+def per_batch(options: PatchOptions, tokens: int, rows_per_item: int = 1, budget_scale: int = 1) -> int:
+    """How many items (a pair's `rows_per_item` rows, or one row) of `tokens` positions one forward
+    takes, so that its rows x positions stay within `max_batch_tokens` (times `budget_scale`, where
+    a row costs other than one row): at least one, so a prompt longer than the budget still runs."""
+    return max(1, options.max_batch_tokens * budget_scale // (rows_per_item * tokens))
+
+
 def resampled_from(pair: Pair) -> tuple[int, ...]:
     """The token ids of the prompt `pair` resamples from (set by the driver, or by hand)."""
     if pair.donor_ids is None:

@@ -21,7 +21,7 @@ import torch
 from nnsight import TransformersModel
 
 from worker.batch.metrics import Answers, DonorDistribution, vocabulary_metric
-from worker.batch.rows import PairRows
+from worker.batch.rows import PairRows, per_batch
 from worker.contract.options import PatchOptions
 from worker.contract.pairs import Pair
 from worker.contract.receivers import INPUTS
@@ -168,7 +168,7 @@ def eap_estimates(
     estimated patched metric (the receiving run's plus the edge's change): EAP, or with `steps`
     EAP-IG over that many interpolated runs."""
     layout, graph = PairRows.of(options), Graph.of(model)
-    per_group = max(1, options.max_batch_tokens // ((layout.per_pair + max(steps - 1, 0)) * pairs[0].n_tokens))
+    per_group = per_batch(options, pairs[0].n_tokens, layout.per_pair + max(steps - 1, 0))
     metrics, estimates = [], []
     for first in range(0, len(pairs), per_group):
         read = read_edges(model, pairs[first : first + per_group], options, steps)

@@ -24,7 +24,7 @@ import torch
 from nnsight import TransformersModel
 
 from worker.batch.group_read import GroupRead, read_groups
-from worker.batch.rows import PairRows
+from worker.batch.rows import PairRows, per_batch
 from worker.contract.options import PatchOptions
 from worker.contract.pairs import Pair
 from worker.graph.mib import GRAPH_SENDERS, Graph
@@ -110,7 +110,7 @@ def exact_edge_values(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clean and corrupted metric per pair (of one token length), and the patched metric of each
     item (pair index, edge index in `Graph.of(model).edges`)."""
-    graph, rows_per_run = Graph.of(model), max(1, options.max_batch_tokens // pairs[0].n_tokens)
+    graph, rows_per_run = Graph.of(model), per_batch(options, pairs[0].n_tokens)
     values = torch.empty(len(items))
     baselines = []
     with torch.inference_mode():

@@ -24,7 +24,7 @@ import torch
 from nnsight import TransformersModel
 
 from worker.batch.group_read import GroupRead, read_groups
-from worker.batch.rows import PairRows
+from worker.batch.rows import PairRows, per_batch
 from worker.contract.options import PatchOptions
 from worker.contract.pairs import Pair
 from worker.contract.receivers import INPUTS
@@ -126,7 +126,8 @@ def edge_set_values(
     with ungrouped(model), torch.inference_mode():
         matrices = edge_matrices(Graph.of(model), patched)
         senders = matrices.shape[1]
-        rows_per_run = max(1, options.max_batch_tokens * 32 // (pairs[0].n_tokens * senders))
+        # a row keeps a difference per sender: 32 of them count as one row of the budget
+        rows_per_run = per_batch(options, pairs[0].n_tokens, rows_per_item=senders, budget_scale=32)
         for read in read_groups(model, pairs, options, GRAPH_SENDERS):
             baselines.append(read.acts.metric)
             by_start: dict[int, list[int]] = {}

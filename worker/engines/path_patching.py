@@ -28,6 +28,7 @@ from nnsight import TransformersModel
 
 from worker.batch.donors import Donors
 from worker.batch.group_read import GroupRead
+from worker.batch.rows import per_batch
 from worker.contract.options import PatchOptions
 from worker.contract.pairs import Pair
 from worker.contract.receivers import Receiver, ReceiverHead
@@ -156,7 +157,7 @@ def receiver_values(
         if reaches(cell, reads[pair], receiver):
             by_positions[tuple(reads[pair])].append(i)
     for positions, live in by_positions.items():
-        per_chunk = max(1, options.max_batch_tokens // (group[0].n_tokens - positions[0]))
+        per_chunk = per_batch(options, group[0].n_tokens - positions[0])
         for first in range(0, len(live), per_chunk):
             chunk = live[first : first + per_chunk]
             order, hidden, recorded = frozen_stream(

@@ -29,7 +29,7 @@ from nnsight import TransformersModel
 
 from worker.batch.donors import Donors
 from worker.batch.group_read import GroupRead, read_groups
-from worker.batch.rows import PairRows
+from worker.batch.rows import PairRows, per_batch
 from worker.contract.options import COMPONENTS, PatchOptions
 from worker.contract.pairs import Pair
 from worker.kernels.suffix import block_on_suffix, patched_layer_output, readout, suffix_arguments
@@ -95,7 +95,7 @@ def reuse_values(
     Pairs are taken in groups whose clean and corrupted prompts fit `max_batch_tokens`, and
     each group's rows are run in chunks of at most `max_batch_tokens // T` rows.
     """
-    rows_per_chunk = max(1, options.max_batch_tokens // pairs[0].n_tokens)
+    rows_per_chunk = per_batch(options, pairs[0].n_tokens)
     values = torch.empty(len(work))
     baselines = []
     with torch.inference_mode():

@@ -23,6 +23,7 @@ from nnsight import TransformersModel
 
 from worker.batch.donors import Donors
 from worker.batch.metrics import Answers, DonorDistribution, vocabulary_metric
+from worker.batch.rows import per_batch
 from worker.contract.options import (
     PatchOptions,
 )
@@ -192,7 +193,7 @@ def trace_values(
     """
     clean = torch.full((len(pairs),), float("nan"))
     corrupted = torch.full((len(pairs),), float("nan"))
-    max_rows = options.max_batch_tokens // pairs[0].n_tokens
+    max_rows = per_batch(options, pairs[0].n_tokens)
     donors = Donors.of(options)
     chunks = split_into_traces(work, max_rows, donors.rows.per_pair)
     traces = [(sorted({p for p, _ in chunk}), chunk) for chunk in chunks]

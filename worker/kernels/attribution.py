@@ -14,7 +14,7 @@ from nnsight import TransformersModel
 from worker.batch.donors import Donors
 from worker.batch.group_read import group_share
 from worker.batch.metrics import Answers, DonorDistribution, vocabulary_metric
-from worker.batch.rows import PairRows
+from worker.batch.rows import PairRows, per_batch
 from worker.contract.options import HEAD_COMPONENTS, PatchOptions
 from worker.contract.pairs import Pair
 from worker.model.families import part
@@ -144,7 +144,7 @@ def estimate_cells(
     n_tokens = pairs[0].n_tokens
     donors = Donors.of(options)
     layout = donors.rows
-    pairs_per_group = max(1, options.max_batch_tokens // (layout.per_pair * n_tokens))
+    pairs_per_group = per_batch(options, n_tokens, layout.per_pair)
     baselines, estimates, sizes = [], torch.empty(len(work)), torch.empty(len(work))
     ranked = False
     for first in range(0, len(pairs), pairs_per_group):
