@@ -28,7 +28,7 @@ from worker.batch.rows import PairRows, per_batch
 from worker.contract.options import PatchOptions
 from worker.contract.pairs import Pair
 from worker.graph.mib import GRAPH_SENDERS, Graph
-from worker.kernels.suffix import block_on_suffix, readout, suffix_arguments, writing
+from worker.kernels.suffix import block_on_suffix, readout, receiving_prefix, suffix_arguments, writing
 from worker.model.families import part
 from worker.model.sites import blocks, family, projection, site_values
 from worker.model.weights import output_weights
@@ -96,11 +96,8 @@ def edge_run(model: TransformersModel, read: GroupRead, items: list[tuple[int, s
         hidden = read.acts.resid[layer][receiving, start:]
         arguments = suffix_arguments(model, start, hidden)
         for at, block in enumerate(blocks(model)[layer:], start=layer):
-            keys, values = read.prefix[at]
             with reading(model, block, kind, hidden, change, heads) if at == layer else nullcontext():
-                hidden = block_on_suffix(
-                    model, block, hidden, keys[pairs, :, :start], values[pairs, :, :start], arguments
-                )
+                hidden = block_on_suffix(model, block, hidden, *receiving_prefix(read, at, pairs, start), arguments)
     donor = None if read.acts.donor is None else read.acts.donor[pairs]
     return readout(model, metric, hidden[:, -1], read.answers[pairs], donor).cpu()
 

@@ -29,7 +29,7 @@ from worker.contract.options import PatchOptions
 from worker.contract.pairs import Pair
 from worker.contract.receivers import INPUTS
 from worker.graph.mib import GRAPH_SENDERS, Graph
-from worker.kernels.suffix import block_on_suffix, readout, suffix_arguments, writing
+from worker.kernels.suffix import block_on_suffix, readout, receiving_prefix, suffix_arguments, writing
 from worker.model.families import part
 from worker.model.sites import blocks, family, n_heads, site_values
 from worker.model.weights import head_bias, head_weights, output_weights, ungrouped
@@ -97,8 +97,7 @@ class EdgeSetRun:
             stack.enter_context(part(block, where.out_proj).register_forward_pre_hook(heads_sent))
             stack.enter_context(part(block, where.mlp_norm).register_forward_pre_hook(mlp_reads))
             stack.enter_context(part(block, where.mlp).register_forward_hook(mlp_sent))
-            keys, values = self.read.prefix[layer]
-            prefix = keys[self.pairs, :, : self.start], values[self.pairs, :, : self.start]
+            prefix = receiving_prefix(self.read, layer, self.pairs, self.start)
             self.hidden = block_on_suffix(model, block, self.hidden, *prefix, self.arguments)
 
     def metric(self, metric: str) -> torch.Tensor:

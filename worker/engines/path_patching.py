@@ -37,6 +37,7 @@ from worker.kernels.suffix import (
     block_on_suffix,
     heads_through_projection,
     readout,
+    receiving_prefix,
     suffix_arguments,
 )
 from worker.model.families import part
@@ -123,8 +124,7 @@ def receiving_run_with_inputs(
                 module = projection(model, block, h.input)
                 handles.append(module.register_forward_hook(overwrite(model, module(stream), at, h)))
         for layer, block in enumerate(blocks(model)[first:], start=first):
-            keys, values = read.prefix[layer]
-            hidden = block_on_suffix(model, block, hidden, keys[pairs, :, :start], values[pairs, :, :start], arguments)
+            hidden = block_on_suffix(model, block, hidden, *receiving_prefix(read, layer, pairs, start), arguments)
     finally:
         for handle in handles:
             handle.remove()

@@ -32,7 +32,7 @@ from worker.batch.group_read import GroupRead, read_groups
 from worker.batch.rows import PairRows, per_batch
 from worker.contract.options import COMPONENTS, PatchOptions
 from worker.contract.pairs import Pair
-from worker.kernels.suffix import block_on_suffix, patched_layer_output, readout, suffix_arguments
+from worker.kernels.suffix import block_on_suffix, patched_layer_output, readout, receiving_prefix, suffix_arguments
 from worker.model.sites import (
     Cell,
     blocks,
@@ -51,17 +51,14 @@ def run_rows(
 ) -> torch.Tensor:
     """The patched metric of rows (pair index in `read`, cell) that all patch position `start` (all
     of start.. if `whole`)."""
-    acts, prefix, answers = read.acts, read.prefix, read.answers
+    acts, answers = read.acts, read.answers
     device = acts.resid[0].device
     hidden, order, arguments = None, [], None
     for layer, block in enumerate(blocks(model)):
         if hidden is not None:
             pair_rows = torch.tensor([pair for pair, _ in order], device=device)
-            keys, values = prefix[layer]
             arguments = arguments or suffix_arguments(model, start, hidden)
-            hidden = block_on_suffix(
-                model, block, hidden, keys[pair_rows, :, :start], values[pair_rows, :, :start], arguments
-            )
+            hidden = block_on_suffix(model, block, hidden, *receiving_prefix(read, layer, pair_rows, start), arguments)
         for component in COMPONENTS:
             joining = [(pair, cell) for pair, cell in rows if cell.layer == layer and cell.component == component]
             if not joining:

@@ -62,6 +62,14 @@ def block_on_suffix(
     return output[0] if isinstance(output, tuple) else output
 
 
+def receiving_prefix(read: GroupRead, layer: int, pairs: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer `layer`'s keys and values of positions 0..start-1 in the receiving run of each of
+    `pairs` (indices in `read`): the prefix `block_on_suffix` attends to, which no patch from
+    `start` on changes."""
+    keys, values = read.prefix[layer]
+    return keys[pairs, :, :start], values[pairs, :, :start]
+
+
 def patched_attention(
     model: TransformersModel,
     block: torch.nn.Module,
@@ -143,11 +151,10 @@ def patched_layer_output(
         suffix[:, :width] = block_given_attention(model, block, acts.resid[layer][receivers, here], patched)
     else:  # inside attention: the block runs again on the suffix, the head's values written as it goes
         donated = donors.take(cell, acts.sites[cell], donor_rows, here, heads)
-        keys, values = read.prefix[layer]
         hidden = acts.resid[layer][receivers, start:]
         arguments = suffix_arguments(model, start, hidden)
         with writing(model, block, component, donated, heads):
-            suffix = block_on_suffix(model, block, hidden, keys[pairs, :, :start], values[pairs, :, :start], arguments)
+            suffix = block_on_suffix(model, block, hidden, *receiving_prefix(read, layer, pairs, start), arguments)
     return suffix
 
 
