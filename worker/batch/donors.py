@@ -60,7 +60,7 @@ class Donors:
         if self.kind == "pair":
             return pair.first_difference
         if self.kind == "resample":
-            receiving = (pair.corrupted_ids, pair.clean_ids)[self.rows.donor_offset]
+            receiving = self.rows.receiving_of(pair.clean_ids, pair.corrupted_ids)
             return first_difference(receiving, resampled_from(pair))
         return 0
 

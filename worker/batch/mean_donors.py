@@ -75,7 +75,7 @@ def donor_sums(model: TransformersModel, pairs: Sequence[Pair], options: PatchOp
         per_trace = per_batch(options, group[0].n_tokens)
         for first in range(0, len(group), per_trace):
             chunk = group[first : first + per_trace]
-            donor_side = [(p.clean_ids, p.corrupted_ids)[rows.donor_offset] for p in chunk]
+            donor_side = [rows.donor_of(p.clean_ids, p.corrupted_ids) for p in chunk]
             input_ids = torch.tensor(donor_side, device=model.device)
             with torch.inference_mode(), model.trace({"input_ids": input_ids}, logits_to_keep=1):
                 saved = nnsight.save([])  # in forward order (`donor_sites`)

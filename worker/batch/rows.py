@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from worker.contract.options import PatchOptions
 from worker.contract.pairs import Pair
+
+Side = TypeVar("Side")  # what a pair has one of per prompt: its token ids, a baseline
 
 
 def per_batch(options: PatchOptions, tokens: int, rows_per_item: int = 1, budget_scale: int = 1) -> int:
@@ -53,6 +56,14 @@ class PairRows:
     @property
     def receiving_offset(self) -> int:
         return 1 - self.donor_offset
+
+    def donor_of(self, clean: Side, corrupted: Side) -> Side:
+        """Of `clean` and `corrupted` (a pair's prompts, or the baselines of every pair), the donor side's."""
+        return (clean, corrupted)[self.donor_offset]
+
+    def receiving_of(self, clean: Side, corrupted: Side) -> Side:
+        """Of `clean` and `corrupted` (a pair's prompts, or the baselines of every pair), the receiving run's."""
+        return (clean, corrupted)[self.receiving_offset]
 
     def input_ids(self, pairs: Sequence[Pair]) -> torch.Tensor:
         """[per_pair * pairs, tokens]: each pair's rows (pairs of one length)."""

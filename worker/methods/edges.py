@@ -15,6 +15,7 @@ import pyarrow as pa
 import torch
 from nnsight import TransformersModel
 
+from worker.batch.rows import PairRows
 from worker.contract.options import PatchOptions
 from worker.contract.pairs import Pair
 from worker.contract.tables import edges_table
@@ -83,7 +84,7 @@ def verify(
     if not options.verify_top:
         return exact, verified
     rows = [(p, e) for p in range(len(pairs)) for e in range(n_edges)]
-    receiving = (corrupted if options.direction == "denoise" else clean).repeat_interleave(n_edges)
+    receiving = PairRows.of(options).receiving_of(clean, corrupted).repeat_interleave(n_edges)
     chosen = sorted(verified_rows([p.pair_id for p in pairs], rows, estimates - receiving, options.verify_top))
     index = torch.tensor([p * n_edges + e for p, e in chosen])
     exact[index] = exact_edge_values(model, pairs, options, chosen)[2]

@@ -13,6 +13,7 @@ from nnsight import TransformersModel
 
 from worker.batch.cells import model_cells, selected_cells
 from worker.batch.donors import Donors
+from worker.batch.rows import PairRows
 from worker.contract.options import (
     PatchOptions,
     position_labels,
@@ -53,7 +54,7 @@ def patch_group(
         clean, corrupted = estimates.clean, estimates.corrupted
     else:
         clean, corrupted, values = exact_values(model, pairs, cells, work, options)
-    receiver = (corrupted if options.direction == "denoise" else clean)[row_pairs]
+    receiver = PairRows.of(options).receiving_of(clean, corrupted)[row_pairs]
     if estimate is not None:
         estimated = row_values(rows, receiver, work, estimates.patched)
         estimate_scores = normalized_score(estimated, clean[row_pairs], corrupted[row_pairs], options.direction)
