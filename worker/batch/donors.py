@@ -9,12 +9,13 @@
   over every position (worker/batch/mean_donors.py; computed by a first pass, stored in OUT).
 
 Every method writes `Donors.take(...)` where it used to copy the donor row: the exact paths
-(trace and reuse), AtP's (donor - receiving) difference and path patching's senders. Scores keep
-each pair's own baselines, `(value - receiving) / (pair's donor side - receiving)`, so for an
-ablation 1 still means "as far as the pair's other prompt moves it". Before a pair's first
-differing token its own other prompt changes nothing, so those cells need no forward
-(`Donors.start`); zeros and means change every position, a resampled prompt every position
-from the first token where it differs from the receiving one.
+(trace and reuse), path patching's senders, and the (donor - receiving) differences of AtP, EAP,
+edge patching and edge sets (`Donors.difference`). Scores keep each pair's own baselines,
+`(value - receiving) / (pair's donor side - receiving)`, so for an ablation 1 still means "as
+far as the pair's other prompt moves it". Before a pair's first differing token its own other
+prompt changes nothing, so those cells need no forward (`Donors.start`); zeros and means change
+every position, a resampled prompt every position from the first token where it differs from the
+receiving one.
 """
 
 from __future__ import annotations
@@ -87,4 +88,24 @@ class Donors:
         else:
             values = acts[rows, positions]
             values = torch.zeros_like(values) if self.kind == "zero" else values
-        return values if heads is None else values[torch.arange(len(heads), device=values.device), :, heads]
+        return one_head_each(values, heads)
+
+    def difference(
+        self,
+        site: tuple[str, int],
+        acts: torch.Tensor,
+        pairs: torch.Tensor,
+        positions,
+        heads: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """What a patch of `site` at `positions` changes in the receiving run of each of `pairs`
+        (pair indices in the read, whose values of `site` are `acts`): what `take` writes there
+        minus the receiving run's own values; with `heads`, head `heads[i]`'s for the i-th pair."""
+        receiving = one_head_each(acts[self.rows.receiving_rows(pairs), positions], heads)
+        return self.take(site, acts, self.source_rows(pairs), positions, heads) - receiving
+
+
+def one_head_each(values: torch.Tensor, heads: torch.Tensor | None) -> torch.Tensor:
+    """Of per-row values [rows, positions, heads, values per head], head `heads[i]`'s of the i-th
+    row ([rows, positions, values per head]); without `heads`, all of them."""
+    return values if heads is None else values[torch.arange(len(heads), device=values.device), :, heads]

@@ -20,6 +20,7 @@ import nnsight
 import torch
 from nnsight import TransformersModel
 
+from worker.batch.donors import Donors
 from worker.batch.metrics import Answers, DonorDistribution, vocabulary_metric
 from worker.batch.rows import PairRows, per_batch
 from worker.contract.options import PatchOptions
@@ -66,7 +67,8 @@ def read_edges(model: TransformersModel, pairs: Sequence[Pair], options: PatchOp
     (EAP-IG's "inputs" variant): step 0 is the donor row itself (its embeddings are the donor's),
     steps 1.. are appended after the pairs' own rows."""
     device, where = model.device, family(model)
-    layout, indices = PairRows.of(options), torch.arange(len(pairs), device=device)
+    donors = Donors.of(options)
+    layout, indices = donors.rows, torch.arange(len(pairs), device=device)
     base, extra = layout.per_pair * len(pairs), max(steps - 1, 0)
     repeat = layout.of_rows(indices).tolist() + indices.repeat_interleave(extra).tolist()
     own = layout.input_ids(pairs)  # then per pair `extra` rows, their embeddings replaced below
@@ -109,12 +111,12 @@ def read_edges(model: TransformersModel, pairs: Sequence[Pair], options: PatchOp
                 for i, act in reversed(list(zip(INPUTS, saved["qkv"][layer]))):
                     grads["qkv"][(layer, i)] = act.grad
     with torch.no_grad():
-        return assemble(model, layout, values[:base].cpu(), saved, grads, gradient_rows, max(steps, 1))
+        return assemble(model, donors, values[:base].cpu(), saved, grads, gradient_rows, max(steps, 1))
 
 
 def assemble(
     model: TransformersModel,
-    layout: PairRows,
+    donors: Donors,
     metric: torch.Tensor,
     saved: dict,
     grads: dict,
@@ -126,19 +128,19 @@ def assemble(
     averaged over a pair's `steps` rows."""
     where = family(model)
 
-    def difference(act: torch.Tensor) -> torch.Tensor:
-        return (
-            act[layout.donor_offset : len(metric) : layout.per_pair] - layout.receiving_side(act[: len(metric)])
-        ).detach()
+    pairs = torch.arange(len(metric) // donors.rows.per_pair, device=saved["input"].device)
+
+    def difference(site: tuple[str, int], act: torch.Tensor) -> torch.Tensor:  # the pairs' own rows, not the steps'
+        return donors.difference(site, site_values(model, site[0], act), pairs, slice(None)).detach()
 
     def per_pair(grad: torch.Tensor) -> torch.Tensor:
         return grad.view(-1, steps, *grad.shape[1:]).mean(1)
 
-    differences, gradients = [difference(saved["input"])[:, :, None]], []
+    differences, gradients = [difference(("input", 0), saved["input"])[:, :, None]], []
     for layer, block in enumerate(blocks(model)):
-        z = site_values(model, "head", difference(saved["z"][layer]))
+        z = difference(("head", layer), saved["z"][layer])
         differences.append(torch.einsum("pthe,hed->pthd", z, output_weights(model, block)))
-        differences.append(difference(saved["mlp"][layer])[:, :, None])
+        differences.append(difference(("mlp", layer), saved["mlp"][layer])[:, :, None])
         per_input = [
             torch.einsum("pthe,hed->pthd", site_values(model, i, grad[gradient_rows]), head_weights(model, block, i))
             for i, grad in ((i, grads["qkv"][(layer, i)]) for i in INPUTS)

@@ -45,18 +45,16 @@ def receiver_site(name: str, layers: int) -> tuple[int, str, int]:
 
 def sender_difference(model: TransformersModel, read: GroupRead, sender: str, pairs: torch.Tensor, start: int):
     """[rows, T - start, d]: sender's donor output minus its receiving output for each pair of `pairs`."""
-    acts, rows = read.acts, read.donors.rows
-    donor, receiving = rows.donor_rows(pairs), rows.receiving_rows(pairs)
+    sites, after = read.acts.sites, slice(start, None)
     if sender == "input":
-        act = acts.sites[("input", 0)]
-        return act[donor, start:] - act[receiving, start:]
+        return read.donors.difference(("input", 0), sites[("input", 0)], pairs, after)
     layer = int(sender[1:].split(".")[0])
     if sender.startswith("m"):
-        act = acts.sites[("mlp", layer)]
-        return act[donor, start:] - act[receiving, start:]
+        return read.donors.difference(("mlp", layer), sites[("mlp", layer)], pairs, after)
     head = int(sender.split(".h")[1])
-    z = acts.sites[("head", layer)]
-    return (z[donor, start:, head] - z[receiving, start:, head]) @ output_weights(model, blocks(model)[layer])[head]
+    heads = torch.full((len(pairs),), head, device=pairs.device)
+    z = read.donors.difference(("head", layer), sites[("head", layer)], pairs, after, heads)
+    return z @ output_weights(model, blocks(model)[layer])[head]
 
 
 @contextmanager

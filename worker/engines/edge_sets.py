@@ -56,7 +56,8 @@ class EdgeSetRun:
         self.hidden = read.acts.resid[0][self.receiving, start:]
         self.matrices = matrices.to(self.hidden.device, self.hidden.dtype)
         self.differences = self.hidden.new_zeros(matrices.shape[1], *self.hidden.shape)
-        self.differences[0] = self.donated("input", 0) - read.acts.sites[("input", 0)][self.receiving, start:]
+        embeddings = read.acts.sites[("input", 0)]
+        self.differences[0] = read.donors.difference(("input", 0), embeddings, pairs, slice(start, None))
         self.arguments = suffix_arguments(model, start, self.hidden)
 
     def change(self, senders: int, receivers: slice) -> torch.Tensor:

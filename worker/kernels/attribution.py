@@ -111,10 +111,8 @@ def donor_difference(site: tuple[str, int], act: torch.Tensor, donors: Donors) -
     """Per pair, what a patch of `site` changes in the receiving run's values `act` (all rows of
     the read, `site_values`): donor minus receiver, in float32; the donor's values are what
     `donors` give."""
-    rows = donors.rows
-    pairs = torch.arange(act.shape[0] // rows.per_pair, device=act.device)
-    donor = donors.take(site, act, donors.source_rows(pairs), slice(None))
-    return (donor - rows.receiving_side(act)).float()
+    pairs = torch.arange(act.shape[0] // donors.rows.per_pair, device=act.device)
+    return donors.difference(site, act, pairs, slice(None)).float()
 
 
 def first_order_effects(site: tuple[str, int], act: torch.Tensor, grad: torch.Tensor, donors: Donors) -> torch.Tensor:

@@ -144,8 +144,7 @@ def patched_layer_output(
     if component == "resid":
         suffix[:, :width] = donors.take(cell, acts.resid[layer + 1], donor_rows, here)
     elif component == "mlp":
-        donated = donors.take(cell, acts.sites[cell], donor_rows, here)
-        suffix[:, :width] += donated - acts.sites[cell][receivers, here]
+        suffix[:, :width] += donors.difference(cell, acts.sites[cell], pairs, here)
     elif component in ("attn", "head"):
         patched = patched_attention(model, block, acts, cell, here, receivers, donor_rows, heads, donors)
         suffix[:, :width] = block_given_attention(model, block, acts.resid[layer][receivers, here], patched)
