@@ -21,12 +21,13 @@ from jobs.compact import compact as compact_run
 from jobs.datasets import write_jsonl
 from jobs.datasets.greater_than import generate_greater_than
 from jobs.datasets.ioi import CORRUPTIONS, generate_ioi
+from jobs.dispatch import JobError
 from jobs.pairfile import PairFileError
 from jobs.results.aggregate import DEFAULT_MIN_GAP
 from jobs.results.query import QueryError, format_table, query
 from jobs.results.report import DRILL_DOWN_PAIRS, build_report
 from jobs.results.stability import DEFAULT_SPLITS, MAX_PAIRS, SplitHalves
-from jobs.run import JobError, run_job
+from jobs.run import run_job
 from jobs.spec import DEFAULT_BATCH_PAIRS, DEFAULT_CONNECT_TIMEOUT, JobSpec
 from jobs.store import OutputConflict, Store
 from worker.contract.options import (

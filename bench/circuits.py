@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from bench.gpt2_small import add_model_arguments, model_and_pairs
+from worker.contract.layout import CIRCUITS_DIR
 from worker.contract.options import PatchOptions
-from worker.graph.circuits import CIRCUITS_DIR, MIB_BUDGETS, Circuit
+from worker.graph.circuits import MIB_BUDGETS, Circuit
 from worker.graph.mib import Graph
 from worker.methods.faithfulness import circuit_tables
 

@@ -23,7 +23,8 @@ import numpy as np
 import pyarrow as pa
 
 from bench.scale import peak_rss_of
-from jobs.store import Store, part_name
+from jobs.store import Store
+from worker.contract.layout import part_name
 from worker.contract.tables import effects_schema, pair_columns
 
 REPO = Path(__file__).resolve().parent.parent

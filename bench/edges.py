@@ -29,7 +29,8 @@ import torch
 
 from bench.gpt2_small import add_model_arguments, model_and_pairs
 from jobs.results.aggregate import aggregate
-from jobs.store import EDGES, PAIR_PARTS_DIR, PAIRS_FILE, Store
+from jobs.store import EDGES, Store
+from worker.contract.layout import PAIR_PARTS_DIR, PAIRS_FILE
 from worker.contract.options import PatchOptions
 from worker.graph.mib import Graph
 from worker.methods.edges import edge_tables

@@ -19,7 +19,8 @@ from jobs.results.aggregate import DEFAULT_MIN_GAP, aggregate, with_intervals
 from jobs.results.intervals import t_quantile
 from jobs.results.query import query
 from jobs.results.stability import DEFAULT_SPLITS, stability
-from jobs.store import PAIR_PARTS_DIR, Store
+from jobs.store import Store
+from worker.contract.layout import PAIR_PARTS_DIR
 from worker.contract.tables import effects_schema, pair_columns
 
 LABELS = [

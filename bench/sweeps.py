@@ -35,8 +35,8 @@ from jobs.pairfile import read_pairs
 from worker.batch.cells import model_cells, selected_cells
 from worker.batch.donors import Donors
 from worker.batch.mean_donors import donor_sums
+from worker.contract.layout import MEANS_FILE
 from worker.contract.options import MEAN_DONORS, PatchOptions, position_labels
-from worker.contract.storage import MEANS_FILE
 from worker.engines.trace import cells_to_run
 from worker.methods.registry import patch_batch
 from worker.model.checkpoint import load_tokenizer

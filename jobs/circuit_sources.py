@@ -16,8 +16,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.results.query import QueryError
-from jobs.store import AGGREGATE_FILE, EDGES, Store
-from worker.graph.circuits import EMPTY, Circuit
+from jobs.store import EDGES, Store
+from worker.contract.layout import AGGREGATE_FILE
+from worker.graph.circuits import EMPTY, Circuit, read_circuit
 from worker.graph.mib import Graph
 
 
@@ -67,11 +68,7 @@ def circuits_from_files(files: tuple[str, ...], graph: Graph) -> list[Circuit]:
         name = Path(file).stem
         if name == EMPTY:
             raise ValueError(f"{file}: {EMPTY!r} names the circuit of no edge, evaluated with every run; rename it")
-        try:
-            text = Path(file).read_text()
-        except OSError as error:
-            raise ValueError(f"{file}: cannot read it ({error.strerror})") from None
-        circuits.append(Circuit.from_json(name, text, graph, file))
+        circuits.append(read_circuit(file, name, graph))
     return circuits
 
 

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 
 import pyarrow.parquet as pq
 
-from jobs.store import BATCH_PARTS, Store, part_index
+from jobs.store import BATCH_PARTS, Store
+from worker.contract.layout import merged_name, part_index
 
 PARTS_PER_FILE = BATCH_PARTS  # shards per compacted file, at most: one batch of the aggregate's reads
 ROW_GROUP = 1 << 20  # rows per row group of a compacted file
@@ -35,17 +36,12 @@ def runs_of_parts(names: Sequence[str], per_file: int) -> list[list[str]]:
     return [run for run in runs if len(run) > 1]
 
 
-def merged_name(run: Sequence[str]) -> str:
-    """The compacted file's name (no extension) for consecutive parts `run`."""
-    return f"parts-{run[0].removeprefix('part-')}-{run[-1].removeprefix('part-')}"
-
-
 def write_merged(store: Store, run: Sequence[str]) -> int:
     """Write the parts `run` into one file in row groups of `ROW_GROUP` rows; its rows."""
     paths = [store.path(store.results, f"{name}.parquet") for name in run]
     schema = pq.read_schema(paths[0], filesystem=store.fs)
     tables = (pq.read_table(path, filesystem=store.fs, schema=schema) for path in paths)
-    return store.write_row_groups(f"{store.results}/{merged_name(run)}.parquet", schema, tables, ROW_GROUP)
+    return store.write_row_groups(f"{store.results}/{merged_name(run[0], run[-1])}.parquet", schema, tables, ROW_GROUP)
 
 
 def compact(store: Store, per_file: int = PARTS_PER_FILE) -> str:

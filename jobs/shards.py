@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from jobs.pairfile import PairFileError
-from jobs.store import part_name
+from worker.contract.layout import part_name
 from worker.contract.pairs import Pair
 
 

@@ -1,7 +1,6 @@
 """The output directory (local path or any URI pyarrow.fs understands, e.g. s3://bucket/run).
 
-Layout (DESIGN.md): effects/part-*.parquet (paths/ for path patching, edges/ for edge attribution),
-pairs.parquet, manifest.json, invalid.jsonl. A shard's pairs rows go to _pairs/part-*.parquet
+What is in it is named in worker/contract/layout.py. A shard's pairs rows go to _pairs/part-*.parquet
 first and its results part last, each to a temporary name then renamed, so a shard whose results
 part exists is whole; pairs.parquet is rebuilt from the _pairs parts at the end of every run.
 `driver.py compact` (jobs/compact.py) merges consecutive results parts into `parts-A-B.parquet`,
@@ -11,7 +10,6 @@ which holds shards part-A to part-B: readers ask `results_files` which file hold
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -21,45 +19,28 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from jobs.pairfile import InvalidLine
-from worker.contract.options import METHODS
-from worker.contract.storage import (
+from worker.contract.layout import (
+    AGGREGATE_FILE,
+    CIRCUITS_DIR,
+    COMPACTED,
+    GROUPS_FILE,
+    INVALID_FILE,
+    MANIFEST,
     MEANS_FILE,
     PAIR_PARTS_DIR,
-    PartWriter,
-    atomic_output,
-    filesystem,
-    is_uri,
-    write_parquet,
+    PAIRS_FILE,
+    REPORT_FILE,
+    RESULTS_NAME,
+    STABILITY_FILE,
+    covered,
+    part_index,
 )
-from worker.graph.circuits import CIRCUITS_DIR
+from worker.contract.options import METHODS
+from worker.contract.storage import PartWriter, atomic_output, filesystem, is_uri, write_parquet
 
 PAIRS_ROW_GROUP = 65_536
-COMPACTED = "parts-"  # a compacted results file: parts-00000-00999 holds shards part-00000 .. part-00999
-RESULTS_NAME = re.compile(r"part-\d+|parts-\d+-\d+")  # a results file's name, without `.parquet`
 BATCH_PARTS = 1000  # parts read together; a dataset keeps the footer of every part it has read
 QUERY_ROWS = 1 << 15  # results rows a query grouping per pair reads at once (`Store.row_batches`)
-MANIFEST, PAIRS_FILE, INVALID_FILE = "manifest.json", "pairs.parquet", "invalid.jsonl"
-AGGREGATE_FILE, REPORT_FILE = "aggregate.parquet", "report.html"
-GROUPS_FILE = "aggregate_groups.parquet"  # `report --group-by`: per group, beside the overall aggregate
-STABILITY_FILE = "stability.parquet"  # the split halves (jobs/results/stability.py)
-
-
-def part_name(index: int) -> str:
-    """The name of shard `index` (and of its results and pairs parts)."""
-    return f"part-{index:05d}"
-
-
-def part_index(name: str) -> int:
-    return int(name.removeprefix("part-"))
-
-
-def covered(name: str) -> list[str]:
-    """The shards a results file (its name without `.parquet`) holds: itself, or for a compacted
-    file every shard its name spans."""
-    if not name.startswith(COMPACTED):
-        return [name]
-    first, last = name.removeprefix(COMPACTED).split("-")
-    return [part_name(index) for index in range(int(first), int(last) + 1)]
 
 
 class OutputConflict(RuntimeError):

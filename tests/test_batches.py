@@ -16,8 +16,9 @@ from jobs.compact import write_merged
 from jobs.results.aggregate import DEFAULT_MIN_GAP, aggregate
 from jobs.results.query import DUCKDB_MEMORY_LIMIT, duckdb_connection
 from jobs.results.stability import stability
-from jobs.store import Store, part_name
+from jobs.store import Store
 from tests.test_aggregate import pair_row
+from worker.contract.layout import part_name
 from worker.contract.tables import effects_schema, pair_columns
 
 SHARDS = 6

@@ -18,18 +18,9 @@ from tests.conftest import TOL
 from tests.reference import position_key, reference_edge_set, sender_outputs
 from tests.test_patching import labelled, resampled
 from worker.batch.mean_donors import donor_sums
+from worker.contract.layout import CIRCUITS_DIR, MEANS_FILE
 from worker.contract.options import PatchOptions
-from worker.contract.storage import MEANS_FILE
-from worker.graph.circuits import (
-    CIRCUITS_DIR,
-    MIB_BUDGETS,
-    Circuit,
-    budget_edges,
-    parse_budgets,
-    prune,
-    select_greedy,
-    select_top,
-)
+from worker.graph.circuits import MIB_BUDGETS, Circuit, budget_edges, parse_budgets, prune, select_greedy, select_top
 from worker.graph.mib import Graph
 from worker.methods.faithfulness import circuit_tables
 

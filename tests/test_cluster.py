@@ -24,7 +24,8 @@ import yaml
 from ray._common.utils import get_default_ray_temp_dir
 from ray.cluster_utils import Cluster
 
-from jobs.run import NodesLost, Pool, run_job, send_again
+from jobs.dispatch import NodesLost, Pool, send_again
+from jobs.run import run_job
 from jobs.spec import DEFAULT_CONNECT_TIMEOUT, JobSpec
 from tests.conftest import EXAMPLE_PAIRS, REPO, free_port
 from tests.test_driver import assert_same_effects, driver_command, effects_by_key, no_cluster_line, run_driver_at

@@ -30,8 +30,8 @@ from tests.conftest import (
 )
 from worker.batch.mean_donors import donor_sums
 from worker.contract.faults import TEST_FAULT_ENV
+from worker.contract.layout import MEANS_FILE
 from worker.contract.options import PatchOptions
-from worker.contract.storage import MEANS_FILE
 from worker.graph.mib import Graph
 from worker.methods.edges import edge_tables
 from worker.methods.paths import path_batch

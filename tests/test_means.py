@@ -15,8 +15,8 @@ from tests.reference import capture, position_key, reference_atp
 from tests.test_patching import assert_matches_reference, by_cell, labelled
 from tests.test_paths import assert_paths_match_reference, paths
 from worker.batch.mean_donors import donor_sums
+from worker.contract.layout import MEANS_FILE
 from worker.contract.options import PatchOptions
-from worker.contract.storage import MEANS_FILE
 from worker.methods.registry import patch_batch
 
 

@@ -20,8 +20,9 @@ from jobs.results.report import (
     find_chromium,
     label_positions,
 )
-from jobs.store import GROUPS_FILE, Store
+from jobs.store import Store
 from tests.conftest import write_jsonl
+from worker.contract.layout import GROUPS_FILE
 from worker.contract.options import DEFAULT_COMPONENTS as COMPONENTS
 from worker.contract.options import METHODS
 from worker.methods.registry import patch_batch

@@ -20,16 +20,8 @@ import pyarrow.parquet as pq
 
 from jobs.results.intervals import with_interval
 from jobs.results.query import QueryError, duckdb_connection
-from jobs.store import (
-    AGGREGATE_FILE,
-    EDGES,
-    FAITHFULNESS,
-    GROUPS_FILE,
-    PAIR_PARTS_DIR,
-    PAIRS_FILE,
-    QUERY_ROWS,
-    Store,
-)
+from jobs.store import EDGES, FAITHFULNESS, QUERY_ROWS, Store
+from worker.contract.layout import AGGREGATE_FILE, GROUPS_FILE, PAIR_PARTS_DIR, PAIRS_FILE
 from worker.contract.options import DEFAULT_METRIC, METHODS
 from worker.graph.circuits import EMPTY
 

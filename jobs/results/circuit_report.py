@@ -10,13 +10,12 @@ fraction of all edges and f its dataset-level faithfulness, by the trapezoid rul
 
 from __future__ import annotations
 
-import json
 from itertools import pairwise
 
 import plotly.graph_objects as go
 
 from jobs.store import Store
-from worker.graph.circuits import CIRCUITS_DIR, EMPTY, Circuit
+from worker.graph.circuits import EMPTY, Circuit, run_circuit
 from worker.graph.mib import Graph
 
 DRAWN_EDGES = 2000  # circuits with more edges are listed, not drawn: a hairball says nothing
@@ -157,16 +156,6 @@ def drawing(circuit: Circuit, run: str) -> go.Figure:
     return figure
 
 
-def read_circuit(store: Store, entry: dict) -> Circuit:
-    """A run's circuit from its JSON, on the graph its `cfg` names."""
-    path = store.path(CIRCUITS_DIR, f"{entry['name']}.json")
-    with store.fs.open_input_stream(path) as stream:
-        text = stream.read().decode()
-    cfg = json.loads(text)["cfg"]
-    graph = Graph(cfg["n_layers"], cfg["n_heads"], cfg["parallel_attn_mlp"], cfg["d_model"])
-    return Circuit.from_json(entry["name"], text, graph, path)
-
-
 def circuit_figures(store: Store, rows: list[dict], manifest: dict, run: str) -> list[tuple[str, go.Figure]]:
     """The curve and the table over every pair, then each circuit small enough to draw."""
     points = curve_points(rows, manifest.get("circuits", []))
@@ -175,5 +164,5 @@ def circuit_figures(store: Store, rows: list[dict], manifest: dict, run: str) ->
     figures = [("faithfulness", curve(points, run)), ("circuits", table(points, run))]
     for entry, _ in points:
         if 0 < entry["edges"] <= DRAWN_EDGES:
-            figures.append((f"circuit-{entry['name']}", drawing(read_circuit(store, entry), run)))
+            figures.append((f"circuit-{entry['name']}", drawing(run_circuit(store.uri, entry["name"]), run)))
     return figures

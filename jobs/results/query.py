@@ -23,7 +23,8 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from jobs.store import AGGREGATE_FILE, GROUPS_FILE, PAIRS_FILE, STABILITY_FILE, Store
+from jobs.store import Store
+from worker.contract.layout import AGGREGATE_FILE, GROUPS_FILE, PAIRS_FILE, STABILITY_FILE
 
 DUCKDB_MEMORY_LIMIT = "256MB"
 

@@ -32,17 +32,8 @@ from jobs.results.heatmaps import Panel, heatmap, small_multiples
 from jobs.results.query import connect_tables, release_memory
 from jobs.results.stability import DEFAULT_HALVES, SplitHalves, stability, stability_figures
 from jobs.results.verification import collect_verified, correlations, fmt, scatter_figures, top_k_agreement
-from jobs.store import (
-    EDGES,
-    EFFECTS,
-    FAITHFULNESS,
-    GROUPS_FILE,
-    PAIRS_FILE,
-    REPORT_FILE,
-    STABILITY_FILE,
-    ResultsKind,
-    Store,
-)
+from jobs.store import EDGES, EFFECTS, FAITHFULNESS, ResultsKind, Store
+from worker.contract.layout import GROUPS_FILE, PAIRS_FILE, REPORT_FILE, STABILITY_FILE
 from worker.contract.options import COMPONENTS, DEFAULT_DONOR, DEFAULT_METRIC, HEAD_COMPONENTS, METHODS, Method
 from worker.contract.storage import is_uri
 

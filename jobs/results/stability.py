@@ -43,7 +43,8 @@ import pyarrow.parquet as pq
 from jobs.results.aggregate import LABEL_SQL
 from jobs.results.intervals import t_quantile
 from jobs.results.query import duckdb_connection
-from jobs.store import EDGES, FAITHFULNESS, PAIR_PARTS_DIR, PAIRS_FILE, STABILITY_FILE, Store
+from jobs.store import EDGES, FAITHFULNESS, Store
+from worker.contract.layout import PAIR_PARTS_DIR, PAIRS_FILE, STABILITY_FILE
 from worker.graph.circuits import MIB_BUDGETS, budget_edges
 
 DEFAULT_SPLITS = 20

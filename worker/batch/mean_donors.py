@@ -27,9 +27,10 @@ import torch
 from nnsight import TransformersModel
 
 from worker.batch.rows import PairRows, per_batch
+from worker.contract.layout import MEANS_FILE
 from worker.contract.options import PatchOptions
 from worker.contract.pairs import Pair
-from worker.contract.storage import MEANS_FILE, filesystem
+from worker.contract.storage import filesystem
 from worker.graph.mib import GRAPH_SENDERS
 from worker.model.sites import FORWARD_ORDER, component_output, n_layers, site_values
 

@@ -20,8 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-PAIR_PARTS_DIR = "_pairs"
-MEANS_FILE = "donor_means.parquet"  # --donor mean, mean-all: the first pass's means (worker/batch/mean_donors.py)
+from worker.contract.layout import PAIR_PARTS_DIR
 
 
 def is_uri(location: str) -> bool:

@@ -24,9 +24,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from worker.contract.layout import circuit_file
+from worker.contract.storage import child, opened
 from worker.graph.mib import Graph
 
-CIRCUITS_DIR = "circuits"  # under a run's OUT: NAME.json per circuit
 EMPTY = "empty"  # the circuit of no edge (every edge ablated), evaluated with every circuit
 SELECTIONS = ("top", "greedy")
 MIB_BUDGETS = ("0.1%", "0.2%", "0.5%", "1%", "2%", "5%", "10%", "20%", "50%", "100%")
@@ -201,3 +202,22 @@ class Circuit:
             index[edge] for edge, entry in data["edges"].items() if isinstance(entry, dict) and entry.get("in_graph")
         }
         return cls(name, graph, prune(graph, edges), tuple(scores))
+
+
+def read_circuit(location: str, name: str, graph: Graph | None = None) -> Circuit:
+    """The circuit `name` in the graph JSON at `location` (a local path or URI), on `graph`, or
+    by default on the graph its `cfg` names; one-line errors name `location`."""
+    try:
+        with opened(location) as stream:
+            text = stream.read().decode()
+    except OSError as error:
+        raise ValueError(f"{location}: cannot read it ({error.strerror or error})") from None
+    if graph is None:
+        cfg = json.loads(text)["cfg"]
+        graph = Graph(cfg["n_layers"], cfg["n_heads"], cfg["parallel_attn_mlp"], cfg["d_model"])
+    return Circuit.from_json(name, text, graph, location)
+
+
+def run_circuit(root: str, name: str, graph: Graph | None = None) -> Circuit:
+    """The circuit `name` a circuit run at `root` (a local path or URI) evaluates."""
+    return read_circuit(child(root, circuit_file(name)), name, graph)

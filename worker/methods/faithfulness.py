@@ -20,10 +20,9 @@ from nnsight import TransformersModel
 
 from worker.contract.options import PatchOptions
 from worker.contract.pairs import Pair
-from worker.contract.storage import filesystem
 from worker.contract.tables import faithfulness_table
 from worker.engines.edge_sets import edge_set_values
-from worker.graph.circuits import CIRCUITS_DIR, EMPTY, Circuit
+from worker.graph.circuits import EMPTY, Circuit, run_circuit
 from worker.graph.mib import Graph
 from worker.methods.common import per_length
 
@@ -31,13 +30,7 @@ from worker.methods.common import per_length
 @cache
 def load_circuits(root: str, names: tuple[str, ...], graph: Graph) -> tuple[Circuit, ...]:
     """The circuits `names` of the run at `root` (a local path or URI), read once per process."""
-    fs, path = filesystem(root)
-    circuits = []
-    for name in names:
-        location = f"{path.rstrip('/')}/{CIRCUITS_DIR}/{name}.json"
-        with fs.open_input_stream(location) as stream:
-            circuits.append(Circuit.from_json(name, stream.read().decode(), graph, location))
-    return tuple(circuits)
+    return tuple(run_circuit(root, name, graph) for name in names)
 
 
 def circuit_group(
