@@ -159,7 +159,10 @@ def run_options(positions_help: str | None, positions_default: str | None, direc
             help="Seconds the cluster at --address (or RAY_ADDRESS) has to answer before the run gives up on it.",
         ),
         click.option(
-            "--workers", type=click.IntRange(min=1), help="Number of actors. Default: one per GPU, or 1 CPU actor."
+            "--workers",
+            type=click.IntRange(min=0),
+            help="Number of actors. Default: one per GPU, or 1 CPU actor. 0: no Ray, the shards run in this "
+            "process (the same parts, resume and report; for one machine, a notebook or a small run).",
         ),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
         click.option(

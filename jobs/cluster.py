@@ -18,6 +18,7 @@ from ray._private.services import canonicalize_bootstrap_address_or_die
 from ray.core.generated.gcs_service_pb2 import GetClusterIdRequest
 from ray.core.generated.gcs_service_pb2_grpc import NodeInfoGcsServiceStub
 
+from jobs.dispatch import InProcessActor
 from worker.contract.storage import is_uri
 
 MAX_RESTARTS = -1  # a dead actor (process exit, OOM kill) always comes back ...
@@ -129,3 +130,10 @@ def start_actors(shape: PoolShape, model: str, device: str, dtype: str) -> list:
         max_task_retries=MAX_TASK_RETRIES,
     )
     return [actor_class.remote(model, device, dtype, shape.threads) for _ in range(shape.n_actors)]
+
+
+def start_in_process(model: str, device: str, dtype: str) -> InProcessActor:
+    """`--workers 0`: one worker in the driver's own process, on every core, no Ray."""
+    from worker.actor import PatchWorker  # torch and nnsight: kept out of the driver's start-up
+
+    return InProcessActor(PatchWorker(model, device, dtype, os.cpu_count() or 1))

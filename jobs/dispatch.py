@@ -3,6 +3,10 @@
 Each actor holds one shard at a time, so a shard that kills its actor takes no innocent queued
 shard down with it (Ray retries only the task that was running). Every `NODE_CHECK_SECONDS` the
 cluster is asked for lost nodes: their actors leave the pool and their shards go to the others.
+
+With `--workers 0` there is no Ray: one `InProcessActor` runs each call in the driver's own
+process as it is made, and its `Finished` stands where Ray's object reference would; `first_done`
+and `outcome` take either, so the dispatch below is the same for both.
 """
 
 from __future__ import annotations
@@ -28,12 +32,62 @@ class NodesLost(JobError):
     """Every node with an actor is gone: the run stops as failed, and a re-run resumes it."""
 
 
+class ShardFailed(RuntimeError):
+    """What a call of an in-process actor raised, as one line (Ray gives a task's error as `RayError`)."""
+
+
+TASK_ERRORS = (ray.exceptions.RayError, ShardFailed)  # a call that failed: its shard failed, the run goes on
 NODE_CHECK_SECONDS = 2.0  # how often the dispatcher asks the cluster for lost nodes
+
+
+@dataclass(frozen=True, eq=False)
+class Finished:
+    """A call an in-process actor has made: what it returned, or what it raised."""
+
+    value: object = None
+    error: Exception | None = None
+
+
+class InProcessActor:
+    """A worker object in the driver's own process, with a Ray actor's face: `actor.method.remote(...)`
+    makes the call there and then, and returns its `Finished`."""
+
+    def __init__(self, worker) -> None:
+        self.worker = worker
+
+    def __getattr__(self, name: str) -> InProcessMethod:
+        return InProcessMethod(getattr(self.worker, name))
+
+
+@dataclass(frozen=True)
+class InProcessMethod:
+    method: Callable
+
+    def remote(self, *args, **kwargs) -> Finished:
+        try:
+            return Finished(self.method(*args, **kwargs))
+        except Exception as error:  # a failed shard is recorded, as Ray's task errors are
+            return Finished(error=error)
+
+
+def first_done(refs: list, timeout: float) -> list:
+    """One of `refs` that is done (a `Finished` at once, else what `ray.wait` gives), or none in `timeout` s."""
+    finished = [ref for ref in refs if isinstance(ref, Finished)]
+    return finished[:1] if finished else ray.wait(refs, num_returns=1, timeout=timeout)[0]
+
+
+def outcome(ref):
+    """What a call returned (`ray.get` of a Ray reference); what it raised, as a `TASK_ERRORS`."""
+    if not isinstance(ref, Finished):
+        return ray.get(ref)
+    if ref.error is not None:
+        raise ShardFailed(f"{type(ref.error).__name__}: {ref.error}") from ref.error
+    return ref.value
 
 
 def wait_until_ready(actors: list, options: PatchOptions) -> None:
     """Wait until every actor has loaded its model and can do what `options` ask."""
-    for reason in ray.get([actor.ready.remote(options) for actor in actors]):
+    for reason in [outcome(actor.ready.remote(options)) for actor in actors]:
         if reason is not None:
             raise JobError(reason)
 
@@ -51,7 +105,7 @@ class Pool:
 
     @classmethod
     def of(cls, actors: list) -> Pool:
-        return cls(list(actors), ray.get([actor.node.remote() for actor in actors]))
+        return cls(list(actors), [outcome(actor.node.remote()) for actor in actors])
 
     def has(self, actor) -> bool:
         return any(actor is kept for kept in self.actors)
@@ -59,6 +113,8 @@ class Pool:
     def drop_lost(self) -> list:
         """The actors on nodes that are gone, killed (never to restart) and out of the pool; none
         while the cluster cannot say (asked again at the next check)."""
+        if not ray.is_initialized():  # in process: no node to lose
+            return []
         try:
             dead = {node["NodeID"] for node in ray.nodes() if not node["Alive"]}
         except ray.exceptions.RayError:
@@ -99,7 +155,7 @@ def in_turn(
     next_check = time.monotonic() + NODE_CHECK_SECONDS
     with tqdm(total=total, unit="pair", file=sys.stderr, desc=what, dynamic_ncols=True, mininterval=1.0) as progress:
         while in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=NODE_CHECK_SECONDS)
+            ready = first_done(list(in_flight), NODE_CHECK_SECONDS)
             if time.monotonic() >= next_check:  # on the clock, not only when nothing finishes
                 send_again(pool, in_flight, again, submit)
                 next_check = time.monotonic() + NODE_CHECK_SECONDS

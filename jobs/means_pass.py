@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from jobs.dispatch import JobError, Pool, in_turn, short_error
+from jobs.dispatch import TASK_ERRORS, JobError, Pool, in_turn, outcome, short_error
 from jobs.manifest import Job, shards_to_run
 from jobs.shards import Shard
 from worker.contract.layout import MEANS_FILE
@@ -62,8 +62,8 @@ def donor_means(job: Job, pool: Pool, options: PatchOptions) -> PatchOptions:
         def sums() -> Iterator[pa.Table]:  # added as they come: one shard's sums in memory at a time
             for shard, ref in in_turn(pool, shards_to_run(job, job.shards), send, "donor means", job.pair_count):
                 try:
-                    yield ray.get(ref)
-                except ray.exceptions.RayError as error:
+                    yield outcome(ref)
+                except TASK_ERRORS as error:
                     raise JobError(f"the donor means pass failed on shard {shard.name}: {short_error(error)}") from None
 
         store.write_table(means_table(sums()), MEANS_FILE)

@@ -25,8 +25,8 @@ from dataclasses import asdict, replace
 import ray
 from tqdm import tqdm
 
-from jobs.cluster import connect, pool_shape, start_actors
-from jobs.dispatch import JobError, NodesLost, Pool, in_turn, short_error, wait_until_ready
+from jobs.cluster import connect, pool_shape, start_actors, start_in_process
+from jobs.dispatch import TASK_ERRORS, JobError, NodesLost, Pool, in_turn, outcome, short_error, wait_until_ready
 from jobs.manifest import Job, Phases, Reading, ShardLog, finished_before, shards_to_run
 from jobs.means_pass import donor_means
 from jobs.pairfile import scan_pairs
@@ -88,9 +88,9 @@ def dispatch(job: Job, pool: Pool, options: PatchOptions) -> None:
     todo = job.todo
     for shard, ref in in_turn(pool, shards_to_run(job, todo), send, "patching", sum(s.size for s in todo)):
         try:
-            log.receipts[shard.name] = asdict(ray.get(ref))
+            log.receipts[shard.name] = asdict(outcome(ref))
             log.finished.add(shard.name)
-        except ray.exceptions.RayError as error:
+        except TASK_ERRORS as error:
             log.failed[shard.name] = short_error(error)
             tqdm.write(f"shard {shard.name} failed: {log.failed[shard.name]}", file=sys.stderr)
 
@@ -115,6 +115,10 @@ def prepare_job(spec: JobSpec, reading: Reading, started: float, phases: Phases)
 
 @contextmanager
 def ray_running(spec: JobSpec, phases: Phases) -> Iterator[None]:
+    """Ray for the run: joined or started, and shut down after; none with `--workers 0`."""
+    if spec.workers == 0:
+        yield
+        return
     with phases.timed("start_ray"):
         connect(spec.address, spec.connect_timeout)
     try:
@@ -127,7 +131,10 @@ def ray_running(spec: JobSpec, phases: Phases) -> Iterator[None]:
 def ready_actors(spec: JobSpec, phases: Phases) -> Pool:
     """The actor pool, each with its model loaded and able to do what `spec` asks."""
     with phases.timed("start_actors"):
-        actors = start_actors(pool_shape(spec.workers, spec.device), spec.model, spec.device, spec.dtype)
+        if spec.workers == 0:
+            actors = [start_in_process(spec.model, spec.device, spec.dtype)]
+        else:
+            actors = start_actors(pool_shape(spec.workers, spec.device), spec.model, spec.device, spec.dtype)
         wait_until_ready(actors, spec.patch_options())
         return Pool.of(actors)
 
@@ -178,6 +185,10 @@ def finish(job: Job, status: str) -> int:
 
 def run_job(spec: JobSpec) -> int:
     """Run (or resume) `spec`; returns the process exit code."""
+    if spec.workers == 0 and spec.address:
+        raise JobError(
+            f"--workers 0 runs the shards in this process, without Ray: it cannot join --address {spec.address}"
+        )
     done = finished_before(spec)
     if done is not None:
         print(

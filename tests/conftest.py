@@ -15,6 +15,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from examples.tiny_families import build_tiny
@@ -31,6 +32,14 @@ TEST_DEVICE = os.environ.get("PATCHSWEEP_TEST_DEVICE", "cpu")  # bench/gpu_check
 TOL = 1e-4  # on logit differences, absolute
 OUTPUT_COMPONENTS = ("resid", "attn", "mlp", "head")  # the broad tests; tests/test_attention_sites.py the rest
 ATTENTION_SITES = ("q", "k", "v", "pattern")
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, each worker's torch gets its share of the cores: workers that each
+    spin a thread per core oversubscribe them, and the whole suite ran several times slower."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 
 
 def score_tolerance(score: float, clean: float, corrupted: float, tol: float = TOL) -> float:

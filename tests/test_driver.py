@@ -49,7 +49,16 @@ def driver_command(*args) -> list[str]:
     return [sys.executable, str(REPO / "driver.py"), *map(str, args)]
 
 
-def run_driver(*args, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
+RUNS = ("paths", "edges", "circuit", "find-circuits")  # the commands that run a job (and the main one, options only)
+
+
+def run_driver(*args, env_extra=None, timeout=300, ray=False) -> subprocess.CompletedProcess:
+    """The driver as a user runs it. A job runs in process (`--workers 0`) unless the test gives
+    `--workers` or `ray`: Ray's start and stop cost more than a test's patching, and what Ray does
+    (actors, their deaths, lost nodes, joining a cluster) has tests of its own that ask for it."""
+    runs_a_job = str(args[0]).startswith("--") or args[0] in RUNS
+    if runs_a_job and not ray and "--workers" not in args:
+        args = (*args, "--workers", 0)
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run(driver_command(*args), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -103,6 +112,28 @@ def test_end_to_end_matches_core_and_writes_the_tables(tmp_path, tiny_model_dir,
     sequential = ("start_ray", "start_actors", "patch", "stop_ray", "pairs_table")  # validation overlaps Ray's start
     assert sum(phases[name] for name in sequential) <= manifest["timings"]["wall_seconds"] + 0.01
     assert "done: 48 of 48 pairs" in done.stderr
+
+
+def test_in_process_matches_core_without_ray(tmp_path, tiny_model_dir, many_pairs, core_effects):
+    """`--workers 0`: the same shards, parts, manifest and report, run in the driver's own process,
+    with no Ray started; a raised fault fails its shard alone, and a re-run resumes it."""
+    out = tmp_path / "run"
+    args = ("--pairs", many_pairs, "--model", tiny_model_dir, "--out", out, "--components", "resid,mlp")
+    failed = run_driver(*args, "--batch-pairs", 5, env_extra={TEST_FAULT_ENV: "raise-on:ex3-1"})
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    (bad,) = [s for s in manifest["shards"] if s["status"] == "failed"]
+    assert bad["error"] == "RuntimeError: injected test fault on pair ex3-1"
+    done = run_driver(*args, "--batch-pairs", 5)
+    assert done.returncode == 0, done.stderr
+    assert_same_effects(effects_by_key(out), core_effects)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["timings"]["phase_seconds"]) == ["validate", "start_actors", "patch", "pairs_table"]
+    assert {s["node"] for s in manifest["shards"]} == {"local"} and (out / "report.html").exists()
+    refused = run_driver(*args, "--address", "127.0.0.1:1")
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "error: --workers 0 runs the shards in this process, without Ray: it cannot join --address 127.0.0.1:1"
+    ]
 
 
 def test_resume_after_the_driver_is_killed(tmp_path, tiny_model_dir, many_pairs, core_effects):
@@ -194,6 +225,7 @@ def test_a_shard_whose_actor_dies_is_rewritten_whole(tmp_path, tiny_model_dir, m
         "--batch-pairs",
         12,
         env_extra={TEST_FAULT_ENV: f"{fault}:{marker}"},
+        ray=True,
     )
     assert marker.exists(), "the fault-injection hook never fired"
     assert done.returncode == 0, done.stderr
@@ -233,7 +265,7 @@ def test_a_failing_shard_is_reported_and_the_rest_lands(
         "--batch-pairs",
         6,
     )
-    failed = run_driver(*args, env_extra={TEST_FAULT_ENV: fault})
+    failed = run_driver(*args, env_extra={TEST_FAULT_ENV: fault}, ray=fault.startswith("crash"))
     assert failed.returncode == 1
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "failed"

@@ -24,6 +24,7 @@ import pytest
 from jobs.results.query import query
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.xdist_group("readme")  # one worker runs the walkthrough, once, for every test here
 README = REPO / "README.md"
 RUN = "python driver.py"
 FIRST_OUT = "runs/ioi_pairs"  # where the README's first command writes
