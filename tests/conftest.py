@@ -42,6 +42,16 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 
 
+LONGEST_FIRST = ("test_readme.py", "test_cluster.py", "test_driver.py", "test_s3.py")  # the most minutes a file
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """The longest files first: pytest-xdist hands files out in this order, so none of them is
+    left to run alone at the end while the other workers idle."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def score_tolerance(score: float, clean: float, corrupted: float, tol: float = TOL) -> float:
     """How far a score may move when each logit difference in it moves by up to `tol`.
 

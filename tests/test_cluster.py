@@ -279,6 +279,7 @@ def test_ray_job_submit_runs_the_driver(tmp_path, tiny_model_dir, ray_tmpdir):
     client = {key: value for key, value in os.environ.items() if not key.startswith("RAY_AUTH_TOKEN")}
     with ray_head(
         *("--num-cpus", "2", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard)),
+        *("--dashboard-agent-listen-port", str(free_port())),  # not the default: another test's Ray may hold it
         env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)},
     ) as head:
         wait_for_dashboard(url, head.process)

@@ -23,8 +23,8 @@ import pytest
 
 from jobs.results.query import query
 from tests.conftest import REPO
+from tests.test_driver import RUNS
 
-pytestmark = pytest.mark.xdist_group("readme")  # one worker runs the walkthrough, once, for every test here
 README = REPO / "README.md"
 RUN = "python driver.py"
 FIRST_OUT = "runs/ioi_pairs"  # where the README's first command writes
@@ -42,8 +42,12 @@ def readme_commands(text: str) -> list[str]:
     return commands
 
 
-def run(command: str, cwd: Path) -> subprocess.CompletedProcess:
+def run(command: str, cwd: Path, in_process: bool = False) -> subprocess.CompletedProcess:
+    """`command` as typed; with `in_process`, a job runs with `--workers 0` (what it prints and
+    writes is the same; Ray's start and stop are the most of a small run's time)."""
     argv = [sys.executable, str(REPO / "driver.py"), *shlex.split(command)[2:]]
+    if in_process and (argv[2].startswith("--") or argv[2] in RUNS):
+        argv += ["--workers", "0"]
     return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
@@ -56,13 +60,14 @@ class Walkthrough:
 
 @pytest.fixture(scope="session")
 def walkthrough(tmp_path_factory) -> Walkthrough:
-    """Every README command, run in order in a fresh directory holding only the bundled examples."""
+    """Every README command, run in order in a fresh directory holding only the bundled examples:
+    the first as written, on Ray; the jobs after it in process (tests/test_driver.py `run_driver`)."""
     here = tmp_path_factory.mktemp("walkthrough")
     (here / "examples").symlink_to(REPO / "examples")
     commands = readme_commands(README.read_text())
     results = [(commands[0], run(commands[0], here))]
     before = {c: run(c, here).stdout for c in commands if c.startswith(f"{RUN} query {FIRST_OUT} ")}
-    results += [(command, run(command, here)) for command in commands[1:]]
+    results += [(command, run(command, here, in_process=True)) for command in commands[1:]]
     return Walkthrough(here, results, before)
 
 
