@@ -133,7 +133,10 @@ def start_actors(shape: PoolShape, model: str, device: str, dtype: str) -> list:
 
 
 def start_in_process(model: str, device: str, dtype: str) -> InProcessActor:
-    """`--workers 0`: one worker in the driver's own process, on every core, no Ray."""
-    from worker.actor import PatchWorker  # torch and nnsight: kept out of the driver's start-up
+    """`--workers 0`: one worker in the driver's own process, on the threads torch has there (one
+    per core, unless the process chose fewer), no Ray."""
+    import torch  # with the worker: kept out of the driver's start-up
 
-    return InProcessActor(PatchWorker(model, device, dtype, os.cpu_count() or 1))
+    from worker.actor import PatchWorker
+
+    return InProcessActor(PatchWorker(model, device, dtype, torch.get_num_threads()))

@@ -55,12 +55,33 @@ RUNS = ("paths", "edges", "circuit", "find-circuits")  # the commands that run a
 def run_driver(*args, env_extra=None, timeout=300, ray=False) -> subprocess.CompletedProcess:
     """The driver as a user runs it. A job runs in process (`--workers 0`) unless the test gives
     `--workers` or `ray`: Ray's start and stop cost more than a test's patching, and what Ray does
-    (actors, their deaths, lost nodes, joining a cluster) has tests of its own that ask for it."""
+    (actors, their deaths, lost nodes, joining a cluster) has tests of its own that ask for it.
+    Without Ray the command runs in the test's own process (`in_this_process`); with it, as a
+    process of its own."""
     runs_a_job = str(args[0]).startswith("--") or args[0] in RUNS
     if runs_a_job and not ray and "--workers" not in args:
-        args = (*args, "--workers", 0)
+        return in_this_process(*args, "--workers", 0, env_extra=env_extra)
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run(driver_command(*args), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def in_this_process(*args, env_extra=None) -> subprocess.CompletedProcess:
+    """`driver.py ARGS` run by click in this process, from the repository's root: what a process
+    of its own would print and exit with, without starting Python and importing torch again (5 s
+    of CPU a run). An exception the command lets escape fails the test, as a traceback would."""
+    from click.testing import CliRunner
+
+    from driver import cli
+
+    here = os.getcwd()
+    os.chdir(REPO)
+    try:
+        result = CliRunner().invoke(cli, [str(arg) for arg in args], env=env_extra)
+    finally:
+        os.chdir(here)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 def effects_by_key(out: Path) -> dict:
