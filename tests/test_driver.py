@@ -52,15 +52,17 @@ def driver_command(*args) -> list[str]:
 RUNS = ("paths", "edges", "circuit", "find-circuits")  # the commands that run a job (and the main one, options only)
 
 
-def run_driver(*args, env_extra=None, timeout=300, ray=False) -> subprocess.CompletedProcess:
+def run_driver(*args, env_extra=None, timeout=300, ray=False, own_process=False) -> subprocess.CompletedProcess:
     """The driver as a user runs it. A job runs in process (`--workers 0`) unless the test gives
     `--workers` or `ray`: Ray's start and stop cost more than a test's patching, and what Ray does
     (actors, their deaths, lost nodes, joining a cluster) has tests of its own that ask for it.
-    Without Ray the command runs in the test's own process (`in_this_process`); with it, as a
-    process of its own."""
+    Without Ray the command runs in the test's own process (`in_this_process`) unless the test
+    asks for `own_process` (an environment read at import); with Ray, as a process of its own."""
     runs_a_job = str(args[0]).startswith("--") or args[0] in RUNS
     if runs_a_job and not ray and "--workers" not in args:
-        return in_this_process(*args, "--workers", 0, env_extra=env_extra)
+        args = (*args, "--workers", 0)
+        if not own_process:
+            return in_this_process(*args, env_extra=env_extra)
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run(driver_command(*args), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -468,6 +470,7 @@ def test_an_unreachable_hub_fails_at_once_in_one_line(tmp_path):
         tmp_path / "o",
         timeout=120,
         env_extra={**no_proxy, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf")},
+        own_process=True,  # huggingface_hub reads HF_ENDPOINT when it is imported
     )
     assert failed.returncode == 2
     (line,) = failed.stderr.strip().splitlines()
