@@ -48,7 +48,7 @@ from worker.contract.options import (
     PatchOptions,
     parse_positions,
 )
-from worker.contract.receivers import parse_receivers
+from worker.contract.receivers import canonical_receivers
 from worker.contract.storage import base_name, child
 from worker.graph.circuits import MIB_BUDGETS, SELECTIONS, parse_budgets
 
@@ -84,7 +84,7 @@ def positions_option(ctx, param, value: str) -> str:
 
 def receivers_option(ctx, param, value: tuple[str, ...]) -> tuple[str, ...]:
     try:
-        return tuple(receiver.name for receiver in parse_receivers(value))
+        return canonical_receivers(value)
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
 

@@ -25,7 +25,6 @@ from jobs.pairfile import read_pairs as read_pair_file
 from jobs.results.query import connect_tables
 from jobs.store import Store
 from worker.contract.options import (
-    DEFAULT_COMPONENTS,
     DEFAULT_DONOR,
     DEFAULT_IG_STEPS,
     DEFAULT_MAX_BATCH_TOKENS,
@@ -35,7 +34,7 @@ from worker.contract.options import (
     PatchOptions,
 )
 from worker.contract.pairs import Pair
-from worker.contract.receivers import parse_receivers
+from worker.contract.receivers import canonical_receivers
 from worker.graph.circuits import MIB_BUDGETS, Circuit
 from worker.graph.mib import Graph
 from worker.methods.faithfulness import evaluate_circuits as evaluate_circuit_set
@@ -89,42 +88,16 @@ def read_pairs(path: str, model: str = DEFAULT_MODEL, **options) -> PairFile:
     its `seed` (which picks each pair's donor, as the driver does), `receivers`."""
     tokenizer, n_ctx = load_tokenizer(model)
     if options.get("receivers"):  # the pairs of a `paths` run
-        receivers = tuple(receiver.name for receiver in parse_receivers(options["receivers"]))
-        options = {"components": ("head",), "method": PATHS, **options, "receivers": receivers}
+        options = {
+            "components": ("head",),
+            "method": PATHS,
+            **options,
+            "receivers": canonical_receivers(options["receivers"]),
+        }
     return read_pair_file(path, tokenizer, n_ctx, PatchOptions(**options))
 
 
-def patch(
-    model,
-    pairs: Sequence[Pair],
-    components: Sequence[str] = DEFAULT_COMPONENTS,
-    positions: str = "each",
-    direction: str = "denoise",
-    metric: str = DEFAULT_METRIC,
-    donor: str = DEFAULT_DONOR,
-    means: str | None = None,
-    method: str = "exact",
-    verify_top: int = 0,
-    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-    exact_path: str = "auto",
-) -> PatchResult:
-    """The main command on `pairs`: `.effects` (one row per pair and cell, as OUT/effects/) and
-    `.pairs`. `method` exact, atp or atpstar (with `verify_top`); `means` the run whose
-    donor_means.parquet `donor="mean"` reads; `exact_path` trace or reuse (README: Python API)."""
-    return patch_batch(
-        model,
-        pairs,
-        components,
-        direction=direction,
-        max_batch_tokens=max_batch_tokens,
-        positions=positions,
-        metric=metric,
-        method=method,
-        verify_top=verify_top,
-        donor=donor,
-        exact_path=exact_path,
-        means=means,
-    )
+patch = patch_batch  # the main command on `pairs`: `.effects` (as OUT/effects/) and `.pairs`
 
 
 def paths(
@@ -140,9 +113,16 @@ def paths(
 ) -> PathsResult:
     """`driver.py paths`: every head's effect through each of `receivers` (`logits`, or heads'
     inputs such as `"2.3:v,3.3:v@END"`); `.paths` and `.pairs`."""
-    canonical = tuple(receiver.name for receiver in parse_receivers(receivers))
     options = PatchOptions(
-        ("head",), positions, direction, metric, max_batch_tokens, PATHS, receivers=canonical, donor=donor, means=means
+        ("head",),
+        positions,
+        direction,
+        metric,
+        max_batch_tokens,
+        PATHS,
+        receivers=canonical_receivers(receivers),
+        donor=donor,
+        means=means,
     )
     return PathsResult(*run_method(model, pairs, options))
 

@@ -52,14 +52,18 @@ def driver_command(*args) -> list[str]:
 RUNS = ("paths", "edges", "circuit", "find-circuits")  # the commands that run a job (and the main one, options only)
 
 
+def runs_a_job(args) -> bool:
+    """Whether the driver's arguments `args` run a job (the main command, or one of `RUNS`)."""
+    return str(args[0]).startswith("--") or args[0] in RUNS
+
+
 def run_driver(*args, env_extra=None, timeout=300, ray=False, own_process=False) -> subprocess.CompletedProcess:
     """The driver as a user runs it. A job runs in process (`--workers 0`) unless the test gives
     `--workers` or `ray`: Ray's start and stop cost more than a test's patching, and what Ray does
     (actors, their deaths, lost nodes, joining a cluster) has tests of its own that ask for it.
     Without Ray the command runs in the test's own process (`in_this_process`) unless the test
     asks for `own_process` (an environment read at import); with Ray, as a process of its own."""
-    runs_a_job = str(args[0]).startswith("--") or args[0] in RUNS
-    if runs_a_job and not ray and "--workers" not in args:
+    if runs_a_job(args) and not ray and "--workers" not in args:
         args = (*args, "--workers", 0)
         if not own_process:
             return in_this_process(*args, env_extra=env_extra)

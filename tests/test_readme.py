@@ -23,7 +23,7 @@ import pytest
 
 from jobs.results.query import query
 from tests.conftest import REPO
-from tests.test_driver import RUNS
+from tests.test_driver import runs_a_job
 
 README = REPO / "README.md"
 RUN = "python driver.py"
@@ -46,7 +46,7 @@ def run(command: str, cwd: Path, in_process: bool = False) -> subprocess.Complet
     """`command` as typed; with `in_process`, a job runs with `--workers 0` (what it prints and
     writes is the same; Ray's start and stop are the most of a small run's time)."""
     argv = [sys.executable, str(REPO / "driver.py"), *shlex.split(command)[2:]]
-    if in_process and (argv[2].startswith("--") or argv[2] in RUNS):
+    if in_process and runs_a_job(argv[2:]):
         argv += ["--workers", "0"]
     return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from worker.contract.receivers import parse_receivers
+from worker.contract.receivers import canonical_receivers, parse_receivers
 
 DEFAULT_MODEL = "openai-community/gpt2"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -139,7 +139,7 @@ class PatchOptions:
         if method.receivers:
             if self.components != ("head",):
                 raise ValueError(f"path patching sends from heads: components must be ('head',), got {self.components}")
-            if tuple(r.name for r in parse_receivers(self.receivers)) != self.receivers:
+            if canonical_receivers(self.receivers) != self.receivers:
                 raise ValueError(f"receivers must be canonical specs, got {list(self.receivers)}")
 
     def check_edges(self) -> None:

@@ -70,3 +70,9 @@ def parse_receivers(texts: tuple[str, ...] | list[str]) -> tuple[Receiver, ...]:
     if len(set(names)) < len(names):
         raise ValueError(f"receivers: {', '.join(n for n in names if names.count(n) > 1)} given twice")
     return receivers
+
+
+def canonical_receivers(texts: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Each receiver's canonical spec, as `PatchOptions.receivers` holds them (spaces and order of
+    writing dropped), checked as `parse_receivers` checks them."""
+    return tuple(receiver.name for receiver in parse_receivers(texts))
