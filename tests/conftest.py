@@ -227,10 +227,11 @@ def core_effects(tiny_model, tokenizer_and_ctx, many_pairs) -> Core:
     return Core(effects, baselines)
 
 
-@pytest.fixture(scope="session", params=["gpt2", "gpt_neox", "llama", "qwen2"])
+@pytest.fixture(scope="session", params=["gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "gemma3_text"])
 def hooked_family(request, tmp_path_factory, tiny_model, hf_model, ioi_pairs):
     """(nnsight model, Hugging Face model, two pairs of different lengths in its tokenization):
-    parallel blocks (GPT-NeoX), grouped-query attention (Llama; Qwen2 with key/value biases)."""
+    parallel blocks (GPT-NeoX), grouped-query attention (Llama; Qwen2 with key/value biases),
+    post-norms, soft-caps and sliding windows (Gemma-2, Gemma-3)."""
     if request.param == "gpt2":
         return tiny_model, hf_model, ioi_pairs[1:3]
     model_dir = build_tiny(request.param, tmp_path_factory.mktemp(request.param))

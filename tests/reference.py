@@ -19,6 +19,12 @@ PARTS = {  # family: blocks, attention, its output projection, MLP -- written he
     "llama": ("model.layers", "self_attn", "self_attn.o_proj", "mlp"),
     "mistral": ("model.layers", "self_attn", "self_attn.o_proj", "mlp"),
     "qwen2": ("model.layers", "self_attn", "self_attn.o_proj", "mlp"),
+    "gemma2": ("model.layers", "self_attn", "self_attn.o_proj", "mlp"),
+    "gemma3_text": ("model.layers", "self_attn", "self_attn.o_proj", "mlp"),
+}
+POST_NORMS = {  # family: the norms attention's and the MLP's outputs pass through before the stream
+    "gemma2": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "gemma3_text": ("post_attention_layernorm", "post_feedforward_layernorm"),
 }
 
 
@@ -29,12 +35,19 @@ def dig(root, path: str):
 
 
 def hooked_module(model, component: str, layer: int) -> torch.nn.Module:
-    """Whose output is patched; for `head`, whose input (the heads' outputs side by side)."""
+    """Whose output is patched (`attn`, `mlp`: what the sublayer adds to the stream, after its
+    post-norm where the family has one); for `head`, whose input (the heads' outputs side by side)."""
     blocks, attention, out_proj, mlp = PARTS[model.config.model_type]
+    attention, mlp = POST_NORMS.get(model.config.model_type, (attention, mlp))
     block = dig(model, blocks)[layer]
     return {"resid": block, "attn": dig(block, attention), "mlp": dig(block, mlp), "head": dig(block, out_proj)}[
         component
     ]
+
+
+def width_of(config) -> int:
+    """Channels per head: the config's head_dim where it sets one (Gemma's heads x head_dim is not the width)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def hidden(output):
@@ -182,8 +195,7 @@ def donor_activation(
 
 def head_width(model: PreTrainedModel, component: str, n_tokens: int) -> int:
     """Values per head of `component`: the head dimension, or a pattern row's sources."""
-    config = model.config
-    return n_tokens if component == "pattern" else config.hidden_size // config.num_attention_heads
+    return n_tokens if component == "pattern" else width_of(model.config)
 
 
 def patched_logits(model, receiver_ids, donor_act, component, layer, position, head=None):
@@ -221,7 +233,7 @@ def pattern_patched_logits(model, receiver_ids, donor_rows, layer, position, hea
     replaced by `donor_rows` ([1, T, T]): its output there changes by (donor - own probabilities)
     x the head's values, added at the output projection's input (nothing else in the layer moves)."""
     config = model.config
-    width = config.hidden_size // config.num_attention_heads
+    width = width_of(config)
     kv = head // (config.num_attention_heads // input_heads(model, "v"))
     own = pattern_of(model, receiver_ids, layer)[:, head]
     values = capture(model, receiver_ids, "v", layer)[0, :, kv * width : (kv + 1) * width]
@@ -461,6 +473,8 @@ QKV = {  # family: where head h's query, key and value are computed -- written h
     "llama": ("self_attn.{}_proj", "separate"),
     "mistral": ("self_attn.{}_proj", "separate"),
     "qwen2": ("self_attn.{}_proj", "separate"),
+    "gemma2": ("self_attn.{}_proj", "separate"),
+    "gemma3_text": ("self_attn.{}_proj", "separate"),
 }
 
 
@@ -469,7 +483,7 @@ def input_site(model: PreTrainedModel, layer: int, head: int, input: str) -> tup
     (for k and v of separate projections, `head` is a key/value head)."""
     path, layout = QKV[model.config.model_type]
     config = model.config
-    width, heads = config.hidden_size // config.num_attention_heads, config.num_attention_heads
+    width, heads = width_of(config), config.num_attention_heads
     block = dig(model, PARTS[model.config.model_type][0])[layer]
     which = "qkv".index(input)
     if layout == "separate":
@@ -515,11 +529,7 @@ def reference_paths(
         else (list(pair.corrupted_ids), list(pair.clean_ids))
     )
     config = model.config
-    width, n_heads, n_layers = (
-        config.hidden_size // config.num_attention_heads,
-        config.num_attention_heads,
-        config.num_hidden_layers,
-    )
+    width, n_heads, n_layers = width_of(config), config.num_attention_heads, config.num_hidden_layers
     donor_logits = next_token_logits(model, donor)
     donor_z = [donor_activation(model, pair, donor, "head", layer, donor_kind, means) for layer in range(n_layers)]
     receiving_z = [capture(model, receiving, "head", layer) for layer in range(n_layers)]
@@ -574,6 +584,8 @@ NORMS = {  # family: each block's norms before attention and before the MLP, and
     "llama": ("input_layernorm", "post_attention_layernorm", "model.norm"),
     "mistral": ("input_layernorm", "post_attention_layernorm", "model.norm"),
     "qwen2": ("input_layernorm", "post_attention_layernorm", "model.norm"),
+    "gemma2": ("input_layernorm", "pre_feedforward_layernorm", "model.norm"),
+    "gemma3_text": ("input_layernorm", "pre_feedforward_layernorm", "model.norm"),
 }
 
 
@@ -585,7 +597,7 @@ def ungrouped_copy(model: PreTrainedModel) -> PreTrainedModel:
     shared = getattr(config, "num_key_value_heads", None) or heads
     if shared == heads:
         return model
-    width = config.hidden_size // heads
+    width = width_of(config)
     wide = type(model)(type(config).from_dict({**config.to_dict(), "num_key_value_heads": heads})).eval()
     state = {}
     for name, tensor in model.state_dict().items():
@@ -653,7 +665,7 @@ def sender_outputs(model: PreTrainedModel, ids: list[int]) -> dict[str, torch.Te
     output projection, each MLP's output."""
     config = model.config
     blocks_path, _, out_proj, _ = PARTS[config.model_type]
-    width = config.hidden_size // config.num_attention_heads
+    width = width_of(config)
     found = {"input": capture_output(model, ids, model.get_input_embeddings())[0]}
     for layer in range(config.num_hidden_layers):
         z = capture(model, ids, "head", layer)[0]
@@ -714,7 +726,7 @@ def reference_edge_patching(
     """{edge name: the receiving run's metric with that edge alone patched}: whole forwards with
     hooks, the receiver (a head's q/k/v projection output on its channels, recomputed from the
     norm of the stream plus the sender's donor-minus-receiving output; the MLP's input; the final
-    norm's input) reading the stream plus that difference, every other module as usual."""
+    norm's input) reading the stream plus that difference (`stream_change`), every other module as usual."""
     model = ungrouped_copy(model)
     donor, receiving = (
         (list(pair.clean_ids), list(pair.corrupted_ids))
@@ -726,10 +738,12 @@ def reference_edge_patching(
     before_attention, before_mlp, final = NORMS[model.config.model_type]
     blocks = dig(model, PARTS[model.config.model_type][0])
     mlp_path = PARTS[model.config.model_type][3]
+    projections = [dig(block, PARTS[model.config.model_type][2]) for block in blocks]
+    attention = [capture_output(model, receiving, projection)[0] for projection in projections]
     result = {}
     for edge in reference_eap_names(model):
         sender, receiver = edge.split("->")
-        change = (theirs[sender] - ours[sender])[None].to(ours[sender].dtype)
+        change = stream_change(model, {sender: theirs[sender] - ours[sender]}, attention)[None]
         stream, handles = {}, []
 
         def keep(module, args, stream=stream):
@@ -765,6 +779,28 @@ def reference_edge_patching(
     return result
 
 
+def stream_change(model: PreTrainedModel, differences: dict, attention: list) -> torch.Tensor:
+    """[T, d]: what a receiver reads beyond the stream when the edges from the senders of
+    `differences` ({sender: donor minus run output, [T, d]}) are patched: their sum; but on a
+    family with a post-attention norm, a layer's heads reach the stream through it, so their part
+    is post(o + their differences) - post(o), `attention[layer]` (o) the layer's attention output
+    projection's output in the run: EAP-IG's `evaluate_graph`, written out here."""
+    norms = POST_NORMS.get(model.config.model_type)
+    blocks = dig(model, PARTS[model.config.model_type][0])
+    total = torch.zeros_like(next(iter(differences.values())))
+    by_layer = defaultdict(list)
+    for sender, difference in differences.items():
+        head = re.fullmatch(r"a(\d+)\.h\d+", sender)
+        if norms and head:
+            by_layer[int(head[1])].append(difference)
+        else:
+            total = total + difference
+    for layer, heads in by_layer.items():
+        norm, o = dig(blocks[layer], norms[0]), attention[layer]
+        total = total + norm(o + sum(heads)) - norm(o)
+    return total
+
+
 def reference_eap_names(model: PreTrainedModel) -> list[str]:
     """Every edge of the EAP-IG graph, by its rule: a receiver reads every sender of an earlier
     layer; an MLP also its own layer's heads, unless the block is parallel; `logits` everything."""
@@ -792,7 +828,8 @@ def reference_edge_set(
     """The receiving run's metric with every edge named in `patched` patched at once: one whole
     forward with hooks, each receiver reading the stream plus, for each of its patched edges, the
     sender's donor output minus that sender's output in this same forward (caught as the forward
-    reaches it, so a sender after a patched edge sends its patched value). `donor`: {sender: [T, d]},
+    reaches it, so a sender after a patched edge sends its patched value; on Gemma, a layer's heads
+    through its post-attention norm: `stream_change`). `donor`: {sender: [T, d]},
     the senders' ablated outputs; by default the pair's donor-side prompt's."""
     model, ablated = ungrouped_copy(model), donor
     donor_ids, receiving = (
@@ -806,13 +843,16 @@ def reference_edge_set(
         sender, receiver = edge.split("->")
         into[receiver].append(sender)
 
+    attention = {}  # per layer, this forward's attention output projection output
+
     def change(receiver: str) -> torch.Tensor:
-        return sum((theirs[s] - ours[s] for s in into[receiver]), torch.zeros_like(theirs["input"]))[None]
+        differences = {s: theirs[s] - ours[s] for s in into[receiver]} or {"input": torch.zeros_like(theirs["input"])}
+        return stream_change(model, differences, attention)[None]
 
     config = model.config
-    blocks_path, _, out_proj, mlp_path = PARTS[config.model_type]
+    blocks_path, _, out_proj, _ = PARTS[config.model_type]
     before_attention, before_mlp, final = NORMS[config.model_type]
-    heads, width = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    heads, width = config.num_attention_heads, width_of(config)
     blocks = dig(model, blocks_path)
     embedding = model.get_input_embeddings()
     handles = [embedding.register_forward_hook(lambda m, args, output: ours.update(input=output[0]))]
@@ -838,9 +878,12 @@ def reference_edge_set(
                 ours[f"a{at}.h{head}"] = args[0][0, :, channels] @ w[:, channels].T
 
         handles.append(projection.register_forward_pre_hook(heads_out))
+        handles.append(
+            projection.register_forward_hook(lambda m, args, output, at=layer: attention.update({at: output[0]}))
+        )
         handles.append(mlp_norm.register_forward_pre_hook(lambda m, args, at=layer: (args[0] + change(f"m{at}"),)))
         handles.append(
-            dig(block, mlp_path).register_forward_hook(
+            hooked_module(model, "mlp", layer).register_forward_hook(
                 lambda m, args, output, at=layer: ours.__setitem__(f"m{at}", hidden(output)[0])
             )
         )

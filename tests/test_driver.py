@@ -691,7 +691,7 @@ def test_an_unsupported_model_family_is_one_line(tmp_path, tiny_model_dir):
     (line,) = failed.stderr.strip().splitlines()
     assert line == (
         f"error: cannot patch {str(model_dir)!r}: model type 'opt' is not supported; "
-        "patchsweep patches gpt2, gpt_neox, llama, mistral, qwen2 models"
+        "patchsweep patches gemma2, gemma3_text, gpt2, gpt_neox, llama, mistral, qwen2 models"
     )
 
 

@@ -1,11 +1,13 @@
 """Every supported family beyond GPT-2: tiny random checkpoints (examples/tiny_families.py), every
 component, both directions, both exact paths, checked against the plain-PyTorch hook reference;
-AtP against autograd."""
+AtP against autograd; the forward patchsweep rebuilds (its own attention, the suffix recompute)
+against the model's own, on prompts longer than Gemma's sliding window."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from examples.tiny_families import FAMILIES, build_tiny
@@ -15,11 +17,15 @@ from tests.conftest import IOI_LINES, OUTPUT_COMPONENTS, TEST_DEVICE, TOL, write
 from tests.reference import reference_atp
 from tests.test_patching import assert_matches_reference, by_cell
 from tests.test_paths import assert_paths_match_reference, labelled, paths
+from worker.batch.group_read import read_groups
+from worker.contract.options import PatchOptions
 from worker.contract.receivers import parse_receivers
+from worker.kernels.suffix import block_on_suffix, receiving_prefix, suffix_arguments
 from worker.methods.registry import patch_batch
+from worker.model.attention import reading_patterns
 from worker.model.checkpoint import load_tokenizer
 from worker.model.load import load_model
-from worker.model.sites import receivers_problem
+from worker.model.sites import blocks, capped, receivers_problem
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -32,6 +38,41 @@ def family(request, tmp_path_factory):
     pairs = [parse_record(r, str(i), encoder, n_ctx) for i, r in enumerate(records)]
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     return request.param, model_dir, load_model(str(model_dir), device=TEST_DEVICE), hf_model, pairs
+
+
+def test_patchsweeps_forward_equals_the_models_own(family):
+    """The whole forward with patchsweep's attention (which soft-caps scores where the model does)
+    equals transformers' eager forward; and the suffix recompute (every block on positions t..,
+    over the cached keys and values of 0..t-1, each layer's own mask and rotary positions) gives
+    the same last stream as the whole forward from every t, on prompts longer than a sliding window."""
+    name, _, model, hf_model, pairs = family
+    config = hf_model.config
+    window = getattr(config, "sliding_window", None) if name.startswith("gemma") else None
+    assert window is None or min(p.n_tokens for p in pairs) > window
+    ids = torch.tensor([list(pairs[0].clean_ids)])  # the receiving run of `noise`
+    with reading_patterns(model, True), torch.no_grad():
+        ours = model._module(ids).logits
+    hf_model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            theirs = hf_model(ids).logits
+    finally:
+        hf_model.set_attn_implementation(config._attn_implementation)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    read = next(read_groups(model, pairs[:1], PatchOptions(("resid",), direction="noise"), ("resid",)))
+    receiving = read.donors.rows.receiving_rows(torch.tensor([0]))
+    whole = read.acts.resid[-1][receiving, -1]
+    for start in range(pairs[0].n_tokens):
+        hidden = read.acts.resid[0][receiving, start:]
+        arguments = suffix_arguments(model, start, hidden)
+        for layer, block in enumerate(blocks(model)):
+            prefix = receiving_prefix(read, layer, torch.tensor([0]), start)
+            hidden = block_on_suffix(model, block, hidden, *prefix, arguments[layer])
+        torch.testing.assert_close(hidden[:, -1], whole, rtol=1e-4, atol=1e-5 * whole.abs().max())
+    if getattr(config, "final_logit_softcapping", None):  # the logits the metric reads are the model's own
+        assert theirs.abs().max() < config.final_logit_softcapping
+        unembedded = hf_model.lm_head(hf_model.model.norm(whole))
+        torch.testing.assert_close(capped(model, unembedded), theirs[:, -1], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("path", ["trace", "reuse"])

@@ -57,8 +57,38 @@ def test_an_unsupported_family_is_refused_before_loading_weights(tmp_path, tiny_
             load()
         assert str(info.value) == (
             f"cannot patch {str(tmp_path)!r}: model type 'opt' is not supported; "
-            "patchsweep patches gpt2, gpt_neox, llama, mistral, qwen2 models"
+            "patchsweep patches gemma2, gemma3_text, gpt2, gpt_neox, llama, mistral, qwen2 models"
         )
+
+
+def test_a_multimodal_gemma3_is_refused_in_one_line_pointing_to_its_text_model(tmp_path, tiny_model_dir):
+    from transformers import Gemma3Config
+
+    Gemma3Config().save_pretrained(tmp_path)  # a config alone: refused before any weights are looked for
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError) as info:
+        load_model(str(tmp_path), device="cpu")
+    assert str(info.value) == (
+        f"cannot patch {str(tmp_path)!r}: the checkpoint is a multimodal Gemma-3 (model type 'gemma3'); "
+        "patchsweep patches text models: use a text-only Gemma-3 checkpoint (model type 'gemma3_text', "
+        "a Gemma3ForCausalLM)"
+    )
+
+
+def test_soft_capped_attention_runs_eager_where_the_checkpoint_asks_for_sdpa(tmp_path):
+    """sdpa refuses soft-capped scores; a Gemma-3 that caps them is loaded with eager attention."""
+    import json
+
+    from examples.tiny_families import build_tiny
+
+    model_dir = build_tiny("gemma3_text", tmp_path / "gemma3")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "attn_logit_softcapping": 10.0}))
+    model = load_model(str(model_dir), device="cpu")
+    assert model._module.config._attn_implementation == "eager"
+    model._module(torch.arange(1, 9)[None])  # sdpa would raise on the cap
+    plain = build_tiny("gemma3_text", tmp_path / "plain")
+    assert load_model(str(plain), device="cpu")._module.config._attn_implementation == "sdpa"
 
 
 def test_a_checkpoint_without_a_causal_lm_head_is_refused(tmp_path, tiny_model_dir):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import nnsight
 import torch
 from nnsight import TransformersModel
+from transformers import DynamicCache
 
 from worker.batch.donors import Donors
 from worker.batch.metrics import Answers, DonorDistribution, vocabulary_metric
@@ -99,7 +100,8 @@ def read_activations(
     donor_rows = layout.donor_rows(indices)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     donor = None  # only saved values leave a trace: set here, replaced inside for `kl`
-    with torch.inference_mode(), model.trace(inputs, logits_to_keep=1, use_cache=True):
+    # a cache of every key and value: one built from the config keeps only a sliding window's on such layers
+    with torch.inference_mode(), model.trace(inputs, logits_to_keep=1, use_cache=True, cache=DynamicCache()):
         sites = nnsight.save({})
         if "input" in components:  # the token embeddings, before the stream they enter
             sites[("input", 0)] = component_output(model, "input", 0)

@@ -66,7 +66,7 @@ def attention_scores(
         stack.enter_context(attention.scores.register_forward_hook(lambda m, a, out: seen.setdefault("scores", out)))
         if component is not None:
             stack.enter_context(writing(model, blocks(model)[layer], component, donated))
-        attention(hidden_states=normed, **suffix_arguments(model, 0, normed))
+        attention(hidden_states=normed, **suffix_arguments(model, 0, normed)[layer])
     return seen["scores"].float()
 
 

@@ -30,7 +30,7 @@ from worker.contract.pairs import Pair
 from worker.graph.mib import GRAPH_SENDERS, Graph
 from worker.kernels.suffix import block_on_suffix, readout, receiving_prefix, suffix_arguments, writing
 from worker.model.families import part
-from worker.model.sites import blocks, family, projection, site_values
+from worker.model.sites import blocks, family, projection, site_values, through_post_norm
 from worker.model.weights import output_weights
 
 
@@ -44,7 +44,9 @@ def receiver_site(name: str, layers: int) -> tuple[int, str, int]:
 
 
 def sender_difference(model: TransformersModel, read: GroupRead, sender: str, pairs: torch.Tensor, start: int):
-    """[rows, T - start, d]: sender's donor output minus its receiving output for each pair of `pairs`."""
+    """[rows, T - start, d]: what patching an edge from `sender` adds to its receiver's input, for
+    each pair of `pairs`: the sender's donor output minus its receiving output; a head's through
+    its layer's post-attention norm where the family has one (`through_post_norm`)."""
     sites, after = read.acts.sites, slice(start, None)
     if sender == "input":
         return read.donors.difference(("input", 0), sites[("input", 0)], pairs, after)
@@ -54,7 +56,11 @@ def sender_difference(model: TransformersModel, read: GroupRead, sender: str, pa
     head = int(sender.split(".h")[1])
     heads = torch.full((len(pairs),), head, device=pairs.device)
     z = read.donors.difference(("head", layer), sites[("head", layer)], pairs, after, heads)
-    return z @ output_weights(model, blocks(model)[layer])[head]
+    block = blocks(model)[layer]
+    difference = z @ output_weights(model, block)[head]
+    own = sites[("head", layer)][read.donors.rows.receiving_rows(pairs), after]
+    attention = part(block, family(model).out_proj)(own.flatten(2))
+    return through_post_norm(model, block, attention, difference[:, :, None])[:, :, 0]
 
 
 @contextmanager
@@ -95,7 +101,7 @@ def edge_run(model: TransformersModel, read: GroupRead, items: list[tuple[int, s
         arguments = suffix_arguments(model, start, hidden)
         for at, block in enumerate(blocks(model)[layer:], start=layer):
             with reading(model, block, kind, hidden, change, heads) if at == layer else nullcontext():
-                hidden = block_on_suffix(model, block, hidden, *receiving_prefix(read, at, pairs, start), arguments)
+                hidden = block_on_suffix(model, block, hidden, *receiving_prefix(read, at, pairs, start), arguments[at])
     donor = None if read.acts.donor is None else read.acts.donor[pairs]
     return readout(model, metric, hidden[:, -1], read.answers[pairs], donor).cpu()
 

@@ -13,6 +13,9 @@ norm reads the stream plus its change, which sums this block's heads' difference
 are computed (a pre-hook on the output projection keeps this run's head outputs); the MLP's
 output is kept the same way. The senders' differences so far ([senders, rows, positions, d])
 are contracted per block with each row's patched-edge matrix: the only cost beyond the forward.
+Where a post-attention norm stands between the heads and the stream (Gemma), a layer's heads are
+not additive senders: their patched differences are summed per receiver and the sum passed
+through that layer's norm at this run's attention output (`through_post_norm`), as EAP-IG does.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from worker.contract.receivers import INPUTS
 from worker.graph.mib import GRAPH_SENDERS, Graph
 from worker.kernels.suffix import block_on_suffix, readout, receiving_prefix, suffix_arguments, writing
 from worker.model.families import part
-from worker.model.sites import blocks, family, n_heads, site_values
+from worker.model.sites import added_by, blocks, family, n_heads, site_values, through_post_norm
 from worker.model.weights import head_bias, head_weights, output_weights, ungrouped
 
 
@@ -54,15 +57,32 @@ class EdgeSetRun:
         self.model, self.read, self.pairs, self.start = model, read, pairs, start
         self.receiving, self.donor_rows = read.donors.rows.receiving_rows(pairs), read.donors.source_rows(pairs)
         self.hidden = read.acts.resid[0][self.receiving, start:]
-        self.matrices = matrices.to(self.hidden.device, self.hidden.dtype)
+        self.edges = matrices.to(self.hidden.device, self.hidden.dtype)
+        self.linear = self.edges  # the edges whose senders' differences add up as they are
+        self.post_norms: list[tuple[int, slice, torch.Tensor]] = []  # (layer, its head senders, its run's o)
+        if family(model).attn_post_norm is not None:  # heads reach receivers through `post_norms` alone
+            self.linear = self.edges.clone()
+            for layer in range(len(blocks(model))):
+                self.linear[:, self.head_senders(layer)] = 0
         self.differences = self.hidden.new_zeros(matrices.shape[1], *self.hidden.shape)
         embeddings = read.acts.sites[("input", 0)]
         self.differences[0] = read.donors.difference(("input", 0), embeddings, pairs, slice(start, None))
         self.arguments = suffix_arguments(model, start, self.hidden)
 
+    def head_senders(self, layer: int) -> slice:
+        """Where layer `layer`'s heads sit among the senders: after `input` and each earlier layer's heads and MLP."""
+        heads = n_heads(self.model)
+        first = 1 + layer * (heads + 1)
+        return slice(first, first + heads)
+
     def change(self, senders: int, receivers: slice) -> torch.Tensor:
         """[rows, positions, receivers, d]: what each receiver reads beyond the stream, from the first `senders`."""
-        return torch.einsum("sntd,nsr->ntrd", self.differences[:senders], self.matrices[:, :senders, receivers])
+        found = torch.einsum("sntd,nsr->ntrd", self.differences[:senders], self.linear[:, :senders, receivers])
+        for layer, heads, z in self.post_norms:
+            if heads.stop <= senders:
+                summed = torch.einsum("hntd,nhr->ntrd", self.differences[heads], self.edges[:, heads, receivers])
+                found = found + through_post_norm(self.model, blocks(self.model)[layer], z, summed)
+        return found
 
     def donated(self, component: str, layer: int, acts: torch.Tensor | None = None) -> torch.Tensor:
         """What sender `component` of `layer` sends along an ablated edge: the donor's output, zeros
@@ -85,6 +105,9 @@ class EdgeSetRun:
             z = site_values(model, "head", args[0])
             self.differences[sent : sent + heads] = torch.einsum("nthe,hed->hntd", donor_z - z, weights)
 
+        def attention_sent(module, args, output):  # before the post-norm: what the heads' sums pass through
+            self.post_norms.append((layer, self.head_senders(layer), output))
+
         def mlp_reads(module, args):
             return (args[0] + self.change(sent + heads, slice(mlp_receiver, mlp_receiver + 1))[:, :, 0], *args[1:])
 
@@ -96,10 +119,12 @@ class EdgeSetRun:
                 values = torch.einsum("nthd,hed->nthe", inputs[:, :, :, i], head_weights(model, block, input))
                 stack.enter_context(writing(model, block, input, values + head_bias(model, block, input)))
             stack.enter_context(part(block, where.out_proj).register_forward_pre_hook(heads_sent))
+            if where.attn_post_norm is not None:
+                stack.enter_context(part(block, where.out_proj).register_forward_hook(attention_sent))
             stack.enter_context(part(block, where.mlp_norm).register_forward_pre_hook(mlp_reads))
-            stack.enter_context(part(block, where.mlp).register_forward_hook(mlp_sent))
+            stack.enter_context(part(block, added_by(where, "mlp")).register_forward_hook(mlp_sent))
             prefix = receiving_prefix(self.read, layer, self.pairs, self.start)
-            self.hidden = block_on_suffix(model, block, self.hidden, *prefix, self.arguments)
+            self.hidden = block_on_suffix(model, block, self.hidden, *prefix, self.arguments[layer])
 
     def metric(self, metric: str) -> torch.Tensor:
         """Every block run, then the metric of each row (`logits` reads the last stream plus its change)."""

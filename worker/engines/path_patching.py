@@ -124,7 +124,9 @@ def receiving_run_with_inputs(
                 module = projection(model, block, h.input)
                 handles.append(module.register_forward_hook(overwrite(model, module(stream), at, h)))
         for layer, block in enumerate(blocks(model)[first:], start=first):
-            hidden = block_on_suffix(model, block, hidden, *receiving_prefix(read, layer, pairs, start), arguments)
+            hidden = block_on_suffix(
+                model, block, hidden, *receiving_prefix(read, layer, pairs, start), arguments[layer]
+            )
     finally:
         for handle in handles:
             handle.remove()

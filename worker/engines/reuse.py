@@ -58,7 +58,9 @@ def run_rows(
         if hidden is not None:
             pair_rows = torch.tensor([pair for pair, _ in order], device=device)
             arguments = arguments or suffix_arguments(model, start, hidden)
-            hidden = block_on_suffix(model, block, hidden, *receiving_prefix(read, layer, pair_rows, start), arguments)
+            hidden = block_on_suffix(
+                model, block, hidden, *receiving_prefix(read, layer, pair_rows, start), arguments[layer]
+            )
         for component in COMPONENTS:
             joining = [(pair, cell) for pair, cell in rows if cell.layer == layer and cell.component == component]
             if not joining:

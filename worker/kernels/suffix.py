@@ -16,8 +16,12 @@ from worker.batch.metrics import Answers, DonorDistribution, answer_logit_diff, 
 from worker.model.families import part
 from worker.model.sites import (
     attention_site,
+    blocks,
+    capped,
     family,
+    post_norm,
     site_values,
+    sliding_window,
 )
 
 
@@ -32,18 +36,30 @@ class PrefixCache:
         return torch.cat([self.keys, keys], dim=2), torch.cat([self.values, values], dim=2)
 
 
-def suffix_arguments(model: TransformersModel, start: int, like: torch.Tensor) -> dict:
-    """What every block needs to run on positions start..T-1 of `like` ([rows, T - start, d]):
-    a causal mask over prefix and suffix, and where the family has them, rotary position
-    embeddings for those positions (one row, broadcast over the batch). The same for every layer."""
+def suffix_arguments(model: TransformersModel, start: int, like: torch.Tensor) -> list[dict]:
+    """Per layer, what its block needs to run on positions start..T-1 of `like` ([rows, T - start,
+    d]): a causal mask over prefix and suffix (hiding keys beyond the layer's sliding window, where
+    it has one), and where the family has them, rotary position embeddings for those positions
+    (one row, broadcast over the batch; per layer type where the family's base differs by type).
+    Layers alike share one dict."""
     length, where = like.shape[1], family(model)
     positions = torch.arange(start, start + length, device=like.device)
-    hidden_from = positions[:, None] < torch.arange(start + length, device=like.device)[None, :]
-    mask = torch.zeros(hidden_from.shape, dtype=like.dtype, device=like.device)
-    arguments = {"attention_mask": mask.masked_fill(hidden_from, torch.finfo(like.dtype).min)[None, None]}
-    if where.rotary is not None:
-        arguments["position_ids"] = positions[None]
-        arguments["position_embeddings"] = part(model._module, where.rotary)(like, positions[None])
+    distance = positions[:, None] - torch.arange(start + length, device=like.device)[None, :]
+    shared: dict[tuple, dict] = {}
+    arguments = []
+    for layer in range(len(blocks(model))):
+        window = sliding_window(model, layer)
+        kind = model._module.config.layer_types[layer] if where.rotary_by_layer_type else None
+        if (window, kind) not in shared:
+            hidden_from = distance < 0 if window is None else (distance < 0) | (distance >= window)
+            mask = torch.zeros(hidden_from.shape, dtype=like.dtype, device=like.device)
+            found = {"attention_mask": mask.masked_fill(hidden_from, torch.finfo(like.dtype).min)[None, None]}
+            if where.rotary is not None:
+                rotary = part(model._module, where.rotary)
+                found["position_ids"] = positions[None]
+                found["position_embeddings"] = rotary(like, positions[None], *([kind] if kind else []))
+            shared[(window, kind)] = found
+        arguments.append(shared[(window, kind)])
     return arguments
 
 
@@ -56,7 +72,7 @@ def block_on_suffix(
     arguments: dict,
 ) -> torch.Tensor:
     """A block on positions t..T-1 of each row, given the keys and values of positions 0..t-1
-    and `suffix_arguments`."""
+    and its layer's `suffix_arguments`."""
     cache = {family(model).cache_argument: PrefixCache(prefix_keys, prefix_values)}
     output = block(hidden, **cache, **arguments)
     return output[0] if isinstance(output, tuple) else output
@@ -102,20 +118,26 @@ def heads_through_projection(
 ) -> torch.Tensor:
     """The attention output of heads' outputs `z` ([rows, positions, heads, head_dim]) where each
     row's head `heads[i]` takes the donor's values `donor_z[i]` ([rows, positions, head_dim]), at
-    every position or where `at` ([rows, positions]) is True."""
+    every position or where `at` ([rows, positions]) is True: what the sublayer adds to the
+    stream, the output projection's output (through the family's post-norm)."""
     mask = (torch.arange(z.shape[2], device=z.device) == heads[:, None])[:, None, :, None]
     if at is not None:
         mask = mask & at[:, :, None, None]
-    return part(block, family(model).out_proj)(torch.where(mask, donor_z[:, :, None], z).flatten(2))
+    projected = part(block, family(model).out_proj)(torch.where(mask, donor_z[:, :, None], z).flatten(2))
+    return post_norm(model, block, "attn", projected)
 
 
 def block_given_attention(
     model: TransformersModel, block: torch.nn.Module, hidden: torch.Tensor, attention: torch.Tensor
 ) -> torch.Tensor:
-    """A block's output from its input `hidden` when its attention sublayer outputs `attention`: the
-    residual additions and the MLP (with its norm) recomputed, in the family's arrangement."""
+    """A block's output from its input `hidden` when its attention sublayer adds `attention`: the
+    residual additions and the MLP (with its norms) recomputed, in the family's arrangement."""
     where = family(model)
-    mlp, norm = part(block, where.mlp), part(block, where.mlp_norm)
+    norm = part(block, where.mlp_norm)
+
+    def mlp(x: torch.Tensor) -> torch.Tensor:
+        return post_norm(model, block, "mlp", part(block, where.mlp)(x))
+
     if getattr(model._module.config, "use_parallel_residual", False):  # the MLP reads the block input
         return hidden + attention + mlp(norm(hidden))
     middle = hidden + attention
@@ -151,7 +173,7 @@ def patched_layer_output(
     else:  # inside attention: the block runs again on the suffix, the head's values written as it goes
         donated = donors.take(cell, acts.sites[cell], donor_rows, here, heads)
         hidden = acts.resid[layer][receivers, start:]
-        arguments = suffix_arguments(model, start, hidden)
+        arguments = suffix_arguments(model, start, hidden)[layer]
         with writing(model, block, component, donated, heads):
             suffix = block_on_suffix(model, block, hidden, *receiving_prefix(read, layer, pairs, start), arguments)
     return suffix
@@ -193,8 +215,8 @@ def readout(
     final = part(model._module, where.final_norm)(hidden_last)
     unembedding = part(model._module, where.unembedding)
     if reads_vocabulary(metric):
-        return vocabulary_metric(metric, unembedding(final), answers, donor)
+        return vocabulary_metric(metric, capped(model, unembedding(final)), answers, donor)
     columns, inverse = torch.unique(answers.ids, return_inverse=True)
     bias = unembedding.bias
     logits = F.linear(final, unembedding.weight[columns], None if bias is None else bias[columns])
-    return answer_logit_diff(logits.gather(1, inverse), answers)
+    return answer_logit_diff(capped(model, logits).gather(1, inverse), answers)

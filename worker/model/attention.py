@@ -35,11 +35,15 @@ class ScoreSite(torch.nn.Identity):
     """What softmax takes: every head's scores with the mask added, [rows, heads, destinations, sources]."""
 
 
-def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Eager attention (as transformers' families write it), the probabilities through `module.pattern`."""
+def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+    """Eager attention (as transformers' families write it), the probabilities through `module.pattern`.
+    Gemma-2 soft-caps the scaled scores, softcap x tanh(scores / softcap), before the mask: the
+    `scores` site is after the cap, what softmax takes. A sliding window is in the mask."""
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scores = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if attention_mask is not None:
         scores = scores + attention_mask
     scores = module.scores(scores)

@@ -8,7 +8,7 @@ unsupported model is refused in one line.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import reduce
 from typing import Any
 
@@ -31,6 +31,11 @@ class Family:
     n_heads: str  # the config attribute with the number of (query) heads
     rotary: str | None  # the module giving rotary position embeddings (cos, sin); None: absolute positions
     cache_argument: str  # the keyword under which a block takes a key/value cache
+    # Gemma's "sandwich" norms: in a block, the norm each sublayer's output passes through before it
+    # joins the residual stream; `attn` and `mlp` are then those norms' outputs, what the block adds
+    attn_post_norm: str | None = None
+    mlp_post_norm: str | None = None
+    rotary_by_layer_type: bool = False  # rotary(x, positions, layer type): a base per config.layer_types kind
 
 
 FAMILIES = {
@@ -89,6 +94,17 @@ FAMILIES = {
     ),
 }
 FAMILIES["mistral"] = FAMILIES["qwen2"] = FAMILIES["llama"]
+# Llama's shape with a norm after each sublayer too (its own pre-MLP norm), embeddings scaled by
+# sqrt(width) inside embed_tokens, soft-capped attention scores and logits (worker/model/sites.py,
+# worker/model/attention.py), sliding-window layers (config.layer_types)
+FAMILIES["gemma2"] = replace(
+    FAMILIES["llama"],
+    mlp_norm="pre_feedforward_layernorm",
+    attn_post_norm="post_attention_layernorm",
+    mlp_post_norm="post_feedforward_layernorm",
+)
+# and Gemma-3: query and key norms inside attention (after the projections), a rotary base per layer type
+FAMILIES["gemma3_text"] = replace(FAMILIES["gemma2"], rotary_by_layer_type=True)
 
 
 class UnsupportedModel(ValueError):
@@ -99,6 +115,11 @@ def family_of(config: Any) -> Family:
     """The family of a checkpoint's config; refuses other model types and checkpoints whose
     architecture has no causal LM head (a bare encoder, a classifier)."""
     model_type = getattr(config, "model_type", None)
+    if model_type == "gemma3":
+        raise UnsupportedModel(
+            "the checkpoint is a multimodal Gemma-3 (model type 'gemma3'); patchsweep patches text models: "
+            "use a text-only Gemma-3 checkpoint (model type 'gemma3_text', a Gemma3ForCausalLM)"
+        )
     if model_type not in FAMILIES:
         raise UnsupportedModel(
             f"model type {model_type!r} is not supported; patchsweep patches {', '.join(sorted(FAMILIES))} models"

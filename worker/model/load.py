@@ -43,6 +43,11 @@ def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "
     except Exception as error:  # transformers/hub raise many unrelated types for one cause
         raise _explain(source, error) from error
     model._module.eval()
+    if (
+        getattr(model._module.config, "attn_logit_softcapping", None)
+        and model._module.config._attn_implementation == "sdpa"
+    ):
+        model._module.set_attn_implementation("eager")  # sdpa refuses soft-capped scores; eager applies the cap
     model._module.requires_grad_(False)  # never trained: AtP's backward computes activation gradients only
     expose_patterns(model)
     return model

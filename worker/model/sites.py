@@ -164,8 +164,56 @@ def component_output(model: TransformersModel, component: str, layer: int) -> to
         return part(block, where.out_proj).input
     if component in (*INPUTS, "pattern"):
         return attention_site(model, block, component).output
-    output = {"resid": block, "attn": part(block, where.attention), "mlp": part(block, where.mlp)}[component].output
+    output = (block if component == "resid" else part(block, added_by(where, component))).output
     return output[0] if isinstance(output, tuple) else output
+
+
+def added_by(where: Family, component: str) -> str:
+    """In a block: the module whose output is `attn` or `mlp`, what the sublayer adds to the
+    residual stream: after its post-norm where the family has one (Gemma; TransformerLens'
+    hook_attn_out and hook_mlp_out sit there too)."""
+    if component == "attn":
+        return where.attn_post_norm or where.attention
+    return where.mlp_post_norm or where.mlp
+
+
+def post_norm(model: TransformersModel, block: torch.nn.Module, component: str, output: torch.Tensor) -> torch.Tensor:
+    """What the `attn` or `mlp` sublayer of `block` adds to the stream when it outputs `output`
+    (the attention output projection's or the MLP's): `output` itself, or through the family's post-norm."""
+    where = family(model)
+    norm = where.attn_post_norm if component == "attn" else where.mlp_post_norm
+    return output if norm is None else part(block, norm)(output)
+
+
+def through_post_norm(model: TransformersModel, block, o: torch.Tensor, differences: torch.Tensor) -> torch.Tensor:
+    """[rows, T, K, d]: what K sums of block `block`'s head differences (`differences`: [rows, T, K,
+    d], each a sum of heads' donor-minus-run outputs through the output projection) add to the
+    stream in a run whose attention output projection outputs `o` ([rows, T, d]): themselves; on
+    a family with a post-attention norm, post(o + difference) - post(o) (heads are not additive
+    there; EAP-IG's `evaluate_graph` does the same)."""
+    if family(model).attn_post_norm is None:
+        return differences
+    o = o[:, :, None]
+    return post_norm(model, block, "attn", o + differences) - post_norm(model, block, "attn", o)
+
+
+def sliding_window(model: TransformersModel, layer: int) -> int | None:
+    """How far back layer `layer`'s attention sees (a query at t reads keys t - window + 1..t), or
+    None for every earlier key: Gemma's and Qwen2's `sliding_attention` layers of config.layer_types,
+    every layer of a Mistral with a `sliding_window`."""
+    config = model._module.config
+    window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
+    if types is not None:
+        return window if types[layer] == "sliding_attention" else None
+    return window
+
+
+def capped(model: TransformersModel, logits: torch.Tensor) -> torch.Tensor:
+    """Logits as the model returns them: Gemma soft-caps the unembedding's output,
+    cap x tanh(logits / cap) (`final_logit_softcapping`), so no metric may assume a shift of
+    every logit changes nothing."""
+    cap = getattr(model._module.config, "final_logit_softcapping", None)
+    return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
 def embedding_output(model: TransformersModel) -> torch.Tensor:
@@ -174,5 +222,5 @@ def embedding_output(model: TransformersModel) -> torch.Tensor:
 
 
 def last_logits(model: TransformersModel) -> torch.Tensor:
-    """Inside a trace: the next-token logits at the last position, [rows, vocabulary]."""
-    return part(model, family(model).unembedding).output[:, -1, :]
+    """Inside a trace: the next-token logits at the last position, [rows, vocabulary] (`capped`)."""
+    return capped(model, part(model, family(model).unembedding).output[:, -1, :])
