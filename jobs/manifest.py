@@ -151,6 +151,7 @@ def circuit_entries(circuits) -> list[dict]:
             "file": circuit_file(c.name),
             "edges": len(c.edges),
             "budget": c.budget,
+            "curve": c.curve,
             "fraction": c.fraction(),
         }
         for c in circuits

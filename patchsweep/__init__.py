@@ -160,11 +160,12 @@ def evaluate_circuits(
 ) -> CircuitsResult:
     """`driver.py circuit`: the faithfulness of circuits on every pair, the clean run with every
     edge outside the circuit ablated. The circuits: one selected from `edges` (an `edges` result;
-    each edge's mean over its pairs) at each of `budgets` by `select` (top or greedy), and one per
+    each edge's mean over its pairs) at each of `budgets` by `select` (top, greedy, or mib: MIB's
+    two curves, signed and by size, of each edge's mean effect in metric units), and one per
     graph JSON file in `circuit` (EAP-IG's format, named by the file). `.faithfulness`, `.pairs`
     and `.circuits`."""
     graph = Graph.of(model)
-    scores = None if edges is None else edges_table_scores(edges.edges, graph)
+    scores = None if edges is None else edges_table_scores(edges.edges, edges.pairs, graph, select)
     circuits = chosen_circuits(graph, scores, tuple(circuit), tuple(budgets), select)
     options = PatchOptions(
         (),

@@ -8,21 +8,34 @@ import json
 import math
 import re
 from collections import defaultdict
+from itertools import pairwise
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from jobs.circuit_sources import chosen_circuits
 from jobs.means_pass import means_table
+from jobs.results.curves import curves_table
 from tests.conftest import TOL
 from tests.reference import position_key, reference_edge_set, sender_outputs
 from tests.test_patching import labelled, resampled
 from worker.batch.mean_donors import donor_sums
 from worker.contract.layout import CIRCUITS_DIR, MEANS_FILE
 from worker.contract.options import PatchOptions
-from worker.graph.circuits import MIB_BUDGETS, Circuit, budget_edges, parse_budgets, prune, select_greedy, select_top
+from worker.graph.circuits import (
+    EMPTY,
+    MIB_BUDGETS,
+    Circuit,
+    budget_edges,
+    parse_budgets,
+    prune,
+    select_greedy,
+    select_top,
+)
 from worker.graph.mib import Graph
 from worker.methods.faithfulness import circuit_tables
+from worker.model.checkpoint import load_config
 
 GRAPH = Graph(2, 1, parallel=False, d_model=8)
 SCORES = {  # everything else scores 0
@@ -75,6 +88,47 @@ def test_top_takes_the_largest_then_prunes():
     assert select_top(GRAPH, scores(), 3) == frozenset()  # 10, 6, 5.5: nothing reaches the logits
     assert names(select_top(GRAPH, scores(), 8)) == set(SCORES)
     assert names(select_top(GRAPH, scores(), 5)) == {"input->a1.h0<v>", "m0->a1.h0<k>", "input->m0", "a1.h0->logits"}
+
+
+def test_mib_selects_by_signed_score_and_by_size():
+    """MIB's two curves: `mib-signed` takes the largest signed scores (10, 5.5, 5, 3, 2.5: a1.h0 and
+    m0 then send nowhere and are pruned), `mib-absolute` the largest |score|, as `top`."""
+    signed = Circuit.selected(GRAPH, scores(), "mib-signed", "5")
+    assert signed.name == "mib-signed-5" and signed.curve == "mib-signed"
+    assert names(signed.edges) == {"m1->logits", "a0.h0->m1", "input->a0.h0<q>"}
+    assert Circuit.selected(GRAPH, scores(), "mib-absolute", "5").edges == select_top(GRAPH, scores(), 5)
+    chosen = chosen_circuits(GRAPH, scores(), (), ("5", "50%"), "mib")
+    assert [c.name for c in chosen] == ["mib-signed-5", "mib-signed-50pct", "mib-absolute-5", "mib-absolute-50pct"]
+    assert [c.name for c in chosen_circuits(GRAPH, scores(), (), ("5",), "top")] == ["top-5"]
+
+
+def test_curves_and_their_areas_are_mibs():
+    """Per curve, the faithfulness at each budget and MIB's trapezoid on the linear fraction axis,
+    from the smallest budget to the largest (no point at 0): CPR the area under f, CMD under |1 - f|."""
+    fractions = [0.001, 0.01, 0.1, 0.5, 1.0]
+    budgets = [f"{100 * x:g}%" for x in fractions]
+    curve = {"mib-signed": [0.2, 0.5, 0.9, 1.1, 1.0], "mib-absolute": [-0.1, 0.3, 0.7, 0.95, 1.0]}
+    entries, rows = [], [{"circuit": EMPTY, "group": None, "faithfulness": 0.0}]
+    for name, values in curve.items():
+        for budget, x, f in zip(budgets, fractions, values):
+            entries.append({"name": f"{name}-{budget}", "budget": budget, "fraction": x, "curve": name})
+            rows.append({"circuit": f"{name}-{budget}", "group": None, "faithfulness": f})
+    table = {row["curve"]: row for row in curves_table(rows, entries).to_pylist()}
+    for name, values in curve.items():
+        by_hand_cpr = sum(
+            (x2 - x1) * (f1 + f2) / 2 for x1, x2, f1, f2 in zip(fractions, fractions[1:], values, values[1:])
+        )
+        by_hand_cmd = sum(
+            (x2 - x1) * (abs(1 - f1) + abs(1 - f2)) / 2
+            for x1, x2, f1, f2 in zip(fractions, fractions[1:], values, values[1:])
+        )
+        assert table[name]["cpr"] == pytest.approx(by_hand_cpr) and table[name]["cmd"] == pytest.approx(by_hand_cmd)
+        assert [table[name][b] for b in budgets] == values
+    perfect = curves_table(
+        [{"circuit": f"top-{b}", "group": None, "faithfulness": 1.0} for b in MIB_BUDGETS],
+        [{"name": f"top-{b}", "budget": b, "fraction": float(b[:-1]) / 100, "curve": "top"} for b in MIB_BUDGETS],
+    ).to_pylist()[0]
+    assert perfect["cpr"] == pytest.approx(0.999) and perfect["cmd"] == 0
 
 
 def test_greedy_grows_from_the_logits():
@@ -234,3 +288,56 @@ def test_circuits_with_ablated_edges_match_hook_reference(hooked_family, tmp_pat
             assert abs(empty - baselines["corrupted_logit_diff"]) > 10 * TOL
         faithfulness = (found[some.name]["logit_diff"] - empty) / (baselines["clean_logit_diff"] - empty)
         assert found[some.name]["faithfulness"] == pytest.approx(faithfulness, abs=1e-3)
+
+
+def test_find_circuits_with_mibs_selection_scores_as_mib_does(tmp_path):
+    """`find-circuits --select mib` on the toy IOI model: MIB's two curves, each circuit the top-n
+    of the edges run's `mean_effect` (signed, or by size) at int(p x edges), pruned; the `curves`
+    view's CPR and CMD are MIB's trapezoid over the aggregate's faithfulness at MIB's ten budgets;
+    the report quotes CPR from the signed curve and CMD from the absolute one."""
+    from jobs.results.query import query
+    from tests.conftest import REPO
+    from tests.test_driver import run_driver
+
+    lines = (REPO / "examples/ioi_pairs.jsonl").read_text().splitlines()[:16]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    model = REPO / "examples/toy-ioi-gpt2"
+    done = run_driver(
+        "find-circuits", "--pairs", tmp_path / "pairs.jsonl", "--model", model, "--out", out, "--select", "mib"
+    )
+    assert done.returncode == 0, done.stderr
+    aggregate = pq.read_table(out / "edges" / "aggregate.parquet").to_pylist()
+    graph = Graph.of_config(load_config(str(model)))
+    effect = {row["edge"]: row["mean_effect"] for row in aggregate if row["group"] is None}
+    manifest = json.loads((out / "evaluation" / "manifest.json").read_text())
+    faithfulness = {
+        row["circuit"]: row["faithfulness"]
+        for row in pq.read_table(out / "evaluation" / "aggregate.parquet").to_pylist()
+        if row["group"] is None
+    }
+    curves = {row["curve"]: row for row in query(str(out / "evaluation"), "SELECT * FROM curves").to_pylist()}
+    assert set(curves) == {"mib-signed", "mib-absolute"}
+    for curve, size in (("mib-signed", lambda x: x), ("mib-absolute", abs)):
+        order = sorted(range(len(graph.edges)), key=lambda e: (-size(effect[graph.edge_names[e]]), e))
+        points = []
+        for budget in MIB_BUDGETS:
+            n = int(float(budget[:-1]) / 100 * len(graph.edges))
+            saved = json.loads(
+                (out / "evaluation" / "circuits" / f"{curve}-{budget.replace('%', 'pct')}.json").read_text()
+            )
+            kept = {name for name, edge in saved["edges"].items() if edge["in_graph"]}
+            assert kept == names_in(graph, prune(graph, set(order[:n])))
+            points.append((float(budget[:-1]) / 100, faithfulness[f"{curve}-{budget.replace('%', 'pct')}"]))
+            assert curves[curve][budget] == pytest.approx(points[-1][1])
+        steps = list(pairwise(points))
+        assert curves[curve]["cpr"] == pytest.approx(sum((x2 - x1) * (f1 + f2) / 2 for (x1, f1), (x2, f2) in steps))
+        cmd = sum((x2 - x1) * (abs(1 - f1) + abs(1 - f2)) / 2 for (x1, f1), (x2, f2) in steps)
+        assert curves[curve]["cmd"] == pytest.approx(cmd)
+    assert [e["curve"] for e in manifest["circuits"]].count("mib-signed") == len(MIB_BUDGETS)
+    report = (out / "evaluation" / "report.html").read_text()
+    assert f"{curves['mib-signed']['cpr']:.4f}" in report and f"{curves['mib-absolute']['cmd']:.4f}" in report
+
+
+def names_in(graph: Graph, chosen) -> set[str]:
+    return {graph.edge_names[e] for e in chosen}

@@ -210,7 +210,8 @@ print(json.dumps({
 def test_circuits_from_edges_in_memory_are_the_driver_s(walkthrough):
     """`ps.evaluate_circuits(edges=ps.edges(...))` selects from each edge's mean over the pairs in
     memory what `driver.py circuit --edges` selects from the edges run's aggregate: on the README's
-    edges run (every pair above the gap), the same scores, and so the same circuits."""
+    edges run (every pair above the gap), the same scores (the mean estimate, and MIB's mean
+    effect for `mib`), and so the same circuits."""
     import patchsweep as ps
     from jobs.circuit_sources import edge_scores, edges_table_scores
 
@@ -218,9 +219,13 @@ def test_circuits_from_edges_in_memory_are_the_driver_s(walkthrough):
     pairs = ps.read_pairs(str(REPO / "examples/ioi_pairs.jsonl"), model=str(REPO / source)).pairs
     model = ps.load_model(str(REPO / source), device="cpu")
     found = ps.edges(model, pairs, method="eap")
-    in_memory = edges_table_scores(found.edges, found.graph)
-    from_run = edge_scores(str(walkthrough.here / "runs/ioi_pairs-edges"), found.graph, source)
+    run = str(walkthrough.here / "runs/ioi_pairs-edges")
+    effects = edges_table_scores(found.edges, found.pairs, found.graph, "mib")
+    np.testing.assert_allclose(effects, edge_scores(run, found.graph, source, "mib"), rtol=1e-4, atol=1e-7)
+    in_memory = edges_table_scores(found.edges, found.pairs, found.graph, "top")
+    from_run = edge_scores(run, found.graph, source, "top")
     np.testing.assert_allclose(in_memory, from_run, rtol=1e-4, atol=1e-7)
+    assert not np.allclose(effects, from_run)  # metric units, not shares of each pair's effect
     chosen = ps.evaluate_circuits(model, pairs[:2], edges=found, budgets=["2%", "5%"]).circuits
     assert [c.edges for c in chosen] == [
         ps.Circuit.selected(found.graph, from_run, "top", b).edges for b in ("2%", "5%")

@@ -18,10 +18,11 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs.results.curves import curves_table
 from jobs.results.intervals import with_interval
 from jobs.results.query import QueryError, duckdb_connection
 from jobs.store import EDGES, FAITHFULNESS, QUERY_ROWS, Store
-from worker.contract.layout import AGGREGATE_FILE, GROUPS_FILE, PAIR_PARTS_DIR, PAIRS_FILE
+from worker.contract.layout import AGGREGATE_FILE, CURVES_FILE, GROUPS_FILE, PAIR_PARTS_DIR, PAIRS_FILE
 from worker.contract.options import DEFAULT_METRIC, METHODS
 from worker.graph.circuits import EMPTY
 
@@ -116,7 +117,8 @@ ORDER BY {kind}, "group" NULLS FIRST, n_tokens NULLS FIRST, {layer}, {head} NULL
 
 EDGE_BATCH_SQL = """
 WITH p AS (
-    SELECT pair_id, {group} AS "group", abs("clean_{metric}" - "corrupted_{metric}") < {min_gap} AS excluded
+    SELECT pair_id, {group} AS "group", abs("clean_{metric}" - "corrupted_{metric}") < {min_gap} AS excluded,
+           ("clean_{metric}" - "corrupted_{metric}")::DOUBLE AS gap
     FROM batch_pairs
 )
 SELECT CAST(e.edge AS VARCHAR) AS edge, CAST(e.sender AS VARCHAR) AS sender, CAST(e.receiver AS VARCHAR) AS receiver,
@@ -124,6 +126,7 @@ SELECT CAST(e.edge AS VARCHAR) AS edge, CAST(e.sender AS VARCHAR) AS sender, CAS
        count(*) FILTER (WHERE NOT excluded) AS pairs, count(*) FILTER (WHERE excluded) AS excluded_pairs,
        count(e.estimate) FILTER (WHERE NOT excluded) AS n_e, sum(e.estimate::DOUBLE) FILTER (WHERE NOT excluded) AS s_e,
        sum(e.estimate::DOUBLE * e.estimate) FILTER (WHERE NOT excluded) AS ss_e,
+       sum(e.estimate::DOUBLE * p.gap) FILTER (WHERE NOT excluded) AS s_x,
        count(e.score) FILTER (WHERE NOT excluded) AS n, sum(e.score::DOUBLE) FILTER (WHERE NOT excluded) AS s,
        sum(e.score::DOUBLE * e.score) FILTER (WHERE NOT excluded) AS ss
 FROM batch e JOIN p USING (pair_id)
@@ -132,13 +135,15 @@ GROUP BY ALL
 EDGE_AGGREGATE_SQL = """
 WITH sums AS (
     SELECT edge, sender, receiver, "group", sum(pairs)::BIGINT AS pairs, sum(excluded_pairs)::BIGINT AS excluded_pairs,
-           sum(n_e)::BIGINT AS n_e, sum(s_e) AS s_e, sum(ss_e) AS ss_e, sum(n)::BIGINT AS n, sum(s) AS s, sum(ss) AS ss
+           sum(n_e)::BIGINT AS n_e, sum(s_e) AS s_e, sum(ss_e) AS ss_e, sum(s_x) AS s_x,
+           sum(n)::BIGINT AS n, sum(s) AS s, sum(ss) AS ss
     FROM batches
     GROUP BY ALL
 )
 SELECT edge, sender, receiver, "group", pairs, excluded_pairs,
        n_e AS estimate_count, s_e / nullif(n_e, 0) AS mean_estimate,
        CASE WHEN n_e > 1 THEN sqrt(greatest((ss_e - s_e * s_e / n_e) / (n_e - 1), 0)) END AS std_estimate,
+       s_x / nullif(n_e, 0) AS mean_effect,
        n AS count, s / nullif(n, 0) AS mean_score,
        CASE WHEN n > 1 THEN sqrt(greatest((ss - s * s / n) / (n - 1), 0)) END AS std_score
 FROM sums
@@ -253,7 +258,9 @@ def in_batches(
 
 def aggregate_edges(store: Store, group_by: str | None, min_gap: float, metric: str) -> pa.Table:
     """An edges run's aggregate: per edge (and group), the mean, std and count of `estimate` over
-    the pairs (those with a gap below `min_gap` left out and counted), and of `score` where exact."""
+    the pairs (those with a gap below `min_gap` left out and counted), and of `score` where exact;
+    `mean_effect`, the mean of estimate x (clean - corrupted metric): the edge's estimated effect
+    in metric units, positive where it carries the behaviour (MIB's importance score)."""
     schema = pq.read_schema(store.path(PAIRS_FILE), filesystem=store.fs)
     fields = {
         "group": "CAST(" + quote_identifier(group_by) + " AS VARCHAR)" if group_by else "NULL::VARCHAR",
@@ -268,7 +275,8 @@ def aggregate_faithfulness(store: Store, group_by: str | None, min_gap: float, m
     """A circuit run's aggregate: per circuit (and group), the mean, std, 95% interval and count of
     the pairs' faithfulness (pairs whose clean and empty-circuit metrics are closer than `min_gap`
     left out and counted), and MIB's dataset-level faithfulness, the ratio of the means:
-    (mean m(C) - mean m(empty)) / (mean m(clean) - mean m(empty)) over the same pairs."""
+    (mean m(C) - mean m(empty)) / (mean m(clean) - mean m(empty)) over the same pairs. Over every
+    pair, also the run's curves (jobs/results/curves.py) to curves.parquet."""
     schema = pq.read_schema(store.path(PAIRS_FILE), filesystem=store.fs)
     fields = {
         "group": "CAST(" + quote_identifier(group_by) + " AS VARCHAR)" if group_by else "NULL::VARCHAR",
@@ -279,7 +287,11 @@ def aggregate_faithfulness(store: Store, group_by: str | None, min_gap: float, m
     table = in_batches(
         store, schema, FAITHFULNESS_BATCH_SQL.format(**fields), FAITHFULNESS_AGGREGATE_SQL.format(**fields)
     )
-    return written(store, with_interval(table, "mean_faithfulness", "std_faithfulness", "count"), group_by)
+    table = written(store, with_interval(table, "mean_faithfulness", "std_faithfulness", "count"), group_by)
+    if not group_by:
+        entries = (store.read_manifest() or {}).get("circuits", [])
+        store.write_table(curves_table(table.to_pylist(), entries), CURVES_FILE)
+    return table
 
 
 def with_intervals(table: pa.Table, estimates: bool) -> pa.Table:

@@ -1,36 +1,18 @@
-"""The report's figures for a circuit run: the faithfulness curve over the edge budgets, a table of
-the circuits, and each circuit drawn as a graph (plotly, offline: no graphviz).
-
-MIB's two summaries of the curve, over the selected circuits in budget order, with x the budget's
-fraction of all edges and f its dataset-level faithfulness, by the trapezoid rule on a linear x
-(as MIB's `evaluate_area_under_curve` computes them):
-- CPR, the area under f: higher is better;
-- CMD, the area under |1 - f|: lower is better.
-"""
+"""The report's figures for a circuit run: the faithfulness curves over the edge budgets, a table
+of the circuits, and each circuit drawn as a graph (plotly, offline: no graphviz); its summary
+lines, with MIB's CPR and CMD of each curve (jobs/results/curves.py)."""
 
 from __future__ import annotations
 
-from itertools import pairwise
-
 import plotly.graph_objects as go
 
+from jobs.results.curves import curve_of, curves_table
 from jobs.store import Store
 from worker.graph.circuits import EMPTY, Circuit, run_circuit
 from worker.graph.mib import Graph
 
 DRAWN_EDGES = 2000  # circuits with more edges are listed, not drawn: a hairball says nothing
 DASH = {"q": "solid", "k": "dash", "v": "dot", "": "solid"}  # into a head's query, key or value; else solid
-
-
-def mib_areas(points: list[tuple[float, float]]) -> tuple[float, float] | None:
-    """(CPR, CMD) of (fraction, faithfulness) points, or None with fewer than two."""
-    points = sorted(points)
-    if len(points) < 2:
-        return None
-    steps = list(pairwise(points))
-    under = sum((x2 - x1) * (f1 + f2) / 2 for (x1, f1), (x2, f2) in steps)
-    from_one = sum((x2 - x1) * (abs(1 - f1) + abs(1 - f2)) / 2 for (x1, f1), (x2, f2) in steps)
-    return under, from_one
 
 
 def curve_points(rows: list[dict], entries: list[dict]) -> list[tuple[dict, dict]]:
@@ -40,14 +22,19 @@ def curve_points(rows: list[dict], entries: list[dict]) -> list[tuple[dict, dict
 
 
 def summary(rows: list[dict], manifest: dict) -> list[tuple[str, str]]:
-    """The summary lines: the circuits, and MIB's CPR and CMD over the selected ones."""
+    """The summary lines: the circuits, and MIB's CPR and CMD of each curve; of a `mib` selection,
+    the pair MIB reports: CPR of the signed curve, CMD of the absolute one."""
     entries = manifest.get("circuits", [])
-    selected = [(e["fraction"], row["faithfulness"]) for e, row in curve_points(rows, entries) if e["budget"]]
     lines = [("circuits", f"{len(entries)} (and {EMPTY}, every edge ablated)")]
-    areas = mib_areas([(x, f) for x, f in selected if f is not None])
-    if areas:
-        lines.append(("CPR (area under faithfulness; higher is better)", f"{areas[0]:.4f}"))
-        lines.append(("CMD (area under |1 - faithfulness|; lower is better)", f"{areas[1]:.4f}"))
+    areas = {row["curve"]: row for row in curves_table(rows, entries).to_pylist() if row["cpr"] is not None}
+    if "mib-signed" in areas and "mib-absolute" in areas:
+        lines.append(("CPR, MIB's (signed top-n curve; higher is better)", f"{areas['mib-signed']['cpr']:.4f}"))
+        lines.append(("CMD, MIB's (|score| top-n curve; lower is better)", f"{areas['mib-absolute']['cmd']:.4f}"))
+        return lines
+    for curve, row in areas.items():
+        of = f" of {curve}" if len(areas) > 1 else ""
+        lines.append((f"CPR{of} (area under faithfulness; higher is better)", f"{row['cpr']:.4f}"))
+        lines.append((f"CMD{of} (area under |1 - faithfulness|; lower is better)", f"{row['cmd']:.4f}"))
     return lines
 
 
@@ -55,9 +42,15 @@ def curve(points: list[tuple[dict, dict]], run: str) -> go.Figure:
     x = [entry["fraction"] * 100 for entry, _ in points]
     names = [entry["name"] for entry, _ in points]
     figure = go.Figure()
-    figure.add_scatter(
-        x=x, y=[row["faithfulness"] for _, row in points], mode="lines+markers", name="dataset", text=names
-    )
+    for line in dict.fromkeys(curve_of(entry) for entry, _ in points):
+        mine = [i for i, (entry, _) in enumerate(points) if curve_of(entry) == line]
+        figure.add_scatter(
+            x=[x[i] for i in mine],
+            y=[points[i][1]["faithfulness"] for i in mine],
+            mode="lines+markers",
+            name=f"dataset: {line}",
+            text=[names[i] for i in mine],
+        )
     means = [row["mean_faithfulness"] for _, row in points]
     figure.add_scatter(
         x=x,

@@ -1,5 +1,5 @@
 """SQL over a run's tables: DuckDB views `effects` (`paths` in a path-patching run), `pairs`
-and `aggregate`.
+and `aggregate` (and `curves` in a circuit run, `stability` where the report split the pairs).
 
 The views scan Arrow datasets, so the partitioned results directory is streamed from
 its Parquet parts (local or any pyarrow URI) instead of being loaded into memory. DuckDB
@@ -24,7 +24,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from jobs.store import Store
-from worker.contract.layout import AGGREGATE_FILE, GROUPS_FILE, PAIRS_FILE, STABILITY_FILE
+from worker.contract.layout import AGGREGATE_FILE, CURVES_FILE, GROUPS_FILE, PAIRS_FILE, STABILITY_FILE
 
 DUCKDB_MEMORY_LIMIT = "256MB"
 
@@ -69,6 +69,7 @@ def connect_tables(store: Store) -> duckdb.DuckDBPyConnection:
         "aggregate": AGGREGATE_FILE,
         "aggregate_groups": GROUPS_FILE,
         "stability": STABILITY_FILE,
+        "curves": CURVES_FILE,
     }
     for view, name in sources.items():
         files = list(store.results_files()) if view == store.results else []

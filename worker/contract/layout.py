@@ -27,6 +27,7 @@ CIRCUITS_DIR = "circuits"
 AGGREGATE_FILE = "aggregate.parquet"
 GROUPS_FILE = "aggregate_groups.parquet"  # `report --group-by`: per group, beside the overall aggregate
 STABILITY_FILE = "stability.parquet"  # the split halves (jobs/results/stability.py)
+CURVES_FILE = "curves.parquet"  # a circuit run's faithfulness curves and their areas (jobs/results/curves.py)
 REPORT_FILE = "report.html"
 PART = "part-"
 COMPACTED = "parts-"  # a compacted results file: parts-00000-00999 holds shards part-00000 .. part-00999

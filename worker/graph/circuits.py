@@ -4,6 +4,11 @@ and read and written as EAP-IG's graph JSON, so a circuit moves between patchswe
 - `top`: the N edges of largest |score| (EAP-IG's `apply_topn`); `greedy`: grown back from
   `logits`, each step adding the highest-|score| edge into a node already in the circuit (EAP-IG's
   `apply_greedy`). Both then `prune`.
+- `mib`: two curves, as MIB's `evaluate_area_under_curve` is run twice: `mib-signed` (the N edges
+  of largest signed score, `apply_topn(absolute=False)`: MIB's CPR is read from it) and
+  `mib-absolute` (of largest |score|: its CMD), both pruned. The scores are MIB's: each edge's
+  mean effect in metric units, positive where it carries the behaviour (jobs/circuit_sources.py).
+  Ties go in graph order (EAP-IG's `argsort` leaves them to the implementation).
 - `prune` (EAP-IG's): repeatedly drop the nodes with no edge in (except `input`) or no edge out
   (except `logits`), and the edges whose sender or receiver node was dropped; what is left is the
   edges on some path from `input` to `logits`.
@@ -29,7 +34,8 @@ from worker.contract.storage import child, opened
 from worker.graph.mib import Graph
 
 EMPTY = "empty"  # the circuit of no edge (every edge ablated), evaluated with every circuit
-SELECTIONS = ("top", "greedy")
+SELECTIONS = ("top", "greedy", "mib")
+CURVES = {"top": ("top",), "greedy": ("greedy",), "mib": ("mib-signed", "mib-absolute")}  # a selection's curves
 MIB_BUDGETS = ("0.1%", "0.2%", "0.5%", "1%", "2%", "5%", "10%", "20%", "50%", "100%")
 
 
@@ -51,13 +57,19 @@ def prune(graph: Graph, edges: set[int] | frozenset[int]) -> frozenset[int]:
         kept = left
 
 
-def ranked(scores: Sequence[float]) -> list[int]:
-    """Edge indices by |score|, largest first; ties (and missing scores, last) in graph order."""
-    return sorted(range(len(scores)), key=lambda e: (math.isnan(scores[e]), -abs(scores[e]), e))
+def ranked(scores: Sequence[float], signed: bool = False) -> list[int]:
+    """Edge indices by |score| (or by score, `signed`), largest first; ties (and missing scores,
+    last) in graph order."""
+    size = (lambda x: x) if signed else abs
+    return sorted(range(len(scores)), key=lambda e: (math.isnan(scores[e]), -size(scores[e]), e))
 
 
 def select_top(graph: Graph, scores: Sequence[float], n: int) -> frozenset[int]:
     return prune(graph, set(ranked(scores)[:n]))
+
+
+def select_signed(graph: Graph, scores: Sequence[float], n: int) -> frozenset[int]:
+    return prune(graph, set(ranked(scores, signed=True)[:n]))
 
 
 def select_greedy(graph: Graph, scores: Sequence[float], n: int) -> frozenset[int]:
@@ -80,7 +92,7 @@ def select_greedy(graph: Graph, scores: Sequence[float], n: int) -> frozenset[in
     return prune(graph, chosen)
 
 
-SELECT = {"top": select_top, "greedy": select_greedy}
+SELECT = {"top": select_top, "greedy": select_greedy, "mib-signed": select_signed, "mib-absolute": select_top}
 
 
 def parse_budgets(text: str) -> tuple[str, ...]:
@@ -124,12 +136,15 @@ class Circuit:
     edges: frozenset[int]
     scores: tuple[float, ...]
     budget: str | None = None  # what it was selected at (None: made elsewhere)
+    curve: str | None = None  # the curve it is a point of (a selection's: `CURVES`; None: made elsewhere)
 
     @classmethod
-    def selected(cls, graph: Graph, scores: Sequence[float], select: str, budget: str) -> Circuit:
-        """The circuit `select` (top or greedy) picks at `budget`, named `<select>-<budget>` (% as pct)."""
-        edges = SELECT[select](graph, scores, budget_edges(budget, len(graph.edges)))
-        return cls(f"{select}-{budget.replace('%', 'pct')}", graph, edges, tuple(float(s) for s in scores), budget)
+    def selected(cls, graph: Graph, scores: Sequence[float], curve: str, budget: str) -> Circuit:
+        """The circuit of `curve` (top, greedy, mib-signed, mib-absolute) at `budget`, named
+        `<curve>-<budget>` (% as pct)."""
+        edges = SELECT[curve](graph, scores, budget_edges(budget, len(graph.edges)))
+        name = f"{curve}-{budget.replace('%', 'pct')}"
+        return cls(name, graph, edges, tuple(float(s) for s in scores), budget, curve)
 
     def edge_names(self) -> list[str]:
         return [self.graph.edge_names[e] for e in sorted(self.edges)]
