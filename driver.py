@@ -22,6 +22,7 @@ from jobs.datasets import write_jsonl
 from jobs.datasets.greater_than import generate_greater_than
 from jobs.datasets.ioi import CORRUPTIONS, generate_ioi
 from jobs.dispatch import JobError
+from jobs.mib_export import export_run, submission_gaps
 from jobs.pairfile import PairFileError
 from jobs.results.aggregate import DEFAULT_MIN_GAP
 from jobs.results.query import QueryError, format_table, query
@@ -342,7 +343,9 @@ def circuit_selection(command):
         default="top",
         show_default=True,
         help="top: the edges of largest |score|; greedy: grown from the logits, each step the largest-|score| "
-        "edge into a node already in the circuit. Both then pruned to the paths from input to logits.",
+        "edge into a node already in the circuit; mib: MIB's two curves, the edges of largest signed and of "
+        "largest |mean effect| (MIB's importance, in metric units), its CPR read from the first and CMD from the "
+        "second. All pruned to the paths from input to logits.",
     )(command)
     return click.option(
         "--budgets",
@@ -564,6 +567,24 @@ def compact(out: str, parts_per_file: int) -> None:
     """Merge a run's results parts into fewer, larger files (safe to interrupt; queries and resumes as before)."""
     with user_errors_reported():
         click.echo(compact_run(Store(out), parts_per_file), err=True)
+
+
+@cli.command("mib-export")
+@click.argument("edges_runs", nargs=-1, required=True)
+@click.option(
+    "--out", "out", required=True, help="The submission's directory (runs of other tasks and models add to it)."
+)
+@click.option("--task", required=True, help="The MIB task the runs' pairs are: ioi, mcqa, arithmetic-addition, ...")
+@click.option("--model-name", default=None, help="MIB's name of the model (default: from the checkpoint's type).")
+@click.option("--method", default=None, help="The method folder's name (default: MIB's, EAP or EAP-IG-inputs).")
+def mib_export(edges_runs: tuple[str, ...], out: str, task: str, model_name: str | None, method: str | None) -> None:
+    """Write each edges run (scored with --direction noise) as a MIB circuit-track importance file:
+    OUT/<method>_patching_edge/<task>_<model>/importances.json, EAP-IG's graph JSON with MIB's scores."""
+    with user_errors_reported():
+        for run in edges_runs:
+            click.echo(export_run(run, out, task, model_name, method))
+        for gap in submission_gaps(out):
+            click.echo(f"note: {gap}", err=True)
 
 
 @cli.command("query")
