@@ -21,6 +21,7 @@ from jobs.compact import compact as compact_run
 from jobs.datasets import write_jsonl
 from jobs.datasets.greater_than import generate_greater_than
 from jobs.datasets.ioi import CORRUPTIONS, generate_ioi
+from jobs.datasets.mib import COUNTERFACTUALS, mib_pairs
 from jobs.dispatch import JobError
 from jobs.mib_export import export_run, submission_gaps
 from jobs.pairfile import PairFileError
@@ -488,6 +489,32 @@ def make_ioi(n_pairs: int, seed: int, out: str, model: str, corruption: str) -> 
         records = generate_ioi(n_pairs, seed, tokenizer, corruption)
         write_jsonl(records, out)
     click.echo(f"wrote {len(records)} {corruption} pairs to {out}", err=True)
+
+
+@cli.command("make-mib")
+@click.option(
+    "--task",
+    required=True,
+    type=click.Choice(list(COUNTERFACTUALS)),
+    help="The MIB task whose rows --from holds.",
+)
+@click.option("--from", "source", required=True, help="MIB's rows, as the hub stores them (JSON lines or Parquet).")
+@click.option("--out", required=True, help="JSONL pair file to write: a path, or a URI such as s3://BUCKET/KEY.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Tokenizer source: MIB's filters use it.")
+@click.option("--counterfactual", default=None, help="The counterfactual column (default: MIB's for the task).")
+@click.option("--n", "n_pairs", type=click.IntRange(min=1), default=None, help="Keep the first N pairs (default: all).")
+def make_mib(task: str, source: str, out: str, model: str, counterfactual: str | None, n_pairs: int | None) -> None:
+    """Write MIB circuit-track rows as pairs, as MIB's HFEAPDataset makes them: its prompts,
+    counterfactual, answers and filters (rows dropped are counted by reason)."""
+    from worker.model.checkpoint import load_tokenizer
+
+    with user_errors_reported():
+        tokenizer, _ = load_tokenizer(model)
+        records, dropped = mib_pairs(source, task, tokenizer, counterfactual, n_pairs)
+        write_jsonl(records, out)
+    for reason, count in sorted(dropped.items()):
+        click.echo(f"dropped {count}: {reason}", err=True)
+    click.echo(f"wrote {len(records)} {task} pairs to {out}", err=True)
 
 
 @cli.command("make-greater-than")

@@ -4,11 +4,14 @@ importance file, and what MIB would refuse, refused in one line."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from examples.tiny_gpt2 import build_tiny_gpt2
+from jobs.pairfile import read_pairs
 from tests.conftest import EXAMPLE_PAIRS
 from tests.test_driver import run_driver
 from worker.graph.circuits import read_circuit
@@ -76,3 +79,81 @@ def test_what_mib_would_refuse_is_one_line(gpt2_small_graph, tmp_path, run, extr
     assert failed.returncode == 2
     (line,) = failed.stderr.strip().splitlines()
     assert message in line
+
+
+MIB_ROWS = Path(__file__).parent / "data" / "mib"  # a few rows per task, written by hand from MIB's schema
+
+
+def mibs_own(tokenizer, text: str) -> int:
+    """An answer's token as MIB's HFEAPDataset takes it: the first of its encoding without special tokens."""
+    return tokenizer(text, add_special_tokens=False).input_ids[0]
+
+
+@pytest.mark.parametrize(
+    "task, kept, dropped",
+    [
+        (
+            "ioi",
+            {"0": (" Mary", " John"), "4": (" Lisa", " Paul")},
+            {
+                "IOI names of unequal token lengths (MIB's filter)": 2,
+                "clean and corrupted prompts of unequal token lengths": 1,
+            },
+        ),
+        ("mcqa", {"10": ("B", "X")}, {"answer labels of unequal token lengths (MIB's filter)": 1}),
+        (
+            "arithmetic-addition",
+            {"20": ("7", "9"), "24": ("3", "6")},
+            {
+                "an answer of more than one token (MIB's filter)": 1,
+                "another operator than '+' (MIB's filter)": 1,
+                "no counterfactual prompt (MIB's filter)": 1,
+            },
+        ),
+    ],
+)
+def test_make_mib_makes_the_pairs_mibs_dataset_makes(tmp_path, tiny_model_dir, task, kept, dropped):
+    """Prompts as the rows hold them (after GPT-2's BOS, which TransformerLens prepends for MIB),
+    MIB's default counterfactual and answers (IOI's with a space, labels and numbers without),
+    its filters in file order, every dropped row counted by reason; the file is a valid pair file
+    whose answer tokens are MIB's."""
+    from transformers import AutoTokenizer
+
+    rows = [json.loads(line) for line in (MIB_ROWS / f"{task}.jsonl").read_text().splitlines()]
+    done = run_driver("make-mib", "--task", task, "--from", MIB_ROWS / f"{task}.jsonl", "--out", tmp_path / "p.jsonl",
+                      "--model", tiny_model_dir)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    counted = dict(re.fullmatch(r"dropped (\d+): (.*)", line).group(2, 1) for line in done.stderr.splitlines()[:-1])
+    assert {reason: int(count) for reason, count in counted.items()} == dropped
+    pairs = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert {p["id"]: (p["correct"], p["incorrect"]) for p in pairs} == kept
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    counterfactual = {"ioi": "s2_io_flip_counterfactual", "mcqa": "symbol_counterfactual"}.get(
+        task, "random_counterfactual"
+    )
+    for pair in pairs:
+        row = next(r for r in rows if str(r["idx"]) == pair["id"])
+        assert pair["clean"] == "<|endoftext|>" + row["prompt"]
+        assert pair["corrupted"] == "<|endoftext|>" + row[counterfactual]["prompt"]
+    read = read_pairs(tmp_path / "p.jsonl", tokenizer, 1024)
+    assert read.invalid == [] and [p.correct_ids[0] for p in read.pairs] == [
+        mibs_own(tokenizer, p["correct"]) for p in pairs
+    ]
+    assert all(p.clean_ids[0] == tokenizer.bos_token_id for p in read.pairs)
+
+
+def test_make_mib_keeps_the_first_n_and_refuses_rows_not_in_mibs_schema(tmp_path, tiny_model_dir):
+    source = MIB_ROWS / "ioi.jsonl"
+    done = run_driver("make-mib", "--task", "ioi", "--from", source, "--out", tmp_path / "p.jsonl", "--n", 1,
+                      "--model", tiny_model_dir)  # fmt: skip
+    assert done.returncode == 0 and [json.loads(x)["id"] for x in (tmp_path / "p.jsonl").read_text().splitlines()] == [
+        "0"
+    ]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(source.read_text().splitlines()[0] + "\n" + json.dumps({"prompt": "Then, Mary"}) + "\n")
+    failed = run_driver(
+        "make-mib", "--task", "ioi", "--from", bad, "--out", tmp_path / "q.jsonl", "--model", tiny_model_dir
+    )
+    assert failed.returncode == 2
+    (line,) = failed.stderr.strip().splitlines()
+    assert line == f"error: {bad}:2: not MIB's schema: no field 's2_io_flip_counterfactual'"
