@@ -19,8 +19,10 @@ from jobs.cluster import NoCluster
 from jobs.compact import PARTS_PER_FILE
 from jobs.compact import compact as compact_run
 from jobs.datasets import write_jsonl
+from jobs.datasets.arithmetic import OPERATIONS, generate_arithmetic
 from jobs.datasets.greater_than import generate_greater_than
 from jobs.datasets.ioi import CORRUPTIONS, generate_ioi
+from jobs.datasets.mcqa import generate_mcqa
 from jobs.datasets.mib import COUNTERFACTUALS, mib_pairs
 from jobs.dispatch import JobError
 from jobs.mib_export import export_run, submission_gaps
@@ -515,6 +517,41 @@ def make_mib(task: str, source: str, out: str, model: str, counterfactual: str |
     for reason, count in sorted(dropped.items()):
         click.echo(f"dropped {count}: {reason}", err=True)
     click.echo(f"wrote {len(records)} {task} pairs to {out}", err=True)
+
+
+@cli.command("make-arithmetic")
+@click.option("--op", type=click.Choice(sorted(OPERATIONS)), default="add", show_default=True, help="plus or minus.")
+@click.option("--n", "n_pairs", type=click.IntRange(min=1), default=200, show_default=True, help="Number of pairs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same file.")
+@click.option("--out", required=True, help="JSONL file to write: a path, or a URI such as s3://BUCKET/KEY.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Tokenizer source: numbers must be one token.")
+def make_arithmetic(op: str, n_pairs: int, seed: int, out: str, model: str) -> None:
+    """Write arithmetic pairs in the spirit of MIB's ("Q: How much is 12 plus 7? A:"), offline: the
+    corrupted prompt another problem of the operation, its result the incorrect answer."""
+    from worker.model.checkpoint import load_tokenizer
+
+    with user_errors_reported():
+        tokenizer, _ = load_tokenizer(model)
+        records = generate_arithmetic(n_pairs, seed, tokenizer, op)
+        write_jsonl(records, out)
+    click.echo(f"wrote {len(records)} arithmetic ({op}) pairs to {out}", err=True)
+
+
+@cli.command("make-mcqa")
+@click.option("--n", "n_pairs", type=click.IntRange(min=1), default=200, show_default=True, help="Number of pairs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same file.")
+@click.option("--out", required=True, help="JSONL file to write: a path, or a URI such as s3://BUCKET/KEY.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Tokenizer source: symbols must be one token.")
+def make_mcqa(n_pairs: int, seed: int, out: str, model: str) -> None:
+    """Write colour questions with lettered choices in the spirit of MIB's MCQA, offline: the
+    corrupted prompt the same question with other symbols, its right symbol the incorrect answer."""
+    from worker.model.checkpoint import load_tokenizer
+
+    with user_errors_reported():
+        tokenizer, _ = load_tokenizer(model)
+        records = generate_mcqa(n_pairs, seed, tokenizer)
+        write_jsonl(records, out)
+    click.echo(f"wrote {len(records)} MCQA pairs to {out}", err=True)
 
 
 @cli.command("make-greater-than")

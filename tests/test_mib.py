@@ -157,3 +157,37 @@ def test_make_mib_keeps_the_first_n_and_refuses_rows_not_in_mibs_schema(tmp_path
     assert failed.returncode == 2
     (line,) = failed.stderr.strip().splitlines()
     assert line == f"error: {bad}:2: not MIB's schema: no field 's2_io_flip_counterfactual'"
+
+
+GENERATORS = [("make-arithmetic", ("--op", "add")), ("make-arithmetic", ("--op", "sub")), ("make-mcqa", ())]
+
+
+@pytest.mark.parametrize("command, options", GENERATORS)
+def test_offline_generators_write_mib_like_pairs(tmp_path, tiny_model_dir, command, options):
+    """The same file for a seed; every pair valid for the tokenizer (one-token answers, prompts of
+    one length), its answer the prompt's own (the sum, the difference, the right colour's letter)
+    and its incorrect answer the counterfactual's."""
+    files = []
+    for name in ("a.jsonl", "b.jsonl"):
+        done = run_driver(
+            command, *options, "--n", 12, "--seed", 3, "--out", tmp_path / name, "--model", tiny_model_dir
+        )
+        assert done.returncode == 0, done.stderr
+        files.append((tmp_path / name).read_text())
+    assert files[0] == files[1]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert read_pairs(tmp_path / "a.jsonl", tokenizer, 1024).invalid == []
+    for record in map(json.loads, files[0].splitlines()):
+        if command == "make-mcqa":
+            choices = dict(re.findall(r"\n([A-D])\. (\w+)", record["clean"]))
+            assert choices[record["correct"]] == record["color"]
+            assert f"\n{record['incorrect']}. {record['color']}\n" in record["corrupted"]
+        else:
+            a, word, b = re.search(r"is (\d+) (plus|minus) (\d+)\?", record["clean"]).groups()
+            c, _, d = re.search(r"is (\d+) (plus|minus) (\d+)\?", record["corrupted"]).groups()
+            apply = int.__add__ if word == "plus" else int.__sub__
+            assert (word == "plus") == (options[1] == "add")
+            assert record["correct"] == str(apply(int(a), int(b))) and record["incorrect"] == str(apply(int(c), int(d)))
+            assert record["correct"] != record["incorrect"]
