@@ -348,7 +348,8 @@ def circuit_selection(command):
         help="top: the edges of largest |score|; greedy: grown from the logits, each step the largest-|score| "
         "edge into a node already in the circuit; mib: MIB's two curves, the edges of largest signed and of "
         "largest |mean effect| (MIB's importance, in metric units), its CPR read from the first and CMD from the "
-        "second. All pruned to the paths from input to logits.",
+        "second; consistent: the edges whose 95% interval over the pairs lies furthest from zero. All pruned to "
+        "the paths from input to logits.",
     )(command)
     return click.option(
         "--budgets",
@@ -658,7 +659,8 @@ def mib_export(edges_runs: tuple[str, ...], out: str, task: str, model_name: str
     "--format", "output_format", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True
 )
 def query_command(out: str, sql: str, output_format: str) -> None:
-    """Run SQL over the views effects (paths in a path-patching run), pairs and aggregate of the run in OUT.
+    """Run SQL over the views effects (paths in a path-patching run), pairs and aggregate of the run in OUT
+    (and curves in a circuit run, stability once the report has split the pairs).
 
     Example: python driver.py query runs/ioi "SELECT layer, avg(score) FROM effects GROUP BY 1 ORDER BY 1"
     """

@@ -5,8 +5,9 @@ graph JSON files made by hand or by another tool.
 Selection ranks edges by |mean estimate| over the edges run's pairs, or by |mean score| where
 every edge of every pair was patched exactly (`--verify-top` at least the edge count); `mib`
 ranks them by MIB's importance, `mean_effect` (the estimate in metric units, signed so that an
-edge carrying the behaviour is positive), signed and by size. Both the edges run and each file
-must be of the model's graph; anything else is one line and exit 2.
+edge carrying the behaviour is positive), signed and by size; `consistent` by the end of each
+edge's 95% interval (over the pairs) nearest zero, 0 where it holds zero. Both the edges run and
+each file must be of the model's graph; anything else is one line and exit 2.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from jobs.results.intervals import with_interval
 from jobs.results.query import QueryError
 from jobs.store import EDGES, Store
 from worker.contract.layout import AGGREGATE_FILE
@@ -53,13 +55,22 @@ def edges_table_scores(edges: pa.Table, pairs: pa.Table, graph: Graph, select: s
             "effect": pc.multiply(rows.column("estimate").cast(pa.float64()), rows.column("gap")),
         }
     )
+    sample = pc.VarianceOptions(ddof=1)
     table = sums.group_by("edge").aggregate(
-        [("estimate", "mean"), ("estimate", "count"), ("score", "count"), ("score", "mean"), ("effect", "mean")]
+        [
+            ("estimate", "mean"),
+            ("estimate", "count"),
+            ("estimate", "stddev", sample),
+            ("score", "count"),
+            ("score", "mean"),
+            ("effect", "mean"),
+        ]
     )
     names = {"estimate_mean": "mean_estimate", "estimate_count": "estimate_count", "effect_mean": "mean_effect"}
-    names |= {"score_count": "count", "score_mean": "mean_score", "edge": "edge"}
+    names |= {"estimate_stddev": "std_estimate", "score_count": "count", "score_mean": "mean_score", "edge": "edge"}
     renamed = table.rename_columns([names[c] for c in table.column_names])
-    return ranking_scores(renamed, graph, "the edges table", select)
+    intervals = with_interval(renamed, "mean_estimate", "std_estimate", "estimate_count", "estimate_")
+    return ranking_scores(intervals, graph, "the edges table", select)
 
 
 def ranking_scores(aggregate: pa.Table, graph: Graph, source: str, select: str) -> list[float]:
@@ -67,12 +78,23 @@ def ranking_scores(aggregate: pa.Table, graph: Graph, source: str, select: str) 
     estimate, or the mean exact score where every edge of every pair was patched exactly; for
     `mib`, the mean effect (MIB's importance)."""
     wanted = ["edge", "mean_estimate", "estimate_count", "count", "mean_score", "mean_effect"]
+    wanted += ["estimate_ci_low", "estimate_ci_high"]
     rows = {row["edge"]: row for row in aggregate.select(wanted).to_pylist()}
     if set(rows) != set(graph.edge_names):
         raise QueryError(f"{source}: its {len(rows)} edges are not this model's graph of {len(graph.edges)} edges")
+    if select == "consistent":
+        return [reliable(rows[name]["estimate_ci_low"], rows[name]["estimate_ci_high"]) for name in graph.edge_names]
     exact = all(row["count"] and row["count"] == row["estimate_count"] for row in rows.values())
     column = "mean_effect" if select == "mib" else "mean_score" if exact else "mean_estimate"
     return [float("nan") if rows[name][column] is None else rows[name][column] for name in graph.edge_names]
+
+
+def reliable(low: float | None, high: float | None) -> float:
+    """How surely an edge's mean is away from zero: the end of its interval nearest zero, 0 where
+    the interval holds zero (or is missing: fewer than two pairs)."""
+    if low is None or high is None or low <= 0 <= high:
+        return 0.0
+    return low if low > 0 else high
 
 
 def circuits_from_files(files: tuple[str, ...], graph: Graph) -> list[Circuit]:

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs.circuit_sources import chosen_circuits
+from jobs.circuit_sources import chosen_circuits, reliable
 from jobs.means_pass import means_table
 from jobs.results.curves import curves_table
 from tests.conftest import TOL
@@ -100,6 +100,20 @@ def test_mib_selects_by_signed_score_and_by_size():
     chosen = chosen_circuits(GRAPH, scores(), (), ("5", "50%"), "mib")
     assert [c.name for c in chosen] == ["mib-signed-5", "mib-signed-50pct", "mib-absolute-5", "mib-absolute-50pct"]
     assert [c.name for c in chosen_circuits(GRAPH, scores(), (), ("5",), "top")] == ["top-5"]
+
+
+def test_consistent_ranks_by_the_interval_end_nearest_zero():
+    """An edge's reliability: the end of its 95% interval nearest zero (signed), 0 where the
+    interval holds zero; `consistent` then keeps the largest, as `top` does."""
+    assert [reliable(*bounds) for bounds in ((0.2, 0.9), (-0.9, -0.3), (-0.1, 0.5), (None, None))] == [
+        0.2,
+        -0.3,
+        0.0,
+        0.0,
+    ]
+    chosen = chosen_circuits(GRAPH, scores(), (), ("5",), "consistent")
+    assert [(c.name, c.curve) for c in chosen] == [("consistent-5", "consistent")]
+    assert chosen[0].edges == select_top(GRAPH, scores(), 5)
 
 
 def test_curves_and_their_areas_are_mibs():

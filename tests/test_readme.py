@@ -222,6 +222,9 @@ def test_circuits_from_edges_in_memory_are_the_driver_s(walkthrough):
     run = str(walkthrough.here / "runs/ioi_pairs-edges")
     effects = edges_table_scores(found.edges, found.pairs, found.graph, "mib")
     np.testing.assert_allclose(effects, edge_scores(run, found.graph, source, "mib"), rtol=1e-4, atol=1e-7)
+    reliable = edges_table_scores(found.edges, found.pairs, found.graph, "consistent")
+    np.testing.assert_allclose(reliable, edge_scores(run, found.graph, source, "consistent"), rtol=1e-4, atol=1e-7)
+    assert 0 < sum(score != 0 for score in reliable) < len(reliable)  # some intervals hold zero, some do not
     in_memory = edges_table_scores(found.edges, found.pairs, found.graph, "top")
     from_run = edge_scores(run, found.graph, source, "top")
     np.testing.assert_allclose(in_memory, from_run, rtol=1e-4, atol=1e-7)

@@ -9,6 +9,9 @@ and read and written as EAP-IG's graph JSON, so a circuit moves between patchswe
   `mib-absolute` (of largest |score|: its CMD), both pruned. The scores are MIB's: each edge's
   mean effect in metric units, positive where it carries the behaviour (jobs/circuit_sources.py).
   Ties go in graph order (EAP-IG's `argsort` leaves them to the implementation).
+- `consistent`: the N edges of largest |score| where an edge's score is how reliably the pairs
+  agree on it: the end of its mean estimate's 95% interval nearest zero, or 0 where the interval
+  holds zero (jobs/circuit_sources.py). One edge strong on a few pairs ranks below one moderate on all.
 - `prune` (EAP-IG's): repeatedly drop the nodes with no edge in (except `input`) or no edge out
   (except `logits`), and the edges whose sender or receiver node was dropped; what is left is the
   edges on some path from `input` to `logits`.
@@ -34,8 +37,13 @@ from worker.contract.storage import child, opened
 from worker.graph.mib import Graph
 
 EMPTY = "empty"  # the circuit of no edge (every edge ablated), evaluated with every circuit
-SELECTIONS = ("top", "greedy", "mib")
-CURVES = {"top": ("top",), "greedy": ("greedy",), "mib": ("mib-signed", "mib-absolute")}  # a selection's curves
+SELECTIONS = ("top", "greedy", "mib", "consistent")
+CURVES = {  # a selection's curves
+    "top": ("top",),
+    "greedy": ("greedy",),
+    "mib": ("mib-signed", "mib-absolute"),
+    "consistent": ("consistent",),
+}
 MIB_BUDGETS = ("0.1%", "0.2%", "0.5%", "1%", "2%", "5%", "10%", "20%", "50%", "100%")
 
 
@@ -92,7 +100,13 @@ def select_greedy(graph: Graph, scores: Sequence[float], n: int) -> frozenset[in
     return prune(graph, chosen)
 
 
-SELECT = {"top": select_top, "greedy": select_greedy, "mib-signed": select_signed, "mib-absolute": select_top}
+SELECT = {
+    "top": select_top,
+    "greedy": select_greedy,
+    "mib-signed": select_signed,
+    "mib-absolute": select_top,
+    "consistent": select_top,
+}
 
 
 def parse_budgets(text: str) -> tuple[str, ...]:
