@@ -464,6 +464,20 @@ def find_circuits(
     )
 
 
+def generated(model: str, out: str, make) -> list[dict]:
+    """The pair records `make(tokenizer)` gives with `model`'s tokenizer, written to `out` as JSONL
+    (the `make-*` generators); a user error is one line."""
+    from worker.model.checkpoint import (
+        load_tokenizer,  # torch and transformers: only the commands that need them load them
+    )
+
+    with user_errors_reported():
+        tokenizer, _ = load_tokenizer(model)
+        records = make(tokenizer)
+        write_jsonl(records, out)
+    return records
+
+
 @cli.command("make-ioi")
 @click.option("--n", "n_pairs", type=click.IntRange(min=1), default=200, show_default=True, help="Number of pairs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same file.")
@@ -483,14 +497,7 @@ def find_circuits(
 )
 def make_ioi(n_pairs: int, seed: int, out: str, model: str, corruption: str) -> None:
     """Write IOI pairs (Wang et al. 2022 templates, both orders) with role labels."""
-    from worker.model.checkpoint import (
-        load_tokenizer,  # torch and transformers: only the commands that need them load them
-    )
-
-    with user_errors_reported():
-        tokenizer, _ = load_tokenizer(model)
-        records = generate_ioi(n_pairs, seed, tokenizer, corruption)
-        write_jsonl(records, out)
+    records = generated(model, out, lambda tokenizer: generate_ioi(n_pairs, seed, tokenizer, corruption))
     click.echo(f"wrote {len(records)} {corruption} pairs to {out}", err=True)
 
 
@@ -529,12 +536,7 @@ def make_mib(task: str, source: str, out: str, model: str, counterfactual: str |
 def make_arithmetic(op: str, n_pairs: int, seed: int, out: str, model: str) -> None:
     """Write arithmetic pairs in the spirit of MIB's ("Q: How much is 12 plus 7? A:"), offline: the
     corrupted prompt another problem of the operation, its result the incorrect answer."""
-    from worker.model.checkpoint import load_tokenizer
-
-    with user_errors_reported():
-        tokenizer, _ = load_tokenizer(model)
-        records = generate_arithmetic(n_pairs, seed, tokenizer, op)
-        write_jsonl(records, out)
+    records = generated(model, out, lambda tokenizer: generate_arithmetic(n_pairs, seed, tokenizer, op))
     click.echo(f"wrote {len(records)} arithmetic ({op}) pairs to {out}", err=True)
 
 
@@ -546,12 +548,7 @@ def make_arithmetic(op: str, n_pairs: int, seed: int, out: str, model: str) -> N
 def make_mcqa(n_pairs: int, seed: int, out: str, model: str) -> None:
     """Write colour questions with lettered choices in the spirit of MIB's MCQA, offline: the
     corrupted prompt the same question with other symbols, its right symbol the incorrect answer."""
-    from worker.model.checkpoint import load_tokenizer
-
-    with user_errors_reported():
-        tokenizer, _ = load_tokenizer(model)
-        records = generate_mcqa(n_pairs, seed, tokenizer)
-        write_jsonl(records, out)
+    records = generated(model, out, lambda tokenizer: generate_mcqa(n_pairs, seed, tokenizer))
     click.echo(f"wrote {len(records)} MCQA pairs to {out}", err=True)
 
 
@@ -568,12 +565,7 @@ def make_mcqa(n_pairs: int, seed: int, out: str, model: str) -> None:
 def make_greater_than(n_pairs: int, seed: int, out: str, model: str) -> None:
     """Write greater-than pairs (Hanna et al. 2023): "The war lasted from the year 17YY to the year 17",
     answer sets of the years above YY and at or below it, corrupted with YY = 01; for --metric prob_diff."""
-    from worker.model.checkpoint import load_tokenizer
-
-    with user_errors_reported():
-        tokenizer, _ = load_tokenizer(model)
-        records = generate_greater_than(n_pairs, seed, tokenizer)
-        write_jsonl(records, out)
+    records = generated(model, out, lambda tokenizer: generate_greater_than(n_pairs, seed, tokenizer))
     click.echo(f"wrote {len(records)} greater-than pairs to {out}", err=True)
 
 

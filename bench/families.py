@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from bench.circuits import best_of
 from bench.gpt2_small import save_random, synthetic_pairs
 from worker.contract.options import PatchOptions
 from worker.methods.edges import edge_tables
@@ -56,23 +56,12 @@ MODELS = {
 }
 
 
-def timed(run, rounds: int) -> float:
-    """The fastest of `rounds` calls of `run`, after one warm-up call."""
-    run()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def measure(family: str, shape: dict, pairs: list, args: argparse.Namespace) -> tuple[float, float]:
     """Seconds of the `resid` fast path and of EAP over `pairs` on a random `family` model of `shape`."""
     out = Path(tempfile.gettempdir()) / f"patchsweep-{family}-2b-widths-{shape['num_hidden_layers']}"
     model = load_model(str(save_random(out, lambda ids: MODELS[family]({**shape, **ids}))), args.device, args.dtype)
-    resid = timed(lambda: patch_batch(model, pairs, ["resid"]), args.rounds)
-    return resid, timed(lambda: edge_tables(model, pairs, PatchOptions((), method="eap")), args.rounds)
+    resid = best_of(args.rounds, lambda: patch_batch(model, pairs, ["resid"]))
+    return resid, best_of(args.rounds, lambda: edge_tables(model, pairs, PatchOptions((), method="eap")))
 
 
 def main() -> None:
