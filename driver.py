@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from jobs.circuit_sources import circuits_to_evaluate
+from jobs.circuit_sources import circuits_to_evaluate, scoring_method
 from jobs.cluster import NoCluster
 from jobs.compact import PARTS_PER_FILE
 from jobs.compact import compact as compact_run
@@ -25,7 +25,8 @@ from jobs.datasets.ioi import CORRUPTIONS, generate_ioi
 from jobs.datasets.mcqa import generate_mcqa
 from jobs.datasets.mib import COUNTERFACTUALS, mib_pairs
 from jobs.dispatch import JobError
-from jobs.mib_export import export_run, submission_gaps
+from jobs.mib.export import export_run, submission_gaps
+from jobs.mib.scores import AREAS, formatted, mib_table
 from jobs.pairfile import PairFileError
 from jobs.results.aggregate import DEFAULT_MIN_GAP
 from jobs.results.query import QueryError, format_table, query
@@ -420,7 +421,8 @@ def circuit(
     with user_errors_reported():
         found = circuits_to_evaluate(options["model"], edges_run, circuit_files, parse_budgets(budgets), select)
     out = out or default_out(pairs, "-circuits")
-    run(JobSpec(pairs=pairs, out=out, components=(), method="circuit", direction="noise", circuits=found, **options))
+    circuit_run = {"components": (), "method": "circuit", "direction": "noise", "circuits": found}
+    run(JobSpec(pairs=pairs, out=out, scored_by=scoring_method(edges_run), **circuit_run, **options))
 
 
 @cli.command("find-circuits")
@@ -456,12 +458,8 @@ def find_circuits(
         sys.exit(code)
     with user_errors_reported():
         found = circuits_to_evaluate(options["model"], edges.out, (), wanted, select)
-    evaluation = child(out, "evaluation")
-    run(
-        JobSpec(
-            pairs=pairs, out=evaluation, components=(), method="circuit", direction="noise", circuits=found, **options
-        )
-    )
+    circuit_run = {"components": (), "method": "circuit", "direction": "noise", "circuits": found}
+    run(JobSpec(pairs=pairs, out=child(out, "evaluation"), scored_by=method, **circuit_run, **options))
 
 
 def generated(model: str, out: str, make) -> list[dict]:
@@ -631,17 +629,55 @@ def compact(out: str, parts_per_file: int) -> None:
 @click.option(
     "--out", "out", required=True, help="The submission's directory (runs of other tasks and models add to it)."
 )
-@click.option("--task", required=True, help="The MIB task the runs' pairs are: ioi, mcqa, arithmetic-addition, ...")
+@click.option(
+    "--task",
+    default=None,
+    help="The MIB task the runs' pairs are: ioi, mcqa, arithmetic-addition, ... (default: the pairs' `task`).",
+)
 @click.option("--model-name", default=None, help="MIB's name of the model (default: from the checkpoint's type).")
 @click.option("--method", default=None, help="The method folder's name (default: MIB's, EAP or EAP-IG-inputs).")
-def mib_export(edges_runs: tuple[str, ...], out: str, task: str, model_name: str | None, method: str | None) -> None:
+@click.option(
+    "--circuits",
+    is_flag=True,
+    help="Write MIB's nine circuits (at most 0.1%, ..., 50% of the edges) instead of the edges' scores.",
+)
+def mib_export(
+    edges_runs: tuple[str, ...], out: str, task: str | None, model_name: str | None, method: str | None, circuits: bool
+) -> None:
     """Write each edges run (scored with --direction noise) as a MIB circuit-track importance file:
-    OUT/<method>_patching_edge/<task>_<model>/importances.json, EAP-IG's graph JSON with MIB's scores."""
+    OUT/<method>_patching_edge/<task>_<model>/importances.json, EAP-IG's graph JSON with MIB's scores
+    (with --circuits, MIB's nine circuits in its place)."""
     with user_errors_reported():
         for run in edges_runs:
-            click.echo(export_run(run, out, task, model_name, method))
+            for written in export_run(run, out, task, model_name, method, circuits):
+                click.echo(written)
         for gap in submission_gaps(out):
             click.echo(f"note: {gap}", err=True)
+
+
+@cli.command("mib-scores")
+@click.argument("circuit_runs", nargs=-1, required=True)
+@click.option(
+    "--task",
+    default=None,
+    help="The MIB task of every run's pairs (default: each run's pairs' `task`).",
+)
+@click.option("--model-name", default=None, help="MIB's name of the model (default: from the checkpoint's type).")
+@click.option(
+    "--metric",
+    type=click.Choice(["cpr", "cmd", "both"]),
+    default="both",
+    show_default=True,
+    help="Which of MIB's areas to print.",
+)
+def mib_scores(circuit_runs: tuple[str, ...], task: str | None, model_name: str | None, metric: str) -> None:
+    """MIB's results table from circuit runs (driver.py circuit, or find-circuits' OUT/evaluation): a
+    row per method, a column per (task, model) MIB scores, as MIB's print_results.py prints it. With
+    --select mib, CPR is read from the signed curve and CMD from the absolute one, as MIB reads them."""
+    with user_errors_reported():
+        table = mib_table(circuit_runs, task, model_name)
+    for name in ("cpr", "cmd") if metric == "both" else (metric,):
+        click.echo(f"{AREAS[name]}\n{formatted(table, name)}\n")
 
 
 @cli.command("query")

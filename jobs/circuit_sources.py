@@ -38,6 +38,11 @@ def edge_scores(edges_run: str, graph: Graph, model: str, select: str) -> list[f
     return ranking_scores(table.filter(pc.is_null(table.column("group"))), graph, edges_run, select)
 
 
+def scoring_method(edges_run: str | None) -> str | None:
+    """The edge method (eap, eap-ig, ...) of the edges run the circuits were selected from; None for none."""
+    return Store(edges_run).read_manifest()["method"] if edges_run else None
+
+
 def edges_table_scores(edges: pa.Table, pairs: pa.Table, graph: Graph, select: str) -> list[float]:
     """Each edge's score (graph order) from an edges table and its pairs table in memory (the
     Python API's `edges`): its mean over every pair of the table, as the aggregate computes it

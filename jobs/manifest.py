@@ -123,6 +123,7 @@ class Job:
             "invalid_count": self.n_invalid,
             "donor_means": self.means,
             **({"circuits": circuit_entries(spec.circuits)} if spec.circuits else {}),
+            **({"scored_by": spec.scored_by} if spec.scored_by else {}),
             "versions": versions(),
             "shards": [
                 {

@@ -68,6 +68,7 @@ class JobSpec:
     skip_invalid: bool = False
     overwrite: bool = False
     circuits: tuple[Circuit, ...] = ()  # method circuit: what to evaluate (written to OUT/circuits/)
+    scored_by: str | None = None  # method circuit: the edge method whose scores chose them (None: files)
 
     def patch_options(self) -> PatchOptions:
         """What every actor is asked to do with each shard."""

@@ -48,7 +48,7 @@ def test_pairs_have_roles_labels_and_equal_lengths(tmp_path, tokenizer_and_ctx, 
     assert len({r["template"] for r in records}) == 15
 
 
-def test_same_seed_same_file_through_the_cli(tmp_path, tiny_model_dir):
+def test_same_seed_same_file_through_the_cli_in_any_folder(tmp_path, tiny_model_dir):
     def make(seed: int, name: str) -> bytes:
         out = tmp_path / name
         subprocess.run(
@@ -70,7 +70,7 @@ def test_same_seed_same_file_through_the_cli(tmp_path, tiny_model_dir):
         )
         return out.read_bytes()
 
-    assert make(7, "a.jsonl") == make(7, "b.jsonl")
+    assert make(7, "a.jsonl") == make(7, "new/folders/b.jsonl")  # the file's folders are made
     assert make(7, "a.jsonl") != make(8, "c.jsonl")
 
 

@@ -156,6 +156,24 @@ def test_the_quoted_faithfulness_is_what_the_query_prints(walkthrough):
     assert (round(float(cpr), 2), round(float(cmd), 2)) == (0.94, 0.06)
 
 
+def test_the_quoted_mib_scores_are_what_mib_scores_prints(walkthrough):
+    """'CPR (from the signed curve) 1.08 and CMD (from the absolute curve) 0.01 on IOI (GPT)', the
+    curves view's areas, and the importance file where the README says it is."""
+    said = r"CPR \(from the signed curve\) ([\d.]+) and CMD \(from the absolute curve\) ([\d.]+)"
+    quoted = re.search(said.replace(" ", r"\s+"), README.read_text())
+    printed = next(done.stdout for command, done in walkthrough.results if command.startswith(f"{RUN} mib-scores"))
+    cpr, cmd = (block.splitlines() for block in printed.strip().split("\n\n"))
+    cells = [[cell.strip() for cell in table[2].split("|")] for table in (cpr, cmd)]
+    assert [row[:2] for row in cells] == [["EAP-IG-inputs", quoted.group(1)], ["EAP-IG-inputs", quoted.group(2)]]
+    curves = {
+        r["curve"]: r
+        for r in query(str(walkthrough.here / "runs/mib/ioi/evaluation"), "SELECT * FROM curves").to_pylist()
+    }
+    assert round(curves["mib-signed"]["cpr"], 2) == float(quoted.group(1))
+    assert round(curves["mib-absolute"]["cmd"], 2) == float(quoted.group(2))
+    assert (walkthrough.here / "runs/mib/submission/EAP-IG-inputs_patching_edge/ioi_gpt2/importances.json").exists()
+
+
 def test_the_quoted_stability_is_what_the_run_stored(walkthrough):
     """'resid's halves correlate at 1.00 (0.82 to 1.00) with the same top 10 every time'."""
     rows = pq.read_table(walkthrough.here / FIRST_OUT / "stability.parquet").to_pylist()

@@ -5,6 +5,8 @@ model sees IOI sentences from 12 of the 15 templates (both orders, every name) p
 sentences that use every word; templates 12-14 are held out to measure generalisation.
 
     OMP_NUM_THREADS=1 python -m examples.toy_ioi.train --out examples/toy-ioi-gpt2 --seconds 330
+
+`--layers 12 --heads 12 --width 48` gives GPT-2 small's graph, MIB's (examples/mib-gpt2).
 """
 
 from __future__ import annotations
@@ -131,6 +133,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--answer-weight", type=float, default=1.0)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--width", type=int, default=64)
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
@@ -141,9 +145,9 @@ def main() -> None:
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=64,
-        n_embd=64,
+        n_embd=args.width,
         n_layer=args.layers,
-        n_head=4,
+        n_head=args.heads,
         bos_token_id=eos_id,
         eos_token_id=eos_id,
     )

@@ -5,7 +5,8 @@ prompt is another problem of the same operation (a new first operand), whose res
 incorrect answer; both results are one token, as MIB's filter keeps them, and both prompts of one
 token length. Operands and results are the numbers that are one token for the tokenizer (MIB's
 template is not public in its code; this one is stated here, not copied). The tokenizer's BOS
-goes first where it does not add one itself, as in `make-mib`.
+goes first where it does not add one itself, as in `make-mib`. Each pair says its task as MIB
+names it (`arithmetic-addition`, `arithmetic-subtraction`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 
 TEMPLATE = "Q: How much is {a} {word} {b}? A:"
 OPERATIONS = {"add": ("plus", lambda a, b: a + b), "sub": ("minus", lambda a, b: a - b)}
+TASKS = {"add": "arithmetic-addition", "sub": "arithmetic-subtraction"}  # MIB's names, each pair's `task`
 MIN_NUMBERS = 5
 
 
@@ -59,7 +61,7 @@ def generate_arithmetic(n: int, seed: int, tokenizer: PreTrainedTokenizerBase, o
             continue
         records.append(
             {"id": f"{op}-{len(records)}", "clean": clean, "corrupted": corrupted,
-             "correct": str(result), "incorrect": str(other_result), "a": a, "b": b}
+             "correct": str(result), "incorrect": str(other_result), "a": a, "b": b, "task": TASKS[op]}
         )  # fmt: skip
     if len(records) < n:
         raise ValueError(

@@ -3,7 +3,8 @@
 The 15 BABA templates and their ABBA twins, filled with places, objects and names that are
 single tokens (with a leading space) for the given tokenizer. Every pair carries role labels
 (S1, IO, S1+1, S2, END and a segment label for the other tokens) so pairs from different
-templates line up by role in an aggregated heatmap.
+templates line up by role in an aggregated heatmap, and its task (`ioi`, as MIB names it:
+`driver.py mib-export` and `mib-scores` read it).
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ def make_pair(
         "template": template.index,
         "order": template.order,
         "corruption": corruption,
+        "task": "ioi",
     }
 
 

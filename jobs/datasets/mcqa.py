@@ -6,7 +6,7 @@
 MIB's `symbol_counterfactual`, the corrupted prompt is the same question with other symbols for
 the choices (W, X, Y, Z), and its own right symbol is the incorrect answer: the model must read
 the symbol from the list. The tokenizer's BOS goes first where it does not add one itself, as in
-`make-mib`.
+`make-mib`. Each pair says its task (`mcqa`).
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def generate_mcqa(n: int, seed: int, tokenizer: PreTrainedTokenizerBase) -> list
             continue
         records.append(
             {"id": f"mcqa-{len(records)}", "clean": clean, "corrupted": corrupted,
-             "correct": SYMBOLS[0][answer], "incorrect": SYMBOLS[1][answer], "thing": thing, "color": color}
+             "correct": SYMBOLS[0][answer], "incorrect": SYMBOLS[1][answer], "thing": thing, "color": color,
+             "task": "mcqa"}
         )  # fmt: skip
     if len(records) < n:
         raise ValueError(

@@ -16,7 +16,8 @@ length, MCQA's and ARC's two labels of one token length, arithmetic's answers of
 patchsweep adds what it needs and MIB assumes: clean and corrupted of one token length, answers
 of one token (MIB reads an answer's first token), and, as TransformerLens' `prepend_bos` does for
 MIB, the tokenizer's BOS before each prompt where the tokenizer does not put one itself. Every
-dropped row is counted by reason.
+dropped row is counted by reason. Each pair says its task (MIB's name); an IOI pair carries
+`make-ioi`'s role labels, found by the row's two names.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from jobs.datasets.ioi import role_labels
 from jobs.pairfile import BadPair, decoded_lines
+from jobs.tokens import decoded_pieces
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -77,6 +80,17 @@ def arithmetic_answers(row: dict, counterfactual: dict, tokens: Callable[[str], 
     return correct, incorrect
 
 
+def ioi_labels(row: dict, clean: str, tokenizer: PreTrainedTokenizerBase) -> list[str] | None:
+    """`make-ioi`'s role labels (S1, IO, S1+1, S2, END, ...) of the clean prompt's tokens, each name
+    found with or without its space (a prompt may start with one); None where the two names are
+    not three of its tokens."""
+    pieces = [piece.strip() for piece in decoded_pieces(tokenizer, tokenizer(clean).input_ids)]
+    io, s = (str(field(row, "metadata", key)) for key in ("indirect_object", "subject"))
+    if sum(piece in (io, s) for piece in pieces) != 3:
+        return None
+    return role_labels(pieces, io, s)
+
+
 ANSWERS = {
     "ioi": ioi_answers,
     "mcqa": choice_answers,
@@ -107,12 +121,15 @@ def mib_pair(
         raise Dropped("an answer of more than one token (patchsweep patches one-token answers)")
     if tokens(clean) != tokens(corrupted):
         raise Dropped("clean and corrupted prompts of unequal token lengths")
+    labels = ioi_labels(row, clean, tokenizer) if task == "ioi" else None
     return {
         "id": str(row.get("idx", index)),
         "clean": clean,
         "corrupted": corrupted,
         "correct": correct,
         "incorrect": incorrect,
+        **({"labels": labels} if labels else {}),
+        "task": task,
     }
 
 

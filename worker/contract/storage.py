@@ -42,8 +42,11 @@ def opened(location: str, random_access: bool = False) -> pa.NativeFile:
 
 
 def written_to(location: str) -> pa.NativeFile:
-    """`location` (a local path or a URI) opened for writing, whole or not at all (`atomic_output`)."""
+    """`location` (a local path or a URI) opened for writing, whole or not at all (`atomic_output`);
+    a local path's folders are made first."""
     fs, path = filesystem(location)
+    if not is_uri(location):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
     return atomic_output(fs, path)
 
 
