@@ -7,6 +7,7 @@ message on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import gc
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -85,6 +86,19 @@ def positions_option(ctx, param, value: str) -> str:
         return parse_positions(value)
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
+
+
+UNITS = {"": 1} | {p: 1000**i for i, p in enumerate("kmgt", 1)} | {p + "i": 1024**i for i, p in enumerate("kmgt", 1)}
+
+
+def memory_option(ctx, param, value: str | None) -> int | None:
+    """Bytes from `8GiB`, `500MB`, `2g` or a plain count (K, M, G, T in thousands, Ki, Mi, Gi, Ti in 1024s)."""
+    if value is None:
+        return None
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", value, flags=re.I)
+    if not found or float(found.group(1)) * UNITS[(found.group(2) or "").lower()] < 1:
+        raise click.BadParameter(f"{value!r} is not an amount of memory (like 8GiB, 500MB or 2000000)")
+    return int(float(found.group(1)) * UNITS[(found.group(2) or "").lower()])
 
 
 def receivers_option(ctx, param, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -190,6 +204,13 @@ def run_options(positions_help: str | None, positions_default: str | None, direc
             default=DEFAULT_MAX_BATCH_TOKENS,
             show_default=True,
             help="Rows x tokens per forward pass inside an actor; bounds activation memory.",
+        ),
+        click.option(
+            "--max-batch-memory",
+            callback=memory_option,
+            default=None,
+            help="Memory a batch may hold (8GiB, 500MB): each shard's batch is planned to fit it, --max-batch-tokens "
+            "its cap  [default: half the GPU's free memory, or of the memory available to the actor on CPU]",
         ),
         click.option(
             "--skip-invalid",

@@ -41,7 +41,14 @@ for dtype in float32 bfloat16; do
         "${atpstar:-fail}" "${eap:-fail}" "${eapig:-fail}" "${circuits:-fail}")")
 done
 
+# batches sized to the device: the planner's estimate against torch's peak allocation, prompts of
+# 256 tokens (AtP*'s QK fix holds [heads, tokens, tokens] per row: what a token bound alone misses)
+python -m bench.batch_memory --device "$device" --tokens 256 --units 8192,32768 --methods atp,atpstar,eap,eap-ig \
+    > "$out/batch-memory.log" 2>&1
+planner=$(awk '$1 == "atpstar" {r = $5} END {print r}' "$out/batch-memory.log")
+
 printf '\n%-9s %10s %10s %10s %10s %10s %12s   (pairs/s on %s; logs in %s/)\n' dtype resid:each head:END \
     atpstar eap eap-ig circuits/s "$device" "$out"
 printf '%s\n' "${rows[@]}"
 echo "tests on $device: $tests"
+echo "AtP* batch memory, estimate / measured at 256 tokens: ${planner:-fail} (table in $out/batch-memory.log)"

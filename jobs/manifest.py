@@ -19,7 +19,7 @@ from jobs.store import Store, results_kind
 from worker.contract.layout import circuit_file
 from worker.contract.pairs import Pair
 
-RECEIPT_KEYS = ("rows", "bytes", "seconds", "node")
+RECEIPT_KEYS = ("rows", "bytes", "seconds", "node", "batch_tokens", "halvings")
 
 
 @dataclass

@@ -65,6 +65,7 @@ class JobSpec:
     workers: int | None = None
     batch_pairs: int = DEFAULT_BATCH_PAIRS
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    max_batch_memory: int | None = None  # bytes; None: the device's share (worker/methods/fitting.py)
     skip_invalid: bool = False
     overwrite: bool = False
     circuits: tuple[Circuit, ...] = ()  # method circuit: what to evaluate (written to OUT/circuits/)
@@ -85,6 +86,7 @@ class JobSpec:
             self.seed,
             ig_steps=self.ig_steps,
             circuits=tuple(circuit.name for circuit in self.circuits),
+            max_batch_memory=self.max_batch_memory,
         )
 
     def config(self) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -34,6 +35,7 @@ from worker.contract.layout import MEANS_FILE
 from worker.contract.options import PatchOptions
 from worker.graph.mib import Graph
 from worker.methods.edges import edge_tables
+from worker.methods.fitting import batch_bytes
 from worker.methods.paths import path_batch
 from worker.methods.registry import patch_batch
 from worker.model.checkpoint import PROXY_VARIABLES
@@ -303,6 +305,53 @@ def test_a_failing_shard_is_reported_and_the_rest_lands(
     fixed = run_driver(*args)
     assert fixed.returncode == 0, fixed.stderr
     assert_same_effects(effects_by_key(out), core_effects)
+
+
+def test_a_batch_out_of_memory_is_halved_until_it_fits(tmp_path, tiny_model_dir, many_pairs, core_effects):
+    """Batches above 64 tokens run out of memory (an injected `OutOfMemoryError`, as CUDA raises it):
+    each shard halves its batch until it fits (512, 256, 128, 64 tokens) and lands whole, every row
+    once and equal to the unsplit run; the manifest says how often each shard's batch was halved."""
+    out = tmp_path / "run"
+    args = ("--pairs", many_pairs, "--model", tiny_model_dir, "--out", out, "--components", "resid,mlp")
+    done = run_driver(*args, "--max-batch-tokens", 512, env_extra={TEST_FAULT_ENV: "oom-above:64"})
+    assert done.returncode == 0, done.stderr
+    assert_same_effects(effects_by_key(out), core_effects)
+    assert pq.read_table(out / "pairs.parquet").num_rows == 48
+    assert {shard["halvings"] for shard in json.loads((out / "manifest.json").read_text())["shards"]} == {3}
+
+
+def test_max_batch_memory_plans_each_shard_s_batch(tmp_path, tiny_model, tiny_model_dir):
+    """--max-batch-memory 300KB: each shard's batch bound is what 300 kB holds at its prompt length
+    (in the manifest), under --max-batch-tokens; the effects are those of an unplanned run."""
+    args = ("--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--components", "resid,mlp")
+    planned_run = run_driver(*args, "--out", tmp_path / "planned", "--max-batch-memory", "300KB")
+    assert planned_run.returncode == 0, planned_run.stderr
+    plain = run_driver(*args, "--out", tmp_path / "plain")
+    assert plain.returncode == 0, plain.stderr
+    options = PatchOptions(("resid", "mlp"))
+    for shard in json.loads((tmp_path / "planned" / "manifest.json").read_text())["shards"]:
+        bound = 300_000 // batch_bytes(tiny_model, options, shard["n_tokens"])
+        assert shard["batch_tokens"] == min(bound, 4096) and bound < 4096
+    pairs = pq.read_table(tmp_path / "plain" / "pairs.parquet").to_pylist()
+    baselines = {p["pair_id"]: (p["clean_logit_diff"], p["corrupted_logit_diff"]) for p in pairs}
+    assert_same_effects(effects_by_key(tmp_path / "planned"), Core(effects_by_key(tmp_path / "plain"), baselines))
+    failed = run_driver(*args, "--out", tmp_path / "bad", "--max-batch-memory", "lots")
+    assert failed.returncode == 2 and "'lots' is not an amount of memory (like 8GiB, 500MB or 2000000)" in failed.stderr
+
+
+def test_a_pair_that_does_not_fit_alone_fails_its_shard_in_one_line(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    args = ("--pairs", EXAMPLE_PAIRS, "--model", tiny_model_dir, "--out", out, "--components", "resid")
+    failed = run_driver(*args, "--max-batch-tokens", 8, env_extra={TEST_FAULT_ENV: "oom-above:0"})
+    assert failed.returncode == 1
+    shards = json.loads((out / "manifest.json").read_text())["shards"]
+    assert shards and all(shard["status"] == "failed" for shard in shards)
+    for shard in shards:
+        assert re.fullmatch(
+            r"DoesNotFit: a pair of \d+ tokens does not fit in memory even alone \(injected test fault: "
+            r"batches of 1 tokens do not fit\)",
+            shard["error"],
+        ), shard["error"]
 
 
 def test_ctrl_c_stops_cleanly_and_keeps_finished_shards(tmp_path, tiny_model_dir, many_pairs):

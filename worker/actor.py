@@ -21,7 +21,7 @@ from worker.contract.options import HEAD_COMPONENTS, ModelLoadError, PatchOption
 from worker.contract.pairs import Pair
 from worker.contract.receivers import parse_receivers
 from worker.contract.storage import PartWriter, Receipt
-from worker.methods.registry import run_method
+from worker.methods.fitting import run_fitted
 from worker.model.load import load_model
 from worker.model.sites import head_split_problem, receivers_problem
 
@@ -54,13 +54,16 @@ class PatchWorker:
         return donor_sums(self.model, pairs, options)
 
     def run_shard(self, name: str, pairs: Sequence[Pair], options: PatchOptions, writer: PartWriter) -> Receipt:
-        """Patch a shard and write its parts (pairs first, results last); what was written."""
+        """Patch a shard, its batch halved until it fits (worker/methods/fitting.py), and write its
+        parts (pairs first, results last); what was written."""
         started = time.perf_counter()
         if self.fault:
             self.fault.at("start", pairs)
-        results, pairs_rows = run_method(self.model, pairs, options)
-        written = writer.write_pairs(name, pairs_rows)
+        before_try = self.fault.before_try if self.fault else None
+        fitted = run_fitted(self.model, pairs, options, before_try)
+        written = writer.write_pairs(name, fitted.pairs)
         if self.fault:
             self.fault.at("half-written", pairs)
-        written += writer.write_results(name, results)
-        return Receipt(results.num_rows, written, round(time.perf_counter() - started, 3), self.node())
+        written += writer.write_results(name, fitted.results)
+        seconds = round(time.perf_counter() - started, 3)
+        return Receipt(fitted.results.num_rows, written, seconds, self.node(), fitted.batch_tokens, fitted.halvings)

@@ -9,6 +9,8 @@ where a shard is: `start`, or `half-written` (its pairs part written, its result
     crash-on:PAIR_ID        exit abruptly whenever the shard holds PAIR_ID
     raise-on:PAIR_ID        raise an ordinary exception whenever the shard holds PAIR_ID
     slow:SECONDS            sleep before every shard
+    oom-above:TOKENS        an out-of-memory error for every try whose batch bound is above TOKENS
+                            (`max_batch_tokens`), as a device too small for those batches gives
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from worker.contract.options import PatchOptions
 from worker.contract.pairs import Pair
 
 TEST_FAULT_ENV = "PATCHSWEEP_TEST_FAULT"
@@ -37,6 +40,15 @@ class InjectedFault:
         if not os.path.exists(self.arg):
             open(self.arg, "w").close()
             os._exit(1)
+
+    def before_try(self, options: PatchOptions) -> None:
+        """Before each try at a shard's batches (worker/methods/fitting.py)."""
+        if self.kind == "oom-above" and options.max_batch_tokens > int(self.arg):
+            import torch  # only in an actor, which has it loaded; the contract stays torch-free
+
+            raise torch.OutOfMemoryError(
+                f"injected test fault: batches of {options.max_batch_tokens} tokens do not fit"
+            )
 
     def at(self, stage: str, pairs: Sequence[Pair]) -> None:
         """Fire this fault if it belongs at `stage` of a shard of `pairs`."""

@@ -93,6 +93,7 @@ class PatchOptions:
     ig_steps: int = DEFAULT_IG_STEPS  # eap-ig: interpolated runs per pair (worker/engines/eap.py)
     circuits: tuple[str, ...] = ()  # circuit: the names of the circuits to evaluate (worker/methods/faithfulness.py)
     circuits_at: str | None = None  # circuit: the run (local path or URI) whose circuits/NAME.json they are
+    max_batch_memory: int | None = None  # bytes a batch may hold (None: a share of the device's free memory)
 
     def wanted_labels(self) -> list[tuple[str, tuple[str, ...]]]:
         """The position labels every pair must carry, each list with the option that asks for it."""
@@ -125,6 +126,8 @@ class PatchOptions:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be at least 1, got {self.max_batch_tokens}")
+        if self.max_batch_memory is not None and self.max_batch_memory < 1:
+            raise ValueError(f"max_batch_memory must be at least 1 byte, got {self.max_batch_memory}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {tuple(METHODS)}, got {self.method!r}")
         method = METHODS[self.method]

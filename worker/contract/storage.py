@@ -84,12 +84,15 @@ def write_parquet(fs: pafs.FileSystem, path: str, table: pa.Table) -> int:
 @dataclass(frozen=True)
 class Receipt:
     """What an actor reports for a shard it wrote: result rows, bytes of both parts, its own
-    seconds (patching and writing), the Ray node it ran on."""
+    seconds (patching and writing), the Ray node it ran on, the batch bound it ran with (rows x
+    tokens, as planned for memory) and how many times that bound was halved to fit."""
 
     rows: int
     bytes: int
     seconds: float
     node: str
+    batch_tokens: int | None = None
+    halvings: int = 0
 
 
 @dataclass(frozen=True)
