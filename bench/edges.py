@@ -1,6 +1,11 @@
 """What edge attribution costs: pairs/s of EAP and EAP-IG over every edge of the graph (32,491 on
-GPT-2 small) on the 48 benchmark pairs, the bytes of `edges/` per pair, and the aggregate of many
-pairs' edges.
+GPT-2 small) on the 48 benchmark pairs, against the computation's floor measured in the same run,
+the bytes of `edges/` per pair, and the aggregate of many pairs' edges.
+
+The floor is what any implementation must compute, in plain transformers with no hooks: per
+group of pairs of one length, a no-grad forward of the corrupted prompts, then a forward with
+gradients to the input embeddings (of the clean prompts; for EAP-IG, `--ig-steps` rows per pair
+on the line between the two prompts' embeddings) and one backward of the logit difference.
 
     python -m bench.edges                      # eap, eap-ig with 5 steps
     python -m bench.edges --family llama --rounds 2
@@ -27,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from bench.circuits import best_of
 from bench.gpt2_small import add_model_arguments, model_and_pairs
 from jobs.results.aggregate import aggregate
 from jobs.store import EDGES, Store
@@ -47,6 +53,41 @@ def timed_run(model, pairs, options: PatchOptions, rounds: int) -> tuple[float, 
         edges, pairs_rows = edge_tables(model, pairs, options)
         best = min(best, time.perf_counter() - start)
     return best, edges, pairs_rows
+
+
+def floor_seconds(model_dir: str, pairs, method: str, steps: int, device, dtype: str, rounds: int) -> float:
+    """The fastest of `rounds` passes of the floor over `pairs`, after one warm-up pass (`best_of`)."""
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    plain.requires_grad_(False)
+    groups: dict[int, list] = {}
+    for pair in pairs:
+        groups.setdefault(pair.n_tokens, []).append(pair)
+
+    def one_pass() -> None:
+        for group in groups.values():
+            clean, corrupted = (
+                torch.tensor([getattr(p, side) for p in group], device=device)
+                for side in ("clean_ids", "corrupted_ids")
+            )
+            correct = torch.tensor([p.correct_ids[0] for p in group], device=device)
+            incorrect = torch.tensor([p.incorrect_ids[0] for p in group], device=device)
+            with torch.no_grad():
+                plain(corrupted)
+            embed = plain.get_input_embeddings()
+            inputs = embed(clean)
+            if method == "eap-ig":
+                alphas = torch.arange(1, steps + 1, device=device, dtype=inputs.dtype) / steps
+                base = embed(corrupted)
+                inputs = (base[:, None] + alphas[None, :, None, None] * (inputs - base)[:, None]).flatten(0, 1)
+                correct, incorrect = correct.repeat_interleave(steps), incorrect.repeat_interleave(steps)
+            inputs.requires_grad_(True)
+            logits = plain(inputs_embeds=inputs).logits[:, -1]
+            rows = torch.arange(len(logits), device=device)
+            (logits[rows, correct] - logits[rows, incorrect]).sum().backward()
+
+    return best_of(rounds, one_pass)
 
 
 def run_of(edges: pa.Table, pairs_rows: pa.Table, n_pairs: int) -> Store:
@@ -86,7 +127,10 @@ def main() -> None:
         f"family={args.family} device={model.device} dtype={args.dtype} threads={torch.get_num_threads()} "
         f"pairs={len(pairs)} tokens={sorted({p.n_tokens for p in pairs})} edges={edges}"
     )
-    print(f"{'method':20s} {'pairs/s':>8s} {'s/pair':>7s} {'edges/s':>10s} {'bytes/pair':>11s}")
+    print(
+        f"{'method':20s} {'pairs/s':>8s} {'s/pair':>7s} {'edges/s':>10s} {'bytes/pair':>11s} "
+        f"{'floor pairs/s':>14s} {'x floor':>8s}"
+    )
     measured = None
     runs = [("eap", 0), ("eap-ig", 0)] + ([("eap", args.verify_top)] if args.verify_top else [])
     for method, verify_top in runs:
@@ -96,9 +140,12 @@ def main() -> None:
         pq.write_table(table, written)
         name = method if method == "eap" else f"eap-ig ({args.ig_steps} steps)"
         name += f" verify {verify_top}" if verify_top else ""
+        model_dir = model._module.config._name_or_path
+        floor = floor_seconds(model_dir, pairs, method, args.ig_steps, model.device, args.dtype, args.rounds)
         print(
             f"{name:20s} {len(pairs) / seconds:8.2f} {seconds / len(pairs):7.3f} "
-            f"{edges * len(pairs) / seconds:10.0f} {written.stat().st_size / len(pairs):11.0f}"
+            f"{edges * len(pairs) / seconds:10.0f} {written.stat().st_size / len(pairs):11.0f} "
+            f"{len(pairs) / floor:14.2f} {seconds / floor:8.2f}"
         )
         measured = measured or (table, pairs_rows)
     if args.aggregate_pairs:

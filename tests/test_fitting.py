@@ -4,6 +4,7 @@ gives; what is not out of memory is raised."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import pyarrow as pa
@@ -11,7 +12,16 @@ import pytest
 import torch
 
 from worker.contract.options import PatchOptions
-from worker.methods.fitting import DoesNotFit, batch_bytes, free_bytes, out_of_memory, planned, run_fitted
+from worker.methods import fitting
+from worker.methods.fitting import (
+    DoesNotFit,
+    available_bytes,
+    batch_bytes,
+    free_bytes,
+    out_of_memory,
+    planned,
+    run_fitted,
+)
 from worker.methods.registry import run_method
 
 
@@ -80,3 +90,13 @@ def test_the_planned_batch_is_what_the_memory_holds(tiny_model, method, componen
     with open("/proc/meminfo") as meminfo:
         available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
     assert 0 < free_bytes(tiny_model) < available
+
+
+def test_without_proc_meminfo_the_physical_memory_is_what_is_available(monkeypatch):
+    """macOS has no /proc/meminfo: its physical memory stands in for MemAvailable."""
+
+    def no_proc(*args, **kwargs):
+        raise FileNotFoundError("/proc/meminfo")
+
+    monkeypatch.setattr(fitting, "open", no_proc, raising=False)
+    assert available_bytes() == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -154,12 +154,31 @@ def assemble(
     return EdgeRead(metric, differences, gradients)
 
 
+def sender_reach(senders: torch.Tensor, receivers: torch.Tensor, block_sizes: Sequence[int]) -> list[int]:
+    """Per block of receivers (consecutive, of these sizes), how many senders, from the first, can
+    feed it: one past the last sender of an edge (`senders[i]` -> `receivers[i]`) into the block.
+    Senders come in forward order, so a layer's receivers are fed by a prefix of them."""
+    blocks = torch.searchsorted(torch.tensor(block_sizes).cumsum(0), receivers, right=True)
+    reach = torch.zeros(len(block_sizes), dtype=torch.long)
+    return reach.scatter_reduce_(0, blocks, senders + 1, "amax").tolist()
+
+
 def edge_effects(graph: Graph, read: EdgeRead) -> torch.Tensor:
-    """[P, edges]: each edge's estimated change of the receiving run's metric, in `graph.edges` order."""
+    """[P, edges]: each edge's estimated change of the receiving run's metric, in `graph.edges` order:
+    per block of receivers, the senders that can feed it against the receivers' input gradients,
+    summed over positions and channels in one batched matrix product."""
     senders = torch.cat(read.differences, dim=2).float()  # [P, T, senders, d]
-    scores = torch.cat([torch.einsum("ptsd,ptrd->psr", senders, g.float()) for g in read.gradients], dim=2)
+    n_pairs, n_tokens, n_senders, width = senders.shape
+    flat = senders.permute(0, 2, 1, 3).reshape(n_pairs, n_senders, n_tokens * width)
     sender_index = torch.tensor([s for s, _ in graph.edges])
     receiver_index = torch.tensor([r for _, r in graph.edges])
+    sizes = [g.shape[2] for g in read.gradients]
+    scores = torch.zeros(n_pairs, n_senders, sum(sizes), device=senders.device)
+    first = 0
+    for g, size, reach in zip(read.gradients, sizes, sender_reach(sender_index, receiver_index, sizes)):
+        receivers = g.float().permute(0, 1, 3, 2).reshape(n_pairs, n_tokens * width, size)  # [P, T*d, R]
+        scores[:, :reach, first : first + size] = torch.bmm(flat[:, :reach], receivers)
+        first += size
     return scores[:, sender_index, receiver_index]
 
 

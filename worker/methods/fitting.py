@@ -121,9 +121,16 @@ def free_bytes(model: TransformersModel) -> int:
     if model.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(model.device)
         return int(MEMORY_SHARE * free)
-    with open("/proc/meminfo") as meminfo:
-        available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
-    return int(MEMORY_SHARE * available * torch.get_num_threads() / (os.cpu_count() or 1))
+    return int(MEMORY_SHARE * available_bytes() * torch.get_num_threads() / (os.cpu_count() or 1))
+
+
+def available_bytes() -> int:
+    """The machine's available memory: Linux's MemAvailable, or elsewhere (macOS) its physical memory."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def planned(model: TransformersModel, options: PatchOptions, tokens: int) -> PatchOptions:
