@@ -96,9 +96,10 @@ def memory_option(ctx, param, value: str | None) -> int | None:
     if value is None:
         return None
     found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", value, flags=re.I)
-    if not found or float(found.group(1)) * UNITS[(found.group(2) or "").lower()] < 1:
+    amount = float(found.group(1)) * UNITS[(found.group(2) or "").lower()] if found else 0
+    if amount < 1:
         raise click.BadParameter(f"{value!r} is not an amount of memory (like 8GiB, 500MB or 2000000)")
-    return int(float(found.group(1)) * UNITS[(found.group(2) or "").lower()])
+    return int(amount)
 
 
 def receivers_option(ctx, param, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -441,9 +442,16 @@ def circuit(
         raise click.UsageError("--pairs FILE is required")
     with user_errors_reported():
         found = circuits_to_evaluate(options["model"], edges_run, circuit_files, parse_budgets(budgets), select)
-    out = out or default_out(pairs, "-circuits")
-    circuit_run = {"components": (), "method": "circuit", "direction": "noise", "circuits": found}
-    run(JobSpec(pairs=pairs, out=out, scored_by=scoring_method(edges_run), **circuit_run, **options))
+    run(circuit_job(pairs, out or default_out(pairs, "-circuits"), found, scoring_method(edges_run), options))
+
+
+def circuit_job(pairs: str, out: str, circuits: tuple, scored_by: str | None, options: dict) -> JobSpec:
+    """The circuit run of `circuit` and `find-circuits`: each circuit evaluated on every pair, noted
+    with the edge method whose scores chose them."""
+    return JobSpec(
+        pairs=pairs, out=out, components=(), method="circuit", direction="noise", circuits=circuits,
+        scored_by=scored_by, **options,
+    )  # fmt: skip
 
 
 @cli.command("find-circuits")
@@ -479,8 +487,7 @@ def find_circuits(
         sys.exit(code)
     with user_errors_reported():
         found = circuits_to_evaluate(options["model"], edges.out, (), wanted, select)
-    circuit_run = {"components": (), "method": "circuit", "direction": "noise", "circuits": found}
-    run(JobSpec(pairs=pairs, out=child(out, "evaluation"), scored_by=method, **circuit_run, **options))
+    run(circuit_job(pairs, child(out, "evaluation"), found, method, options))
 
 
 def generated(model: str, out: str, make) -> list[dict]:

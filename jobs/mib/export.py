@@ -65,9 +65,10 @@ def export_run(
         chosen = [Circuit.selected(graph, scores, "mib-signed", budget) for budget in SUBMISSION_BUDGETS]
     else:
         chosen = [Circuit(IMPORTANCES, graph, frozenset(range(len(graph.edges))), tuple(scores))]
-    for circuit in chosen:
-        (folder / f"{circuit.name}.json").write_text(circuit.to_json())
-    return [folder / f"{circuit.name}.json" for circuit in chosen]
+    written = [folder / f"{circuit.name}.json" for circuit in chosen]
+    for circuit, path in zip(chosen, written):
+        path.write_text(circuit.to_json())
+    return written
 
 
 def submission_gaps(out: str | Path) -> list[str]:

@@ -11,12 +11,12 @@ is half the device's free memory at the shard's start on a GPU, or, on CPU, half
 machine has available, shared by the actors its cores hold. The estimates are measured against
 the process's peak memory by bench/batch_memory.py (docs/PERFORMANCE.md, "Batches that fit").
 
-Survived: on an out-of-memory error (torch's
-`OutOfMemoryError` on CUDA, the CPU allocator's `RuntimeError`, Python's `MemoryError`) the
-shard's tensors are dropped, the device's cache is emptied, and the shard runs again from its
-start with half the bound: it is written whole or not at all, and its results do not depend on
-the bound. Once the bound is one token (every forward one pair, or one row) and the shard still
-does not fit, it fails with `DoesNotFit`: one line, and not retried (it would not fit again).
+Survived: on an out-of-memory error (torch's `OutOfMemoryError` on CUDA, the CPU allocator's
+`RuntimeError`, Python's `MemoryError`) the shard's tensors are dropped, the device's cache is
+emptied, and the shard runs again from its start with half the bound: it is written whole or not
+at all, and its results do not depend on the bound. Once the bound is one token (every forward
+one pair, or one row) and the shard still does not fit, it fails with `DoesNotFit`: one line,
+and not retried (it would not fit again).
 """
 
 from __future__ import annotations
@@ -36,8 +36,6 @@ from worker.methods.registry import run_method
 from worker.model.sites import head_dim, n_heads, n_layers
 
 CPU_ALLOCATOR_FAILED = "DefaultCPUAllocator: can't allocate memory"
-
-
 MEMORY_SHARE = 0.5  # of the free memory a batch may take by default: the rest is the allocator's slack
 
 
